@@ -1,0 +1,8 @@
+"""mythos-jax: the OpenMythos Recurrent-Depth Transformer in JAX / Flax NNX."""
+
+from mythos_jax import variants
+from mythos_jax.config import MythosConfig
+from mythos_jax.model import OpenMythos
+
+__all__ = ["MythosConfig", "OpenMythos", "variants"]
+__version__ = "0.1.0"

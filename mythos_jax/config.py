@@ -1,0 +1,179 @@
+"""MythosConfig: the hyper-parameters of an OpenMythos model, validated at construction.
+
+Every field of ``open_mythos.main.MythosConfig`` (open-mythos 0.5.0) is here with the same
+name, meaning and default, so that ``MythosConfig(**dataclasses.asdict(torch_cfg))`` works.
+Fields after ``dropout`` are mythos-jax extensions; their defaults keep OpenMythos numerics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+ATTN_TYPES = ("mla", "gqa")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+MOE_IMPLS = ("dense", "sorted")
+
+
+@dataclasses.dataclass(frozen=True)
+class MythosConfig:
+    """Architecture of an OpenMythos Recurrent-Depth Transformer.
+
+    Core: ``vocab_size``, ``dim``, ``n_heads``, ``n_kv_heads`` (GQA only), ``max_seq_len``,
+    ``max_loop_iters`` (default loop count T; also the size of the depth-wise LoRA scale
+    table), ``prelude_layers``, ``coda_layers``.
+    Attention: ``attn_type`` in {"mla", "gqa"}; MLA uses ``kv_lora_rank``, ``q_lora_rank``,
+    ``qk_rope_head_dim``, ``qk_nope_head_dim``, ``v_head_dim``.
+    MoE (recurrent block only): ``n_experts`` routed, ``n_shared_experts`` always on (hidden
+    ``expert_dim * n_experts_per_tok``), ``n_experts_per_tok`` = top-K, ``expert_dim``.
+    Other: ``act_threshold`` (ACT cumulative halting threshold), ``rope_theta``, ``lora_rank``,
+    ``max_output_tokens`` (unused by the model, kept for compatibility), ``dropout``.
+
+    Extensions (not in OpenMythos):
+      ``dtype``: compute dtype of matmuls, "float32" (default, parity) or "bfloat16".
+        Parameters stay fp32; norms, softmax, RoPE, loop embedding, LTI and ACT run in fp32.
+      ``moe_impl``: "dense" (one-hot einsum over all experts, the reference) or "sorted"
+        (tokens sorted by expert, grouped matmul with ``lax.ragged_dot``; dropless, equal
+        to "dense" up to float rounding, K/E of its FLOPs).
+    """
+
+    vocab_size: int = 32000
+    dim: int = 2048
+    n_heads: int = 16
+    n_kv_heads: int = 4
+    max_seq_len: int = 4096
+    max_loop_iters: int = 16
+    prelude_layers: int = 2
+    coda_layers: int = 2
+    attn_type: str = "mla"
+    kv_lora_rank: int = 512
+    q_lora_rank: int = 1536
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    n_experts: int = 64
+    n_shared_experts: int = 2
+    n_experts_per_tok: int = 4
+    expert_dim: int = 512
+    act_threshold: float = 0.99
+    rope_theta: float = 500000.0
+    lora_rank: int = 16
+    max_output_tokens: int = 4096
+    dropout: float = 0.0
+    # --- mythos-jax extensions (defaults keep OpenMythos numerics) ---
+    dtype: str = "float32"
+    moe_impl: str = "dense"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that breaks a rule."""
+        for name in ("vocab_size", "dim", "n_heads", "max_seq_len", "max_loop_iters",
+                     "n_experts", "n_experts_per_tok", "expert_dim", "lora_rank",
+                     "max_output_tokens"):
+            _require_int(self, name, minimum=1)
+        for name in ("prelude_layers", "coda_layers", "n_shared_experts"):
+            _require_int(self, name, minimum=0)
+        if self.attn_type not in ATTN_TYPES:
+            _fail("attn_type", f"must be one of {ATTN_TYPES}, got {self.attn_type!r}")
+        if self.dim % self.n_heads:
+            _fail("dim", f"must be divisible by n_heads={self.n_heads}, got {self.dim}")
+        if (self.dim // 8) % 2 or self.dim < 16:
+            _fail("dim", f"dim // 8 (the loop-embedding width) must be even and >= 2, "
+                         f"got dim={self.dim}")
+        if self.attn_type == "gqa":
+            _require_int(self, "n_kv_heads", minimum=1)
+            if self.n_heads % self.n_kv_heads:
+                _fail("n_kv_heads", f"n_heads={self.n_heads} must be divisible by "
+                                    f"n_kv_heads={self.n_kv_heads} for GQA")
+            if (self.dim // self.n_heads) % 2:
+                _fail("dim", f"the GQA head dim dim // n_heads = {self.dim // self.n_heads} "
+                             "must be even for RoPE")
+        else:
+            for name in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+                         "qk_nope_head_dim", "v_head_dim"):
+                _require_int(self, name, minimum=1)
+            if self.qk_rope_head_dim % 2:
+                _fail("qk_rope_head_dim", f"must be even for RoPE, got {self.qk_rope_head_dim}")
+        if not 1 <= self.n_experts_per_tok <= self.n_experts:
+            _fail("n_experts_per_tok", f"must be in [1, n_experts={self.n_experts}], "
+                                       f"got {self.n_experts_per_tok}")
+        _require_float(self, "act_threshold")
+        if not self.act_threshold > 0:
+            _fail("act_threshold", f"must be > 0, got {self.act_threshold}")
+        _require_float(self, "rope_theta")
+        if not self.rope_theta > 1:
+            _fail("rope_theta", f"must be > 1, got {self.rope_theta}")
+        _require_float(self, "dropout")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.dtype not in COMPUTE_DTYPES:
+            _fail("dtype", f"must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        if self.moe_impl not in MOE_IMPLS:
+            _fail("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def head_dim(self) -> int:
+        """GQA head dim (dim // n_heads)."""
+        return self.dim // self.n_heads
+
+    @property
+    def loop_dim(self) -> int:
+        """Channels that receive the loop-index embedding (OpenMythos: dim // 8)."""
+        return self.dim // 8
+
+    @property
+    def dense_hidden(self) -> int:
+        """Hidden size of the prelude/coda SwiGLU (OpenMythos: dim * 4 // 3)."""
+        return self.dim * 4 // 3
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden size of each shared expert (expert_dim * n_experts_per_tok)."""
+        return self.expert_dim * self.n_experts_per_tok
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def replace(self, **changes: Any) -> "MythosConfig":
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "MythosConfig":
+        """Build from a dict; unknown keys raise ``ValueError`` listing them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"MythosConfig: unknown field(s) {unknown}")
+        return cls(**fields)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MythosConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _fail(field: str, rule: str) -> None:
+    raise ValueError(f"MythosConfig.{field}: {rule}")
+
+
+def _require_int(cfg: MythosConfig, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, f"must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        _fail(name, f"must be >= {minimum}, got {value}")
+
+
+def _require_float(cfg: MythosConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(name, f"must be a number, got {type(value).__name__} {value!r}")

@@ -1,0 +1,1 @@
+"""Converters between mythos-jax and other implementations (torch imported lazily)."""

@@ -1,0 +1,1 @@
+"""Building blocks of the OpenMythos architecture, one concept per file."""

@@ -1,0 +1,113 @@
+"""Causal self-attention: Grouped-Query Attention and Multi-Latent Attention (DeepSeek-V2).
+
+Both follow OpenMythos's numerics: scores ``(q . k) * scale`` with the scale applied after the
+dot product, -inf where masked, softmax in fp32, dropout on the probabilities.
+``mask`` is boolean, True where a query may attend a key, shape (B|1, T, S).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mythos_jax.config import MythosConfig
+from mythos_jax.layers.common import compute_dtype, dropout, linear
+from mythos_jax.layers.norm import RMSNorm
+from mythos_jax.layers.rope import apply_rope
+
+
+def causal_mask(length: int) -> jax.Array:
+    """(1, T, T) boolean lower-triangular mask."""
+    return jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array, rate: float,
+                   key: jax.Array | None) -> jax.Array:
+    """scores (B, ..., T, S) fp32, mask (B|1, T, S) -> probabilities, dropout applied."""
+    mask = mask.reshape(mask.shape[0], *([1] * (scores.ndim - 3)), *mask.shape[-2:])
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    return dropout(probs, rate, key)
+
+
+class GQAttention(nnx.Module):
+    """Grouped-query attention; query head h reads key/value head h // (n_heads // n_kv_heads)."""
+
+    def __init__(self, cfg: MythosConfig, *, rngs: nnx.Rngs):
+        dt = compute_dtype(cfg)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.dropout_rate = cfg.dropout
+        self.wq = linear(cfg.dim, cfg.n_heads * cfg.head_dim, ("embed", "heads"), rngs=rngs, dtype=dt)
+        self.wk = linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), rngs=rngs,
+                         dtype=dt)
+        self.wv = linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), rngs=rngs,
+                         dtype=dt)
+        self.wo = linear(cfg.n_heads * cfg.head_dim, cfg.dim, ("heads", "embed"), rngs=rngs, dtype=dt)
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
+                 key: jax.Array | None = None) -> jax.Array:
+        """x (B, T, D), rope = cos/sin (T, head_dim/2) -> (B, T, D)."""
+        B, T, _ = x.shape
+        groups = self.n_heads // self.n_kv_heads
+        q = apply_rope(self.wq(x).reshape(B, T, self.n_heads, self.head_dim), *rope)
+        k = apply_rope(self.wk(x).reshape(B, T, self.n_kv_heads, self.head_dim), *rope)
+        v = self.wv(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        q = q.reshape(B, T, self.n_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        probs = masked_softmax(scores * self.head_dim ** -0.5, mask, self.dropout_rate, key)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLAttention(nnx.Module):
+    """Multi-latent attention with a low-rank query and a compressed key/value latent ``c_kv``.
+
+    Queries are ``[q_nope | q_rope]`` per head; keys are ``[k_nope | k_rope]`` where k_nope and
+    v come from ``kv_up(kv_norm(c_kv))`` (per head, laid out ``[k_nope | v]``) and k_rope is ONE
+    rotated head shared by all query heads (OpenMythos stores H identical copies; same values).
+    """
+
+    def __init__(self, cfg: MythosConfig, *, rngs: nnx.Rngs):
+        dt = compute_dtype(cfg)
+        self.n_heads = cfg.n_heads
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                                    cfg.v_head_dim)
+        self.dropout_rate = cfg.dropout
+        H = cfg.n_heads
+        self.q_down = linear(cfg.dim, cfg.q_lora_rank, ("embed", "q_lora"), rngs=rngs, dtype=dt)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, axis_name="q_lora")
+        self.q_up_nope = linear(cfg.q_lora_rank, H * self.nope_dim, ("q_lora", "heads"), rngs=rngs,
+                                dtype=dt)
+        self.q_up_rope = linear(cfg.q_lora_rank, H * self.rope_dim, ("q_lora", "heads"), rngs=rngs,
+                                dtype=dt)
+        self.kv_down = linear(cfg.dim, cfg.kv_lora_rank + self.rope_dim, ("embed", "kv_lora"),
+                              rngs=rngs, dtype=dt)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, axis_name="kv_lora")
+        self.kv_up = linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_dim), ("kv_lora", "heads"),
+                            rngs=rngs, dtype=dt)
+        self.wo = linear(H * self.v_dim, cfg.dim, ("heads", "embed"), rngs=rngs, dtype=dt)
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
+                 key: jax.Array | None = None) -> jax.Array:
+        """x (B, T, D), rope = cos/sin (T, qk_rope_head_dim/2) -> (B, T, D)."""
+        B, T, _ = x.shape
+        H = self.n_heads
+        c_q = self.q_norm(self.q_down(x))                                  # (B, T, q_lora)
+        q_nope = self.q_up_nope(c_q).reshape(B, T, H, self.nope_dim)
+        q_rope = apply_rope(self.q_up_rope(c_q).reshape(B, T, H, self.rope_dim), *rope)
+        kv_raw = self.kv_down(x)                                           # (B, T, kv_lora+rope)
+        c_kv = kv_raw[..., : self.kv_lora_rank]
+        k_rope = apply_rope(kv_raw[..., None, self.kv_lora_rank:], *rope)[:, :, 0]  # (B, T, rope)
+        kv = self.kv_up(self.kv_norm(c_kv)).reshape(B, T, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv[..., : self.nope_dim], kv[..., self.nope_dim:]
+        scores = (jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
+        scale = (self.nope_dim + self.rope_dim) ** -0.5
+        probs = masked_softmax(scores * scale, mask, self.dropout_rate, key)
+        out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+        return self.wo(out.reshape(B, T, H * self.v_dim))
+
+
+def make_attention(cfg: MythosConfig, *, rngs: nnx.Rngs) -> GQAttention | MLAttention:
+    return MLAttention(cfg, rngs=rngs) if cfg.attn_type == "mla" else GQAttention(cfg, rngs=rngs)

@@ -1,0 +1,33 @@
+"""Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from mythos_jax.config import MythosConfig
+from mythos_jax.layers.attention import make_attention
+from mythos_jax.layers.common import compute_dtype, dropout, split_key
+from mythos_jax.layers.ffn import SwiGLU
+from mythos_jax.layers.moe import MoE
+from mythos_jax.layers.norm import RMSNorm
+
+
+class TransformerBlock(nnx.Module):
+    """Attention (MLA or GQA) + FFN (dense SwiGLU, or the MoE inside the recurrent block)."""
+
+    def __init__(self, cfg: MythosConfig, *, use_moe: bool, rngs: nnx.Rngs):
+        self.dropout_rate = cfg.dropout
+        self.attn_norm = RMSNorm(cfg.dim)
+        self.attn = make_attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.dim)
+        self.ffn = (MoE(cfg, rngs=rngs) if use_moe
+                    else SwiGLU(cfg.dim, cfg.dense_hidden, rngs=rngs, dtype=compute_dtype(cfg)))
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
+                 key: jax.Array | None = None) -> jax.Array:
+        """x (B, T, D) fp32 residual stream -> (B, T, D); ``key`` drives dropout (None: off)."""
+        attn_key, attn_out_key, ffn_out_key = split_key(key, 3)
+        attn_out = self.attn(self.attn_norm(x), rope, mask, attn_key)
+        x = x + dropout(attn_out, self.dropout_rate, attn_out_key)
+        return x + dropout(self.ffn(self.ffn_norm(x)), self.dropout_rate, ffn_out_key)
