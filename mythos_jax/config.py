@@ -13,7 +13,7 @@ from typing import Any
 
 ATTN_TYPES = ("mla", "gqa")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-MOE_IMPLS = ("dense", "sorted")
+MOE_IMPLS = ("dense", "padded", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +33,12 @@ class MythosConfig:
     Extensions (not in OpenMythos):
       ``dtype``: compute dtype of matmuls, "float32" (default, parity) or "bfloat16".
         Parameters stay fp32; norms, softmax, RoPE, loop embedding, LTI and ACT run in fp32.
-      ``moe_impl``: "dense" (one-hot einsum over all experts, the reference) or "sorted"
-        (tokens sorted by expert, grouped matmul with ``lax.ragged_dot``; dropless, equal
-        to "dense" up to float rounding, K/E of its FLOPs).
+      ``moe_impl``: how tokens reach their experts; all are dropless and equal up to float
+        rounding (see ``layers/moe.py``): "padded" (default; fixed-capacity expert buffers,
+        dense fallback on overflow), "dense" (every expert on every token, the reference),
+        "ragged" (sorted rows and ``lax.ragged_dot`` grouped matmuls, for GPU/TPU).
+      ``moe_capacity_factor``: expert buffer size of "padded", as a multiple of the mean load
+        N * K / E; larger means fewer dense fallbacks and more padded FLOPs.
     """
 
     vocab_size: int = 32000
@@ -63,7 +66,8 @@ class MythosConfig:
     dropout: float = 0.0
     # --- mythos-jax extensions (defaults keep OpenMythos numerics) ---
     dtype: str = "float32"
-    moe_impl: str = "dense"
+    moe_impl: str = "padded"
+    moe_capacity_factor: float = 1.5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +118,9 @@ class MythosConfig:
             _fail("dtype", f"must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
         if self.moe_impl not in MOE_IMPLS:
             _fail("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        _require_float(self, "moe_capacity_factor")
+        if not self.moe_capacity_factor > 0:
+            _fail("moe_capacity_factor", f"must be > 0, got {self.moe_capacity_factor}")
 
     # ------------------------------------------------------------------ derived sizes
     @property
