@@ -1,0 +1,186 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mythos_jax import OpenMythos, variants
+
+
+@pytest.fixture(scope="module")
+def mla_model():
+    return OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
+
+
+def _ids(cfg, batch=2, seq=8, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, seq), 0, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("make", [variants.tiny_mla, variants.tiny_gqa])
+def test_forward_shape_and_loops_matter(make):
+    cfg = make(act_threshold=50.0)  # no position halts: every loop contributes
+    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
+    ids = _ids(cfg)
+    one, three = model(ids, n_loops=1), model(ids, n_loops=3)
+    assert one.shape == (2, 8, cfg.vocab_size) and one.dtype == jnp.float32
+    assert np.isfinite(np.asarray(three)).all()
+    assert not np.allclose(one, three)
+    beyond = model(ids, n_loops=cfg.max_loop_iters + 3)  # LoRA index clamps, no error
+    assert np.isfinite(np.asarray(beyond)).all()
+
+
+def test_causal(mla_model):
+    ids = _ids(mla_model.cfg, seq=10)
+    changed = ids.at[:, 6:].set((ids[:, 6:] + 1) % mla_model.cfg.vocab_size)
+    a, b = mla_model(ids), mla_model(changed)
+    np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-6)
+    assert not np.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_initialisation_distributions():
+    cfg = variants.tiny_mla(dim=256, n_heads=4)
+    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
+    rec = model.recurrent
+    assert abs(float(jnp.std(model.embed[...])) - 0.02) < 1e-3
+    assert abs(float(jnp.std(rec.block.ffn.gate[...])) - 0.02) < 1e-3
+    assert abs(float(jnp.std(rec.lora.scale[...])) - 0.02) < 5e-3
+    np.testing.assert_array_equal(rec.norm.weight[...], 1.0)
+    np.testing.assert_array_equal(rec.injection.B[...], np.float32(0.1))
+    np.testing.assert_array_equal(rec.injection.log_A[...], 0.0)
+    np.testing.assert_array_equal(rec.block.ffn.router_bias[...], 0.0)
+    bias = float(rec.act.halt.bias[...][0])
+    assert bias != 0.0 and abs(bias) <= cfg.dim ** -0.5  # torch's U(-1/sqrt(D), 1/sqrt(D))
+    np.testing.assert_allclose(rec.injection.get_A(), np.exp(-1.0), rtol=1e-6)
+
+
+def test_recurrence_is_one_scan_with_shared_weights(mla_model):
+    graphdef, state = nnx.split(mla_model)
+
+    def forward(state, ids, n_loops):
+        return nnx.merge(graphdef, state)(ids, n_loops=n_loops)
+
+    ids = _ids(mla_model.cfg)
+    jaxpr = jax.make_jaxpr(lambda s, i: forward(s, i, 11))(state, ids)
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 1 and scans[0].params["length"] == 11
+    scan = scans[0]
+    # Per-iteration inputs are only the loop indices: the block's weights enter as scan
+    # constants (broadcast to every iteration), never stacked per loop.
+    shapes = [v.aval.shape for v in scan.invars]
+    assert [s for s in shapes if s[:1] == (11,)] == [(11,)]
+    block_size = sum(x.size for x in jax.tree.leaves(nnx.state(mla_model.recurrent.block)))
+    assert sum(int(np.prod(s)) for s in shapes) > block_size
+    # The traced program does not grow with the loop count.
+    small = jax.make_jaxpr(lambda s, i: forward(s, i, 2))(state, ids)
+    assert len(small.jaxpr.eqns) == len(jaxpr.jaxpr.eqns)
+
+
+def test_loop_memory_is_constant():
+    """Compiled inference temp memory at 32 loops <= 1.2x that at 4 loops."""
+    model = OpenMythos(variants.tiny_mla(act_threshold=50.0), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    ids = _ids(model.cfg, batch=4, seq=64)
+
+    def temp_bytes(n_loops):
+        fn = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i, n_loops=n_loops))
+        return fn.lower(state, ids).compile().memory_analysis().temp_size_in_bytes
+
+    at4, at32 = temp_bytes(4), temp_bytes(32)
+    assert at4 > 0
+    assert at32 <= 1.2 * at4, (at4, at32)
+
+
+@pytest.mark.parametrize("impl", ["padded", "ragged"])
+def test_moe_dispatches_agree_with_dense(impl):
+    ids = _ids(variants.tiny_mla(), seq=16)
+    dense = OpenMythos(variants.tiny_mla(moe_impl="dense"), rngs=nnx.Rngs(3))(ids)
+    other = OpenMythos(variants.tiny_mla(moe_impl=impl), rngs=nnx.Rngs(3))(ids)
+    np.testing.assert_allclose(other, dense, atol=2e-5)
+
+
+def test_padded_dispatch_falls_back_when_an_expert_overflows():
+    from mythos_jax.layers.moe import _dense_dispatch, _padded_dispatch
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (16, 8))
+    gate, up = (jax.random.normal(k, (4, 8, 6)) for k in keys[1:3])
+    down = jax.random.normal(keys[3], (4, 6, 8))
+    expert_ids = jnp.tile(jnp.array([[0, 1]]), (16, 1))  # all tokens -> experts 0 and 1
+    weights = jnp.full((16, 2), 0.5)
+    dense = _dense_dispatch(x, expert_ids, weights, gate, up, down)
+    padded = _padded_dispatch(x, expert_ids, weights, gate, up, down, capacity_factor=1.0)
+    np.testing.assert_allclose(padded, dense, rtol=1e-5, atol=1e-5)
+    roomy = _padded_dispatch(x, expert_ids, weights, gate, up, down, capacity_factor=2.0)
+    np.testing.assert_allclose(roomy, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_fp32_params_and_tracks_fp32():
+    cfg = variants.tiny_mla()
+    fp32 = OpenMythos(cfg, rngs=nnx.Rngs(0))
+    bf16 = OpenMythos(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    params = nnx.state(bf16, nnx.Param)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    ids = _ids(cfg, seq=16)
+    a, b = np.asarray(fp32(ids)), np.asarray(bf16(ids))
+    assert np.isfinite(b).all()
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert not np.array_equal(a, b)
+
+
+def test_dropout_follows_train_and_eval():
+    model = OpenMythos(variants.tiny_mla(dropout=0.2), rngs=nnx.Rngs(0))
+    ids = _ids(model.cfg)
+    train_a, train_b = model(ids), model(ids)
+    assert not np.allclose(train_a, train_b)          # a fresh mask per call
+    model.eval()
+    eval_a, eval_b = model(ids), model(ids)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    no_dropout = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(eval_a, no_dropout(ids), atol=1e-6)  # same weights, same seed
+
+
+def test_gradients_reach_every_parameter(mla_model):
+    ids = _ids(mla_model.cfg, seq=12)
+    cfg = mla_model.cfg.replace(act_threshold=50.0)
+    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
+
+    def loss(m):
+        logits = m(ids[:, :-1], n_loops=2)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
+
+    grads = nnx.grad(loss)(model)
+    for path, g in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads))[0]:
+        assert np.isfinite(np.asarray(g)).all(), path
+        assert float(jnp.abs(g).sum()) > 0, jax.tree_util.keystr(path)
+
+
+# ---------------------------------------------------------------- errors at the API boundary
+def test_out_of_vocab_ids_raise(mla_model):
+    vocab = mla_model.cfg.vocab_size
+    with pytest.raises(ValueError, match=r"outside \[0, vocab_size=256\).*max 256"):
+        mla_model(jnp.array([[1, vocab]]))
+    with pytest.raises(ValueError, match="min -1"):
+        mla_model(np.array([[-1, 3]]))
+
+
+def test_out_of_vocab_ids_raise_under_jit(mla_model):
+    forward = nnx.jit(lambda m, ids: m(ids))
+    good = forward(mla_model, jnp.array([[1, 2]]))
+    assert np.isfinite(np.asarray(good)).all()
+    with pytest.raises(Exception, match="vocab_size=256"):
+        jax.block_until_ready(forward(mla_model, jnp.array([[1, 999]])))
+
+
+def test_bad_shapes_and_types_raise(mla_model):
+    with pytest.raises(ValueError, match="max_seq_len 64"):
+        mla_model(jnp.zeros((1, 65), jnp.int32))
+    with pytest.raises(ValueError, match=r"shape \(batch, seq_len\)"):
+        mla_model(jnp.zeros((5,), jnp.int32))
+    with pytest.raises(ValueError, match="integer token ids"):
+        mla_model(jnp.zeros((1, 4), jnp.float32))
+    with pytest.raises(ValueError, match="n_loops must be >= 1"):
+        mla_model(jnp.zeros((1, 4), jnp.int32), n_loops=0)
+    with pytest.raises(TypeError, match="n_loops"):
+        mla_model(jnp.zeros((1, 4), jnp.int32), n_loops=2.5)
+    with pytest.raises(TypeError, match="MythosConfig"):
+        OpenMythos({"dim": 64}, rngs=nnx.Rngs(0))
