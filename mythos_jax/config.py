@@ -13,7 +13,7 @@ from typing import Any
 
 ATTN_TYPES = ("mla", "gqa")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-MOE_IMPLS = ("dense", "padded", "ragged")
+MOE_IMPLS = ("grouped", "dense", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +34,9 @@ class MythosConfig:
       ``dtype``: compute dtype of matmuls, "float32" (default, parity) or "bfloat16".
         Parameters stay fp32; norms, softmax, RoPE, loop embedding, LTI and ACT run in fp32.
       ``moe_impl``: how tokens reach their experts; all are dropless and equal up to float
-        rounding (see ``layers/moe.py``): "padded" (default; fixed-capacity expert buffers,
-        dense fallback on overflow), "dense" (every expert on every token, the reference),
-        "ragged" (sorted rows and ``lax.ragged_dot`` grouped matmuls, for GPU/TPU).
-      ``moe_capacity_factor``: expert buffer size of "padded", as a multiple of the mean load
-        N * K / E; larger means fewer dense fallbacks and more padded FLOPs.
+        rounding (see ``layers/moe.py``): "grouped" (default; rows sorted by expert into
+        fixed-size blocks, one batched matmul), "dense" (every expert on every token, the
+        reference), "ragged" (sorted rows and ``lax.ragged_dot``, for GPU/TPU kernels).
     """
 
     vocab_size: int = 32000
@@ -66,8 +64,7 @@ class MythosConfig:
     dropout: float = 0.0
     # --- mythos-jax extensions (defaults keep OpenMythos numerics) ---
     dtype: str = "float32"
-    moe_impl: str = "padded"
-    moe_capacity_factor: float = 1.5
+    moe_impl: str = "grouped"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,9 +115,6 @@ class MythosConfig:
             _fail("dtype", f"must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
         if self.moe_impl not in MOE_IMPLS:
             _fail("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
-        _require_float(self, "moe_capacity_factor")
-        if not self.moe_capacity_factor > 0:
-            _fail("moe_capacity_factor", f"must be > 0, got {self.moe_capacity_factor}")
 
     # ------------------------------------------------------------------ derived sizes
     @property

@@ -90,7 +90,7 @@ def test_loop_memory_is_constant():
     assert at32 <= 1.2 * at4, (at4, at32)
 
 
-@pytest.mark.parametrize("impl", ["padded", "ragged"])
+@pytest.mark.parametrize("impl", ["grouped", "ragged"])
 def test_moe_dispatches_agree_with_dense(impl):
     ids = _ids(variants.tiny_mla(), seq=16)
     dense = OpenMythos(variants.tiny_mla(moe_impl="dense"), rngs=nnx.Rngs(3))(ids)
@@ -98,20 +98,28 @@ def test_moe_dispatches_agree_with_dense(impl):
     np.testing.assert_allclose(other, dense, atol=2e-5)
 
 
-def test_padded_dispatch_falls_back_when_an_expert_overflows():
-    from mythos_jax.layers.moe import _dense_dispatch, _padded_dispatch
+@pytest.mark.parametrize("routing", ["balanced", "all_on_two_experts", "one_token"])
+def test_grouped_dispatch_equals_dense_for_any_routing(routing):
+    from mythos_jax.layers.moe import _dense_dispatch, _grouped_dispatch
 
-    keys = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(keys[0], (16, 8))
-    gate, up = (jax.random.normal(k, (4, 8, 6)) for k in keys[1:3])
-    down = jax.random.normal(keys[3], (4, 6, 8))
-    expert_ids = jnp.tile(jnp.array([[0, 1]]), (16, 1))  # all tokens -> experts 0 and 1
-    weights = jnp.full((16, 2), 0.5)
+    n_tokens = 1 if routing == "one_token" else 40
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (n_tokens, 8))
+    gate, up = (jax.random.normal(k, (5, 8, 6)) for k in keys[1:3])
+    down = jax.random.normal(keys[3], (5, 6, 8))
+    logits = jax.random.normal(keys[4], (n_tokens, 5))
+    if routing == "all_on_two_experts":
+        logits = logits + jnp.array([0.0, 9.0, 0.0, 9.0, 0.0])
+    _, expert_ids = jax.lax.top_k(logits, 2)
+    weights = jax.random.uniform(keys[5], (n_tokens, 2))
     dense = _dense_dispatch(x, expert_ids, weights, gate, up, down)
-    padded = _padded_dispatch(x, expert_ids, weights, gate, up, down, capacity_factor=1.0)
-    np.testing.assert_allclose(padded, dense, rtol=1e-5, atol=1e-5)
-    roomy = _padded_dispatch(x, expert_ids, weights, gate, up, down, capacity_factor=2.0)
-    np.testing.assert_allclose(roomy, dense, rtol=1e-5, atol=1e-5)
+    grouped = _grouped_dispatch(x, expert_ids, weights, gate, up, down)
+    np.testing.assert_allclose(grouped, dense, rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda *a: jnp.sum(_grouped_dispatch(*a) ** 2), argnums=(0, 2, 3, 4, 5))
+    grad_dense = jax.grad(lambda *a: jnp.sum(_dense_dispatch(*a) ** 2), argnums=(0, 2, 3, 4, 5))
+    for g, g_ref in zip(grad(x, expert_ids, weights, gate, up, down),
+                        grad_dense(x, expert_ids, weights, gate, up, down)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_bfloat16_compute_keeps_fp32_params_and_tracks_fp32():

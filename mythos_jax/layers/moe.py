@@ -6,10 +6,9 @@ chosen scores are renormalised to sum to 1. Shared experts see every token.
 
 Dispatch (``cfg.moe_impl``), all vectorised with static shapes, no host sync, dropless:
   "dense"  every expert on every token, combined with one-hot weights: the reference.
-  "padded" each (token, slot) pair is written to its expert's buffer of fixed capacity
-           C = ceil(moe_capacity_factor * N * K / E), the experts run as one batched matmul
-           (E, C, D) and the rows are gathered back. If any expert receives more than C rows
-           the step falls back to "dense" (``lax.cond``), so no token is ever dropped.
+  "grouped" (token, slot) rows sorted by expert into fixed-size blocks (one expert per
+           block, each expert padded to a whole block) and run as one batched matmul: compute
+           is bounded by N*K + E*(block-1) rows whatever the routing.
   "ragged" pairs sorted by expert and run as grouped matmuls (``lax.ragged_dot``); the form
            for GPU/TPU grouped-matmul kernels (XLA:CPU runs it about as slowly as "dense").
 """
@@ -45,7 +44,6 @@ class MoE(nnx.Module):
     def __init__(self, cfg: MythosConfig, *, rngs: nnx.Rngs):
         self.dtype = compute_dtype(cfg)
         self.top_k, self.impl = cfg.n_experts_per_tok, cfg.moe_impl
-        self.capacity_factor = cfg.moe_capacity_factor
         E, D, F = cfg.n_experts, cfg.dim, cfg.expert_dim
         self.router = linear(D, E, ("embed", "expert"), rngs=rngs)       # fp32 routing always
         self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32), logical_axes=("expert",))
@@ -72,7 +70,7 @@ class MoE(nnx.Module):
         elif self.impl == "ragged":
             out = _ragged_dispatch(*args)
         else:
-            out = _padded_dispatch(*args, capacity_factor=self.capacity_factor)
+            out = _grouped_dispatch(*args)
         out = out.astype(x.dtype)
         for shared in self.shared_experts:
             out = out + shared(flat).astype(x.dtype)
@@ -88,31 +86,39 @@ def _dense_dispatch(x, expert_ids, weights, gate, up, down):
     return jnp.einsum("ne,end->nd", combine.astype(expert_out.dtype), expert_out)
 
 
-def _padded_dispatch(x, expert_ids, weights, gate, up, down, *, capacity_factor: float):
-    """Fixed-capacity expert buffers, dense fallback on overflow: x (N, D) -> (N, D)."""
+def _grouped_dispatch(x, expert_ids, weights, gate, up, down):
+    """Rows sorted by expert into fixed-size blocks, one expert per block: x (N, D) -> (N, D).
+
+    Each expert's rows are padded up to a multiple of ``block``, so at most
+    ``N*K + E*(block-1)`` rows are computed whatever the routing (balanced or all tokens on
+    one expert); the static block count bounds that. Every block gathers its expert's
+    kernels and the blocks run as one batched matmul.
+    """
     n_tokens, k = expert_ids.shape
-    n_experts = gate.shape[0]
-    capacity = max(1, math.ceil(capacity_factor * n_tokens * k / n_experts))
+    n_experts, n_rows = gate.shape[0], expert_ids.size
+    block = min(256, max(8, 8 * math.ceil(n_rows / (2 * n_experts) / 8)))
+    n_blocks = math.ceil((n_rows + n_experts * (block - 1)) / block)
+
     flat_ids = expert_ids.reshape(-1)                                     # (N*K,)
-    one_hot = jax.nn.one_hot(flat_ids, n_experts, dtype=jnp.int32)
-    rank_in_expert = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=1)
-    fits = jnp.max(jnp.sum(one_hot, axis=0)) <= capacity
+    order = jnp.argsort(flat_ids, stable=True)                            # rows by expert
+    sorted_ids = flat_ids[order]
+    counts = jnp.bincount(flat_ids, length=n_experts)
+    padded_counts = (counts + block - 1) // block * block
+    padded_end = jnp.cumsum(padded_counts)
+    rank_in_expert = jnp.arange(n_rows) - (jnp.cumsum(counts) - counts)[sorted_ids]
+    dest = (padded_end - padded_counts)[sorted_ids] + rank_in_expert      # row -> buffer slot
+    buffer = jnp.zeros((n_blocks * block, x.shape[1]), x.dtype)
+    buffer = buffer.at[dest].set(x[order // k], unique_indices=True)
+    block_expert = jnp.minimum(
+        jnp.searchsorted(padded_end, jnp.arange(n_blocks) * block, side="right"), n_experts - 1)
 
-    def run_padded(_):
-        slot = flat_ids * capacity + rank_in_expert                       # < E*C on this path
-        buffer = jnp.zeros((n_experts * capacity, x.shape[1]), x.dtype)
-        buffer = buffer.at[slot].set(jnp.repeat(x, k, axis=0), mode="drop")
-        buffer = buffer.reshape(n_experts, capacity, -1)
-        hidden = (jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer, gate))
-                  * jnp.einsum("ecd,edf->ecf", buffer, up))
-        expert_out = jnp.einsum("ecf,efd->ecd", hidden, down).reshape(n_experts * capacity, -1)
-        slot_out = expert_out[slot].reshape(n_tokens, k, -1)
-        return jnp.einsum("nkd,nk->nd", slot_out, weights.astype(slot_out.dtype))
-
-    def run_dense(_):
-        return _dense_dispatch(x, expert_ids, weights, gate, up, down)
-
-    return jax.lax.cond(fits, run_padded, run_dense, None)
+    blocks = buffer.reshape(n_blocks, block, -1)
+    hidden = (jax.nn.silu(jnp.einsum("nbd,ndf->nbf", blocks, gate[block_expert]))
+              * jnp.einsum("nbd,ndf->nbf", blocks, up[block_expert]))
+    block_out = jnp.einsum("nbf,nfd->nbd", hidden, down[block_expert])
+    row_out = block_out.reshape(n_blocks * block, -1)[dest]
+    row_out = row_out * weights.reshape(-1)[order][:, None].astype(row_out.dtype)
+    return jnp.zeros((n_tokens, x.shape[1]), row_out.dtype).at[order // k].add(row_out)
 
 
 def _ragged_dispatch(x, expert_ids, weights, gate, up, down):

@@ -1,0 +1,147 @@
+"""Save and load a whole OpenMythos (JAX) model as a mythos-jax checkpoint directory.
+
+    save_model(model, "ckpt/run1")            # ckpt/run1/config.json + ckpt/run1/state/ (Orbax)
+    model = load_model("ckpt/run1")           # a fresh OpenMythos with the same weights
+
+``state/`` holds all of ``nnx.state(model)``: the parameters, the ``RouterBias`` buffers and,
+when ``cfg.dropout > 0``, the dropout RNG stream (key and count), so a reloaded model draws the
+same dropout masks. ``config.json`` is ``MythosConfig.to_json()``. The train/eval flag
+(``model.deterministic``) is not state: a loaded model starts in train mode, like a new one.
+
+Writes are atomic: the directory is built under a temporary sibling and renamed into place,
+so an interrupted save never leaves a partial checkpoint at ``path``. Single-process only.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mythos_jax.config import MythosConfig
+from mythos_jax.model import OpenMythos
+
+CONFIG_FILE = "config.json"
+STATE_DIR = "state"
+
+
+def save_model(model: OpenMythos, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write ``model`` (config and full state) to the directory ``path``.
+
+    An existing ``path`` raises ``FileExistsError`` unless ``overwrite=True``; even then only an
+    existing mythos-jax checkpoint or an empty directory is replaced (anything else raises
+    ``FileExistsError`` rather than being deleted). The new checkpoint is complete before the
+    old one is moved aside, and the swap is two renames.
+    """
+    if not isinstance(model, OpenMythos):
+        raise TypeError(f"model must be a mythos_jax.OpenMythos, got {type(model).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path):
+        _check_replaceable(path, overwrite)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    tmp = _sibling(path, "tmp")
+    os.mkdir(tmp)                                  # honours the umask, unlike mkdtemp (0700)
+    try:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            f.write(model.cfg.to_json() + "\n")
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(tmp, STATE_DIR), nnx.state(model))
+            checkpointer.wait_until_finished()
+        _move_into_place(tmp, path, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(path: str | os.PathLike) -> OpenMythos:
+    """Read a checkpoint written by :func:`save_model` onto the default device.
+
+    Raises ``ValueError`` naming the path when it is not a mythos-jax checkpoint directory.
+    """
+    path = os.path.abspath(os.fspath(path))
+    cfg = load_config(path)
+    abstract = nnx.eval_shape(lambda: OpenMythos(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    # Explicit shardings: a no-sharding restore fails when the saving topology differs.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract_state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(os.path.join(path, STATE_DIR), target)
+    return nnx.merge(graphdef, state)
+
+
+def load_config(path: str | os.PathLike) -> MythosConfig:
+    """The ``MythosConfig`` of the checkpoint at ``path`` (no weights read)."""
+    path = os.path.abspath(os.fspath(path))
+    missing = _checkpoint_problem(path)
+    if missing:
+        raise ValueError(f"{path} is not a mythos-jax checkpoint: {missing}")
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        text = f.read()
+    try:
+        return MythosConfig.from_json(text)
+    except ValueError as err:
+        raise ValueError(f"{path}/{CONFIG_FILE}: invalid config: {err}") from err
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like a mythos-jax checkpoint directory (cheap; reads nothing)."""
+    return _checkpoint_problem(os.fspath(path)) is None
+
+
+def _checkpoint_problem(path: str) -> str | None:
+    """None for a checkpoint directory, else what is missing, e.g. "missing config.json"."""
+    if not os.path.exists(path):
+        return "no such file or directory"
+    if not os.path.isdir(path):
+        return "not a directory"
+    missing = []
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        missing.append(CONFIG_FILE)
+    if not os.path.isdir(os.path.join(path, STATE_DIR)):
+        missing.append(f"{STATE_DIR}/")
+    return f"missing {' and '.join(missing)}" if missing else None
+
+
+def parameter_count(model: OpenMythos) -> int:
+    """Number of trainable scalars (``nnx.Param`` leaves only; buffers and RNG state excluded)."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# ---------------------------------------------------------------------------- helpers
+def _sibling(path: str, tag: str) -> str:
+    """An unused hidden name next to ``path``: ``.NAME.TAG-PID-RANDOM``."""
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _check_replaceable(path: str, overwrite: bool) -> None:
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    if os.path.isdir(path) and not os.path.islink(path) and (
+            is_checkpoint(path) or not os.listdir(path)):
+        return
+    raise FileExistsError(f"{path} exists and is not a mythos-jax checkpoint or an empty "
+                          "directory; refusing to replace it")
+
+
+def _move_into_place(tmp: str, path: str, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``path``, moving an existing ``path`` aside first."""
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+        return
+    _check_replaceable(path, overwrite)  # it may have appeared while we were writing
+    old = _sibling(path, "old")
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
