@@ -1,5 +1,7 @@
 """The ``mythos-jax`` command line.
 
+    mythos-jax parity                                # convert OpenMythos models, parity + speed
+
     mythos-jax convert step_0001000.pt ckpt/run1     # OpenMythos .pt -> mythos-jax checkpoint
     mythos-jax convert ckpt/run1 exported.pt         # mythos-jax checkpoint -> OpenMythos .pt
 
@@ -134,11 +136,46 @@ def _save_torch_checkpoint(model, dst: str) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------- parity
+def _add_parity(subparsers) -> None:
+    p = subparsers.add_parser(
+        "parity", help="convert small OpenMythos models and print the parity and speed tables",
+        description="Build small OpenMythos models in PyTorch (open-mythos 0.5.0) with weights "
+                    "moved away from init, convert them, compare logits over attention types, "
+                    "loop counts and sequence lengths, then benchmark both implementations.")
+    p.add_argument("--preset", default="default", help="benchmark config (default, small, tiny)")
+    p.add_argument("--quick", action="store_true", help="fewer benchmark iterations")
+    p.add_argument("--no-bench", action="store_true", help="parity table only")
+    p.add_argument("--json", metavar="PATH", help="write all figures as JSON")
+    p.set_defaults(func=cmd_parity)
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    """Parity table (exit 1 if any row is off), then the speed table."""
+    import json
+
+    from mythos_jax.interop.parity import format_parity, parity_report
+
+    rows = parity_report()
+    print(format_parity(rows), flush=True)
+    result = {"parity": rows}
+    if not args.no_bench:
+        from mythos_jax.benchmark import format_table, run_benchmark
+
+        print(flush=True)
+        result["benchmark"] = run_benchmark(preset=args.preset, quick=args.quick)
+        print(format_table(result["benchmark"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_parity]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 ATTN_TYPES = ("mla", "gqa")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 MOE_IMPLS = ("grouped", "dense", "ragged")
+LOOP_REMATS = ("dots", "full", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,9 @@ class MythosConfig:
         rounding (see ``layers/moe.py``): "grouped" (default; rows sorted by expert into
         fixed-size blocks, one batched matmul), "dense" (every expert on every token, the
         reference), "ragged" (sorted rows and ``lax.ragged_dot``, for GPU/TPU kernels).
+      ``loop_remat``: what backprop keeps per loop iteration (values are unchanged):
+        "dots" (default; matmul outputs, elementwise work recomputed), "full" (only the loop
+        carry: least memory, one extra forward of the loop), "none" (everything).
     """
 
     vocab_size: int = 32000
@@ -65,6 +69,7 @@ class MythosConfig:
     # --- mythos-jax extensions (defaults keep OpenMythos numerics) ---
     dtype: str = "float32"
     moe_impl: str = "grouped"
+    loop_remat: str = "dots"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,6 +120,8 @@ class MythosConfig:
             _fail("dtype", f"must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
         if self.moe_impl not in MOE_IMPLS:
             _fail("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if self.loop_remat not in LOOP_REMATS:
+            _fail("loop_remat", f"must be one of {LOOP_REMATS}, got {self.loop_remat!r}")
 
     # ------------------------------------------------------------------ derived sizes
     @property

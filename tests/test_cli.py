@@ -1,5 +1,6 @@
 """mythos-jax CLI: ``convert`` both ways (.pt -> checkpoint dir -> .pt) and its error path."""
 
+import json
 import os
 
 import numpy as np
@@ -101,3 +102,14 @@ def test_parser_has_subcommands():
     with pytest.raises(SystemExit) as info:
         parser.parse_args([])                    # a subcommand is required
     assert info.value.code == 2
+
+
+def test_parity_command_prints_a_passing_table(tmp_path, capsys):
+    out_json = tmp_path / "parity.json"
+    assert main(["parity", "--no-bench", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "parity with open-mythos 0.5.0" in printed and " NO" not in printed
+    rows = json.loads(out_json.read_text())["parity"]
+    assert {r["attn_type"] for r in rows} == {"mla", "gqa"}
+    assert {r["n_loops"] for r in rows} == {1, 2, 3, 6}
+    assert all(r["ok"] and r["max_abs_diff"] <= 1e-4 for r in rows)

@@ -39,6 +39,7 @@ def test_frozen():
     (dict(dim=64.0), "dim"),
     (dict(dtype="float16"), "dtype"),
     (dict(moe_impl="magic"), "moe_impl"),
+    (dict(loop_remat="some"), "loop_remat"),
 ])
 def test_invalid_values_name_the_field(changes, field):
     with pytest.raises(ValueError, match=rf"MythosConfig\.{field}:"):

@@ -99,8 +99,12 @@ class MLAttention(nnx.Module):
         kv_raw = self.kv_down(x)                                           # (B, T, kv_lora+rope)
         c_kv = kv_raw[..., : self.kv_lora_rank]
         k_rope = apply_rope(kv_raw[..., None, self.kv_lora_rank:], *rope)[:, :, 0]  # (B, T, rope)
-        kv = self.kv_up(self.kv_norm(c_kv)).reshape(B, T, H, self.nope_dim + self.v_dim)
-        k_nope, v = kv[..., : self.nope_dim], kv[..., self.nope_dim:]
+        # kv_up's columns are per head [k_nope | v]: slice the kernel, not the activations.
+        kv_up = self.kv_up.kernel[...].astype(self.kv_up.dtype).reshape(
+            self.kv_lora_rank, H, self.nope_dim + self.v_dim)
+        c_kv = self.kv_norm(c_kv).astype(kv_up.dtype)
+        k_nope = jnp.einsum("bsc,chd->bshd", c_kv, kv_up[..., : self.nope_dim])
+        v = jnp.einsum("bsc,chd->bshd", c_kv, kv_up[..., self.nope_dim:])
         scores = (jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
                   + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
         scale = (self.nope_dim + self.rope_dim) ** -0.5

@@ -8,7 +8,8 @@ Per iteration t (OpenMythos ``RecurrentBlock.forward``, exact order):
     p      = sigmoid(halt(h))                            ACT halting probability (B, T)
     h_out += w_t * h                                     OpenMythos's ACT weights (below)
 The loop is a ``lax.scan`` whose body closes over the block: its parameters are shared by every
-iteration (never copied), and memory does not grow with T in inference.
+iteration (never copied), and memory does not grow with T in inference. Under differentiation
+each iteration is rematerialised per ``cfg.loop_remat`` (see ``REMAT_POLICIES``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from mythos_jax.layers.common import compute_dtype, linear, normal_init
 from mythos_jax.layers.norm import RMSNorm
 
 LOOP_EMBED_THETA = 10000.0  # hard-coded in OpenMythos
+
+# What the backward pass keeps from each loop iteration (``MythosConfig.loop_remat``).
+REMAT_POLICIES = {
+    "none": None,                                           # keep every intermediate
+    "dots": jax.checkpoint_policies.dots_saveable,          # keep matmul outputs only
+    "full": jax.checkpoint_policies.nothing_saveable,       # keep only the loop carry
+}
 
 
 def loop_index_embedding(h: jax.Array, t: jax.Array, loop_dim: int) -> jax.Array:
@@ -116,6 +124,7 @@ class RecurrentBlock(nnx.Module):
 
     def __init__(self, cfg: MythosConfig, *, rngs: nnx.Rngs):
         self.loop_dim, self.act_threshold = cfg.loop_dim, cfg.act_threshold
+        self.remat_policy = cfg.loop_remat
         self.block = TransformerBlock(cfg, use_moe=True, rngs=rngs)
         self.injection = LTIInjection(cfg.dim)
         self.act = ACTHalting(cfg.dim, rngs=rngs)
@@ -144,5 +153,7 @@ class RecurrentBlock(nnx.Module):
             t, step_key = xs
             return self.step(state, e, t, rope, mask, step_key), None
 
+        if self.remat_policy != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
         final, _ = jax.lax.scan(body, init, (loop_ids, keys))
         return final.h_out

@@ -1,8 +1,9 @@
 """mythos-jax against open-mythos 0.5.0 (PyTorch, CPU, fp32, eval mode, dropout 0).
 
-The torch models get weights moved away from their init (norm weights, LTI parameters,
-injection B, router bias, halting weights) so that routing varies between tokens and positions
-halt at different loops; both facts are asserted, so the parity below covers those paths.
+The torch models get weights moved away from their init (``perturb_openmythos``: norm weights,
+LTI parameters, injection B, router bias, halting weights, embedding) so that routing varies
+between tokens and positions halt at different loops; both facts are asserted, so the parity
+below covers those paths.
 """
 
 import jax.numpy as jnp
@@ -10,59 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from mythos_jax import variants
-from mythos_jax.interop.openmythos import (config_to_torch, from_torch, import_reference,
-                                           to_torch_state_dict)
+from mythos_jax.interop.openmythos import config_to_torch, import_reference, to_torch_state_dict
+from mythos_jax.interop.parity import TOLERANCE, build_pair
 
-TOLERANCE = 1e-4
 BATCH = 3
-
-
-def _parity_config(attn_type):
-    return variants.tiny_mla(attn_type=attn_type, max_seq_len=24, max_loop_iters=3,
-                             vocab_size=211, n_experts=6, n_experts_per_tok=2)
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """Move every 'special' weight away from its init, deterministically.
-
-    At init the +1 cos channels of the loop embedding dominate the RMS-normalised block input
-    (embeddings have std 0.02), so every token routes alike; a unit-scale embedding fixes it.
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def noise(t, scale):
-        return torch.randn(t.shape, generator=gen) * scale
-
-    with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("norm.weight"):
-                tensor.copy_(1.0 + noise(tensor, 0.3))
-            elif name.endswith("injection.log_A"):
-                tensor.copy_(noise(tensor, 1.0))
-            elif name.endswith("injection.log_dt"):
-                tensor.copy_(noise(tensor, 0.5))
-            elif name.endswith("injection.B"):
-                tensor.copy_(0.1 + noise(tensor, 0.2))
-            elif name.endswith("router_bias"):
-                tensor.copy_(noise(tensor, 0.3))
-            elif name.endswith("router.weight"):
-                tensor.copy_(noise(tensor, 0.3))
-            elif name == "embed.weight":  # token signal comparable to the loop embedding
-                tensor.copy_(noise(tensor, 1.0))
-            elif name.endswith("act.halt.weight"):
-                tensor.copy_(noise(tensor, 0.08))
-            elif name.endswith("act.halt.bias"):
-                tensor.fill_(-0.8)
 
 
 @pytest.fixture(scope="module", params=["mla", "gqa"])
 def models(request):
-    cfg = _parity_config(request.param)
-    torch.manual_seed(1)
-    torch_model = import_reference().OpenMythos(config_to_torch(cfg)).eval()
-    _perturb(torch_model, seed=2)
-    return torch_model, from_torch(torch_model)
+    return build_pair(request.param)
 
 
 def _torch_logits_and_trace(torch_model, ids, n_loops):

@@ -1,0 +1,658 @@
+"""Speed of mythos-jax against the PyTorch reference (open-mythos 0.5.0), fp32 on the CPU.
+
+Same config, same weights, same batch, same machine, same process. Both sides run every one of
+``n_loops`` recurrent iterations: ``act_threshold`` is set to 1e9 so that OpenMythos's ACT early
+exit (``if halted.all(): break``) never fires. Measured:
+
+* forward tokens/s: mythos-jax under ``jax.jit`` (pure function of the ``nnx.split`` state);
+  open-mythos in ``eval()`` under ``torch.no_grad()``;
+* training-step tokens/s: next-token cross-entropy, its gradient and one AdamW update
+  (``optax.adamw`` in one jitted step with donated buffers / ``torch.optim.AdamW``, the same
+  hyper-parameters); open-mythos in ``train()`` mode (dropout is 0, so deterministic);
+* each as a fraction of this machine's fp32 matmul throughput measured in the same run (the
+  larger of a jitted ``jnp.matmul`` and ``torch.matmul`` of large square matrices), using the
+  analytic model FLOPs of :func:`forward_flops_per_token`;
+* the JAX compile time (trace + lower + XLA compile, ``jit(f).lower(...).compile()``);
+* the largest |logit difference| between the two forwards and the difference of the first
+  training loss, so a speed figure never comes from a model that computes something else.
+
+    result = run_benchmark()                   # the default config (dim 256, 16 experts, ...)
+    print(format_table(result))
+
+Timings are medians over several calls after warm-up, the two sides taking turns in chunks so
+that drifts of a (shared, virtual) machine hit both alike. torch keeps its default thread
+count. Other processes on the machine spoil any such figure: the share of the CPU they used
+while timing is recorded (:class:`CpuMonitor`) and :func:`format_table` warns about it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from mythos_jax.config import MythosConfig
+
+# An ACT threshold no position can reach: both implementations run every loop iteration.
+NO_HALT_THRESHOLD = 1e9
+
+# Share of the machine's CPU used by other processes above which format_table warns.
+CONTENTION_WARNING = 0.10
+
+# AdamW hyper-parameters used on both sides: torch.optim.AdamW's defaults except a tiny lr.
+# The timed steps train on one fixed batch; at lr 1e-3 the routing spreads out within a few
+# steps (at init only 4-5 of 16 experts get tokens) and open-mythos's per-expert loop gets
+# ~20% slower step after step. At 1e-6 the weights, and so the work per step, stay put; the
+# optimizer's arithmetic does not depend on lr.
+ADAMW = {"lr": 1e-6, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
+
+#: Model presets. "default" is the config of the issue (dim 256, 16 experts, top-2, 8 loops,
+#: vocab 4096); "small" is a narrow, many-expert model where PyTorch's per-expert Python loop
+#: dominates; "tiny" is for tests (seconds). ``max_seq_len`` is set to the benchmark's seq_len
+#: unless given.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(
+        vocab_size=4096, dim=256, n_heads=8, n_kv_heads=4, max_loop_iters=8,
+        prelude_layers=1, coda_layers=1, attn_type="mla",
+        q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_experts=16, n_shared_experts=1, n_experts_per_tok=2, expert_dim=128,
+        lora_rank=8, rope_theta=500000.0, dropout=0.0),
+    "small": dict(
+        vocab_size=4096, dim=64, n_heads=4, n_kv_heads=2, max_loop_iters=8,
+        prelude_layers=1, coda_layers=1, attn_type="mla",
+        q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_experts=32, n_shared_experts=1, n_experts_per_tok=2, expert_dim=32,
+        lora_rank=8, rope_theta=500000.0, dropout=0.0),
+    "tiny": dict(
+        vocab_size=128, dim=32, n_heads=2, n_kv_heads=1, max_loop_iters=2,
+        prelude_layers=1, coda_layers=1, attn_type="mla",
+        q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=8, n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=16,
+        lora_rank=4, rope_theta=500000.0, dropout=0.0),
+}
+#: Batch shape and loop count that go with each preset (run_benchmark's defaults).
+PRESET_SHAPES: dict[str, dict[str, int]] = {
+    "default": dict(batch=8, seq_len=128, n_loops=8),
+    "small": dict(batch=8, seq_len=128, n_loops=8),
+    "tiny": dict(batch=2, seq_len=16, n_loops=2),
+}
+
+
+def benchmark_config(preset: str = "default", cfg_overrides: dict | None = None, *,
+                     seq_len: int | None = None) -> MythosConfig:
+    """The MythosConfig of ``preset`` with ``cfg_overrides`` applied.
+
+    ``act_threshold`` is NO_HALT_THRESHOLD and ``max_seq_len`` is ``seq_len`` unless
+    ``cfg_overrides`` sets them.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    fields = dict(PRESETS[preset], act_threshold=NO_HALT_THRESHOLD)
+    fields["max_seq_len"] = seq_len if seq_len is not None else PRESET_SHAPES[preset]["seq_len"]
+    fields.update(cfg_overrides or {})
+    return MythosConfig.from_dict(fields)
+
+
+# ============================================================================ model FLOPs
+def attention_flops_per_token(cfg: MythosConfig, seq_len: int) -> dict[str, int]:
+    """FLOPs (2 x multiply-adds) of one attention layer for one query token.
+
+    ``proj``: the projections. MLA: q_down (D x q_lora), q_up_nope (q_lora x H*nope), q_up_rope
+    (q_lora x H*rope), kv_down (D x (kv_lora + rope)), kv_up (kv_lora x H*(nope + v)),
+    wo (H*v x D). GQA: wq, wk, wv, wo.
+    ``scores``: q.k over ALL ``seq_len`` keys (the full T x T score matrix, causal positions
+    included, since both implementations compute it in full and then mask), H * T * (nope +
+    rope) for MLA, H * T * head_dim for GQA.
+    ``pv``: probabilities times values over all T keys: H * T * v (MLA), H * T * head_dim (GQA).
+    Not counted: norms, RoPE, softmax, masking (elementwise).
+    """
+    D, H, T = cfg.dim, cfg.n_heads, seq_len
+    if cfg.attn_type == "mla":
+        nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        macs_proj = (D * cfg.q_lora_rank + cfg.q_lora_rank * H * nope
+                     + cfg.q_lora_rank * H * rope + D * (cfg.kv_lora_rank + rope)
+                     + cfg.kv_lora_rank * H * (nope + v) + H * v * D)
+        macs_scores = H * T * (nope + rope)
+        macs_pv = H * T * v
+    else:
+        hd, KV = cfg.head_dim, cfg.n_kv_heads
+        macs_proj = D * H * hd + 2 * D * KV * hd + H * hd * D
+        macs_scores = H * T * hd
+        macs_pv = H * T * hd
+    return {"proj": 2 * macs_proj, "scores": 2 * macs_scores, "pv": 2 * macs_pv}
+
+
+def swiglu_flops_per_token(dim: int, hidden: int) -> int:
+    """gate, up (dim x hidden) and down (hidden x dim): 2 * 3 * dim * hidden FLOPs."""
+    return 2 * 3 * dim * hidden
+
+
+def moe_flops_per_token(cfg: MythosConfig) -> dict[str, int]:
+    """Useful FLOPs of the MoE for one token: ``router`` (D x E), ``routed`` (only the top-K
+    chosen experts, each a SwiGLU of hidden ``expert_dim``), ``shared`` (every shared expert,
+    hidden ``expert_dim * K``). Padding or dense dispatch that an implementation may add is
+    deliberately not counted: it is overhead, not useful work."""
+    D, K = cfg.dim, cfg.n_experts_per_tok
+    return {"router": 2 * D * cfg.n_experts,
+            "routed": K * swiglu_flops_per_token(D, cfg.expert_dim),
+            "shared": cfg.n_shared_experts * swiglu_flops_per_token(D, cfg.shared_hidden)}
+
+
+def forward_flops_per_token(cfg: MythosConfig, seq_len: int,
+                            n_loops: int | None = None) -> dict[str, Any]:
+    """Analytic useful FLOPs (2 x multiply-adds of every needed matmul) of one forward, per token.
+
+    Counted:
+      * prelude and coda layers (``prelude_layers + coda_layers`` of them): attention (see
+        :func:`attention_flops_per_token`: projections, full T x T scores and PV) and the dense
+        SwiGLU (hidden ``dim * 4 // 3``);
+      * the recurrent block, times ``n_loops`` (default ``cfg.max_loop_iters``): attention,
+        the MoE (router + top-K routed experts + shared experts, :func:`moe_flops_per_token`),
+        the depth-wise LoRA (down D x r and B r x D), the ACT halting head (D x 1);
+      * the tied output head (D x vocab).
+    Not counted: the embedding lookup (a gather), norms, RoPE, softmax, the loop-index
+    embedding, the LTI injection, ACT bookkeeping, residual adds (all elementwise, O(D)).
+
+    Returns a dict with the per-part figures and ``"total"``. A training step (forward +
+    backward) is counted as ``3 * total`` (the backward of a matmul costs two matmuls).
+    """
+    n_loops = cfg.max_loop_iters if n_loops is None else n_loops
+    D = cfg.dim
+    attn = attention_flops_per_token(cfg, seq_len)
+    attn_total = sum(attn.values())
+    dense_ffn = swiglu_flops_per_token(D, cfg.dense_hidden)
+    moe = moe_flops_per_token(cfg)
+    lora = 2 * (D * cfg.lora_rank + cfg.lora_rank * D)
+    halt = 2 * D
+    per_loop = attn_total + sum(moe.values()) + lora + halt
+    prelude = cfg.prelude_layers * (attn_total + dense_ffn)
+    coda = cfg.coda_layers * (attn_total + dense_ffn)
+    head = 2 * D * cfg.vocab_size
+    recurrent = n_loops * per_loop
+    return {
+        "attention": attn, "dense_ffn": dense_ffn, "moe": moe, "lora": lora, "halt": halt,
+        "recurrent_per_loop": per_loop, "n_loops": n_loops, "seq_len": seq_len,
+        "prelude": prelude, "recurrent": recurrent, "coda": coda, "head": head,
+        "total": prelude + recurrent + coda + head,
+    }
+
+
+def train_flops_per_token(cfg: MythosConfig, seq_len: int, n_loops: int | None = None) -> int:
+    """Forward + backward = 3 x the forward FLOPs (the usual convention; optimizer not counted)."""
+    return 3 * forward_flops_per_token(cfg, seq_len, n_loops)["total"]
+
+
+# ============================================================================ timing helpers
+def _timed(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``fn`` (which must block) after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], iters: int, warmup: int,
+                 rounds: int = 5) -> dict[str, list[float]]:
+    """``iters`` timed calls of each of ``fns`` (blocking), taken in up to ``rounds``
+    alternating chunks (A A B B A A B B ...) so that slow drifts of the machine (clock,
+    neighbours) hit every side alike. Each side first gets ``warmup`` untimed calls."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    rounds = max(1, min(rounds, iters))
+    chunks = [iters // rounds + (i < iters % rounds) for i in range(rounds)]
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for chunk in chunks:
+        for name, fn in fns.items():
+            _settle()
+            times[name] += _timed(fn, chunk, 0)
+    return times
+
+
+def _summary(times: list[float], tokens: int, flops_per_token: float,
+             peak_flops: float) -> dict[str, Any]:
+    median = statistics.median(times)
+    tokens_per_s = tokens / median
+    return {"median_s": median, "min_s": min(times), "times_s": times,
+            "tokens_per_s": tokens_per_s,
+            "achieved_flops": tokens_per_s * flops_per_token,
+            "fraction_of_peak": tokens_per_s * flops_per_token / peak_flops}
+
+
+class CpuMonitor:
+    """How much of the machine's CPU *other* processes used while something was timed.
+
+    Reads the machine's busy time from ``/proc/stat`` and this process's own CPU time from
+    ``os.times()``; ``other_share()`` is (machine busy - own) / (wall x cores), 0 = the
+    machine was ours alone, 1 = every core was busy with something else. None where
+    ``/proc/stat`` is unavailable. A benchmark on a shared machine is only as good as this.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._snapshot()
+
+    @staticmethod
+    def _snapshot():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...: busy = all but idle, iowait
+        busy = sum(fields[:3]) + sum(fields[5:8])
+        own = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
+
+    def other_share(self) -> float | None:
+        end = self._snapshot()
+        if self._start is None or end is None:
+            return None
+        busy, own, wall = (b - a for a, b in zip(self._start, end))
+        if wall <= 0:
+            return None
+        return min(1.0, max(0.0, (busy - own) / (wall * (os.cpu_count() or 1))))
+
+
+def wait_for_idle(max_wait_s: float, threshold: float = CONTENTION_WARNING,
+                  window_s: float = 5.0, log: Callable[[str], None] | None = None
+                  ) -> float | None:
+    """Wait (at most ``max_wait_s``) until other processes use under ``threshold`` of the CPU
+    over a ``window_s`` window; returns the last share seen (None: not measurable here)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        monitor = CpuMonitor()
+        time.sleep(window_s)
+        share = monitor.other_share()
+        if share is None or share < threshold or time.monotonic() >= deadline:
+            return share
+        if log:
+            log(f"machine busy ({100 * share:.0f}% CPU used by other processes), waiting ...")
+
+
+def _settle() -> None:
+    """Let the other library's worker threads go idle before timing (2-core machines)."""
+    time.sleep(0.1)
+
+
+# ============================================================================ matmul peak
+def measure_matmul_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> dict:
+    """fp32 matmul throughput of this machine, FLOP/s: ``n x n @ n x n`` under ``jax.jit`` and
+    with ``torch.matmul``, median of ``repeats`` calls per size, best size per library.
+    ``peak_flops`` is the larger of the two: the physical limit the model fractions refer to."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    jax_best, torch_best, per_size = 0.0, 0.0, {}
+    for n in sizes:
+        flops = 2.0 * n ** 3
+        rng = np.random.default_rng(n)
+        a_np = rng.standard_normal((n, n), dtype=np.float32)
+        b_np = rng.standard_normal((n, n), dtype=np.float32)
+
+        a, b = jnp.asarray(a_np), jnp.asarray(b_np)
+        matmul = jax.jit(jnp.matmul)
+        jax_s = statistics.median(_timed(lambda: matmul(a, b).block_until_ready(), repeats, 2))
+        _settle()
+        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        with torch.no_grad():
+            torch_s = statistics.median(_timed(lambda: torch.matmul(ta, tb), repeats, 2))
+        _settle()
+        per_size[str(n)] = {"jax_flops": flops / jax_s, "torch_flops": flops / torch_s}
+        jax_best = max(jax_best, flops / jax_s)
+        torch_best = max(torch_best, flops / torch_s)
+    return {"jax_matmul_flops": jax_best, "torch_matmul_flops": torch_best,
+            "peak_flops": max(jax_best, torch_best), "sizes": list(sizes), "per_size": per_size}
+
+
+# ============================================================================ the two models
+def build_models(cfg: MythosConfig, seed: int = 0, spread_routing: bool = False):
+    """(open-mythos torch model, mythos-jax model) with the same weights: the torch model is
+    built under ``torch.manual_seed(seed)`` and converted. At init every token routes to the
+    same few experts (the loop embedding dominates the router input); ``spread_routing``
+    moves the weights away from init (``interop.parity.perturb_openmythos``) so that tokens
+    spread over the experts as in a trained model."""
+    import torch
+
+    from mythos_jax.interop.openmythos import config_to_torch, import_reference, load_state_dict
+    from mythos_jax.interop.parity import perturb_openmythos
+
+    torch.manual_seed(seed)
+    torch_model = import_reference().OpenMythos(config_to_torch(cfg))
+    if spread_routing:
+        perturb_openmythos(torch_model, seed)
+    return torch_model, load_state_dict(cfg, torch_model.state_dict(), seed=seed)
+
+
+def next_token_loss_jax(logits, input_ids):
+    """Mean next-token cross-entropy: logits[:, :-1] predict input_ids[:, 1:]."""
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1], input_ids[:, 1:]).mean()
+
+
+def next_token_loss_torch(logits, input_ids):
+    """Mean next-token cross-entropy (torch), the same loss as :func:`next_token_loss_jax`."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           input_ids[:, 1:].reshape(-1))
+
+
+def jax_forward_fn(model, n_loops: int):
+    """(jitted forward(state, ids) -> logits, state): a pure ``jax.jit`` over ``nnx.split``."""
+    import jax
+    from flax import nnx
+
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, input_ids):
+        return nnx.merge(graphdef, state)(input_ids, n_loops)
+
+    return forward, state
+
+
+def jax_train_step_fn(model, n_loops: int):
+    """(jitted step(params, opt_state, rest, ids) -> (params, opt_state, loss), params,
+    opt_state, rest). One step: loss, grad w.r.t. every ``nnx.Param`` and an ``optax.adamw``
+    update with :data:`ADAMW`; params and opt_state are donated. ``params`` is a copy, so
+    ``model`` stays usable."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    params = jax.tree.map(jnp.copy, params)
+    tx = optax.adamw(ADAMW["lr"], b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW["eps"],
+                     weight_decay=ADAMW["weight_decay"])
+    opt_state = tx.init(params)
+
+    def loss_fn(params, rest, input_ids):
+        logits = nnx.merge(graphdef, params, rest)(input_ids, n_loops)
+        return next_token_loss_jax(logits, input_ids)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, rest, input_ids):
+        loss, grads = jax.value_and_grad(loss_fn)(params, rest, input_ids)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step, params, opt_state, rest
+
+
+# ============================================================================ the benchmark
+def run_benchmark(cfg_overrides: dict | None = None, *, preset: str = "default",
+                  batch: int | None = None, seq_len: int | None = None,
+                  n_loops: int | None = None, iters: int | None = None,
+                  train_iters: int | None = None, quick: bool = False, seed: int = 0,
+                  spread_routing: bool = False,
+                  train: bool = True, matmul_sizes: tuple[int, ...] | None = None,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure mythos-jax against open-mythos at one config; returns a JSON-able dict.
+
+    ``preset`` picks the config and default batch shape (:data:`PRESETS`,
+    :data:`PRESET_SHAPES`); ``cfg_overrides`` changes MythosConfig fields (e.g. ``moe_impl``,
+    ``attn_type``). ``n_loops`` is the loop count of both sides (default: the preset's).
+    ``iters`` / ``train_iters`` are the timed calls per side (defaults 20 / 10, ``quick``: 3 / 2);
+    ``quick`` also shrinks the matmul-peak measurement. ``train=False`` skips the training step.
+    ``spread_routing``: see :func:`build_models`. ``log`` receives progress lines.
+
+    Keys: ``config``, ``spread_routing``, ``batch``, ``seq_len``, ``n_loops``, ``tokens_per_step``, ``machine``,
+    ``peak`` (:func:`measure_matmul_peak`), ``flops`` (forward/train per token + breakdown),
+    ``parity`` (``max_abs_logit_diff``, ``loss_torch``, ``loss_jax``, ``loss_diff``),
+    ``routing`` (open-mythos's expert loads at these weights), ``contention`` (CPU share of
+    other processes while timing ``peak``, ``forward``, ``train``), ``forward`` and ``train``
+    (None with ``train=False``): each ``{"torch": {...}, "jax": {..., "compile_s"},
+    "speedup"}`` with ``tokens_per_s``, ``median_s``, ``min_s``, ``times_s``,
+    ``achieved_flops``, ``fraction_of_peak``; ``wall_s``.
+    """
+    import jax.numpy as jnp
+    import torch
+
+    log = log or (lambda _msg: None)
+    wall_start = time.perf_counter()
+    shape = PRESET_SHAPES.get(preset, PRESET_SHAPES["default"])
+    batch = shape["batch"] if batch is None else batch
+    seq_len = shape["seq_len"] if seq_len is None else seq_len
+    n_loops = shape["n_loops"] if n_loops is None else n_loops
+    overrides = {"max_loop_iters": n_loops, **(cfg_overrides or {})}
+    cfg = benchmark_config(preset, overrides, seq_len=seq_len)
+    iters = (3 if quick else 20) if iters is None else iters
+    train_iters = (2 if quick else 10) if train_iters is None else train_iters
+    warmup = 1 if quick else 2
+    if matmul_sizes is None:
+        matmul_sizes = (512, 1024) if quick else (1024, 2048)
+    tokens = batch * seq_len
+
+    flops = forward_flops_per_token(cfg, seq_len, n_loops)
+    fwd_flops, train_flops = flops["total"], 3 * flops["total"]
+
+    log("measuring the fp32 matmul peak ...")
+    contention: dict[str, float | None] = {}
+    monitor = CpuMonitor()
+    peak = measure_matmul_peak(matmul_sizes, repeats=3 if quick else 5)
+    contention["peak"] = monitor.other_share()
+    peak_flops = peak["peak_flops"]
+
+    log("building the models ...")
+    torch_model, jax_model = build_models(cfg, seed, spread_routing)
+    ids_np = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq_len))
+    ids_torch = torch.from_numpy(ids_np.astype(np.int64))
+    ids_jax = jnp.asarray(ids_np, dtype=jnp.int32)
+
+    # ---------------------------------------------------------------- forward
+    log("JAX forward: compiling ...")
+    forward, state = jax_forward_fn(jax_model, n_loops)
+    start = time.perf_counter()
+    forward_compiled = forward.lower(state, ids_jax).compile()
+    fwd_compile_s = time.perf_counter() - start
+    jax_logits = np.asarray(forward_compiled(state, ids_jax))
+    torch_model.eval()
+    with torch.no_grad(), _RoutingProbe(torch_model, cfg) as routing:
+        torch_logits = torch_model(ids_torch, n_loops=n_loops).numpy()
+    max_logit_diff = float(np.max(np.abs(torch_logits - jax_logits)))
+
+    def torch_forward():
+        with torch.no_grad():
+            torch_model(ids_torch, n_loops=n_loops)
+
+    log("forward: timing ...")
+    monitor = CpuMonitor()
+    fwd_times = _interleaved(
+        {"jax": lambda: forward_compiled(state, ids_jax).block_until_ready(),
+         "torch": torch_forward}, iters, warmup)
+    contention["forward"] = monitor.other_share()
+
+    # ---------------------------------------------------------------- train step
+    jax_loss = torch_loss = None
+    if train:
+        log("JAX train step: compiling ...")
+        step, params, opt_state, rest = jax_train_step_fn(jax_model, n_loops)
+        start = time.perf_counter()
+        step_compiled = step.lower(params, opt_state, rest, ids_jax).compile()
+        train_compile_s = time.perf_counter() - start
+        carry = {"params": params, "opt_state": opt_state}
+
+        def jax_step():
+            carry["params"], carry["opt_state"], loss = step_compiled(
+                carry["params"], carry["opt_state"], rest, ids_jax)
+            return float(loss)
+
+        torch_model.train()
+        optimizer = torch.optim.AdamW(
+            torch_model.parameters(), lr=ADAMW["lr"], betas=(ADAMW["b1"], ADAMW["b2"]),
+            eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
+
+        def torch_step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = next_token_loss_torch(torch_model(ids_torch, n_loops=n_loops), ids_torch)
+            loss.backward()
+            optimizer.step()
+            return loss.item()
+
+        jax_loss, torch_loss = jax_step(), torch_step()   # losses at the initial weights
+        log("train step: timing ...")
+        monitor = CpuMonitor()
+        train_times = _interleaved({"jax": jax_step, "torch": torch_step}, train_iters,
+                                   max(warmup - 1, 0))
+        contention["train"] = monitor.other_share()
+        del carry
+
+    # ---------------------------------------------------------------- figures
+    def pair(torch_times, jax_times, flops_per_token, compile_s):
+        t = _summary(torch_times, tokens, flops_per_token, peak_flops)
+        j = _summary(jax_times, tokens, flops_per_token, peak_flops)
+        j["compile_s"] = compile_s
+        return {"torch": t, "jax": j, "speedup": j["tokens_per_s"] / t["tokens_per_s"]}
+
+    result: dict[str, Any] = {
+        "config": cfg.to_dict(), "preset": preset, "spread_routing": spread_routing,
+        "batch": batch, "seq_len": seq_len,
+        "n_loops": n_loops, "tokens_per_step": tokens, "quick": quick,
+        "iters": {"forward": iters, "train": train_iters if train else 0, "warmup": warmup},
+        "machine": machine_info(),
+        "peak": peak,
+        "flops": {"forward_per_token": fwd_flops, "train_per_token": train_flops,
+                  "breakdown": flops,
+                  "note": "useful FLOPs = 2 x MACs of needed matmuls; full T x T attention "
+                          "scores; MoE counts top-K routed + shared + router; train = 3 x "
+                          "forward"},
+        "parity": {"max_abs_logit_diff": max_logit_diff, "loss_torch": torch_loss,
+                   "loss_jax": jax_loss,
+                   "loss_diff": (abs(torch_loss - jax_loss) if train else None)},
+        "routing": routing.summary(),
+        "contention": contention,
+        "forward": pair(fwd_times["torch"], fwd_times["jax"], fwd_flops, fwd_compile_s),
+        "train": (pair(train_times["torch"], train_times["jax"], train_flops, train_compile_s)
+                  if train else None),
+    }
+    result["wall_s"] = time.perf_counter() - wall_start
+    return result
+
+
+class _RoutingProbe:
+    """Records, during one open-mythos forward, how unevenly the recurrent MoE routes.
+
+    ``max_load_ratio``: the busiest expert's (token, slot) count over the mean N * K / E, the
+    largest over all loop iterations (1.0 = perfectly balanced, E / K = every token on the
+    same K experts). A dispatch with fixed per-expert capacity overflows when this exceeds its
+    capacity factor; it also bounds how much open-mythos's skip-idle-experts loop saves.
+    """
+
+    def __init__(self, torch_model, cfg: MythosConfig):
+        self.moe = torch_model.recurrent.block.ffn
+        self.cfg = cfg
+        self.ratios: list[float] = []
+        self.active: list[int] = []
+
+    def __enter__(self):
+        def hook(_module, _inputs, logits):
+            import torch
+
+            k, n_experts = self.cfg.n_experts_per_tok, self.cfg.n_experts
+            _, idx = (logits + self.moe.router_bias).topk(k, dim=-1)
+            loads = torch.bincount(idx.flatten(), minlength=n_experts)
+            self.ratios.append(float(loads.max()) / (logits.shape[0] * k / n_experts))
+            self.active.append(int((loads > 0).sum()))
+
+        self.handle = self.moe.router.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def summary(self) -> dict[str, Any]:
+        return {"max_load_ratio": max(self.ratios) if self.ratios else None,
+                "per_loop_max_load_ratio": self.ratios,
+                "per_loop_active_experts": self.active, "loops": len(self.ratios)}
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the figures come from: CPU, core count, thread counts, library versions."""
+    import flax
+    import jax
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "jax_backend": jax.default_backend(), "jax": jax.__version__,
+            "flax": flax.__version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+# ============================================================================ the table
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of :func:`run_benchmark`'s result: a header (peak, config, shape,
+    FLOPs, parity) and one row per measurement (forward, train step)."""
+    cfg = result["config"]
+    peak = result["peak"]
+    m = result["machine"]
+    header = [
+        f"fp32 matmul peak: {peak['peak_flops'] / 1e9:.1f} GFLOP/s "
+        f"(jax {peak['jax_matmul_flops'] / 1e9:.1f}, torch {peak['torch_matmul_flops'] / 1e9:.1f})"
+        f" on {m['cpu']}, {m['cpu_count']} cores, torch threads {m['torch_threads']}",
+        f"config [{result['preset']}]: {cfg['attn_type']} dim={cfg['dim']} heads={cfg['n_heads']}"
+        f" experts={cfg['n_experts']} top-{cfg['n_experts_per_tok']}"
+        f" shared={cfg['n_shared_experts']} expert_dim={cfg['expert_dim']}"
+        f" vocab={cfg['vocab_size']} prelude/coda={cfg['prelude_layers']}/{cfg['coda_layers']}"
+        f" moe_impl={cfg['moe_impl']}"
+        f" weights={'moved from init (spread routing)' if result['spread_routing'] else 'init'}",
+        f"batch {result['batch']} x {result['seq_len']}, {result['n_loops']} loops (no ACT exit);"
+        f" model {result['flops']['forward_per_token'] / 1e6:.2f} MFLOP/token forward,"
+        f" x3 train",
+        f"parity: max |logit diff| {result['parity']['max_abs_logit_diff']:.2e}"
+        + (f", |loss diff| {result['parity']['loss_diff']:.2e}"
+           if result["parity"]["loss_diff"] is not None else ""),
+    ]
+    routing = result.get("routing") or {}
+    if routing.get("max_load_ratio") is not None:
+        active = routing.get("per_loop_active_experts") or [cfg["n_experts"]]
+        header.append(f"routing (these weights, this batch, open-mythos side): busiest expert "
+                      f"gets up to {routing['max_load_ratio']:.1f}x the mean load; "
+                      f"{min(active)}-{max(active)} of {cfg['n_experts']} experts used per loop")
+    contention = {k: v for k, v in (result.get("contention") or {}).items() if v is not None}
+    if contention:
+        header.append("CPU busy with other processes while timing: " + ", ".join(
+            f"{k} {100 * v:.0f}%" for k, v in contention.items()))
+        if max(contention.values()) > CONTENTION_WARNING:
+            header.append("WARNING: other processes used this machine during the run; "
+                          "the figures are not trustworthy, rerun on an idle machine")
+    cols = ("", "torch tok/s", "jax tok/s", "speedup", "torch %peak", "jax %peak",
+            "jax compile s")
+    rows = []
+    for name, key in (("forward", "forward"), ("train step", "train")):
+        r = result.get(key)
+        if not r:
+            continue
+        rows.append((name, f"{r['torch']['tokens_per_s']:,.0f}", f"{r['jax']['tokens_per_s']:,.0f}",
+                     f"{r['speedup']:.2f}x", f"{100 * r['torch']['fraction_of_peak']:.1f}%",
+                     f"{100 * r['jax']['fraction_of_peak']:.1f}%",
+                     f"{r['jax']['compile_s']:.1f}"))
+    widths = [max(len(str(row[i])) for row in (cols, *rows)) for i in range(len(cols))]
+    lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))) for row in (cols, *rows)]
+    rule = "-" * len(lines[0])
+    return "\n".join(header + [rule, lines[0], rule, *lines[1:], rule])
