@@ -15,6 +15,8 @@ ATTN_TYPES = ("mla", "gqa")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 MOE_IMPLS = ("grouped", "dense", "ragged")
 LOOP_REMATS = ("dots", "full", "none")
+ACT_MODES = ("openmythos", "flush", "off")
+INJECTIONS = ("openmythos", "parcae")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,15 @@ class MythosConfig:
       ``loop_remat``: what backprop keeps per loop iteration (values are unchanged):
         "dots" (default; matmul outputs, elementwise work recomputed), "full" (only the loop
         carry: least memory, one extra forward of the loop), "none" (everything).
+    Math variants (each changes the model's output; defaults are OpenMythos's):
+      ``act``: "openmythos" (ACT-weighted sum, no remainder flush), "flush" (the unspent mass
+        of never-halted positions goes to the last loop, so weights sum to 1), "off" (output
+        the last h; the recipe that extrapolates in depth, OpenMythos issue #28).
+      ``injection``: "openmythos" (``h = A*h + B*e + Block(norm(h + emb + e))``) or "parcae"
+        (``u = A*h + dt*(e @ B.T)``, ``A = exp(-softplus(dt_bias) * exp(A_log))``, B a full
+        matrix initialised to identity; ``h = Block(u + emb)``).
+      ``prelude_norm``: RMSNorm on the prelude output before the loop (Parcae).
+      ``readout``: a learned (D, D) projection of the loop output before the coda (Parcae C).
     """
 
     vocab_size: int = 32000
@@ -70,6 +81,10 @@ class MythosConfig:
     dtype: str = "float32"
     moe_impl: str = "grouped"
     loop_remat: str = "dots"
+    act: str = "openmythos"
+    injection: str = "openmythos"
+    prelude_norm: bool = False
+    readout: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,8 +137,20 @@ class MythosConfig:
             _fail("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         if self.loop_remat not in LOOP_REMATS:
             _fail("loop_remat", f"must be one of {LOOP_REMATS}, got {self.loop_remat!r}")
+        if self.act not in ACT_MODES:
+            _fail("act", f"must be one of {ACT_MODES}, got {self.act!r}")
+        if self.injection not in INJECTIONS:
+            _fail("injection", f"must be one of {INJECTIONS}, got {self.injection!r}")
+        for name in ("prelude_norm", "readout"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, f"must be a bool, got {getattr(self, name)!r}")
 
     # ------------------------------------------------------------------ derived sizes
+    @property
+    def has_openmythos_weights(self) -> bool:
+        """True when the parameter set is OpenMythos's (convertible to and from PyTorch)."""
+        return self.injection == "openmythos" and not self.prelude_norm and not self.readout
+
     @property
     def head_dim(self) -> int:
         """GQA head dim (dim // n_heads)."""

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mythos_jax import loops
 from mythos_jax.config import MythosConfig
 from mythos_jax.layers.attention import causal_mask
 from mythos_jax.layers.block import TransformerBlock
-from mythos_jax.layers.common import compute_dtype, normal_init, split_key
+from mythos_jax.layers.common import compute_dtype, linear, normal_init, split_key
 from mythos_jax.layers.norm import RMSNorm
 from mythos_jax.layers.recurrence import RecurrentBlock
 from mythos_jax.layers.rope import rope_cos_sin
@@ -35,42 +36,97 @@ class OpenMythos(nnx.Module):
                                logical_axes=("vocab", "embed"))
         self.prelude = nnx.List([TransformerBlock(cfg, use_moe=False, rngs=rngs)
                                  for _ in range(cfg.prelude_layers)])
+        self.prelude_norm = RMSNorm(cfg.dim) if cfg.prelude_norm else None
         self.recurrent = RecurrentBlock(cfg, rngs=rngs)
+        self.readout = (linear(cfg.dim, cfg.dim, ("embed", "embed_out"), rngs=rngs)
+                        if cfg.readout else None)
         self.coda = nnx.List([TransformerBlock(cfg, use_moe=False, rngs=rngs)
                               for _ in range(cfg.coda_layers)])
         self.norm = RMSNorm(cfg.dim)
         self.deterministic = False
         self.dropout_rngs = nnx.Rngs(dropout=rngs.dropout()) if cfg.dropout > 0 else None
 
-    def __call__(self, input_ids: jax.Array, n_loops: int | None = None) -> jax.Array:
-        """input_ids (B, T) integer -> logits (B, T, vocab_size) fp32.
+    def __call__(self, input_ids: jax.Array, n_loops=None, *, exit: str | None = None,
+                 exit_threshold: float = 1e-3, backprop_depth: int | None = None,
+                 max_loops: int | None = None, return_info: bool = False):
+        """input_ids (B, T) integer -> logits (B, T, vocab_size) fp32 [, LoopInfo].
 
-        ``n_loops`` (default ``cfg.max_loop_iters``) may exceed ``max_loop_iters``: the
-        depth-wise LoRA then reuses its last scale, as in OpenMythos.
+        ``n_loops`` (default ``cfg.max_loop_iters``; may exceed it, the depth-wise LoRA then
+        reuses its last scale as in OpenMythos):
+          * a Python int: exactly that many loops, one ``lax.scan`` (recompiles per count);
+          * an int array, scalar or per sequence (B,), possibly traced: chosen at run time,
+            one compiled program for every count (``lax.while_loop``, inference only);
+        ``exit`` ("act" | "kl" | "delta", with ``exit_threshold``): stop a sequence early,
+        see :func:`mythos_jax.loops.run_dynamic`. For training with run-time counts give
+        ``backprop_depth`` (gradient through the last k loops) or the static bound
+        ``max_loops`` (full backprop), see :func:`mythos_jax.loops.run_training`.
+        ``return_info``: also return ``LoopInfo(loops_run (B,), ponder_cost (B, T))``.
 
         Checks: shape, dtype and T <= max_seq_len raise ``ValueError`` at once. Token ids are
         checked against ``[0, vocab_size)``: with concrete arrays a ``ValueError`` is raised
         before any compute; under an outer ``jit`` the check runs on the host through a
         callback and an out-of-range id fails the computation with an error naming it (a
         ``ValueError`` inside JAX's runtime error) instead of returning wrapped embeddings.
+        Loop counts are checked the same way (>= 1, <= max_loops).
         """
-        n_loops = self._check_n_loops(n_loops)
         self._check_input_ids(input_ids)
         cfg = self.cfg
         T = input_ids.shape[1]
-        key = self._dropout_key()
-        prelude_keys = split_key(key, cfg.prelude_layers + cfg.coda_layers + 1)
+        keys = split_key(self._dropout_key(), cfg.prelude_layers + cfg.coda_layers + 1)
+        prelude_keys, loop_key, coda_keys = (keys[:cfg.prelude_layers], keys[cfg.prelude_layers],
+                                             keys[cfg.prelude_layers + 1:])
         rope_dim = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
         rope = rope_cos_sin(jnp.arange(T), rope_dim, cfg.rope_theta)
         mask = causal_mask(T)
 
         x = jnp.take(self.embed[...], input_ids, axis=0)
-        for layer, layer_key in zip(self.prelude, prelude_keys):
-            x = layer(x, rope, mask, layer_key)
-        x = self.recurrent(x, rope, mask, n_loops, prelude_keys[-1])
-        for layer, layer_key in zip(self.coda, prelude_keys[cfg.prelude_layers:-1]):
-            x = layer(x, rope, mask, layer_key)
-        dt = compute_dtype(cfg)
+        for layer, key in zip(self.prelude, prelude_keys):
+            x = layer(x, rope, mask, key)
+        if self.prelude_norm is not None:
+            x = self.prelude_norm(x)
+        ctx = loops.LoopContext(rope, mask, loop_key)
+        state, loops_run = self._run_loops(x, ctx, n_loops, exit, exit_threshold,
+                                           backprop_depth, max_loops,
+                                           lambda h: jax.nn.log_softmax(
+                                               self._decode(h, rope, mask, coda_keys)))
+        logits = self._decode(self.recurrent.readout(state), rope, mask, coda_keys)
+        if not return_info:
+            return logits
+        return logits, loops.LoopInfo(loops_run, self.recurrent.ponder_cost(state, loops_run))
+
+    def _run_loops(self, e, ctx, n_loops, exit, exit_threshold, backprop_depth, max_loops,
+                   decode):
+        """Pick the loop driver for these arguments (see ``__call__``)."""
+        if exit is not None and exit not in loops.EXIT_RULES:
+            raise ValueError(f"exit must be one of {loops.EXIT_RULES} or None, got {exit!r}")
+        if exit == "act" and self.cfg.act == "off":
+            raise ValueError("exit='act' needs ACT halting; MythosConfig.act is 'off'")
+        if backprop_depth is not None and (not isinstance(backprop_depth, int)
+                                           or backprop_depth < 1):
+            raise ValueError(f"backprop_depth must be an int >= 1, got {backprop_depth!r}")
+        if exit is not None and backprop_depth is not None:
+            raise ValueError("early exit is for inference; it cannot be combined with "
+                             "backprop_depth")
+        if n_loops is None:
+            n_loops = self.cfg.max_loop_iters
+        static = isinstance(n_loops, (int, np.integer)) and not isinstance(n_loops, bool)
+        if not static and not hasattr(n_loops, "dtype"):
+            raise TypeError(f"n_loops must be an int, an integer array or None, got "
+                            f"{type(n_loops).__name__}")
+        loops.check_counts(n_loops, max_loops)
+        if backprop_depth is not None or (max_loops is not None and exit is None):
+            return loops.run_training(self.recurrent, e, ctx, n_loops, backprop_depth, max_loops)
+        if static and exit is None:
+            return loops.run_static(self.recurrent, e, ctx, int(n_loops))
+        return loops.run_dynamic(self.recurrent, e, ctx, n_loops, exit, exit_threshold, decode)
+
+    def _decode(self, x, rope, mask, coda_keys) -> jax.Array:
+        """Loop output (B, T, D) -> logits (B, T, vocab) fp32: read-out, coda, norm, tied head."""
+        if self.readout is not None:
+            x = self.readout(x)
+        for layer, key in zip(self.coda, coda_keys):
+            x = layer(x, rope, mask, key)
+        dt = compute_dtype(self.cfg)
         return jnp.einsum("btd,vd->btv", self.norm(x).astype(dt), self.embed[...].astype(dt),
                           preferred_element_type=jnp.float32)
 
@@ -79,15 +135,6 @@ class OpenMythos(nnx.Module):
         if self.dropout_rngs is None or self.deterministic:
             return None
         return self.dropout_rngs.dropout()
-
-    def _check_n_loops(self, n_loops) -> int:
-        if n_loops is None:
-            return self.cfg.max_loop_iters
-        if isinstance(n_loops, (bool, np.bool_)) or not isinstance(n_loops, (int, np.integer)):
-            raise TypeError(f"n_loops must be a Python int or None, got {type(n_loops).__name__}")
-        if n_loops < 1:
-            raise ValueError(f"n_loops must be >= 1, got {n_loops}")
-        return int(n_loops)
 
     def _check_input_ids(self, input_ids) -> None:
         shape = getattr(input_ids, "shape", None)

@@ -138,6 +138,7 @@ def load_state_dict(cfg: MythosConfig, state_dict: dict, *, seed: int = 0) -> Op
     Missing, unexpected and mis-shaped keys are all reported in one ``ValueError``.
     ``seed`` only seeds the dropout stream (weights all come from ``state_dict``).
     """
+    _require_openmythos_weights(cfg)
     model = OpenMythos(cfg, rngs=nnx.Rngs(seed))
     state = _weight_state(model)
     pure = nnx.to_pure_dict(state)
@@ -200,6 +201,7 @@ def to_torch_state_dict(model: OpenMythos) -> dict:
     accepts. ``head.weight`` shares storage with ``embed.weight`` as in torch."""
     import torch
 
+    _require_openmythos_weights(model.cfg)
     pure = nnx.to_pure_dict(_weight_state(model))
     state_dict: dict[str, torch.Tensor] = {}
     for leaf in _leaves(pure):
@@ -237,6 +239,14 @@ def _torch_rope_table(dim: int, max_len: int, theta: float):
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)
+
+
+def _require_openmythos_weights(cfg: MythosConfig) -> None:
+    if not cfg.has_openmythos_weights:
+        raise ValueError("this MythosConfig has parameters OpenMythos does not have "
+                         f"(injection={cfg.injection!r}, prelude_norm={cfg.prelude_norm}, "
+                         f"readout={cfg.readout}); only injection='openmythos' without "
+                         "prelude_norm/readout converts to or from PyTorch")
 
 
 def _to_numpy(tensor) -> np.ndarray:

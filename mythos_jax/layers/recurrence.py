@@ -7,9 +7,9 @@ Per iteration t (OpenMythos ``RecurrentBlock.forward``, exact order):
     h      = A * h + B * e + u                           A = exp(-exp(log_dt + log_A))
     p      = sigmoid(halt(h))                            ACT halting probability (B, T)
     h_out += w_t * h                                     OpenMythos's ACT weights (below)
-The loop is a ``lax.scan`` whose body closes over the block: its parameters are shared by every
-iteration (never copied), and memory does not grow with T in inference. Under differentiation
-each iteration is rematerialised per ``cfg.loop_remat`` (see ``REMAT_POLICIES``).
+The loop itself (scan, while loop, truncated backprop) is in ``mythos_jax/loops.py``; its bodies
+close over this block, so its parameters are shared by every iteration, never copied.
+``cfg.injection="parcae"`` replaces the injection by Parcae's (see ``ParcaeInjection``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mythos_jax.config import MythosConfig
@@ -27,20 +28,15 @@ from mythos_jax.layers.norm import RMSNorm
 
 LOOP_EMBED_THETA = 10000.0  # hard-coded in OpenMythos
 
-# What the backward pass keeps from each loop iteration (``MythosConfig.loop_remat``).
-REMAT_POLICIES = {
-    "none": None,                                           # keep every intermediate
-    "dots": jax.checkpoint_policies.dots_saveable,          # keep matmul outputs only
-    "full": jax.checkpoint_policies.nothing_saveable,       # keep only the loop carry
-}
 
 
 def loop_index_embedding(h: jax.Array, t: jax.Array, loop_dim: int) -> jax.Array:
-    """Add ``[sin(t f), cos(t f)]`` to channels [0, loop_dim) of h (B, T, D); fp32 angles."""
+    """Add ``[sin(t f), cos(t f)]`` to channels [0, loop_dim) of h (B, T, D); fp32 angles.
+    ``t`` is the loop index, a scalar or one per sequence (B,)."""
     freqs = 1.0 / (LOOP_EMBED_THETA ** (jnp.arange(0, loop_dim, 2, dtype=jnp.float32) / loop_dim))
-    angles = jnp.asarray(t, jnp.float32) * freqs
-    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)])[:loop_dim]
-    return h.at[..., :loop_dim].add(emb.astype(h.dtype))
+    angles = jnp.asarray(t, jnp.float32)[..., None] * freqs                # (B?, loop_dim/2)
+    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)[..., :loop_dim]
+    return h.at[..., :loop_dim].add(emb[..., None, :].astype(h.dtype))
 
 
 class DepthLoRA(nnx.Module):
@@ -55,15 +51,23 @@ class DepthLoRA(nnx.Module):
                                logical_axes=("loop", "lora"))
 
     def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
-        """x (B, T, D), t int scalar -> (B, T, D)."""
+        """x (B, T, D), t int scalar or (B,) -> (B, T, D)."""
         table = self.scale[...]
-        scale = table[jnp.minimum(t, table.shape[0] - 1)]
-        down = self.down(x) * scale.astype(x.dtype)
+        scale = table[jnp.minimum(t, table.shape[0] - 1)]                  # (B?, rank)
+        down = self.down(x) * scale[..., None, :].astype(x.dtype)
         return down @ self.B[...].astype(down.dtype)
 
 
+def strictly_inside_unit(a: jax.Array) -> jax.Array:
+    """Clip a decay into the open interval (0, 1) in fp32: exp(-exp(x)) rounds to exactly 1.0
+    for x <~ -17 and to 0.0 for x >~ 4.5; only those extremes move (to 1 - 2^-24 / tiny)."""
+    a = a.astype(jnp.float32)
+    return jnp.clip(a, jnp.finfo(jnp.float32).tiny, 1.0 - 2.0 ** -24)
+
+
 class LTIInjection(nnx.Module):
-    """``h_new = A * h + B * e + u`` with diagonal ``A = exp(-exp(clip(log_dt + log_A, -20, 20)))``."""
+    """OpenMythos: ``h_new = A * h + B * e + u``, ``A = exp(-exp(clip(log_dt + log_A, -20, 20)))``
+    per channel, B a vector (init 0.1), u the block output (its residual included)."""
 
     def __init__(self, dim: int):
         self.log_A = nnx.Param(jnp.zeros((dim,), jnp.float32), logical_axes=("embed",))
@@ -71,11 +75,36 @@ class LTIInjection(nnx.Module):
         self.B = nnx.Param(jnp.full((dim,), 0.1, jnp.float32), logical_axes=("embed",))
 
     def get_A(self) -> jax.Array:
-        """(D,) decay per channel, in [0, 1] (exactly 0 or 1 at the clip ends in fp32)."""
-        return jnp.exp(-jnp.exp(jnp.clip(self.log_dt[...] + self.log_A[...], -20.0, 20.0)))
+        """(D,) decay per channel, strictly inside (0, 1)."""
+        log_decay = jnp.clip(self.log_dt[...] + self.log_A[...], -20.0, 20.0)
+        return strictly_inside_unit(jnp.exp(-jnp.exp(log_decay)))
 
     def __call__(self, h: jax.Array, e: jax.Array, u: jax.Array) -> jax.Array:
         return self.get_A() * h + self.B[...] * e + u
+
+
+# softplus^-1(-ln(0.447)): Parcae's dt_bias init, giving A = 0.447 on every channel at A_log = 0.
+_PARCAE_DT_BIAS = float(np.log(np.expm1(-np.log(0.447))))
+
+
+class ParcaeInjection(nnx.Module):
+    """Parcae: ``u = A * h + dt * (e @ B.T)`` with ``dt = softplus(dt_bias)`` and
+    ``A = exp(-dt * exp(A_log))`` per channel, B a full (D, D) matrix initialised to identity.
+    The block then adds its residual increments to ``u`` (``h' = Block(u)``)."""
+
+    def __init__(self, dim: int):
+        self.A_log = nnx.Param(jnp.zeros((dim,), jnp.float32), logical_axes=("embed",))
+        self.dt_bias = nnx.Param(jnp.full((dim,), _PARCAE_DT_BIAS, jnp.float32),
+                                 logical_axes=("embed",))
+        self.B = nnx.Param(jnp.eye(dim, dtype=jnp.float32), logical_axes=("embed", "embed_out"))
+
+    def get_A(self) -> jax.Array:
+        dt = jax.nn.softplus(self.dt_bias[...])
+        return strictly_inside_unit(jnp.exp(-dt * jnp.exp(self.A_log[...])))
+
+    def __call__(self, h: jax.Array, e: jax.Array) -> jax.Array:
+        dt = jax.nn.softplus(self.dt_bias[...])
+        return self.get_A() * h + dt * (e @ self.B[...].T)
 
 
 class ACTHalting(nnx.Module):
@@ -100,13 +129,22 @@ def _uniform_range(low: float, high: float):
 
 class LoopState(NamedTuple):
     """Carry of the recurrence: hidden state, ACT output and ACT bookkeeping."""
-    h: jax.Array            # (B, T, D) fp32
-    h_out: jax.Array        # (B, T, D) fp32, ACT-weighted sum of the h's
-    cumulative_p: jax.Array  # (B, T) fp32
-    halted: jax.Array       # (B, T) bool
+    h: jax.Array               # (B, T, D) fp32
+    h_out: jax.Array           # (B, T, D) fp32, ACT-weighted sum of the h's
+    cumulative_p: jax.Array    # (B, T) fp32
+    halted: jax.Array          # (B, T) bool
+    expected_loops: jax.Array  # (B, T) fp32, sum_t (t + 1) * w_t (the ponder cost's core)
+
+    @classmethod
+    def start(cls, e: jax.Array) -> "LoopState":
+        """The state before the first loop: h_0 = e (the prelude output)."""
+        B, T, _ = e.shape
+        zeros = jnp.zeros((B, T), jnp.float32)
+        return cls(e, jnp.zeros_like(e), zeros, jnp.zeros((B, T), bool), zeros)
 
 
-def act_accumulate(state: LoopState, h: jax.Array, p: jax.Array, threshold: float) -> LoopState:
+def act_accumulate(state: LoopState, h: jax.Array, p: jax.Array, t: jax.Array,
+                   threshold: float) -> LoopState:
     """OpenMythos's ACT update, bit for bit: a position that crosses ``threshold`` at this step
     gets weight ``1 - cum`` and stops; one that never crosses gets ``p_t`` at every step (no
     remainder flush). Halted positions keep ``h_out`` unchanged (written with ``where`` so a
@@ -116,44 +154,58 @@ def act_accumulate(state: LoopState, h: jax.Array, p: jax.Array, threshold: floa
     weight = jnp.where(state.cumulative_p + p >= threshold, remainder, p)
     h_out = jnp.where(running[..., None], state.h_out + weight[..., None] * h, state.h_out)
     cumulative_p = state.cumulative_p + p * running.astype(p.dtype)
-    return LoopState(h, h_out, cumulative_p, state.halted | (cumulative_p >= threshold))
+    loop_number = (jnp.asarray(t, jnp.float32) + 1.0).reshape(-1, 1)     # (B|1, 1)
+    expected = state.expected_loops + jnp.where(running, weight * loop_number, 0.0)
+    return LoopState(h, h_out, cumulative_p, state.halted | (cumulative_p >= threshold), expected)
 
 
 class RecurrentBlock(nnx.Module):
-    """The shared block, looped: (h, e) -> ACT-weighted output (B, T, D)."""
+    """The shared block and everything that makes one loop iteration (see module docstring).
+
+    The loop itself lives in :mod:`mythos_jax.loops`; this class gives it ``step`` (one
+    iteration), ``readout`` (the recurrence's output after some iterations) and
+    ``ponder_cost``.
+    """
 
     def __init__(self, cfg: MythosConfig, *, rngs: nnx.Rngs):
         self.loop_dim, self.act_threshold = cfg.loop_dim, cfg.act_threshold
+        self.act_mode, self.injection_type = cfg.act, cfg.injection
         self.remat_policy = cfg.loop_remat
         self.block = TransformerBlock(cfg, use_moe=True, rngs=rngs)
-        self.injection = LTIInjection(cfg.dim)
+        self.injection = (LTIInjection(cfg.dim) if cfg.injection == "openmythos"
+                          else ParcaeInjection(cfg.dim))
         self.act = ACTHalting(cfg.dim, rngs=rngs)
         self.lora = DepthLoRA(cfg, rngs=rngs)
         self.norm = RMSNorm(cfg.dim)
 
     def step(self, state: LoopState, e: jax.Array, t: jax.Array, rope, mask,
              key: jax.Array | None) -> LoopState:
-        """One loop iteration t (int32 scalar) -> the next state."""
-        h_loop = loop_index_embedding(state.h, t, self.loop_dim)
-        u = self.block(self.norm(h_loop + e), rope, mask, key)
-        u = u + self.lora(u, t).astype(u.dtype)
-        h = self.injection(state.h, e, u)
-        return act_accumulate(state, h, self.act(h), self.act_threshold)
+        """One loop iteration; ``t`` is the loop index, a scalar or one per sequence (B,)."""
+        if self.injection_type == "openmythos":
+            h_loop = loop_index_embedding(state.h, t, self.loop_dim)
+            u = self.block(self.norm(h_loop + e), rope, mask, key)
+            u = u + self.lora(u, t).astype(u.dtype)
+            h = self.injection(state.h, e, u)
+        else:
+            u = loop_index_embedding(self.injection(state.h, e), t, self.loop_dim)
+            h = self.block(u, rope, mask, key)
+            h = h + self.lora(h, t).astype(h.dtype)
+        return act_accumulate(state, h, self.act(h), t, self.act_threshold)
 
-    def __call__(self, e: jax.Array, rope, mask, n_loops: int,
-                 key: jax.Array | None = None) -> jax.Array:
-        """e (B, T, D) prelude output (also h_0) -> (B, T, D) after ``n_loops`` iterations."""
-        B, T, _ = e.shape
-        init = LoopState(e, jnp.zeros_like(e), jnp.zeros((B, T), jnp.float32),
-                         jnp.zeros((B, T), bool))
-        loop_ids = jnp.arange(n_loops, dtype=jnp.int32)
-        keys = None if key is None else jax.random.split(key, n_loops)
+    def readout(self, state: LoopState) -> jax.Array:
+        """(B, T, D) output of the recurrence: ``cfg.act`` = "openmythos" the ACT sum as is;
+        "flush" the ACT sum with the unspent mass ``1 - cum`` of never-halted positions put on
+        the last h (weights sum to 1); "off" the last h."""
+        if self.act_mode == "off":
+            return state.h
+        if self.act_mode == "flush":
+            leftover = jnp.where(state.halted, 0.0, jnp.maximum(1.0 - state.cumulative_p, 0.0))
+            return state.h_out + leftover[..., None] * state.h
+        return state.h_out
 
-        def body(state, xs):
-            t, step_key = xs
-            return self.step(state, e, t, rope, mask, step_key), None
-
-        if self.remat_policy != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
-        final, _ = jax.lax.scan(body, init, (loop_ids, keys))
-        return final.h_out
+    def ponder_cost(self, state: LoopState, loops_run: jax.Array) -> jax.Array:
+        """(B, T) expected loop count under the halting weights; the unspent mass counts at
+        the last loop run (``loops_run`` (B,) or scalar). Differentiable through p."""
+        spent = jnp.where(state.halted, 1.0, jnp.minimum(state.cumulative_p, 1.0))
+        last = jnp.asarray(loops_run, jnp.float32).reshape(-1, 1)
+        return state.expected_loops + (1.0 - spent) * last

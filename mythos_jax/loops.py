@@ -1,0 +1,354 @@
+"""How often the shared block runs, and how gradients flow through the loop.
+
+Drivers (called by ``OpenMythos.__call__``; ``block`` is its ``RecurrentBlock``):
+  run_static(block, e, ctx, n)          n a Python int: one ``lax.scan``; the parity path.
+  run_dynamic(block, e, ctx, n, exit)   n an array, scalar or per sequence (B,), chosen at run
+                                        time: one ``lax.while_loop`` compiled for every n, with
+                                        optional early exit ("act", "kl", "delta").
+  run_training(block, e, ctx, n, backprop_depth, max_loops)
+                                        differentiable: with ``backprop_depth=k`` the first
+                                        n - k loops run in a no-grad while loop and the last k
+                                        in a rematerialised scan; without it a masked scan to
+                                        the static ``max_loops`` (full backprop).
+Every driver takes per-sequence counts: a finished sequence is frozen with
+``where(active, new, old)`` while the others continue.
+
+Depth samplers for training: ``Fixed``, ``Uniform``, ``Poisson``, ``LogNormalPoisson`` and
+``Curriculum``; ``sample_loops`` also accepts a user function ``f(step, key) -> count(s)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mythos_jax.layers.recurrence import LoopState, RecurrentBlock
+
+EXIT_RULES = ("act", "kl", "delta")
+
+# What the backward pass keeps from each loop iteration (``MythosConfig.loop_remat``).
+REMAT_POLICIES = {
+    "none": None,                                           # keep every intermediate
+    "dots": jax.checkpoint_policies.dots_saveable,          # keep matmul outputs only
+    "full": jax.checkpoint_policies.nothing_saveable,       # keep only the loop carry
+}
+
+
+class LoopContext(NamedTuple):
+    """What every iteration needs besides the state: RoPE cos/sin, the mask, a dropout key."""
+    rope: tuple[jax.Array, jax.Array]
+    mask: jax.Array
+    key: jax.Array | None
+
+
+class LoopInfo(NamedTuple):
+    """What the loop did: iterations run per sequence (B,) and the ponder cost (B, T)."""
+    loops_run: jax.Array
+    ponder_cost: jax.Array
+
+
+# ---------------------------------------------------------------------------- helpers
+def _step_key(ctx: LoopContext, t) -> jax.Array | None:
+    return None if ctx.key is None else jax.random.fold_in(ctx.key, t)
+
+
+def _masked_step(block: RecurrentBlock, state: LoopState, e, t, active, ctx) -> LoopState:
+    """One iteration for the sequences where ``active`` (B,) is True; the others keep state."""
+    new = block.step(state, e, jnp.maximum(t, 0), ctx.rope, ctx.mask, _step_key(ctx, t))
+    return jax.tree.map(
+        lambda n, o: jnp.where(active.reshape(active.shape + (1,) * (n.ndim - 1)), n, o),
+        new, state)
+
+
+def _remat(body: Callable, policy: str) -> Callable:
+    return body if policy == "none" else jax.checkpoint(body, policy=REMAT_POLICIES[policy])
+
+
+def per_sequence(n_loops, batch: int) -> jax.Array:
+    """A loop count (scalar or (B,)) as int32 (B,)."""
+    n = jnp.asarray(n_loops)
+    if not jnp.issubdtype(n.dtype, jnp.integer):
+        raise TypeError(f"n_loops must be an integer count, got dtype {n.dtype}")
+    if n.ndim > 1 or (n.ndim == 1 and n.shape[0] != batch):
+        raise ValueError(f"n_loops must be a scalar or have shape (batch,)=({batch},), "
+                         f"got shape {n.shape}")
+    return jnp.broadcast_to(n.astype(jnp.int32), (batch,))
+
+
+def check_counts(n_loops, max_loops: int | None = None) -> None:
+    """n >= 1 (and <= max_loops): ValueError for concrete counts, a failing host check when
+    traced (the error names the problem, the program never runs past the bound silently)."""
+    if isinstance(n_loops, jax.core.Tracer):
+        jax.debug.callback(_raise_if_bad_counts, jnp.min(n_loops), jnp.max(n_loops), max_loops)
+    else:
+        counts = np.asarray(n_loops)
+        _raise_if_bad_counts(counts.min(), counts.max(), max_loops)
+
+
+def _raise_if_bad_counts(lowest, highest, max_loops) -> None:
+    if lowest < 1:
+        raise ValueError(f"n_loops must be >= 1, got {int(lowest)}")
+    if max_loops is not None and highest > max_loops:
+        raise ValueError(f"n_loops {int(highest)} is above the compiled bound "
+                         f"max_loops={max_loops}")
+
+
+# ---------------------------------------------------------------------------- drivers
+def run_static(block: RecurrentBlock, e: jax.Array, ctx: LoopContext,
+               n_loops: int) -> tuple[LoopState, jax.Array]:
+    """Exactly ``n_loops`` iterations in one scan (OpenMythos's loop, minus its early break)."""
+    def body(state, t):
+        return block.step(state, e, t, ctx.rope, ctx.mask, _step_key(ctx, t)), None
+
+    final, _ = jax.lax.scan(_remat(body, block.remat_policy), LoopState.start(e),
+                            jnp.arange(n_loops, dtype=jnp.int32))
+    return final, jnp.full((e.shape[0],), n_loops, jnp.int32)
+
+
+def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
+                exit: str | None = None, threshold: float = 0.0,
+                decode: Callable[[jax.Array], jax.Array] | None = None
+                ) -> tuple[LoopState, jax.Array]:
+    """Up to ``n_loops`` (scalar or (B,), traced or not) iterations in a while loop.
+
+    ``exit``: None (run every count), "act" (a sequence stops once all its positions halted:
+    same output as the static loop, fewer iterations), "kl" (stop when the largest KL over
+    positions between successive next-token distributions, ``decode(readout)``, falls below
+    ``threshold``), "delta" (stop when ||h_t - h_{t-1}|| / ||h_t|| < ``threshold``). A sequence
+    that stopped is frozen; the loop ends when every sequence stopped. Not reverse-
+    differentiable (use ``run_training``). Returns the state and the iterations run (B,).
+    """
+    batch = e.shape[0]
+    counts = per_sequence(n_loops, batch)
+    start = LoopState.start(e)
+    previous = (jnp.zeros(start.h.shape[:2] + (0,)) if exit != "kl"
+                else decode(block.readout(start)))
+
+    def cond(carry):
+        t, _, _, done, _ = carry
+        return (t < jnp.max(counts)) & ~jnp.all(done)
+
+    def body(carry):
+        t, state, loops_run, done, previous = carry
+        active = ~done & (t < counts)
+        new = _masked_step(block, state, e, t, active, ctx)
+        if exit == "act":
+            converged = jnp.all(new.halted, axis=1)
+        elif exit == "delta":
+            change = jnp.sqrt(jnp.sum(jnp.square(new.h - state.h), axis=(1, 2)))
+            converged = change < threshold * jnp.sqrt(jnp.sum(jnp.square(new.h), axis=(1, 2)))
+        elif exit == "kl":
+            log_p = decode(block.readout(new))
+            kl = jnp.sum(jnp.exp(log_p) * (log_p - previous), axis=-1)      # (B, T)
+            converged = (jnp.max(kl, axis=1) < threshold) & (t > 0)
+            previous = jnp.where(active[:, None, None], log_p, previous)
+        else:
+            converged = jnp.zeros((batch,), bool)
+        loops_run = loops_run + active.astype(jnp.int32)
+        done = done | (t + 1 >= counts) | (active & converged)
+        return t + 1, new, loops_run, done, previous
+
+    init = (jnp.int32(0), start, jnp.zeros((batch,), jnp.int32), counts < 1, previous)
+    _, final, loops_run, _, _ = jax.lax.while_loop(cond, body, init)
+    return final, loops_run
+
+
+def run_training(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
+                 backprop_depth: int | None = None, max_loops: int | None = None
+                 ) -> tuple[LoopState, jax.Array]:
+    """Differentiable loop for counts drawn at run time (scalar or (B,)), compiled once.
+
+    ``backprop_depth=k``: iterations ``t < n - k`` run in a while loop on a stop-gradient copy
+    of the block (no activations kept), the last k in a scan rematerialised per
+    ``cfg.loop_remat``; sequence i uses loop indices ``n_i - k .. n_i - 1`` there (those < 0
+    are skipped when n_i < k). Memory does not depend on n.
+    ``backprop_depth=None``: a masked scan over ``max_loops`` iterations (full backprop).
+    """
+    batch = e.shape[0]
+    counts = per_sequence(n_loops, batch)
+    if backprop_depth is None:
+        if max_loops is None:
+            raise ValueError("full backprop over a run-time loop count needs the static bound "
+                             "max_loops (or give backprop_depth)")
+
+        def full_body(state, t):
+            return _masked_step(block, state, e, t, t < counts, ctx), None
+
+        final, _ = jax.lax.scan(_remat(full_body, block.remat_policy), LoopState.start(e),
+                                jnp.arange(max_loops, dtype=jnp.int32))
+        return final, jnp.minimum(counts, max_loops)
+
+    free_counts = counts - backprop_depth                                  # no-grad loops
+    graphdef, weights = nnx.split(block)
+    frozen = nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, weights))
+    frozen_e = jax.lax.stop_gradient(e)
+
+    def free_body(carry):
+        t, state = carry
+        return t + 1, _masked_step(frozen, state, frozen_e, t, t < free_counts, ctx)
+
+    _, state = jax.lax.while_loop(lambda c: c[0] < jnp.max(free_counts), free_body,
+                                  (jnp.int32(0), LoopState.start(frozen_e)))
+    # Sequences with n_i <= k ran no free loop: they start from the differentiable h_0 = e,
+    # so that k >= n is exactly full backprop.
+    ran_free = free_counts > 0
+    state = jax.tree.map(
+        lambda s, s0: jnp.where(ran_free.reshape((-1,) + (1,) * (s.ndim - 1)),
+                                jax.lax.stop_gradient(s), s0), state, LoopState.start(e))
+
+    def grad_body(state, j):
+        t = free_counts + j                                                # (B,)
+        return _masked_step(block, state, e, t, t >= 0, ctx), None
+
+    final, _ = jax.lax.scan(_remat(grad_body, block.remat_policy), state,
+                            jnp.arange(backprop_depth, dtype=jnp.int32))
+    return final, counts
+
+
+# ---------------------------------------------------------------------------- depth samplers
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A loop-count distribution for training. ``sample(step, key, batch)`` gives int32 counts,
+    one per sequence (``per_sequence=True``, shape (B,)) or one per step (scalar).
+    ``backprop_depth``: gradient through the last k loops only (None: all, masked to
+    ``max_loops``). ``max_loops``: the static bound the counts are clipped to."""
+
+    backprop_depth: int | None = dataclasses.field(default=None, kw_only=True)
+    per_sequence: bool = dataclasses.field(default=False, kw_only=True)
+    max_loops: int = dataclasses.field(default=64, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.backprop_depth is not None and self.backprop_depth < 1:
+            raise ValueError(f"backprop_depth must be >= 1 or None, got {self.backprop_depth}")
+        if self.max_loops < 1:
+            raise ValueError(f"max_loops must be >= 1, got {self.max_loops}")
+        if not self.mean > 0:
+            raise ValueError(f"{type(self).__name__}: the mean loop count must be positive, "
+                             f"got {self.mean}")
+
+    @property
+    def mean(self) -> float:
+        raise NotImplementedError
+
+    def draw(self, key: jax.Array, shape: tuple[int, ...], step) -> jax.Array:
+        """Counts (before clipping) of the given shape."""
+        raise NotImplementedError
+
+    def sample(self, step, key: jax.Array, batch: int) -> jax.Array:
+        shape = (batch,) if self.per_sequence else ()
+        return jnp.clip(self.draw(key, shape, step), 1, self.max_loops).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed(Schedule):
+    """Always ``n`` loops."""
+    n: int = 8
+
+    @property
+    def mean(self) -> float:
+        return self.n
+
+    def draw(self, key, shape, step):
+        return jnp.full(shape, self.n, jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform(Schedule):
+    """Uniform over ``lo .. hi`` inclusive."""
+    lo: int = 1
+    hi: int = 8
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.lo <= self.hi:
+            raise ValueError(f"Uniform needs 1 <= lo <= hi, got lo={self.lo}, hi={self.hi}")
+        super().__post_init__()
+
+    @property
+    def mean(self) -> float:
+        return (self.lo + self.hi) / 2
+
+    def draw(self, key, shape, step):
+        return jax.random.randint(key, shape, self.lo, self.hi + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Poisson(Schedule):
+    """Parcae: ``max(1, Poisson(mean))``."""
+    mean_loops: float = 8.0
+
+    @property
+    def mean(self) -> float:
+        return self.mean_loops
+
+    def draw(self, key, shape, step, mean=None):
+        rate = self.mean_loops if mean is None else mean
+        return jnp.maximum(1, jax.random.poisson(key, rate, shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class LogNormalPoisson(Schedule):
+    """Huginn: ``tau ~ N(log mean - sigma^2 / 2, sigma)``, ``n = Poisson(exp(tau)) + 1``."""
+    mean_loops: float = 32.0
+    sigma: float = 0.5
+
+    @property
+    def mean(self) -> float:
+        return self.mean_loops
+
+    def draw(self, key, shape, step, mean=None):
+        mean = self.mean_loops if mean is None else mean
+        tau_key, count_key = jax.random.split(key)
+        tau = jnp.log(mean) - self.sigma ** 2 / 2 + self.sigma * jax.random.normal(tau_key, shape)
+        return jax.random.poisson(count_key, jnp.exp(tau), shape) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum(Schedule):
+    """Moves the mean of ``target`` (a Poisson or LogNormalPoisson) from ``start_mean`` to
+    ``target.mean`` over ``ramp_steps`` steps, linearly or as ``1 - sqrt(1 - x)``; the
+    gradient depth, per-sequence flag and bound of ``target`` apply."""
+    target: Poisson | LogNormalPoisson = dataclasses.field(default_factory=Poisson)
+    start_mean: float = 1.0
+    ramp_steps: int = 1000
+    shape: str = "linear"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, (Poisson, LogNormalPoisson)):
+            raise TypeError("Curriculum target must be a Poisson or LogNormalPoisson schedule")
+        if not self.start_mean > 0:
+            raise ValueError(f"Curriculum: start_mean must be positive, got {self.start_mean}")
+        if self.shape not in ("linear", "sqrt"):
+            raise ValueError(f"Curriculum shape must be 'linear' or 'sqrt', got {self.shape!r}")
+        for name in ("backprop_depth", "per_sequence", "max_loops"):
+            object.__setattr__(self, name, getattr(self.target, name))
+        super().__post_init__()
+
+    @property
+    def mean(self) -> float:
+        return self.target.mean
+
+    def mean_at(self, step) -> jax.Array:
+        progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(self.ramp_steps, 1), 0.0, 1.0)
+        if self.shape == "sqrt":
+            progress = 1.0 - jnp.sqrt(1.0 - progress)
+        return self.start_mean + (self.target.mean - self.start_mean) * progress
+
+    def draw(self, key, shape, step):
+        return self.target.draw(key, shape, step, mean=self.mean_at(step))
+
+
+def sample_loops(schedule: Schedule | Callable[[Any, jax.Array], Any], step, key: jax.Array,
+                 batch: int) -> jax.Array:
+    """Counts for this step from a :class:`Schedule` or a user function ``f(step, key)``
+    returning a scalar or per-sequence (B,) integer count (jittable: step may be traced)."""
+    if isinstance(schedule, Schedule):
+        return schedule.sample(step, key, batch)
+    if not callable(schedule):
+        raise TypeError(f"expected a mythos_jax.loops.Schedule or a function (step, key) -> "
+                        f"count(s), got {type(schedule).__name__}")
+    return per_sequence(schedule(step, key), batch)

@@ -1,0 +1,218 @@
+"""Loop drivers (run-time counts, early exit, truncated backprop), schedules, math variants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mythos_jax import OpenMythos, loops, variants
+from mythos_jax.layers.recurrence import LoopState
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
+    m.recurrent.act.halt.bias[...] = jnp.full((1,), -1.0)  # positions halt after a few loops
+    return m
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return jax.random.randint(jax.random.key(0), (3, 12), 0, 256)
+
+
+def _jit(model, **kwargs):
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda s, i, n: nnx.merge(graphdef, s)(i, n, return_info=True, **kwargs))
+    return lambda i, n: fn(state, i, n), fn
+
+
+def test_run_time_count_compiles_once_and_matches_static(model, ids):
+    call, fn = _jit(model)
+    for n in (2, 5, 11):
+        logits, info = call(ids, jnp.int32(n))
+        np.testing.assert_allclose(logits, model(ids, n), atol=1e-5)
+        np.testing.assert_array_equal(info.loops_run, [n] * 3)
+    assert fn._cache_size() == 1
+
+
+def test_per_sequence_counts_equal_separate_runs(model, ids):
+    call, _ = _jit(model)
+    counts = jnp.array([1, 4, 7], jnp.int32)
+    logits, info = call(ids, counts)
+    np.testing.assert_array_equal(info.loops_run, counts)
+    for b, n in enumerate([1, 4, 7]):
+        np.testing.assert_allclose(logits[b], model(ids[b:b + 1], n)[0], atol=1e-5)
+
+
+def test_act_exit_equals_static_loop_with_fewer_iterations(model, ids):
+    call, _ = _jit(model, exit="act")
+    logits, info = call(ids, jnp.int32(16))
+    np.testing.assert_allclose(logits, model(ids, 16), atol=1e-5)
+    assert int(info.loops_run.max()) < 16
+
+
+@pytest.mark.parametrize("rule, threshold", [("delta", 0.05), ("kl", 1e-3)])
+def test_convergence_exits_stop_early_and_freeze(model, ids, rule, threshold):
+    cfg_off = model.cfg.replace(act="off")
+    off = OpenMythos(cfg_off, rngs=nnx.Rngs(0))
+    call, _ = _jit(off, exit=rule, exit_threshold=threshold)
+    logits, info = call(ids, jnp.int32(40))
+    loops_run = np.asarray(info.loops_run)
+    assert (loops_run >= 1).all() and (loops_run < 40).all()
+    for b in range(3):  # a stopped sequence is exactly the static run of its loop count
+        np.testing.assert_allclose(logits[b], off(ids[b:b + 1], int(loops_run[b]))[0], atol=1e-5)
+    never, _ = _jit(off, exit=rule, exit_threshold=0.0)
+    assert (np.asarray(never(ids, jnp.int32(6))[1].loops_run) == 6).all()
+
+
+def _loss(graphdef, ids, **kwargs):
+    def loss(state, n):
+        return jnp.mean(nnx.merge(graphdef, state)(ids, n, **kwargs) ** 2)
+    return loss
+
+
+def _max_diff(a, b):
+    return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_training_drivers_give_the_static_gradient(model, ids):
+    graphdef, state = nnx.split(model)
+    exact = jax.grad(lambda s: _loss(graphdef, ids)(s, 4))(state)
+    masked = jax.jit(jax.grad(_loss(graphdef, ids, max_loops=9)))(state, jnp.int32(4))
+    assert _max_diff(exact, masked) < 1e-6
+    # backprop_depth >= n is full backprop
+    truncated = jax.jit(jax.grad(_loss(graphdef, ids, backprop_depth=4)))(state, jnp.int32(4))
+    assert _max_diff(exact, truncated) < 1e-6
+
+
+def test_truncated_backprop_compiles_once_and_cuts_the_gradient(model, ids):
+    graphdef, state = nnx.split(model)
+    step = jax.jit(jax.value_and_grad(_loss(graphdef, ids, backprop_depth=2)))
+    for n in (1, 3, 9):
+        value, grads = step(state, jnp.int32(n))
+        np.testing.assert_allclose(value, jnp.mean(model(ids, n) ** 2), rtol=1e-5)
+        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    assert step._cache_size() == 1
+    full = jax.grad(lambda s: _loss(graphdef, ids)(s, 9))(state)
+    assert _max_diff(grads, full) > 1e-6  # only the last 2 of 9 loops carry gradient
+
+
+@pytest.mark.parametrize("schedule", [
+    loops.Fixed(3), loops.Uniform(lo=2, hi=5), loops.Poisson(4.0, max_loops=12),
+    loops.LogNormalPoisson(4.0, max_loops=12), loops.Uniform(lo=1, hi=6, per_sequence=True),
+])
+def test_schedules_sample_in_range(schedule):
+    draws = jnp.stack([schedule.sample(s, jax.random.key(s), 4) for s in range(300)])
+    assert draws.dtype == jnp.int32
+    assert draws.shape == ((300, 4) if schedule.per_sequence else (300,))
+    assert int(draws.min()) >= 1 and int(draws.max()) <= schedule.max_loops
+    assert abs(float(draws.mean()) - schedule.mean) < 0.2 * schedule.mean + 0.3
+
+
+def test_curriculum_moves_the_mean():
+    curriculum = loops.Curriculum(loops.Poisson(8.0, per_sequence=True, max_loops=30),
+                                  start_mean=1.0, ramp_steps=100)
+    assert float(curriculum.mean_at(0)) == 1.0 and float(curriculum.mean_at(100)) == 8.0
+    early = jnp.concatenate([curriculum.sample(0, jax.random.key(i), 16) for i in range(50)])
+    late = jnp.concatenate([curriculum.sample(500, jax.random.key(i), 16) for i in range(50)])
+    assert float(early.mean()) < 2.0 < 6.0 < float(late.mean())
+    assert curriculum.per_sequence and curriculum.max_loops == 30
+
+
+def test_sampled_training_step_jits_once_with_a_custom_schedule(model, ids):
+    graphdef, state = nnx.split(model)
+
+    def my_schedule(step, key):  # a user function: per-sequence counts in 1..5
+        return 1 + jax.random.randint(key, (3,), 0, 5) + step % 2
+
+    @jax.jit
+    def step_fn(state, step, key):
+        n = loops.sample_loops(my_schedule, step, key, batch=3)
+        return jax.grad(_loss(graphdef, ids, backprop_depth=2))(state, n)
+
+    for s in range(3):
+        step_fn(state, jnp.int32(s), jax.random.key(s))
+    assert step_fn._cache_size() == 1
+
+
+def test_act_variants():
+    B, T, D = 2, 3, 4
+    h = jnp.arange(B * T * D, dtype=jnp.float32).reshape(B, T, D)
+    state = LoopState(h, jnp.ones_like(h), jnp.array([[0.3, 0.99, 0.5]] * 2),
+                      jnp.array([[False, True, False]] * 2), jnp.full((B, T), 0.5))
+    readouts = {}
+    for act in ("openmythos", "flush", "off"):
+        block = OpenMythos(variants.tiny_mla(act=act), rngs=nnx.Rngs(0)).recurrent
+        readouts[act] = block.readout(state)
+    np.testing.assert_array_equal(readouts["openmythos"], state.h_out)
+    np.testing.assert_array_equal(readouts["off"], h)
+    leftover = jnp.array([0.7, 0.0, 0.5])[None, :, None]
+    np.testing.assert_allclose(readouts["flush"], state.h_out + leftover * h)
+    ponder = block.ponder_cost(state, jnp.array([4, 4]))
+    np.testing.assert_allclose(ponder[0], [0.5 + 0.7 * 4, 0.5, 0.5 + 0.5 * 4])
+
+
+def test_ponder_cost_is_an_expected_loop_count_with_gradient(model, ids):
+    _, info = model(ids, 5, return_info=True)
+    assert (info.ponder_cost >= 1.0).all() and (info.ponder_cost <= 5.0 + 1e-5).all()
+    graphdef, state = nnx.split(model)
+    grads = jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(ids, 5, return_info=True)[1]
+                                        .ponder_cost))(state)
+    assert float(jnp.abs(grads["recurrent"]["act"]["halt"]["kernel"][...]).sum()) > 0
+
+
+def test_parcae_injection_trains_and_is_not_convertible(ids):
+    from mythos_jax.interop.openmythos import to_torch_state_dict
+
+    cfg = variants.tiny_mla(injection="parcae", prelude_norm=True, readout=True, act="off")
+    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    value, grads = jax.value_and_grad(lambda s: _loss(graphdef, ids)(s, 3))(state)
+    assert np.isfinite(float(value))
+    for name in ("A_log", "dt_bias", "B"):
+        assert float(jnp.abs(grads["recurrent"]["injection"][name][...]).sum()) > 0
+    assert float(jnp.abs(grads["readout"]["kernel"][...]).sum()) > 0
+    with pytest.raises(ValueError, match="injection='parcae'"):
+        to_torch_state_dict(model)
+
+
+# ---------------------------------------------------------------- errors
+def test_bad_loop_arguments_raise(model, ids):
+    with pytest.raises(ValueError, match="n_loops must be >= 1"):
+        model(ids, jnp.int32(0))
+    with pytest.raises(ValueError, match="above the compiled bound max_loops=4"):
+        model(ids, jnp.int32(6), max_loops=4)
+    with pytest.raises(ValueError, match="backprop_depth must be an int >= 1"):
+        model(ids, 3, backprop_depth=0)
+    with pytest.raises(ValueError, match="exit must be one of"):
+        model(ids, 3, exit="entropy")
+    with pytest.raises(ValueError, match="needs the static bound max_loops"):
+        loops.run_training(model.recurrent, jnp.zeros((1, 2, 64)),
+                           loops.LoopContext(None, None, None), 3)
+    with pytest.raises(ValueError, match="shape \\(batch,\\)"):
+        model(ids, jnp.array([1, 2], jnp.int32))
+    off = OpenMythos(variants.tiny_mla(act="off"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="exit='act' needs ACT"):
+        off(ids, 3, exit="act")
+
+
+def test_traced_count_above_bound_fails_at_run_time(model, ids):
+    graphdef, state = nnx.split(model)
+    step = jax.jit(jax.grad(_loss(graphdef, ids, max_loops=4)))
+    step(state, jnp.int32(4))
+    with pytest.raises(Exception, match="above the compiled bound max_loops=4"):
+        jax.block_until_ready(step(state, jnp.int32(5)))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: loops.Poisson(0.0), "mean loop count must be positive"),
+    (lambda: loops.LogNormalPoisson(-1.0), "mean loop count must be positive"),
+    (lambda: loops.Fixed(2, backprop_depth=0), "backprop_depth must be >= 1"),
+    (lambda: loops.Uniform(lo=3, hi=2), "1 <= lo <= hi"),
+    (lambda: loops.Curriculum(loops.Poisson(4.0), start_mean=0.0), "start_mean must be positive"),
+])
+def test_bad_schedules_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
