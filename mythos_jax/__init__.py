@@ -2,7 +2,8 @@
 
 from mythos_jax import variants
 from mythos_jax.config import MythosConfig
+from mythos_jax.flop_count import flops
 from mythos_jax.model import OpenMythos
 
-__all__ = ["MythosConfig", "OpenMythos", "variants"]
+__all__ = ["MythosConfig", "OpenMythos", "flops", "variants"]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ exit (``if halted.all(): break``) never fires. Measured:
   hyper-parameters); open-mythos in ``train()`` mode (dropout is 0, so deterministic);
 * each as a fraction of this machine's fp32 matmul throughput measured in the same run (the
   larger of a jitted ``jnp.matmul`` and ``torch.matmul`` of large square matrices), using the
-  analytic model FLOPs of :func:`mythos_jax.flops.forward_flops_per_token`;
+  analytic model FLOPs of :func:`mythos_jax.flop_count.forward_flops_per_token`;
 * the JAX compile time (trace + lower + XLA compile, ``jit(f).lower(...).compile()``);
 * the largest |logit difference| between the two forwards and the difference of the first
   training loss, so a speed figure never comes from a model that computes something else.
@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mythos_jax.config import MythosConfig
-from mythos_jax.flops import forward_flops_per_token
+from mythos_jax.flop_count import forward_flops_per_token
 
 # An ACT threshold no position can reach: both implementations run every loop iteration.
 NO_HALT_THRESHOLD = 1e9

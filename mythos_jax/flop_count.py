@@ -1,10 +1,18 @@
 """Analytic FLOP counts of OpenMythos models, per token: loop-aware, active experts only.
 
-    from mythos_jax.flops import forward_flops_per_token, train_flops_per_token
+    from mythos_jax import flops                  # == mythos_jax.flop_count.flops
+    flops(cfg, seq_len=128, n_loops=8)            # {"forward": ..., "train": ..., ...}
+    flops(cfg, 128, n_loops=16, backprop_depth=4) # truncated backprop: 12 loops forward only
+
+    from mythos_jax.flop_count import forward_flops_per_token
     forward_flops_per_token(cfg, seq_len=128, n_loops=8)["total"]
 
 FLOPs are 2 x multiply-adds of the matmuls a forward needs; elementwise work is not counted.
+MoE layers count only the experts a token is routed to (top-K) plus the shared experts and
+the router, as MaxText counts MoE: padding or dense dispatch is overhead, not useful work.
 Benchmarks divide achieved FLOP/s by a measured peak with these figures (MFU-style).
+(The module is ``flop_count``, not ``flops``, so that the package-level function
+``mythos_jax.flops`` does not shadow it.)
 """
 
 from __future__ import annotations
@@ -67,13 +75,16 @@ def forward_flops_per_token(cfg: MythosConfig, seq_len: int,
         SwiGLU (hidden ``dim * 4 // 3``);
       * the recurrent block, times ``n_loops`` (default ``cfg.max_loop_iters``): attention,
         the MoE (router + top-K routed experts + shared experts, :func:`moe_flops_per_token`),
-        the depth-wise LoRA (down D x r and B r x D), the ACT halting head (D x 1);
+        the depth-wise LoRA (down D x r and B r x D), the ACT halting head (D x 1), and
+        with ``cfg.injection="parcae"`` the injection's full B matrix (e @ B.T, D x D);
+      * with ``cfg.readout`` the (D x D) readout projection before the coda, once;
       * the tied output head (D x vocab).
     Not counted: the embedding lookup (a gather), norms, RoPE, softmax, the loop-index
     embedding, the LTI injection, ACT bookkeeping, residual adds (all elementwise, O(D)).
 
     Returns a dict with the per-part figures and ``"total"``. A training step (forward +
-    backward) is counted as ``3 * total`` (the backward of a matmul costs two matmuls).
+    backward) is counted as ``3 * total`` (the backward of a matmul costs two matmuls); with
+    truncated backprop see :func:`flops`.
     """
     n_loops = cfg.max_loop_iters if n_loops is None else n_loops
     D = cfg.dim
@@ -83,19 +94,62 @@ def forward_flops_per_token(cfg: MythosConfig, seq_len: int,
     moe = moe_flops_per_token(cfg)
     lora = 2 * (D * cfg.lora_rank + cfg.lora_rank * D)
     halt = 2 * D
-    per_loop = attn_total + sum(moe.values()) + lora + halt
+    injection = 2 * D * D if cfg.injection == "parcae" else 0   # LTI: elementwise only
+    per_loop = attn_total + sum(moe.values()) + lora + halt + injection
     prelude = cfg.prelude_layers * (attn_total + dense_ffn)
     coda = cfg.coda_layers * (attn_total + dense_ffn)
+    readout = 2 * D * D if cfg.readout else 0
     head = 2 * D * cfg.vocab_size
     recurrent = n_loops * per_loop
     return {
         "attention": attn, "dense_ffn": dense_ffn, "moe": moe, "lora": lora, "halt": halt,
-        "recurrent_per_loop": per_loop, "n_loops": n_loops, "seq_len": seq_len,
-        "prelude": prelude, "recurrent": recurrent, "coda": coda, "head": head,
-        "total": prelude + recurrent + coda + head,
+        "injection": injection, "recurrent_per_loop": per_loop, "n_loops": n_loops,
+        "seq_len": seq_len, "prelude": prelude, "recurrent": recurrent, "readout": readout,
+        "coda": coda, "head": head,
+        "total": prelude + recurrent + readout + coda + head,
     }
 
 
-def train_flops_per_token(cfg: MythosConfig, seq_len: int, n_loops: int | None = None) -> int:
-    """Forward + backward = 3 x the forward FLOPs (the usual convention; optimizer not counted)."""
-    return 3 * forward_flops_per_token(cfg, seq_len, n_loops)["total"]
+def train_flops_per_token(cfg: MythosConfig, seq_len: int, n_loops: int | None = None,
+                          backprop_depth: int | None = None) -> int:
+    """Forward + backward FLOPs per token; see :func:`flops` (``"train"``). Without
+    ``backprop_depth`` this is 3 x the forward (the usual convention; optimizer not counted)."""
+    return flops(cfg, seq_len, n_loops, backprop_depth)["train"]
+
+
+def flops(cfg: MythosConfig, seq_len: int, n_loops: int | None = None,
+          backprop_depth: int | None = None) -> dict[str, Any]:
+    """Forward and training FLOPs per token of ``cfg`` at sequence length ``seq_len``, running
+    ``n_loops`` recurrent iterations (default ``cfg.max_loop_iters``), active experts only.
+
+    ``"forward"``: :func:`forward_flops_per_token`'s total (every loop runs; ACT halting is
+    bookkeeping, it does not skip work).
+    ``"train"``: forward + backward, the backward of a matmul costing two matmuls, so 3x the
+    forward for everything that takes a gradient: prelude, coda, readout, head and the
+    ``grad_loops`` recurrent iterations. With ``backprop_depth=k < n_loops`` (truncated
+    backprop, :func:`mythos_jax.loops.run_training`) the first ``n_loops - k`` iterations run
+    forward only, on a stop-gradient copy of the block, and count 1x. Rematerialisation
+    (``cfg.loop_remat``) re-runs forward work and is not counted (as MFU does not).
+
+    Returns ``{"forward", "train", "n_loops", "seq_len", "backprop_depth", "grad_loops",
+    "no_grad_loops", "recurrent_per_loop", "forward_breakdown"}``, the last being
+    :func:`forward_flops_per_token`'s dict.
+    """
+    fwd = forward_flops_per_token(cfg, seq_len, n_loops)
+    n = fwd["n_loops"]
+    if backprop_depth is not None and (isinstance(backprop_depth, bool)
+                                       or not isinstance(backprop_depth, int)
+                                       or backprop_depth < 1):
+        raise ValueError(f"backprop_depth must be an int >= 1, got {backprop_depth!r}")
+    grad_loops = n if backprop_depth is None else min(n, backprop_depth)
+    no_grad_loops = n - grad_loops
+    per_loop = fwd["recurrent_per_loop"]
+    with_grad = (fwd["prelude"] + grad_loops * per_loop + fwd["readout"] + fwd["coda"]
+                 + fwd["head"])
+    return {
+        "forward": fwd["total"],
+        "train": 3 * with_grad + no_grad_loops * per_loop,
+        "n_loops": n, "seq_len": seq_len, "backprop_depth": backprop_depth,
+        "grad_loops": grad_loops, "no_grad_loops": no_grad_loops,
+        "recurrent_per_loop": per_loop, "forward_breakdown": fwd,
+    }

@@ -15,7 +15,7 @@ from mythos_jax import loops
 from mythos_jax.config import MythosConfig
 from mythos_jax.layers.attention import causal_mask
 from mythos_jax.layers.block import TransformerBlock
-from mythos_jax.layers.common import compute_dtype, linear, normal_init, split_key
+from mythos_jax.layers.common import compute_dtype, normal_init, split_key
 from mythos_jax.layers.norm import RMSNorm
 from mythos_jax.layers.recurrence import RecurrentBlock
 from mythos_jax.layers.rope import rope_cos_sin
@@ -38,7 +38,9 @@ class OpenMythos(nnx.Module):
                                  for _ in range(cfg.prelude_layers)])
         self.prelude_norm = RMSNorm(cfg.dim) if cfg.prelude_norm else None
         self.recurrent = RecurrentBlock(cfg, rngs=rngs)
-        self.readout = (linear(cfg.dim, cfg.dim, ("embed", "embed_out"), rngs=rngs)
+        self.readout = (nnx.Linear(cfg.dim, cfg.dim, use_bias=False, rngs=rngs,
+                                   kernel_init=_parcae_readout_init(cfg.dim),
+                                   kernel_metadata={"logical_axes": ("embed", "embed_out")})
                         if cfg.readout else None)
         self.coda = nnx.List([TransformerBlock(cfg, use_moe=False, rngs=rngs)
                               for _ in range(cfg.coda_layers)])
@@ -153,6 +155,12 @@ class OpenMythos(nnx.Module):
         else:
             ids = np.asarray(input_ids)
             _raise_if_out_of_vocab(ids.min(), ids.max(), self.cfg.vocab_size)
+
+
+def _parcae_readout_init(dim: int):
+    """Parcae's read-out C: truncated normal (+-3 std), std sqrt(2 / (5 dim))."""
+    return nnx.initializers.truncated_normal(stddev=(2.0 / (5.0 * dim)) ** 0.5, lower=-3.0,
+                                             upper=3.0)
 
 
 def _raise_if_out_of_vocab(lowest, highest, vocab_size: int) -> None:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from mythos_jax import benchmark, flops
+from mythos_jax import benchmark, flop_count
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ def test_flops_of_the_tiny_config_by_hand():
     # tiny: D=32, H=2, q_lora=16, kv_lora=8, nope=8, rope=4, v=8, E=4, K=2, F=16, 1 shared,
     # lora_rank=4, vocab=128, 1 prelude + 1 coda layer; T=16, 2 loops.
     cfg = benchmark.benchmark_config("tiny")
-    f = flops.forward_flops_per_token(cfg, seq_len=16, n_loops=2)
+    f = flop_count.forward_flops_per_token(cfg, seq_len=16, n_loops=2)
     # MLA projections, MACs: q_down 32*16 + q_up_nope 16*2*8 + q_up_rope 16*2*4
     #   + kv_down 32*(8+4) + kv_up 8*2*(8+8) + wo 2*8*32 = 512+256+128+384+256+512 = 2048
     assert f["attention"] == {"proj": 2 * 2048, "scores": 2 * 2 * 16 * 12, "pv": 2 * 2 * 16 * 8}
@@ -39,12 +39,12 @@ def test_flops_of_the_tiny_config_by_hand():
     per_loop = (4096 + 768 + 512) + (256 + 6144 + 6144) + 512 + 64
     assert f["recurrent_per_loop"] == per_loop == 18496
     assert f["total"] == 2 * (5376 + 8064) + 2 * per_loop + 8192 == 72064
-    assert flops.train_flops_per_token(cfg, 16, 2) == 3 * 72064
+    assert flop_count.train_flops_per_token(cfg, 16, 2) == 3 * 72064
 
 
 def test_flops_gqa_attention_component():
     cfg = benchmark.benchmark_config("tiny", {"attn_type": "gqa"})   # head_dim 16, 1 kv head
-    attn = flops.attention_flops_per_token(cfg, seq_len=16)
+    attn = flop_count.attention_flops_per_token(cfg, seq_len=16)
     assert attn["proj"] == 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32)
     assert attn["scores"] == attn["pv"] == 2 * 2 * 16 * 16
 

@@ -99,8 +99,10 @@ class ParcaeInjection(nnx.Module):
         self.B = nnx.Param(jnp.eye(dim, dtype=jnp.float32), logical_axes=("embed", "embed_out"))
 
     def get_A(self) -> jax.Array:
+        """(D,) decay per channel, strictly inside (0, 1). A_log is capped at 88, where exp
+        would overflow (0 * inf would give NaN when softplus(dt_bias) underflows)."""
         dt = jax.nn.softplus(self.dt_bias[...])
-        return strictly_inside_unit(jnp.exp(-dt * jnp.exp(self.A_log[...])))
+        return strictly_inside_unit(jnp.exp(-dt * jnp.exp(jnp.minimum(self.A_log[...], 88.0))))
 
     def __call__(self, h: jax.Array, e: jax.Array) -> jax.Array:
         dt = jax.nn.softplus(self.dt_bias[...])
