@@ -59,7 +59,7 @@ def _step_key(ctx: LoopContext, t) -> jax.Array | None:
 
 def _masked_step(block: RecurrentBlock, state: LoopState, e, t, active, ctx) -> LoopState:
     """One iteration for the sequences where ``active`` (B,) is True; the others keep state."""
-    new = block.step(state, e, jnp.maximum(t, 0), ctx.rope, ctx.mask, _step_key(ctx, t))
+    new, _ = block.step(state, e, jnp.maximum(t, 0), ctx.rope, ctx.mask, _step_key(ctx, t))
     return jax.tree.map(
         lambda n, o: jnp.where(active.reshape(active.shape + (1,) * (n.ndim - 1)), n, o),
         new, state)
@@ -99,15 +99,27 @@ def _raise_if_bad_counts(lowest, highest, max_loops) -> None:
 
 
 # ---------------------------------------------------------------------------- drivers
-def run_static(block: RecurrentBlock, e: jax.Array, ctx: LoopContext,
-               n_loops: int) -> tuple[LoopState, jax.Array]:
-    """Exactly ``n_loops`` iterations in one scan (OpenMythos's loop, minus its early break)."""
-    def body(state, t):
-        return block.step(state, e, t, ctx.rope, ctx.mask, _step_key(ctx, t)), None
+def run_static(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops: int,
+               cache: dict | None = None, index=None
+               ) -> tuple[LoopState, jax.Array, dict | None]:
+    """Exactly ``n_loops`` iterations in one scan (OpenMythos's loop, minus its early break).
+    ``cache``: the recurrent block's per-depth caches (leading axis >= n_loops), used and
+    updated at depth t by iteration t (prefill / decode)."""
+    def body(carry, t):
+        state, depth_caches = carry
+        layer_cache = (None if depth_caches is None
+                       else jax.tree.map(lambda c: c[t], depth_caches))
+        state, layer_cache = block.step(state, e, t, ctx.rope, ctx.mask, _step_key(ctx, t),
+                                        layer_cache, index)
+        if depth_caches is not None:
+            depth_caches = jax.tree.map(lambda c, new: c.at[t].set(new), depth_caches,
+                                        layer_cache)
+        return (state, depth_caches), None
 
-    final, _ = jax.lax.scan(_remat(body, block.remat_policy), LoopState.start(e),
-                            jnp.arange(n_loops, dtype=jnp.int32))
-    return final, jnp.full((e.shape[0],), n_loops, jnp.int32)
+    (final, cache), _ = jax.lax.scan(_remat(body, block.remat_policy),
+                                     (LoopState.start(e), cache),
+                                     jnp.arange(n_loops, dtype=jnp.int32))
+    return final, jnp.full((e.shape[0],), n_loops, jnp.int32), cache
 
 
 def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,

@@ -83,7 +83,7 @@ class OpenMythos(nnx.Module):
 
         x = jnp.take(self.embed[...], input_ids, axis=0)
         for layer, key in zip(self.prelude, prelude_keys):
-            x = layer(x, rope, mask, key)
+            x, _ = layer(x, rope, mask, key)
         if self.prelude_norm is not None:
             x = self.prelude_norm(x)
         ctx = loops.LoopContext(rope, mask, loop_key)
@@ -119,15 +119,66 @@ class OpenMythos(nnx.Module):
         if backprop_depth is not None or (max_loops is not None and exit is None):
             return loops.run_training(self.recurrent, e, ctx, n_loops, backprop_depth, max_loops)
         if static and exit is None:
-            return loops.run_static(self.recurrent, e, ctx, int(n_loops))
+            return loops.run_static(self.recurrent, e, ctx, int(n_loops))[:2]
         return loops.run_dynamic(self.recurrent, e, ctx, n_loops, exit, exit_threshold, decode)
+
+    def forward_cached(self, input_ids: jax.Array, cache, n_loops: int):
+        """Prefill (T > 1, into an empty cache) or decode (T == 1) with a preallocated
+        :class:`~mythos_jax.inference.cache.KVCache`: input_ids (B, T) ->
+        (logits (B, T, vocab), cache advanced by T). Positions and masks come from the cache:
+        slot ``index + i``, position ``slot - start_b``; padding slots are never attended.
+        ``n_loops`` (static) must not exceed the depths the cache holds: the extra depths
+        would have no keys for earlier tokens (OpenMythos silently attends to nothing there)."""
+        self._check_input_ids(input_ids)
+        cfg = self.cfg
+        if not isinstance(n_loops, int) or not 1 <= n_loops <= cache.n_loops:
+            raise ValueError(f"n_loops must be an int in [1, {cache.n_loops}] (the loop depths "
+                             f"this cache was built for), got {n_loops!r}")
+        B, T = input_ids.shape
+        slots = cache.index + jnp.arange(T, dtype=jnp.int32)
+        positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)     # (B, T)
+        rope_dim = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
+        rope = rope_cos_sin(positions, rope_dim, cfg.rope_theta)
+        if T == 1:   # decode: every written, non-padding slot of the cache
+            keys = jnp.arange(cache.max_len, dtype=jnp.int32)
+            mask = (keys >= cache.start[:, None]) & (keys <= cache.index)
+            mask = mask[:, None, :]
+        else:        # prefill: causal over the prompt, padding masked (a pad row sees itself)
+            mask = causal_mask(T) & (jnp.arange(T)[None, None, :] >= cache.start[:, None, None])
+            mask = mask | jnp.eye(T, dtype=bool)[None]
+        x = jnp.take(self.embed[...], input_ids, axis=0)
+        prelude_caches = []
+        for layer, layer_cache in zip(self.prelude, cache.prelude):
+            x, layer_cache = layer(x, rope, mask, None, layer_cache, cache.index)
+            prelude_caches.append(layer_cache)
+        if self.prelude_norm is not None:
+            x = self.prelude_norm(x)
+        state, _, recurrent_cache = loops.run_static(
+            self.recurrent, x, loops.LoopContext(rope, mask, None), n_loops, cache.recurrent,
+            cache.index)
+        x, coda_caches = self._coda(self.recurrent.readout(state), rope, mask,
+                                    [None] * cfg.coda_layers, cache.coda, cache.index)
+        cache = cache._replace(prelude=tuple(prelude_caches), recurrent=recurrent_cache,
+                               coda=tuple(coda_caches), index=cache.index + T)
+        return self._head(x), cache
+
+    def _coda(self, x, rope, mask, coda_keys, caches=None, index=None):
+        """Read-out and coda layers: (B, T, D) -> (B, T, D) and the coda caches."""
+        if self.readout is not None:
+            x = self.readout(x)
+        caches = caches if caches is not None else [None] * len(self.coda)
+        new_caches = []
+        for layer, key, layer_cache in zip(self.coda, coda_keys, caches):
+            x, layer_cache = layer(x, rope, mask, key, layer_cache, index)
+            new_caches.append(layer_cache)
+        return x, new_caches
 
     def _decode(self, x, rope, mask, coda_keys) -> jax.Array:
         """Loop output (B, T, D) -> logits (B, T, vocab) fp32: read-out, coda, norm, tied head."""
-        if self.readout is not None:
-            x = self.readout(x)
-        for layer, key in zip(self.coda, coda_keys):
-            x = layer(x, rope, mask, key)
+        return self._head(self._coda(x, rope, mask, coda_keys)[0])
+
+    def _head(self, x) -> jax.Array:
+        """Final norm and the tied output head: (B, T, D) -> (B, T, vocab) fp32."""
         dt = compute_dtype(self.cfg)
         return jnp.einsum("btd,vd->btv", self.norm(x).astype(dt), self.embed[...].astype(dt),
                           preferred_element_type=jnp.float32)

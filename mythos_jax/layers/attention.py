@@ -3,6 +3,10 @@
 Both follow OpenMythos's numerics: scores ``(q . k) * scale`` with the scale applied after the
 dot product, -inf where masked, softmax in fp32, dropout on the probabilities.
 ``mask`` is boolean, True where a query may attend a key, shape (B|1, T, S).
+
+With a layer cache (see ``mythos_jax.inference.cache``) the new keys are written at slot
+``index`` and returned; one-token calls (decode) attend over the whole cache, longer calls
+(prefill into an empty cache) over the new tokens. Calls return ``(output, new_cache)``.
 """
 
 from __future__ import annotations
@@ -45,18 +49,21 @@ class GQAttention(nnx.Module):
         self.wo = linear(cfg.n_heads * cfg.head_dim, cfg.dim, ("heads", "embed"), rngs=rngs, dtype=dt)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-                 key: jax.Array | None = None) -> jax.Array:
-        """x (B, T, D), rope = cos/sin (T, head_dim/2) -> (B, T, D)."""
+                 key: jax.Array | None = None, cache: dict | None = None, index=None):
+        """x (B, T, D), rope = cos/sin (T|B,T, head_dim/2) -> ((B, T, D), new cache or None)."""
         B, T, _ = x.shape
         groups = self.n_heads // self.n_kv_heads
         q = apply_rope(self.wq(x).reshape(B, T, self.n_heads, self.head_dim), *rope)
         k = apply_rope(self.wk(x).reshape(B, T, self.n_kv_heads, self.head_dim), *rope)
         v = self.wv(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        new_cache = None if cache is None else write_cache(cache, {"k": k, "v": v}, index)
+        if cache is not None and T == 1:
+            k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
         q = q.reshape(B, T, self.n_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
         probs = masked_softmax(scores * self.head_dim ** -0.5, mask, self.dropout_rate, key)
         out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim)), new_cache
 
 
 class MLAttention(nnx.Module):
@@ -89,28 +96,53 @@ class MLAttention(nnx.Module):
         self.wo = linear(H * self.v_dim, cfg.dim, ("heads", "embed"), rngs=rngs, dtype=dt)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-                 key: jax.Array | None = None) -> jax.Array:
-        """x (B, T, D), rope = cos/sin (T, qk_rope_head_dim/2) -> (B, T, D)."""
+                 key: jax.Array | None = None, cache: dict | None = None, index=None):
+        """x (B, T, D), rope = cos/sin (T|B,T, rope/2) -> ((B, T, D), new cache or None)."""
         B, T, _ = x.shape
         H = self.n_heads
         c_q = self.q_norm(self.q_down(x))                                  # (B, T, q_lora)
         q_nope = self.q_up_nope(c_q).reshape(B, T, H, self.nope_dim)
         q_rope = apply_rope(self.q_up_rope(c_q).reshape(B, T, H, self.rope_dim), *rope)
         kv_raw = self.kv_down(x)                                           # (B, T, kv_lora+rope)
-        c_kv = kv_raw[..., : self.kv_lora_rank]
+        c_kv = self.kv_norm(kv_raw[..., : self.kv_lora_rank])             # normalised latent
         k_rope = apply_rope(kv_raw[..., None, self.kv_lora_rank:], *rope)[:, :, 0]  # (B, T, rope)
+        new_cache = (None if cache is None
+                     else write_cache(cache, {"c_kv": c_kv, "k_rope": k_rope}, index))
         # kv_up's columns are per head [k_nope | v]: slice the kernel, not the activations.
         kv_up = self.kv_up.kernel[...].astype(self.kv_up.dtype).reshape(
             self.kv_lora_rank, H, self.nope_dim + self.v_dim)
-        c_kv = self.kv_norm(c_kv).astype(kv_up.dtype)
-        k_nope = jnp.einsum("bsc,chd->bshd", c_kv, kv_up[..., : self.nope_dim])
-        v = jnp.einsum("bsc,chd->bshd", c_kv, kv_up[..., self.nope_dim:])
-        scores = (jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
+        k_up, v_up = kv_up[..., : self.nope_dim], kv_up[..., self.nope_dim:]
         scale = (self.nope_dim + self.rope_dim) ** -0.5
-        probs = masked_softmax(scores * scale, mask, self.dropout_rate, key)
-        out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
-        return self.wo(out.reshape(B, T, H * self.v_dim))
+        if cache is not None and T == 1:   # decode: attend in latent space over the cache
+            c_kv = new_cache["c_kv"].astype(kv_up.dtype)
+            k_rope = new_cache["k_rope"].astype(q_rope.dtype)
+            q_latent = jnp.einsum("bthd,chd->bthc", q_nope, k_up)        # absorbed k_up
+            scores = (jnp.einsum("bthc,bsc->bhts", q_latent, c_kv,
+                                 preferred_element_type=jnp.float32)
+                      + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope,
+                                   preferred_element_type=jnp.float32))
+            probs = masked_softmax(scores * scale, mask, self.dropout_rate, key)
+            out_latent = jnp.einsum("bhts,bsc->bthc", probs.astype(c_kv.dtype), c_kv)
+            out = jnp.einsum("bthc,chd->bthd", out_latent, v_up)          # v_up applied after
+        else:
+            c_kv = c_kv.astype(kv_up.dtype)
+            k_nope = jnp.einsum("bsc,chd->bshd", c_kv, k_up)
+            v = jnp.einsum("bsc,chd->bshd", c_kv, v_up)
+            scores = (jnp.einsum("bthd,bshd->bhts", q_nope, k_nope,
+                                 preferred_element_type=jnp.float32)
+                      + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope,
+                                   preferred_element_type=jnp.float32))
+            probs = masked_softmax(scores * scale, mask, self.dropout_rate, key)
+            out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+        return self.wo(out.reshape(B, T, H * self.v_dim)), new_cache
+
+
+def write_cache(cache: dict, entries: dict, index) -> dict:
+    """Write the new (B, T, ...) entries into each (B, S, ...) cache array at slot ``index``."""
+    return {name: jax.lax.dynamic_update_slice_in_dim(cache[name],
+                                                      entries[name].astype(cache[name].dtype),
+                                                      index, axis=1)
+            for name in cache}
 
 
 def make_attention(cfg: MythosConfig, *, rngs: nnx.Rngs) -> GQAttention | MLAttention:

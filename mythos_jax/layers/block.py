@@ -25,9 +25,10 @@ class TransformerBlock(nnx.Module):
                     else SwiGLU(cfg.dim, cfg.dense_hidden, rngs=rngs, dtype=compute_dtype(cfg)))
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-                 key: jax.Array | None = None) -> jax.Array:
-        """x (B, T, D) fp32 residual stream -> (B, T, D); ``key`` drives dropout (None: off)."""
+                 key: jax.Array | None = None, cache: dict | None = None, index=None):
+        """x (B, T, D) fp32 residual stream -> ((B, T, D), new layer cache or None);
+        ``key`` drives dropout (None: off), ``cache``/``index`` as in attention."""
         attn_key, attn_out_key, ffn_out_key = split_key(key, 3)
-        attn_out = self.attn(self.attn_norm(x), rope, mask, attn_key)
+        attn_out, cache = self.attn(self.attn_norm(x), rope, mask, attn_key, cache, index)
         x = x + dropout(attn_out, self.dropout_rate, attn_out_key)
-        return x + dropout(self.ffn(self.ffn_norm(x)), self.dropout_rate, ffn_out_key)
+        return x + dropout(self.ffn(self.ffn_norm(x)), self.dropout_rate, ffn_out_key), cache

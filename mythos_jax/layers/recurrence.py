@@ -181,18 +181,20 @@ class RecurrentBlock(nnx.Module):
         self.norm = RMSNorm(cfg.dim)
 
     def step(self, state: LoopState, e: jax.Array, t: jax.Array, rope, mask,
-             key: jax.Array | None) -> LoopState:
-        """One loop iteration; ``t`` is the loop index, a scalar or one per sequence (B,)."""
+             key: jax.Array | None, cache: dict | None = None, index=None
+             ) -> tuple[LoopState, dict | None]:
+        """One loop iteration; ``t`` is the loop index, a scalar or one per sequence (B,).
+        ``cache`` is this depth's attention cache (decode), returned updated."""
         if self.injection_type == "openmythos":
             h_loop = loop_index_embedding(state.h, t, self.loop_dim)
-            u = self.block(self.norm(h_loop + e), rope, mask, key)
+            u, cache = self.block(self.norm(h_loop + e), rope, mask, key, cache, index)
             u = u + self.lora(u, t).astype(u.dtype)
             h = self.injection(state.h, e, u)
         else:
             u = loop_index_embedding(self.injection(state.h, e), t, self.loop_dim)
-            h = self.block(u, rope, mask, key)
+            h, cache = self.block(u, rope, mask, key, cache, index)
             h = h + self.lora(h, t).astype(h.dtype)
-        return act_accumulate(state, h, self.act(h), t, self.act_threshold)
+        return act_accumulate(state, h, self.act(h), t, self.act_threshold), cache
 
     def readout(self, state: LoopState) -> jax.Array:
         """(B, T, D) output of the recurrence: ``cfg.act`` = "openmythos" the ACT sum as is;

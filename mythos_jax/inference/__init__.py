@@ -1,0 +1,1 @@
+"""Generation: preallocated caches, jitted prefill and decode, sampling."""

@@ -1,0 +1,75 @@
+"""Preallocated KV caches: a fixed number of slots per attention layer and loop depth.
+
+Every sequence of a batch is left-padded so that all end at the same slot: one write index
+``index`` serves the batch, and ``start`` (B,) marks each sequence's first real slot (its
+position 0). Layer caches:
+  MLA  {"c_kv": (B, S, kv_lora), "k_rope": (B, S, rope)}   the normalised latent and ONE
+       shared rotated RoPE key per token: kv_lora + rope values per token per layer-depth;
+  GQA  {"k": (B, S, KV, hd), "v": (B, S, KV, hd)}          post-RoPE keys and values.
+The recurrent block has one cache per loop depth, stacked on a leading axis (n_loops, ...).
+Caches are plain pytrees (NamedTuple of dicts of arrays): they jit, donate and shard like
+activations.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mythos_jax.config import MythosConfig
+
+
+class KVCache(NamedTuple):
+    prelude: tuple[dict[str, jax.Array], ...]
+    recurrent: dict[str, jax.Array]          # leading axis: loop depth
+    coda: tuple[dict[str, jax.Array], ...]
+    index: jax.Array                          # int32 (): slots written so far
+    start: jax.Array                          # int32 (B,): first real slot of each sequence
+
+    @property
+    def max_len(self) -> int:
+        return next(iter(self.recurrent.values())).shape[2]
+
+    @property
+    def n_loops(self) -> int:
+        return next(iter(self.recurrent.values())).shape[0]
+
+
+def layer_cache_shapes(cfg: MythosConfig, batch: int, max_len: int) -> dict[str, tuple]:
+    if cfg.attn_type == "mla":
+        return {"c_kv": (batch, max_len, cfg.kv_lora_rank),
+                "k_rope": (batch, max_len, cfg.qk_rope_head_dim)}
+    kv = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": kv, "v": kv}
+
+
+def init_cache(cfg: MythosConfig, batch: int, max_len: int, n_loops: int,
+               start: jax.Array | None = None, dtype=jnp.float32) -> KVCache:
+    """Zeroed caches for ``batch`` sequences of up to ``max_len`` tokens, ``n_loops`` depths."""
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"cache length {max_len} > max_seq_len {cfg.max_seq_len} "
+                         "(MythosConfig.max_seq_len)")
+    shapes = layer_cache_shapes(cfg, batch, max_len)
+
+    def layer(depth=()):
+        return {name: jnp.zeros(depth + shape, dtype) for name, shape in shapes.items()}
+
+    start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    return KVCache(tuple(layer() for _ in range(cfg.prelude_layers)), layer((n_loops,)),
+                   tuple(layer() for _ in range(cfg.coda_layers)), jnp.int32(0), start)
+
+
+def cache_values_per_token(cfg: MythosConfig, n_loops: int) -> int:
+    """Cached numbers per token over all layers and loop depths (analytic)."""
+    per_layer = (cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.attn_type == "mla"
+                 else 2 * cfg.n_kv_heads * cfg.head_dim)
+    return per_layer * (cfg.prelude_layers + n_loops + cfg.coda_layers)
+
+
+def openmythos_cache_values_per_token(cfg: MythosConfig, n_loops: int) -> int:
+    """The same for OpenMythos's cache, which keeps k_rope once per head (MLA)."""
+    per_layer = (cfg.kv_lora_rank + cfg.n_heads * cfg.qk_rope_head_dim
+                 if cfg.attn_type == "mla" else 2 * cfg.n_kv_heads * cfg.head_dim)
+    return per_layer * (cfg.prelude_layers + n_loops + cfg.coda_layers)
