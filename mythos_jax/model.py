@@ -201,11 +201,11 @@ class OpenMythos(nnx.Module):
         if 0 in shape:
             raise ValueError(f"input_ids must not be empty, got shape {shape}")
         if isinstance(input_ids, jax.core.Tracer):
-            jax.debug.callback(_raise_if_out_of_vocab, jnp.min(input_ids), jnp.max(input_ids),
+            jax.debug.callback(raise_if_out_of_vocab, jnp.min(input_ids), jnp.max(input_ids),
                                self.cfg.vocab_size)
         else:
             ids = np.asarray(input_ids)
-            _raise_if_out_of_vocab(ids.min(), ids.max(), self.cfg.vocab_size)
+            raise_if_out_of_vocab(ids.min(), ids.max(), self.cfg.vocab_size)
 
 
 def _parcae_readout_init(dim: int):
@@ -214,7 +214,7 @@ def _parcae_readout_init(dim: int):
                                              upper=3.0)
 
 
-def _raise_if_out_of_vocab(lowest, highest, vocab_size: int) -> None:
+def raise_if_out_of_vocab(lowest, highest, vocab_size: int) -> None:
     if lowest < 0 or highest >= vocab_size:
         raise ValueError(f"input_ids contain token id(s) outside [0, vocab_size={vocab_size}): "
                          f"min {int(lowest)}, max {int(highest)}")

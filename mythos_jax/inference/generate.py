@@ -4,9 +4,10 @@
     result.tokens   # (B, max_new_tokens) int32, eos_id (or 0) after a sequence ended
     result.lengths  # (B,) new tokens per sequence, EOS included
 
-Prompts of different lengths are left-padded to one length; each sequence sees only its own
-tokens (padding masks) and its positions start at 0. ``prefill`` and ``decode_step`` are
-compiled once per (batch, cache length, n_loops, dtype), never per token.
+Prompts of different lengths are left-padded to the prompt budget ``max_len - max_new_tokens``;
+each sequence sees only its own tokens (padding masks) and its positions start at 0.
+``decode_step`` is compiled once per (batch, cache length, n_loops, dtype) and ``prefill`` once
+per (batch, prompt budget, n_loops, dtype), never per token or per prompt length.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flax import nnx
 
 from mythos_jax.inference.cache import KVCache, init_cache
 from mythos_jax.inference.sampling import check_sampling_args, sample_next
+from mythos_jax.model import raise_if_out_of_vocab
 
 
 class Generation(NamedTuple):
@@ -28,19 +30,23 @@ class Generation(NamedTuple):
     lengths: np.ndarray   # (B,) int32: tokens generated per sequence (EOS included)
 
 
-def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray, pad_id: int = 0
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts -> (B, P) int32 left-padded ids and the (B,) first real slot of each."""
-    if isinstance(prompts, np.ndarray) or hasattr(prompts, "shape"):
-        ids = np.asarray(prompts)
-        if ids.ndim != 2:
+def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray, width: int | None = None,
+             pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts (token lists, or a (B, P) array) -> (B, width) int32 left-padded ids and the
+    (B,) first real slot of each. ``width`` defaults to the longest prompt."""
+    if hasattr(prompts, "shape"):
+        array = np.asarray(prompts)
+        if array.ndim != 2:
             raise ValueError(f"prompts must be a (batch, length) array or a list of token "
-                             f"lists, got shape {ids.shape}")
-        return ids.astype(np.int32), np.zeros((ids.shape[0],), np.int32)
+                             f"lists, got shape {array.shape}")
+        prompts = array.tolist()
     lengths = [len(p) for p in prompts]
     if not lengths or min(lengths) == 0:
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    width = max(lengths)
+    width = max(lengths) if width is None else width
+    if max(lengths) > width:
+        raise ValueError(f"prompt length {max(lengths)} does not fit the cache length "
+                         f"{width} left after max_new_tokens")
     ids = np.full((len(prompts), width), pad_id, np.int32)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = prompt
@@ -75,24 +81,28 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids, start = left_pad(prompts)
-    batch, prompt_len = ids.shape
-    max_len = prompt_len + max_new_tokens if max_len is None else max_len
-    if prompt_len >= max_len:
-        raise ValueError(f"prompt length {prompt_len} does not fit the cache length {max_len}")
-    if prompt_len + max_new_tokens > max_len:
-        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} "
+    longest = max(len(p) for p in prompts) if not hasattr(prompts, "shape") else prompts.shape[1]
+    max_len = longest + max_new_tokens if max_len is None else max_len
+    if longest >= max_len:
+        raise ValueError(f"prompt length {longest} does not fit the cache length {max_len}")
+    if longest + max_new_tokens > max_len:
+        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} "
                          f"overflows the cache length {max_len}")
+    # Prompts are padded to the whole prompt budget, so prefill compiles once per
+    # (batch, max_len, max_new_tokens) whatever the prompt lengths.
+    ids, start = left_pad(prompts, width=max_len - max_new_tokens)
+    raise_if_out_of_vocab(ids.min(), ids.max(), cfg.vocab_size)
+    batch = ids.shape[0]
     model.eval()
     graphdef, state = nnx.split(model)
     cache = init_cache(cfg, batch, max_len, n_loops, start)
     logits, cache = prefill(graphdef, state, jnp.asarray(ids), cache, n_loops)
 
     key = jax.random.key(seed)
-    tokens = np.zeros((batch, max_new_tokens), np.int32)
+    fill = 0 if eos_id is None else eos_id
+    tokens = np.full((batch, max_new_tokens), fill, np.int32)
     finished = np.zeros((batch,), bool)
     lengths = np.zeros((batch,), np.int32)
-    fill = 0 if eos_id is None else eos_id
     for step in range(max_new_tokens):
         key, step_key = jax.random.split(key)
         next_token = np.asarray(sample_next(logits, step_key, temperature, top_k, top_p))
