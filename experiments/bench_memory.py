@@ -39,6 +39,7 @@ from flax import nnx  # noqa: E402
 
 from mythos_jax import OpenMythos  # noqa: E402
 from mythos_jax.benchmark import PRESETS, benchmark_config  # noqa: E402
+from mythos_jax.config import parse_override  # noqa: E402
 from mythos_jax.loops import Fixed  # noqa: E402
 
 REMATS = ("full", "dots", "none")
@@ -48,20 +49,11 @@ REMATS = ("full", "dots", "none")
 FAST_CODEGEN = {"xla_backend_optimization_level": 0}
 
 
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def _override(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), _parse_value(value.strip())
+    try:
+        return parse_override(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

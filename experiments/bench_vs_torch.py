@@ -20,23 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mythos_jax.benchmark import (PRESETS, format_table, run_benchmark,  # noqa: E402
                                   wait_for_idle)
-from mythos_jax.config import ATTN_TYPES, MOE_IMPLS  # noqa: E402
-
-
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+from mythos_jax.config import ATTN_TYPES, MOE_IMPLS, parse_override  # noqa: E402
 
 
 def _override(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), _parse_value(value.strip())
+    try:
+        return parse_override(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

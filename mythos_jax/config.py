@@ -196,6 +196,26 @@ class MythosConfig:
         return cls.from_dict(json.loads(text))
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"FIELD=VALUE"`` -> (field, value typed like that MythosConfig field); ValueError naming
+    the problem (no '=', unknown field, a value of the wrong type)."""
+    if "=" not in text:
+        raise ValueError(f"expected FIELD=VALUE, got {text!r}")
+    name, raw = (part.strip() for part in text.split("=", 1))
+    fields = {f.name: f for f in dataclasses.fields(MythosConfig)}
+    if name not in fields:
+        raise ValueError(f"unknown MythosConfig field {name!r}")
+    kind = type(fields[name].default)
+    if kind is bool:
+        if raw.lower() not in ("true", "false"):
+            raise ValueError(f"MythosConfig.{name}: expected true or false, got {raw!r}")
+        return name, raw.lower() == "true"
+    try:
+        return name, kind(raw)
+    except ValueError:
+        raise ValueError(f"MythosConfig.{name}: expected a {kind.__name__}, got {raw!r}") from None
+
+
 def _fail(field: str, rule: str) -> None:
     raise ValueError(f"MythosConfig.{field}: {rule}")
 

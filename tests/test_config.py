@@ -55,3 +55,16 @@ def test_json_round_trip_and_unknown_fields():
     assert MythosConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown field"):
         MythosConfig.from_dict({"dim": 64, "n_layers": 3})
+
+
+def test_parse_override_types_values_by_field():
+    from mythos_jax.config import parse_override
+
+    assert parse_override("dim=128") == ("dim", 128)
+    assert parse_override("act_threshold = 0.5") == ("act_threshold", 0.5)
+    assert parse_override("attn_type=gqa") == ("attn_type", "gqa")
+    assert parse_override("readout=true") == ("readout", True)
+    for bad, match in [("dim", "FIELD=VALUE"), ("depth=3", "unknown MythosConfig field"),
+                       ("dim=1.5", "expected a int"), ("readout=yes", "true or false")]:
+        with pytest.raises(ValueError, match=match):
+            parse_override(bad)
