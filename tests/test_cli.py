@@ -113,3 +113,97 @@ def test_parity_command_prints_a_passing_table(tmp_path, capsys):
     assert {r["attn_type"] for r in rows} == {"mla", "gqa"}
     assert {r["n_loops"] for r in rows} == {1, 2, 3, 6}
     assert all(r["ok"] and r["max_abs_diff"] <= 1e-4 for r in rows)
+
+
+# ---------------------------------------------------------------------------- generate
+def _greedy_text(prompt: str, n: int, eos_id=None) -> str:
+    """What ``generate --variant tiny_mla --seed 0 --temperature 0`` should print."""
+    from mythos_jax.cli import _decode_tokens
+    from mythos_jax.inference.generate import generate
+    from mythos_jax.model import OpenMythos
+
+    model = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
+    result = generate(model, [list(prompt.encode())], n, temperature=0.0, eos_id=eos_id)
+    row = [int(t) for t in result.tokens[0][:result.lengths[0]]]
+    if eos_id is not None and row and row[-1] == eos_id:
+        row = row[:-1]
+    return prompt + _decode_tokens(row)
+
+
+def test_generate_greedy_streams_the_continuation(capsys):
+    from mythos_jax.cli import _escape
+
+    assert main(["generate", "--variant", "tiny_mla", "--prompt", "hi", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("hi") and captured.out.endswith("\n")
+    assert captured.out == _escape(_greedy_text("hi", 5), keep="\n\t") + "\n"
+    assert "5 tokens in" in captured.err
+
+
+def test_generate_stops_at_eos(capsys):
+    first = _greedy_text("hi", 1)[2:]
+    assert len(first) == 1 and ord(first) < 128       # tiny_mla's first greedy byte
+    assert main(["generate", "--variant", "tiny_mla", "--prompt", "hi", "--max-new-tokens", "5",
+                 "--temperature", "0", "--eos-id", str(ord(first))]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "hi\n"                    # EOS at once, and it is not printed
+    assert "1 tokens in" in captured.err
+
+
+def test_generate_batch_prints_one_line_per_prompt(capsys):
+    assert main(["generate", "--variant", "tiny_mla", "--prompt", "hi", "--prompt", "a\nb",
+                 "--max-new-tokens", "4", "--top-k", "5", "--top-p", "0.9", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("hi") and lines[1].startswith("a\\nb")   # newline escaped
+    assert captured.err.startswith("[0] hi")          # the first sequence streamed to stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-k", "0"], "top_k must be >= 1"),
+    (["--eos-id", "256"], "outside the vocabulary [0, 256)"),
+    (["--max-new-tokens", "100"], "exceeds the model's max_seq_len 64"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--n-loops", "0"], "--n-loops must be >= 1"),
+])
+def test_generate_errors(capsys, extra, message):
+    assert main(["generate", "--variant", "tiny_mla", "--prompt", "hi", *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and message in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_generate_needs_a_byte_vocabulary(tmp_path, capsys):
+    from mythos_jax.checkpoint import save_model
+    from mythos_jax.model import OpenMythos
+
+    ckpt = tmp_path / "small_vocab"
+    save_model(OpenMythos(variants.tiny_mla(vocab_size=128), rngs=nnx.Rngs(0)), ckpt)
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "hi"]) == 2
+    assert "need vocab_size >= 256" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert main(["generate", "--variant", "no_such_model", "--prompt", "hi"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+
+
+def test_generate_byte_stream_decodes_incrementally():
+    import io
+
+    from mythos_jax.cli import _ByteStream, _decode_tokens
+
+    out = io.StringIO()
+    stream = _ByteStream(out, eos_id=0)
+    for token in "é€\x1b".encode() + bytes([0xFF]):
+        stream.push(token)
+    stream.push(300)
+    stream.push(0)                                    # EOS: nothing after it is printed
+    stream.push(ord("x"))
+    stream.close()
+    assert out.getvalue() == "é€\\x1b\ufffd<300>"
+    assert _decode_tokens(list("é".encode()) + [300, 0xC3]) == "é<300>\ufffd"
