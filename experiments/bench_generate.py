@@ -11,7 +11,7 @@ Measured (see experiments/README.md, section "bench_generate.py"):
   sampling (temperature 1, top-k) and greedy, after a warm-up call that compiles; the ratio.
   Each side's time is split into prefill and decode (per-forward timestamps on the torch side,
   ``on_token`` timestamps on the JAX side);
-* decode-only: the jitted ``decode_step`` alone on a prepared cache (``block_until_ready``);
+* decode-only: the jitted greedy decode step (``compiled_decoder(...).step``) alone on a prepared cache (``block_until_ready``);
 * cache bytes per token: measured (the arrays of the ``KVCache``; the tensors of OpenMythos's
   cache dict after its ``generate``) for the benchmark config, analytic for ``mythos_1b``
   (``cache_values_per_token`` / ``openmythos_cache_values_per_token``, fp32, 16 loops);
@@ -36,6 +36,8 @@ import numpy as np  # noqa: E402
 from mythos_jax.benchmark import (NO_HALT_THRESHOLD, CpuMonitor, build_models,  # noqa: E402
                                   machine_info, wait_for_idle)
 from mythos_jax.config import MythosConfig  # noqa: E402
+
+_KEY = None  # greedy decoding: the sampling key is unused
 
 #: The benchmark model: a small MLA + MoE config (16 experts, top-2, 4 loops, vocab 4096).
 SMALL = dict(
@@ -154,7 +156,7 @@ def torch_decode_at(torch_model, batch: int, position: int, n_loops: int, steps:
 def jax_generate_run(model, prompts, new_tokens: int, n_loops: int, temperature: float,
                      top_k: int | None, seed: int) -> dict[str, Any]:
     """One ``generate`` call; ``on_token`` timestamps split prefill (up to the first token)
-    from decode (each later token: one ``decode_step`` + sampling + host transfer)."""
+    from decode (each later token: one jitted decode-and-sample step + host transfer)."""
     from mythos_jax.inference.generate import generate
 
     stamps: list[float] = []
@@ -173,32 +175,30 @@ def _prefilled(model, batch: int, prompt_len: int, max_len: int, n_loops: int, s
     from flax import nnx
 
     from mythos_jax.inference.cache import init_cache
-    from mythos_jax.inference.generate import prefill
+    from mythos_jax.inference.generate import compiled_decoder
 
-    model.eval()
     graphdef, state = nnx.split(model)
+    decoder = compiled_decoder(graphdef, n_loops)
     ids = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (batch, prompt_len))
     cache = init_cache(model.cfg, batch, max_len, n_loops)
-    logits, cache = prefill(graphdef, state, jnp.asarray(ids, jnp.int32), cache, n_loops)
+    _, logits, cache = decoder.prefill(state, jnp.asarray(ids, jnp.int32), cache, _KEY)
     logits.block_until_ready()
-    return graphdef, state, cache
+    return decoder, state, cache
 
 
 def jax_decode_steps(model, batch: int, prompt_len: int, max_len: int, n_loops: int,
                      steps: int, seed: int, warmup: int = 2) -> list[float]:
-    """Seconds per jitted ``decode_step`` (blocking) from cache position ``prompt_len`` on
+    """Seconds per jitted greedy decode step (blocking) from cache position ``prompt_len`` on
     (after ``warmup`` untimed steps, which also compile)."""
     import jax.numpy as jnp
 
-    from mythos_jax.inference.generate import decode_step
-
-    graphdef, state, cache = _prefilled(model, batch, prompt_len, max_len, n_loops, seed)
+    decoder, state, cache = _prefilled(model, batch, prompt_len, max_len, n_loops, seed)
     token = jnp.asarray(np.random.default_rng(seed + 1).integers(
         0, model.cfg.vocab_size, (batch,)), jnp.int32)
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        logits, cache = decode_step(graphdef, state, token, cache, n_loops)
+        _, logits, cache = decoder.step(state, token, cache, _KEY)
         logits.block_until_ready()
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -229,13 +229,13 @@ def parity(torch_model, jax_model, ids: np.ndarray, n_loops: int, steps: int,
     from flax import nnx
 
     from mythos_jax.inference.cache import init_cache
-    from mythos_jax.inference.generate import decode_step, prefill
+    from mythos_jax.inference.generate import compiled_decoder
 
     batch, prompt_len = ids.shape
-    jax_model.eval()
     graphdef, state = nnx.split(jax_model)
+    decoder = compiled_decoder(graphdef, n_loops)
     cache = init_cache(jax_model.cfg, batch, max(max_len, prompt_len + steps + 1), n_loops)
-    jax_logits, cache = prefill(graphdef, state, jnp.asarray(ids, jnp.int32), cache, n_loops)
+    _, jax_logits, cache = decoder.prefill(state, jnp.asarray(ids, jnp.int32), cache, _KEY)
     torch_cache: dict = {}
     with torch.no_grad():
         torch_logits = torch_model(torch.from_numpy(ids.astype(np.int64)), n_loops=n_loops,
@@ -248,7 +248,7 @@ def parity(torch_model, jax_model, ids: np.ndarray, n_loops: int, steps: int,
         if step == steps:
             break
         token = j.argmax(-1).astype(np.int32)
-        jax_logits, cache = decode_step(graphdef, state, jnp.asarray(token), cache, n_loops)
+        _, jax_logits, cache = decoder.step(state, jnp.asarray(token), cache, _KEY)
         with torch.no_grad():
             torch_logits = torch_model(torch.from_numpy(token[:, None].astype(np.int64)),
                                        n_loops=n_loops, kv_cache=torch_cache,

@@ -111,9 +111,12 @@ def run_static(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops: i
                        else jax.tree.map(lambda c: c[t], depth_caches))
         state, layer_cache = block.step(state, e, t, ctx.rope, ctx.mask, _step_key(ctx, t),
                                         layer_cache, index)
-        if depth_caches is not None:
-            depth_caches = jax.tree.map(lambda c, new: c.at[t].set(new), depth_caches,
-                                        layer_cache)
+        if depth_caches is not None:   # write back only this call's rows (slots index..)
+            depth_caches = jax.tree.map(
+                lambda c, new: jax.lax.dynamic_update_slice(
+                    c, jax.lax.dynamic_slice_in_dim(new, index, e.shape[1], axis=1)[None],
+                    (t, 0, index) + (0,) * (c.ndim - 3)),
+                depth_caches, layer_cache)
         return (state, depth_caches), None
 
     (final, cache), _ = jax.lax.scan(_remat(body, block.remat_policy),

@@ -122,14 +122,18 @@ class OpenMythos(nnx.Module):
             return loops.run_static(self.recurrent, e, ctx, int(n_loops))[:2]
         return loops.run_dynamic(self.recurrent, e, ctx, n_loops, exit, exit_threshold, decode)
 
-    def forward_cached(self, input_ids: jax.Array, cache, n_loops: int):
+    def forward_cached(self, input_ids: jax.Array, cache, n_loops: int, last_only: bool = False):
         """Prefill (T > 1, into an empty cache) or decode (T == 1) with a preallocated
         :class:`~mythos_jax.inference.cache.KVCache`: input_ids (B, T) ->
         (logits (B, T, vocab), cache advanced by T). Positions and masks come from the cache:
         slot ``index + i``, position ``slot - start_b``; padding slots are never attended.
         ``n_loops`` (static) must not exceed the depths the cache holds: the extra depths
-        would have no keys for earlier tokens (OpenMythos silently attends to nothing there)."""
-        self._check_input_ids(input_ids)
+        would have no keys for earlier tokens (OpenMythos silently attends to nothing there).
+        ``last_only``: logits of the last position only, (B, 1, vocab) (prefill for sampling).
+        A prefill (T > 1) must start an empty cache (no chunked prefill: checked on the host).
+        Token ids are range-checked only when concrete (``generate`` checks its prompts; a
+        traced check would cost a host round trip per decoded token)."""
+        self._check_input_ids(input_ids, check_traced=False)
         cfg = self.cfg
         if not isinstance(n_loops, int) or not 1 <= n_loops <= cache.n_loops:
             raise ValueError(f"n_loops must be an int in [1, {cache.n_loops}] (the loop depths "
@@ -144,6 +148,7 @@ class OpenMythos(nnx.Module):
             mask = (keys >= cache.start[:, None]) & (keys <= cache.index)
             mask = mask[:, None, :]
         else:        # prefill: causal over the prompt, padding masked (a pad row sees itself)
+            jax.debug.callback(_raise_if_cache_not_empty, cache.index)
             mask = causal_mask(T) & (jnp.arange(T)[None, None, :] >= cache.start[:, None, None])
             mask = mask | jnp.eye(T, dtype=bool)[None]
         x = jnp.take(self.embed[...], input_ids, axis=0)
@@ -160,7 +165,7 @@ class OpenMythos(nnx.Module):
                                     [None] * cfg.coda_layers, cache.coda, cache.index)
         cache = cache._replace(prelude=tuple(prelude_caches), recurrent=recurrent_cache,
                                coda=tuple(coda_caches), index=cache.index + T)
-        return self._head(x), cache
+        return self._head(x[:, -1:] if last_only else x), cache
 
     def _coda(self, x, rope, mask, coda_keys, caches=None, index=None):
         """Read-out and coda layers: (B, T, D) -> (B, T, D) and the coda caches."""
@@ -189,7 +194,7 @@ class OpenMythos(nnx.Module):
             return None
         return self.dropout_rngs.dropout()
 
-    def _check_input_ids(self, input_ids) -> None:
+    def _check_input_ids(self, input_ids, check_traced: bool = True) -> None:
         shape = getattr(input_ids, "shape", None)
         if shape is None or len(shape) != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {shape}")
@@ -201,11 +206,18 @@ class OpenMythos(nnx.Module):
         if 0 in shape:
             raise ValueError(f"input_ids must not be empty, got shape {shape}")
         if isinstance(input_ids, jax.core.Tracer):
-            jax.debug.callback(raise_if_out_of_vocab, jnp.min(input_ids), jnp.max(input_ids),
-                               self.cfg.vocab_size)
+            if check_traced:
+                jax.debug.callback(raise_if_out_of_vocab, jnp.min(input_ids), jnp.max(input_ids),
+                                   self.cfg.vocab_size)
         else:
             ids = np.asarray(input_ids)
             raise_if_out_of_vocab(ids.min(), ids.max(), self.cfg.vocab_size)
+
+
+def _raise_if_cache_not_empty(index) -> None:
+    if int(index) != 0:
+        raise ValueError(f"a multi-token forward_cached call (prefill) needs an empty cache, but "
+                         f"it already holds {int(index)} tokens (chunked prefill is not supported)")
 
 
 def _parcae_readout_init(dim: int):

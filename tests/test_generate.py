@@ -25,6 +25,13 @@ def model(request):
     return m
 
 
+def test_prefill_into_a_used_cache_raises(model):
+    cache = init_cache(model.cfg, 1, 8, 1)
+    _, cache = model.forward_cached(jnp.asarray([[1, 2]]), cache, 1)
+    with pytest.raises(ValueError, match="needs an empty cache"):
+        model.forward_cached(jnp.asarray([[3, 4]]), cache, 1)
+
+
 @pytest.mark.parametrize("n_loops", [1, 3])
 def test_cached_decode_equals_full_forward_with_padding(model, n_loops):
     continuation = [[1, 2, 3, 4], [9, 8, 7, 6], [3, 3, 3, 3]]
@@ -71,10 +78,12 @@ def test_greedy_generation_equals_openmythos(attn_type):
 
 def test_prefill_and_decode_compile_once(model):
     gen.generate(model, PROMPTS, 3, n_loops=2, temperature=0.0)
-    sizes = gen.prefill._cache_size(), gen.decode_step._cache_size()
-    gen.generate(model, [[1, 2], [3], [4, 5, 6, 7, 8]], 3, n_loops=2, temperature=0.7, seed=3,
+    decoder = gen.compiled_decoder(nnx.graphdef(model), 2, 0.0, None, None)
+    sizes = decoder.prefill._cache_size(), decoder.step._cache_size()
+    assert sizes == (1, 1)
+    gen.generate(model, [[1, 2], [3], [4, 5, 6, 7, 8]], 3, n_loops=2, temperature=0.0,
                  max_len=9)
-    assert (gen.prefill._cache_size(), gen.decode_step._cache_size()) == sizes
+    assert (decoder.prefill._cache_size(), decoder.step._cache_size()) == sizes
 
 
 def test_eos_stops_each_sequence(model):

@@ -6,8 +6,9 @@
 
 Prompts of different lengths are left-padded to the prompt budget ``max_len - max_new_tokens``;
 each sequence sees only its own tokens (padding masks) and its positions start at 0.
-``decode_step`` is compiled once per (batch, cache length, n_loops, dtype) and ``prefill`` once
-per (batch, prompt budget, n_loops, dtype), never per token or per prompt length.
+The decode step is compiled once per (batch, cache length, n_loops, sampling settings) and
+the prefill once per (batch, prompt budget, ...), never per token or per prompt length; both
+sample on the device, so each token costs one jitted call and one (B,) transfer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mythos_jax.inference.cache import KVCache, init_cache
+from mythos_jax.inference.cache import init_cache
 from mythos_jax.inference.sampling import check_sampling_args, sample_next
 from mythos_jax.model import raise_if_out_of_vocab
 
@@ -53,18 +54,31 @@ def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray, width: int | None = 
     return ids, np.asarray([width - n for n in lengths], np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_loops"), donate_argnames=("cache",))
-def prefill(graphdef, state, input_ids: jax.Array, cache: KVCache, n_loops: int):
-    """Left-padded prompts (B, P) -> logits of the last position (B, V) and the filled cache."""
-    logits, cache = nnx.merge(graphdef, state).forward_cached(input_ids, cache, n_loops)
-    return logits[:, -1], cache
+class Decoder(NamedTuple):
+    """Jitted generation steps for one (graphdef, n_loops, sampling settings); each returns
+    ``(next_token (B,), last logits (B, V), cache)`` and donates the cache.
+    ``prefill(state, ids (B, P), cache, key)``: left-padded prompts into an empty cache.
+    ``step(state, token (B,), cache, key)``: one token per sequence."""
+    prefill: Callable
+    step: Callable
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_loops"), donate_argnames=("cache",))
-def decode_step(graphdef, state, token: jax.Array, cache: KVCache, n_loops: int):
-    """One new token per sequence (B,) -> next-token logits (B, V) and the updated cache."""
-    logits, cache = nnx.merge(graphdef, state).forward_cached(token[:, None], cache, n_loops)
-    return logits[:, -1], cache
+@functools.lru_cache(maxsize=32)
+def compiled_decoder(graphdef, n_loops: int, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None) -> Decoder:
+    """The :class:`Decoder` for these settings; built once (the graphdef is hashed here, once
+    per ``generate`` call, not per token), compiled once per (batch, cache length)."""
+    def forward(state, ids, cache, key):
+        logits, cache = nnx.merge(graphdef, state).forward_cached(ids, cache, n_loops,
+                                                                  last_only=True)
+        logits = logits[:, -1]
+        return sample_next(logits, key, temperature, top_k, top_p), logits, cache
+
+    def step(state, token, cache, key):
+        return forward(state, token[:, None], cache, key)
+
+    return Decoder(jax.jit(forward, donate_argnames=("cache",)),
+                   jax.jit(step, donate_argnames=("cache",)))
 
 
 def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
@@ -93,20 +107,18 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
     ids, start = left_pad(prompts, width=max_len - max_new_tokens)
     raise_if_out_of_vocab(ids.min(), ids.max(), cfg.vocab_size)
     batch = ids.shape[0]
-    model.eval()
     graphdef, state = nnx.split(model)
+    decoder = compiled_decoder(graphdef, n_loops, float(temperature), top_k, top_p)
+    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     cache = init_cache(cfg, batch, max_len, n_loops, start)
-    logits, cache = prefill(graphdef, state, jnp.asarray(ids), cache, n_loops)
+    token, _, cache = decoder.prefill(state, jnp.asarray(ids), cache, keys[0])
 
-    key = jax.random.key(seed)
     fill = 0 if eos_id is None else eos_id
     tokens = np.full((batch, max_new_tokens), fill, np.int32)
     finished = np.zeros((batch,), bool)
     lengths = np.zeros((batch,), np.int32)
     for step in range(max_new_tokens):
-        key, step_key = jax.random.split(key)
-        next_token = np.asarray(sample_next(logits, step_key, temperature, top_k, top_p))
-        next_token = np.where(finished, fill, next_token)
+        next_token = np.where(finished, fill, np.asarray(token))
         tokens[:, step] = next_token
         lengths += ~finished
         if on_token is not None:
@@ -115,5 +127,5 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
             finished |= next_token == eos_id
         if finished.all() or step == max_new_tokens - 1:
             break
-        logits, cache = decode_step(graphdef, state, jnp.asarray(next_token), cache, n_loops)
+        token, _, cache = decoder.step(state, jnp.asarray(next_token), cache, keys[step + 1])
     return Generation(tokens, lengths)

@@ -96,7 +96,8 @@ def _grouped_dispatch(x, expert_ids, weights, gate, up, down):
     """
     n_tokens, k = expert_ids.shape
     n_experts, n_rows = gate.shape[0], expert_ids.size
-    block = min(256, max(8, 8 * math.ceil(n_rows / (2 * n_experts) / 8)))
+    rows_per_expert = n_rows / (2 * n_experts)   # half the mean load: bounded padding
+    block = 1 if rows_per_expert <= 1 else min(256, 8 * math.ceil(rows_per_expert / 8))
     n_blocks = math.ceil((n_rows + n_experts * (block - 1)) / block)
 
     flat_ids = expert_ids.reshape(-1)                                     # (N*K,)
