@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("torch")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "bench_generate.py")
 

@@ -1,18 +1,17 @@
-"""mythos-jax CLI: ``convert`` both ways (.pt -> checkpoint dir -> .pt) and its error path."""
+"""mythos-jax CLI: convert (both directions), parity, generate, and the error paths."""
 
 import json
 import os
 
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-
-from mythos_jax import variants  # noqa: E402
-from mythos_jax.checkpoint import is_checkpoint, load_model  # noqa: E402
-from mythos_jax.cli import build_parser, main  # noqa: E402
-from mythos_jax.interop.openmythos import config_to_torch, import_reference  # noqa: E402
+from mythos_jax import variants
+from mythos_jax.checkpoint import is_checkpoint, load_model
+from mythos_jax.cli import build_parser, main
+from mythos_jax.interop.openmythos import config_to_torch, import_reference
 
 
 @pytest.fixture(scope="module")
