@@ -170,6 +170,28 @@ def jax_generate_run(model, prompts, new_tokens: int, n_loops: int, temperature:
         stamps[0] - start), "decode_steps": new_tokens - 1}
 
 
+def early_exit_tradeoff(model, prompts, new_tokens: int, n_loops: int,
+                        rules=((None, 0.0), ("delta", 0.3), ("delta", 0.6), ("kl", 0.01))
+                        ) -> list[dict[str, Any]]:
+    """Per-sequence early exit in decode (greedy): loops per token, tokens/s and how many
+    tokens equal the full-depth generation's, for each (rule, threshold); after a warm-up."""
+    from mythos_jax.inference.generate import generate
+
+    rows, reference = [], None
+    for rule, threshold in rules:
+        kwargs = dict(n_loops=n_loops, temperature=0.0, exit=rule, exit_threshold=threshold)
+        generate(model, prompts, new_tokens, **kwargs)
+        start = time.perf_counter()
+        result = generate(model, prompts, new_tokens, **kwargs)
+        seconds = time.perf_counter() - start
+        reference = result if rule is None else reference
+        rows.append({"exit": rule or "off", "threshold": threshold,
+                     "loops_per_token": float(result.loops.mean()),
+                     "tokens_per_s": result.tokens.size / seconds,
+                     "token_agreement": float((result.tokens == reference.tokens).mean())})
+    return rows
+
+
 def _prefilled(model, batch: int, prompt_len: int, max_len: int, n_loops: int, seed: int):
     import jax.numpy as jnp
     from flax import nnx
@@ -181,7 +203,7 @@ def _prefilled(model, batch: int, prompt_len: int, max_len: int, n_loops: int, s
     decoder = compiled_decoder(graphdef, n_loops)
     ids = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (batch, prompt_len))
     cache = init_cache(model.cfg, batch, max_len, n_loops)
-    _, logits, cache = decoder.prefill(state, jnp.asarray(ids, jnp.int32), cache, _KEY)
+    _, logits, cache, _ = decoder.prefill(state, jnp.asarray(ids, jnp.int32), cache, _KEY)
     logits.block_until_ready()
     return decoder, state, cache
 
@@ -198,7 +220,7 @@ def jax_decode_steps(model, batch: int, prompt_len: int, max_len: int, n_loops: 
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        _, logits, cache = decoder.step(state, token, cache, _KEY)
+        _, logits, cache, _ = decoder.step(state, token, cache, _KEY)
         logits.block_until_ready()
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -235,7 +257,8 @@ def parity(torch_model, jax_model, ids: np.ndarray, n_loops: int, steps: int,
     graphdef, state = nnx.split(jax_model)
     decoder = compiled_decoder(graphdef, n_loops)
     cache = init_cache(jax_model.cfg, batch, max(max_len, prompt_len + steps + 1), n_loops)
-    _, jax_logits, cache = decoder.prefill(state, jnp.asarray(ids, jnp.int32), cache, _KEY)
+    _, jax_logits, cache, _ = decoder.prefill(state, jnp.asarray(ids, jnp.int32), cache,
+                                               _KEY)
     torch_cache: dict = {}
     with torch.no_grad():
         torch_logits = torch_model(torch.from_numpy(ids.astype(np.int64)), n_loops=n_loops,
@@ -248,7 +271,7 @@ def parity(torch_model, jax_model, ids: np.ndarray, n_loops: int, steps: int,
         if step == steps:
             break
         token = j.argmax(-1).astype(np.int32)
-        _, jax_logits, cache = decoder.step(state, jnp.asarray(token), cache, _KEY)
+        _, jax_logits, cache, _ = decoder.step(state, jnp.asarray(token), cache, _KEY)
         with torch.no_grad():
             torch_logits = torch_model(torch.from_numpy(token[:, None].astype(np.int64)),
                                        n_loops=n_loops, kv_cache=torch_cache,
@@ -420,7 +443,11 @@ def run(quick: bool = False, seed: int = 0, spread_routing: bool = False,
         position[name] = {"step_s_short": _median(s), "step_s_long": _median(l),
                           "ratio": _median(l) / _median(s)}
 
+    log("per-sequence early exit in decode ...")
+    exits = early_exit_tradeoff(jax_model, prompts, N, L)
+
     result = {
+        "early_exit": exits,
         "config": cfg.to_dict(), "quick": quick, "seed": seed, "spread_routing": spread_routing,
         "batch": B, "prompt_len": P, "new_tokens": N, "n_loops": L,
         "sampling": {"openmythos": f"temperature 1.0, top_k {top_k} (its generate)",
@@ -525,6 +552,13 @@ def format_result(r: dict[str, Any]) -> str:
                     f"{1e3 * p[key]['step_s_long']:.2f}", f"{p[key]['ratio']:.2f}x")
                    for name, key in (("mythos-jax decode_step", "mythos_jax"),
                                      ("OpenMythos one-token forward", "openmythos"))])
+    out.append("")
+    out.append(f"per-sequence early exit in decode (greedy, {r['n_loops']} loops max; "
+               "agreement = tokens equal to the full-depth generation)")
+    out += _table(("exit", "threshold", "loops/token", "tok/s", "agreement"),
+                  [(e["exit"], f"{e['threshold']:g}", f"{e['loops_per_token']:.2f}",
+                    f"{e['tokens_per_s']:,.0f}", f"{100 * e['token_agreement']:.1f}%")
+                   for e in r["early_exit"]])
     a = r["aims"]
     out.append("")
     out.append(f"aims: decode throughput {a['decode_speedup']:.1f}x OpenMythos "

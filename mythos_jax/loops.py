@@ -57,12 +57,31 @@ def _step_key(ctx: LoopContext, t) -> jax.Array | None:
     return None if ctx.key is None else jax.random.fold_in(ctx.key, t)
 
 
-def _masked_step(block: RecurrentBlock, state: LoopState, e, t, active, ctx) -> LoopState:
-    """One iteration for the sequences where ``active`` (B,) is True; the others keep state."""
-    new, _ = block.step(state, e, jnp.maximum(t, 0), ctx.rope, ctx.mask, _step_key(ctx, t))
+def _masked_step(block: RecurrentBlock, state: LoopState, e, t, active, ctx, cache=None,
+                 index=None) -> tuple[LoopState, dict | None]:
+    """One iteration for the sequences where ``active`` (B,) is True; the others keep state.
+    With a layer ``cache`` every sequence's keys are written (a stopped sequence's from its
+    frozen state), so later tokens find keys at every depth."""
+    new, cache = block.step(state, e, jnp.maximum(t, 0), ctx.rope, ctx.mask, _step_key(ctx, t),
+                            cache, index)
     return jax.tree.map(
         lambda n, o: jnp.where(active.reshape(active.shape + (1,) * (n.ndim - 1)), n, o),
-        new, state)
+        new, state), cache
+
+
+def _read_depth(depth_caches, t):
+    return None if depth_caches is None else jax.tree.map(lambda c: c[t], depth_caches)
+
+
+def _write_depth(depth_caches, layer_cache, t, index, length: int):
+    """Write rows ``index .. index + length`` of depth t's updated cache into the stack."""
+    if depth_caches is None:
+        return None
+    return jax.tree.map(
+        lambda c, new: jax.lax.dynamic_update_slice(
+            c, jax.lax.dynamic_slice_in_dim(new, index, length, axis=1)[None],
+            (t, 0, index) + (0,) * (c.ndim - 3)),
+        depth_caches, layer_cache)
 
 
 def _remat(body: Callable, policy: str) -> Callable:
@@ -107,17 +126,9 @@ def run_static(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops: i
     updated at depth t by iteration t (prefill / decode)."""
     def body(carry, t):
         state, depth_caches = carry
-        layer_cache = (None if depth_caches is None
-                       else jax.tree.map(lambda c: c[t], depth_caches))
         state, layer_cache = block.step(state, e, t, ctx.rope, ctx.mask, _step_key(ctx, t),
-                                        layer_cache, index)
-        if depth_caches is not None:   # write back only this call's rows (slots index..)
-            depth_caches = jax.tree.map(
-                lambda c, new: jax.lax.dynamic_update_slice(
-                    c, jax.lax.dynamic_slice_in_dim(new, index, e.shape[1], axis=1)[None],
-                    (t, 0, index) + (0,) * (c.ndim - 3)),
-                depth_caches, layer_cache)
-        return (state, depth_caches), None
+                                        _read_depth(depth_caches, t), index)
+        return (state, _write_depth(depth_caches, layer_cache, t, index, e.shape[1])), None
 
     (final, cache), _ = jax.lax.scan(_remat(body, block.remat_policy),
                                      (LoopState.start(e), cache),
@@ -127,8 +138,9 @@ def run_static(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops: i
 
 def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
                 exit: str | None = None, threshold: float = 0.0,
-                decode: Callable[[jax.Array], jax.Array] | None = None
-                ) -> tuple[LoopState, jax.Array]:
+                decode: Callable[[jax.Array], jax.Array] | None = None,
+                cache: dict | None = None, index=None
+                ) -> tuple[LoopState, jax.Array, dict | None]:
     """Up to ``n_loops`` (scalar or (B,), traced or not) iterations in a while loop.
 
     ``exit``: None (run every count), "act" (a sequence stops once all its positions halted:
@@ -136,7 +148,9 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
     positions between successive next-token distributions, ``decode(readout)``, falls below
     ``threshold``), "delta" (stop when ||h_t - h_{t-1}|| / ||h_t|| < ``threshold``). A sequence
     that stopped is frozen; the loop ends when every sequence stopped. Not reverse-
-    differentiable (use ``run_training``). Returns the state and the iterations run (B,).
+    differentiable (use ``run_training``). Returns the state, the iterations run (B,) and the
+    updated per-depth ``cache`` (serving: depths past the last iteration run get the keys of
+    the last one, so later tokens always find keys).
     """
     batch = e.shape[0]
     counts = per_sequence(n_loops, batch)
@@ -145,13 +159,15 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
                 else decode(block.readout(start)))
 
     def cond(carry):
-        t, _, _, done, _ = carry
+        t, _, _, done, _, _ = carry
         return (t < jnp.max(counts)) & ~jnp.all(done)
 
     def body(carry):
-        t, state, loops_run, done, previous = carry
+        t, state, loops_run, done, previous, depth_caches = carry
         active = ~done & (t < counts)
-        new = _masked_step(block, state, e, t, active, ctx)
+        new, layer_cache = _masked_step(block, state, e, t, active, ctx,
+                                        _read_depth(depth_caches, t), index)
+        depth_caches = _write_depth(depth_caches, layer_cache, t, index, e.shape[1])
         if exit == "act":
             converged = jnp.all(new.halted, axis=1)
         elif exit == "delta":
@@ -166,11 +182,25 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
             converged = jnp.zeros((batch,), bool)
         loops_run = loops_run + active.astype(jnp.int32)
         done = done | (t + 1 >= counts) | (active & converged)
-        return t + 1, new, loops_run, done, previous
+        return t + 1, new, loops_run, done, previous, depth_caches
 
-    init = (jnp.int32(0), start, jnp.zeros((batch,), jnp.int32), counts < 1, previous)
-    _, final, loops_run, _, _ = jax.lax.while_loop(cond, body, init)
-    return final, loops_run
+    init = (jnp.int32(0), start, jnp.zeros((batch,), jnp.int32), counts < 1, previous, cache)
+    t_end, final, loops_run, _, _, cache = jax.lax.while_loop(cond, body, init)
+    return final, loops_run, _fill_unrun_depths(cache, t_end, index, e.shape[1])
+
+
+def _fill_unrun_depths(depth_caches, t_end, index, length: int):
+    """Copy this call's rows of depth ``t_end - 1`` into every depth >= t_end."""
+    if depth_caches is None:
+        return None
+
+    def fill(c):
+        rows = jax.lax.dynamic_slice_in_dim(c, index, length, axis=2)     # (L, B, T, ...)
+        unrun = (jnp.arange(c.shape[0]) >= t_end).reshape((-1,) + (1,) * (c.ndim - 1))
+        rows = jnp.where(unrun, rows[jnp.maximum(t_end - 1, 0)][None], rows)
+        return jax.lax.dynamic_update_slice_in_dim(c, rows, index, axis=2)
+
+    return jax.tree.map(fill, depth_caches)
 
 
 def run_training(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
@@ -192,7 +222,7 @@ def run_training(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
                              "max_loops (or give backprop_depth)")
 
         def full_body(state, t):
-            return _masked_step(block, state, e, t, t < counts, ctx), None
+            return _masked_step(block, state, e, t, t < counts, ctx)[0], None
 
         final, _ = jax.lax.scan(_remat(full_body, block.remat_policy), LoopState.start(e),
                                 jnp.arange(max_loops, dtype=jnp.int32))
@@ -205,7 +235,7 @@ def run_training(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
 
     def free_body(carry):
         t, state = carry
-        return t + 1, _masked_step(frozen, state, frozen_e, t, t < free_counts, ctx)
+        return t + 1, _masked_step(frozen, state, frozen_e, t, t < free_counts, ctx)[0]
 
     _, state = jax.lax.while_loop(lambda c: c[0] < jnp.max(free_counts), free_body,
                                   (jnp.int32(0), LoopState.start(frozen_e)))
@@ -218,7 +248,7 @@ def run_training(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
 
     def grad_body(state, j):
         t = free_counts + j                                                # (B,)
-        return _masked_step(block, state, e, t, t >= 0, ctx), None
+        return _masked_step(block, state, e, t, t >= 0, ctx)[0], None
 
     final, _ = jax.lax.scan(_remat(grad_body, block.remat_policy), state,
                             jnp.arange(backprop_depth, dtype=jnp.int32))

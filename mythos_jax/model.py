@@ -120,9 +120,12 @@ class OpenMythos(nnx.Module):
             return loops.run_training(self.recurrent, e, ctx, n_loops, backprop_depth, max_loops)
         if static and exit is None:
             return loops.run_static(self.recurrent, e, ctx, int(n_loops))[:2]
-        return loops.run_dynamic(self.recurrent, e, ctx, n_loops, exit, exit_threshold, decode)
+        return loops.run_dynamic(self.recurrent, e, ctx, n_loops, exit, exit_threshold,
+                                 decode)[:2]
 
-    def forward_cached(self, input_ids: jax.Array, cache, n_loops: int, last_only: bool = False):
+    def forward_cached(self, input_ids: jax.Array, cache, n_loops: int, last_only: bool = False,
+                       exit: str | None = None, exit_threshold: float = 1e-3,
+                       return_loops: bool = False):
         """Prefill (T > 1, into an empty cache) or decode (T == 1) with a preallocated
         :class:`~mythos_jax.inference.cache.KVCache`: input_ids (B, T) ->
         (logits (B, T, vocab), cache advanced by T). Positions and masks come from the cache:
@@ -130,6 +133,12 @@ class OpenMythos(nnx.Module):
         ``n_loops`` (static) must not exceed the depths the cache holds: the extra depths
         would have no keys for earlier tokens (OpenMythos silently attends to nothing there).
         ``last_only``: logits of the last position only, (B, 1, vocab) (prefill for sampling).
+        ``exit`` ("act" | "kl" | "delta"): each sequence stops looping when its rule fires
+        (:func:`mythos_jax.loops.run_dynamic`); a stopped sequence is frozen while the others
+        go on, and its keys at the remaining depths come from its frozen state (then from the
+        last depth run), so later tokens always find keys at every depth. This approximates
+        the full-depth model (OpenMythos runs every loop with a cache). ``return_loops``: also
+        return the loops run per sequence (B,).
         A prefill (T > 1) must start an empty cache (no chunked prefill: checked on the host).
         Token ids are range-checked only when concrete (``generate`` checks its prompts; a
         traced check would cost a host round trip per decoded token)."""
@@ -158,14 +167,24 @@ class OpenMythos(nnx.Module):
             prelude_caches.append(layer_cache)
         if self.prelude_norm is not None:
             x = self.prelude_norm(x)
-        state, _, recurrent_cache = loops.run_static(
-            self.recurrent, x, loops.LoopContext(rope, mask, None), n_loops, cache.recurrent,
-            cache.index)
+        ctx = loops.LoopContext(rope, mask, None)
+        if exit is None:
+            state, loops_run, recurrent_cache = loops.run_static(
+                self.recurrent, x, ctx, n_loops, cache.recurrent, cache.index)
+        else:
+            def log_probs(h):   # coda over the cache, read only, for the "kl" rule
+                coda_out, _ = self._coda(h, rope, mask, [None] * cfg.coda_layers, cache.coda,
+                                         cache.index)
+                return jax.nn.log_softmax(self._head(coda_out))
+            state, loops_run, recurrent_cache = loops.run_dynamic(
+                self.recurrent, x, ctx, jnp.int32(n_loops), exit, exit_threshold, log_probs,
+                cache.recurrent, cache.index)
         x, coda_caches = self._coda(self.recurrent.readout(state), rope, mask,
                                     [None] * cfg.coda_layers, cache.coda, cache.index)
         cache = cache._replace(prelude=tuple(prelude_caches), recurrent=recurrent_cache,
                                coda=tuple(coda_caches), index=cache.index + T)
-        return self._head(x[:, -1:] if last_only else x), cache
+        logits = self._head(x[:, -1:] if last_only else x)
+        return (logits, cache, loops_run) if return_loops else (logits, cache)
 
     def _coda(self, x, rope, mask, coda_keys, caches=None, index=None):
         """Read-out and coda layers: (B, T, D) -> (B, T, D) and the coda caches."""

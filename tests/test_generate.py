@@ -78,12 +78,39 @@ def test_greedy_generation_equals_openmythos(attn_type):
 
 def test_prefill_and_decode_compile_once(model):
     gen.generate(model, PROMPTS, 3, n_loops=2, temperature=0.0)
-    decoder = gen.compiled_decoder(nnx.graphdef(model), 2, 0.0, None, None)
+    decoder = gen.compiled_decoder(nnx.graphdef(model), 2, 0.0, None, None, None, 1e-3)
     sizes = decoder.prefill._cache_size(), decoder.step._cache_size()
     assert sizes == (1, 1)
     gen.generate(model, [[1, 2], [3], [4, 5, 6, 7, 8]], 3, n_loops=2, temperature=0.0,
                  max_len=9)
     assert (decoder.prefill._cache_size(), decoder.step._cache_size()) == sizes
+
+
+def test_decode_early_exit_per_sequence(model):
+    full = gen.generate(model, PROMPTS, 6, n_loops=8, temperature=0.0)
+    np.testing.assert_array_equal(full.loops, 8)
+    act = gen.generate(model, PROMPTS, 6, n_loops=8, temperature=0.0, exit="act")
+    assert (act.loops >= 1).all() and (act.loops <= 8).all() and (act.loops < 8).any()
+    # The prompt's ACT exit leaves the output unchanged: the first token is the same.
+    np.testing.assert_array_equal(act.tokens[:, 0], full.tokens[:, 0])
+    # A rule that never fires runs every loop and reproduces the full-depth generation.
+    never = gen.generate(model, PROMPTS, 6, n_loops=8, temperature=0.0, exit="delta",
+                         exit_threshold=0.0)
+    np.testing.assert_array_equal(never.tokens, full.tokens)
+    np.testing.assert_array_equal(never.loops, 8)
+
+
+def test_early_exit_fills_every_depth_of_the_cache(model):
+    ids, start = gen.left_pad(PROMPTS)
+    cache = init_cache(model.cfg, len(PROMPTS), 12, 8, start)
+    _, cache = model.forward_cached(jnp.asarray(ids), cache, 8)
+    slot = int(cache.index)
+    _, cache, loops_run = model.forward_cached(jnp.asarray([[1], [2], [3]]), cache, 8,
+                                               exit="act", return_loops=True)
+    assert int(loops_run.max()) < 8
+    for array in cache.recurrent.values():          # (depth, B, S, ...)
+        written = np.abs(np.asarray(array[:, :, slot])).reshape(8, -1).sum(axis=1)
+        assert (written > 0).all()
 
 
 def test_eos_stops_each_sequence(model):

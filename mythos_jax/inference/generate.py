@@ -29,6 +29,7 @@ from mythos_jax.model import raise_if_out_of_vocab
 class Generation(NamedTuple):
     tokens: np.ndarray    # (B, max_new_tokens) int32
     lengths: np.ndarray   # (B,) int32: tokens generated per sequence (EOS included)
+    loops: np.ndarray     # (B, max_new_tokens) int32: loops run for each token
 
 
 def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray, width: int | None = None,
@@ -55,8 +56,9 @@ def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray, width: int | None = 
 
 
 class Decoder(NamedTuple):
-    """Jitted generation steps for one (graphdef, n_loops, sampling settings); each returns
-    ``(next_token (B,), last logits (B, V), cache)`` and donates the cache.
+    """Jitted generation steps for one (graphdef, n_loops, sampling, exit settings); each
+    returns ``(next_token (B,), last logits (B, V), cache, loops run (B,))`` and donates the
+    cache.
     ``prefill(state, ids (B, P), cache, key)``: left-padded prompts into an empty cache.
     ``step(state, token (B,), cache, key)``: one token per sequence."""
     prefill: Callable
@@ -65,14 +67,16 @@ class Decoder(NamedTuple):
 
 @functools.lru_cache(maxsize=32)
 def compiled_decoder(graphdef, n_loops: int, temperature: float = 0.0,
-                     top_k: int | None = None, top_p: float | None = None) -> Decoder:
+                     top_k: int | None = None, top_p: float | None = None,
+                     exit: str | None = None, exit_threshold: float = 1e-3) -> Decoder:
     """The :class:`Decoder` for these settings; built once (the graphdef is hashed here, once
     per ``generate`` call, not per token), compiled once per (batch, cache length)."""
     def forward(state, ids, cache, key):
-        logits, cache = nnx.merge(graphdef, state).forward_cached(ids, cache, n_loops,
-                                                                  last_only=True)
+        logits, cache, loops_run = nnx.merge(graphdef, state).forward_cached(
+            ids, cache, n_loops, last_only=True, exit=exit, exit_threshold=exit_threshold,
+            return_loops=True)
         logits = logits[:, -1]
-        return sample_next(logits, key, temperature, top_k, top_p), logits, cache
+        return sample_next(logits, key, temperature, top_k, top_p), logits, cache, loops_run
 
     def step(state, token, cache, key):
         return forward(state, token[:, None], cache, key)
@@ -84,10 +88,15 @@ def compiled_decoder(graphdef, n_loops: int, temperature: float = 0.0,
 def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed: int = 0, max_len: int | None = None,
-             on_token: Callable[[np.ndarray], None] | None = None) -> Generation:
+             on_token: Callable[[np.ndarray], None] | None = None, exit: str | None = None,
+             exit_threshold: float = 1e-3) -> Generation:
     """Sample ``max_new_tokens`` per prompt (greedy at ``temperature=0``), stopping each
     sequence at ``eos_id``. ``max_len`` is the cache length (default: longest prompt +
-    max_new_tokens). ``on_token`` receives each step's tokens (B,) (streaming)."""
+    max_new_tokens). ``on_token`` receives each step's tokens (B,) (streaming).
+    ``exit`` ("act" | "kl" | "delta", off by default): per-sequence early exit of the loop
+    for every token (continuous depth-wise batching: a sequence that stopped is masked while
+    the batch goes on); ``Generation.loops`` reports the loops run per token. It trades
+    exactness against the full-depth model for fewer loops (see ``forward_cached``)."""
     cfg = model.cfg
     n_loops = cfg.max_loop_iters if n_loops is None else n_loops
     check_sampling_args(temperature, top_k, top_p)
@@ -108,18 +117,21 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
     raise_if_out_of_vocab(ids.min(), ids.max(), cfg.vocab_size)
     batch = ids.shape[0]
     graphdef, state = nnx.split(model)
-    decoder = compiled_decoder(graphdef, n_loops, float(temperature), top_k, top_p)
+    decoder = compiled_decoder(graphdef, n_loops, float(temperature), top_k, top_p, exit,
+                               float(exit_threshold))
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     cache = init_cache(cfg, batch, max_len, n_loops, start)
-    token, _, cache = decoder.prefill(state, jnp.asarray(ids), cache, keys[0])
+    token, _, cache, loops_run = decoder.prefill(state, jnp.asarray(ids), cache, keys[0])
 
     fill = 0 if eos_id is None else eos_id
     tokens = np.full((batch, max_new_tokens), fill, np.int32)
+    loops = np.zeros((batch, max_new_tokens), np.int32)
     finished = np.zeros((batch,), bool)
     lengths = np.zeros((batch,), np.int32)
     for step in range(max_new_tokens):
         next_token = np.where(finished, fill, np.asarray(token))
         tokens[:, step] = next_token
+        loops[:, step] = np.where(finished, 0, np.asarray(loops_run))
         lengths += ~finished
         if on_token is not None:
             on_token(next_token)
@@ -127,5 +139,6 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
             finished |= next_token == eos_id
         if finished.all() or step == max_new_tokens - 1:
             break
-        token, _, cache = decoder.step(state, jnp.asarray(next_token), cache, keys[step + 1])
-    return Generation(tokens, lengths)
+        token, _, cache, loops_run = decoder.step(state, jnp.asarray(next_token), cache,
+                                                  keys[step + 1])
+    return Generation(tokens, lengths, loops)
