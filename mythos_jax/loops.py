@@ -70,7 +70,11 @@ def _masked_step(block: RecurrentBlock, state: LoopState, e, t, active, ctx, cac
 
 
 def _read_depth(depth_caches, t):
-    return None if depth_caches is None else jax.tree.map(lambda c: c[t], depth_caches)
+    """Depth t's cache; a stack with fewer depths than loops is shared (slot t mod size,
+    Huginn's KV sharing)."""
+    if depth_caches is None:
+        return None
+    return jax.tree.map(lambda c: c[t % c.shape[0]], depth_caches)
 
 
 def _write_depth(depth_caches, layer_cache, t, index, length: int):
@@ -80,7 +84,7 @@ def _write_depth(depth_caches, layer_cache, t, index, length: int):
     return jax.tree.map(
         lambda c, new: jax.lax.dynamic_update_slice(
             c, jax.lax.dynamic_slice_in_dim(new, index, length, axis=1)[None],
-            (t, 0, index) + (0,) * (c.ndim - 3)),
+            (t % c.shape[0], 0, index) + (0,) * (c.ndim - 3)),
         depth_caches, layer_cache)
 
 
@@ -195,6 +199,8 @@ def _fill_unrun_depths(depth_caches, t_end, index, length: int):
         return None
 
     def fill(c):
+        if c.shape[0] == 1:        # one shared depth slot: nothing to fill
+            return c
         rows = jax.lax.dynamic_slice_in_dim(c, index, length, axis=2)     # (L, B, T, ...)
         unrun = (jnp.arange(c.shape[0]) >= t_end).reshape((-1,) + (1,) * (c.ndim - 1))
         rows = jnp.where(unrun, rows[jnp.maximum(t_end - 1, 0)][None], rows)

@@ -125,7 +125,7 @@ class OpenMythos(nnx.Module):
 
     def forward_cached(self, input_ids: jax.Array, cache, n_loops: int, last_only: bool = False,
                        exit: str | None = None, exit_threshold: float = 1e-3,
-                       return_loops: bool = False):
+                       return_loops: bool = False, share_depths: bool = False):
         """Prefill (T > 1, into an empty cache) or decode (T == 1) with a preallocated
         :class:`~mythos_jax.inference.cache.KVCache`: input_ids (B, T) ->
         (logits (B, T, vocab), cache advanced by T). Positions and masks come from the cache:
@@ -138,15 +138,19 @@ class OpenMythos(nnx.Module):
         go on, and its keys at the remaining depths come from its frozen state (then from the
         last depth run), so later tokens always find keys at every depth. This approximates
         the full-depth model (OpenMythos runs every loop with a cache). ``return_loops``: also
-        return the loops run per sequence (B,).
+        return the loops run per sequence (B,). ``share_depths``: the cache holds fewer depth
+        slots than loops and depth t uses slot ``t mod slots`` (Huginn's KV sharing: with one
+        slot, earlier tokens are seen through the keys of the last depth that wrote them).
         A prefill (T > 1) must start an empty cache (no chunked prefill: checked on the host).
         Token ids are range-checked only when concrete (``generate`` checks its prompts; a
         traced check would cost a host round trip per decoded token)."""
         self._check_input_ids(input_ids, check_traced=False)
         cfg = self.cfg
-        if not isinstance(n_loops, int) or not 1 <= n_loops <= cache.n_loops:
+        if not isinstance(n_loops, int) or n_loops < 1 or (
+                not share_depths and n_loops > cache.n_loops):
             raise ValueError(f"n_loops must be an int in [1, {cache.n_loops}] (the loop depths "
-                             f"this cache was built for), got {n_loops!r}")
+                             f"this cache was built for; share_depths=True reuses slots), "
+                             f"got {n_loops!r}")
         B, T = input_ids.shape
         slots = cache.index + jnp.arange(T, dtype=jnp.int32)
         positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)     # (B, T)

@@ -78,7 +78,7 @@ def test_greedy_generation_equals_openmythos(attn_type):
 
 def test_prefill_and_decode_compile_once(model):
     gen.generate(model, PROMPTS, 3, n_loops=2, temperature=0.0)
-    decoder = gen.compiled_decoder(nnx.graphdef(model), 2, 0.0, None, None, None, 1e-3)
+    decoder = gen.compiled_decoder(nnx.graphdef(model), 2, 0.0, None, None, None, 1e-3, False)
     sizes = decoder.prefill._cache_size(), decoder.step._cache_size()
     assert sizes == (1, 1)
     gen.generate(model, [[1, 2], [3], [4, 5, 6, 7, 8]], 3, n_loops=2, temperature=0.0,
@@ -111,6 +111,28 @@ def test_early_exit_fills_every_depth_of_the_cache(model):
     for array in cache.recurrent.values():          # (depth, B, S, ...)
         written = np.abs(np.asarray(array[:, :, slot])).reshape(8, -1).sum(axis=1)
         assert (written > 0).all()
+
+
+def test_depth_shared_cache(model):
+    full = gen.generate(model, PROMPTS, 5, n_loops=4, temperature=0.0)
+    same = gen.generate(model, PROMPTS, 5, n_loops=4, temperature=0.0, depth_slots=4)
+    np.testing.assert_array_equal(same.tokens, full.tokens)   # 4 slots for 4 loops: no sharing
+    shared = gen.generate(model, PROMPTS, 5, n_loops=4, temperature=0.0, depth_slots=1)
+    np.testing.assert_array_equal(shared.tokens[:, 0], full.tokens[:, 0])  # prefill unchanged
+    ids, start = gen.left_pad(PROMPTS)
+    full_cache = init_cache(model.cfg, 3, 8, 4, start)
+    shared_cache = init_cache(model.cfg, 3, 8, 1, start)
+    expected, full_cache = model.forward_cached(jnp.asarray(ids), full_cache, 4)
+    prefill, shared_cache = model.forward_cached(jnp.asarray(ids), shared_cache, 4,
+                                                 share_depths=True)
+    np.testing.assert_allclose(prefill, expected, atol=1e-6)  # prefill reads no cache
+    token = jnp.asarray([[1], [2], [3]])
+    exact, _ = model.forward_cached(token, full_cache, 4)
+    step, shared_cache = model.forward_cached(token, shared_cache, 4, share_depths=True)
+    assert next(iter(shared_cache.recurrent.values())).shape[0] == 1
+    assert np.isfinite(np.asarray(step)).all() and not np.allclose(step, exact, atol=1e-4)
+    with pytest.raises(ValueError, match="depth_slots must be in"):
+        gen.generate(model, PROMPTS, 2, n_loops=4, depth_slots=5)
 
 
 def test_eos_stops_each_sequence(model):

@@ -68,13 +68,14 @@ class Decoder(NamedTuple):
 @functools.lru_cache(maxsize=32)
 def compiled_decoder(graphdef, n_loops: int, temperature: float = 0.0,
                      top_k: int | None = None, top_p: float | None = None,
-                     exit: str | None = None, exit_threshold: float = 1e-3) -> Decoder:
+                     exit: str | None = None, exit_threshold: float = 1e-3,
+                     share_depths: bool = False) -> Decoder:
     """The :class:`Decoder` for these settings; built once (the graphdef is hashed here, once
     per ``generate`` call, not per token), compiled once per (batch, cache length)."""
     def forward(state, ids, cache, key):
         logits, cache, loops_run = nnx.merge(graphdef, state).forward_cached(
             ids, cache, n_loops, last_only=True, exit=exit, exit_threshold=exit_threshold,
-            return_loops=True)
+            return_loops=True, share_depths=share_depths)
         logits = logits[:, -1]
         return sample_next(logits, key, temperature, top_k, top_p), logits, cache, loops_run
 
@@ -89,14 +90,17 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed: int = 0, max_len: int | None = None,
              on_token: Callable[[np.ndarray], None] | None = None, exit: str | None = None,
-             exit_threshold: float = 1e-3) -> Generation:
+             exit_threshold: float = 1e-3, depth_slots: int | None = None) -> Generation:
     """Sample ``max_new_tokens`` per prompt (greedy at ``temperature=0``), stopping each
     sequence at ``eos_id``. ``max_len`` is the cache length (default: longest prompt +
     max_new_tokens). ``on_token`` receives each step's tokens (B,) (streaming).
     ``exit`` ("act" | "kl" | "delta", off by default): per-sequence early exit of the loop
     for every token (continuous depth-wise batching: a sequence that stopped is masked while
     the batch goes on); ``Generation.loops`` reports the loops run per token. It trades
-    exactness against the full-depth model for fewer loops (see ``forward_cached``)."""
+    exactness against the full-depth model for fewer loops (see ``forward_cached``).
+    ``depth_slots`` (off by default): a recurrent cache of that many depth slots shared by
+    all loops (slot t mod depth_slots; 1 = one slot per token, Huginn-style), trading cache
+    memory for a change in the next-token distribution."""
     cfg = model.cfg
     n_loops = cfg.max_loop_iters if n_loops is None else n_loops
     check_sampling_args(temperature, top_k, top_p)
@@ -117,10 +121,12 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
     raise_if_out_of_vocab(ids.min(), ids.max(), cfg.vocab_size)
     batch = ids.shape[0]
     graphdef, state = nnx.split(model)
+    if depth_slots is not None and not 1 <= depth_slots <= n_loops:
+        raise ValueError(f"depth_slots must be in [1, n_loops={n_loops}], got {depth_slots}")
     decoder = compiled_decoder(graphdef, n_loops, float(temperature), top_k, top_p, exit,
-                               float(exit_threshold))
+                               float(exit_threshold), depth_slots is not None)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    cache = init_cache(cfg, batch, max_len, n_loops, start)
+    cache = init_cache(cfg, batch, max_len, depth_slots or n_loops, start)
     token, _, cache, loops_run = decoder.prefill(state, jnp.asarray(ids), cache, keys[0])
 
     fill = 0 if eos_id is None else eos_id
