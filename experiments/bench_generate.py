@@ -22,7 +22,6 @@ Measured (see experiments/README.md, section "bench_generate.py"):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from mythos_jax.benchmark import (NO_HALT_THRESHOLD, CpuMonitor, build_models,  # noqa: E402
-                                  machine_info, wait_for_idle)
+                                  machine_info, wait_for_idle, write_json)
 from mythos_jax.config import MythosConfig  # noqa: E402
 
 _KEY = None  # greedy decoding: the sampling key is unused
@@ -596,10 +595,7 @@ def main(argv=None) -> int:
                  overrides=overrides, log=log)
     print(format_result(result))
     print(f"(wall time {result['wall_s']:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        print(f"figures written to {args.json}")
+    write_json(result, args.json)
     return 0
 
 

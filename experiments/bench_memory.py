@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -38,8 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mythos_jax import OpenMythos  # noqa: E402
-from mythos_jax.benchmark import PRESETS, benchmark_config  # noqa: E402
-from mythos_jax.config import parse_override  # noqa: E402
+from mythos_jax.benchmark import (PRESETS, benchmark_config, config_override_arg,  # noqa: E402
+                                  write_json)
 from mythos_jax.loops import Fixed  # noqa: E402
 
 REMATS = ("full", "dots", "none")
@@ -47,13 +46,6 @@ REMATS = ("full", "dots", "none")
 # HLO before LLVM runs, so the bytes are those of the default program; each run re-checks
 # this on one program (--default-codegen compiles everything with XLA's defaults instead).
 FAST_CODEGEN = {"xla_backend_optimization_level": 0}
-
-
-def _override(text: str) -> tuple[str, object]:
-    try:
-        return parse_override(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="loop counts (default 4 8 16 32 64; --quick 4 8)")
     p.add_argument("--backprop-depth", type=int, default=4,
                    help="k of the truncated-backprop rows (default 4)")
-    p.add_argument("--set", type=_override, action="append", default=[], metavar="FIELD=VALUE",
+    p.add_argument("--set", type=config_override_arg, action="append", default=[],
+                   metavar="FIELD=VALUE",
                    help="any MythosConfig field, repeatable (act_threshold is 1e9 unless set)")
     p.add_argument("--quick", action="store_true", help="tiny config and shapes (seconds)")
     p.add_argument("--default-codegen", action="store_true",
@@ -250,10 +243,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
     print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        print(f"figures written to {args.json}")
+    write_json(result, args.json)
     return 0
 
 

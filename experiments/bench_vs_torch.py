@@ -12,22 +12,14 @@ See experiments/README.md for what is measured; the library is ``mythos_jax.benc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mythos_jax.benchmark import (PRESETS, format_table, run_benchmark,  # noqa: E402
-                                  wait_for_idle)
-from mythos_jax.config import ATTN_TYPES, MOE_IMPLS, parse_override  # noqa: E402
-
-
-def _override(text: str) -> tuple[str, object]:
-    try:
-        return parse_override(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+from mythos_jax.benchmark import (PRESETS, config_override_arg, format_table,  # noqa: E402
+                                  run_benchmark, wait_for_idle, write_json)
+from mythos_jax.config import ATTN_TYPES, MOE_IMPLS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loops", type=int, help="recurrent loops on both sides (preset default: 8)")
     p.add_argument("--moe-impl", choices=MOE_IMPLS, help="mythos-jax MoE dispatch")
     p.add_argument("--attn-type", choices=ATTN_TYPES, help="attention (both sides)")
-    p.add_argument("--set", type=_override, action="append", default=[], metavar="FIELD=VALUE",
+    p.add_argument("--set", type=config_override_arg, action="append", default=[],
+                   metavar="FIELD=VALUE",
                    help="any other MythosConfig field, repeatable")
     p.add_argument("--iters", type=int, help="timed forward calls per side (default 20)")
     p.add_argument("--train-iters", type=int, help="timed training steps per side (default 10)")
@@ -75,10 +68,7 @@ def main(argv=None) -> int:
                            spread_routing=args.spread_routing, train=not args.no_train, log=log)
     print(format_table(result))
     print(f"(wall time {result['wall_s']:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        print(f"figures written to {args.json}")
+    write_json(result, args.json)
     return 0
 
 

@@ -11,7 +11,6 @@ KL(full || shared) of the next-token distributions (and how often the argmax agr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mythos_jax import OpenMythos, variants  # noqa: E402
+from mythos_jax.benchmark import write_json  # noqa: E402
 from mythos_jax.inference.cache import cache_values_per_token, init_cache  # noqa: E402
 from mythos_jax.inference.generate import compiled_decoder  # noqa: E402
 
@@ -137,9 +137,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = run(20 if args.quick else args.steps, args.quick)
     print(format_result(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
     return 0
 
 

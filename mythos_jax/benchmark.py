@@ -190,6 +190,28 @@ def wait_for_idle(max_wait_s: float, threshold: float = CONTENTION_WARNING,
             log(f"machine busy ({100 * share:.0f}% CPU used by other processes), waiting ...")
 
 
+def config_override_arg(text: str) -> tuple[str, Any]:
+    """argparse ``type=`` for ``--set FIELD=VALUE`` (see ``MythosConfig``'s parse_override)."""
+    import argparse
+
+    from mythos_jax.config import parse_override
+
+    try:
+        return parse_override(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def write_json(result: dict[str, Any], path: str | None) -> None:
+    """Write a benchmark's figures to ``path`` (if given) and say so."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=True)
+        print(f"figures written to {path}")
+
+
 def _settle() -> None:
     """Let the other library's worker threads go idle before timing (2-core machines)."""
     time.sleep(0.1)
