@@ -130,8 +130,8 @@ class OpenMythos(nnx.Module):
         :class:`~mythos_jax.inference.cache.KVCache`: input_ids (B, T) ->
         (logits (B, T, vocab), cache advanced by T). Positions and masks come from the cache:
         slot ``index + i``, position ``slot - start_b``; padding slots are never attended.
-        ``n_loops`` (static) must not exceed the depths the cache holds: the extra depths
-        would have no keys for earlier tokens (OpenMythos silently attends to nothing there).
+        ``n_loops`` (static) must equal the depths the cache holds: other depths would have no
+        keys for earlier tokens (OpenMythos silently attends to nothing there).
         ``last_only``: logits of the last position only, (B, 1, vocab) (prefill for sampling).
         ``exit`` ("act" | "kl" | "delta"): each sequence stops looping when its rule fires
         (:func:`mythos_jax.loops.run_dynamic`); a stopped sequence is frozen while the others
@@ -147,10 +147,10 @@ class OpenMythos(nnx.Module):
         self._check_input_ids(input_ids, check_traced=False)
         cfg = self.cfg
         if not isinstance(n_loops, int) or n_loops < 1 or (
-                not share_depths and n_loops > cache.n_loops):
-            raise ValueError(f"n_loops must be an int in [1, {cache.n_loops}] (the loop depths "
-                             f"this cache was built for; share_depths=True reuses slots), "
-                             f"got {n_loops!r}")
+                not share_depths and n_loops != cache.n_loops):
+            raise ValueError(f"n_loops must equal the {cache.n_loops} loop depths this cache "
+                             f"holds (a depth the prompt never filled would be attended as "
+                             f"zeros; share_depths=True reuses slots), got {n_loops!r}")
         B, T = input_ids.shape
         slots = cache.index + jnp.arange(T, dtype=jnp.int32)
         positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)     # (B, T)

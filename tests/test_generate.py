@@ -163,8 +163,9 @@ def test_sampling_filters():
 
 def test_decoding_deeper_than_the_cache_raises(model):
     cache = init_cache(model.cfg, 1, 8, 2)
-    with pytest.raises(ValueError, match=r"n_loops must be an int in \[1, 2\]"):
-        model.forward_cached(jnp.asarray([[1, 2]]), cache, 3)
+    for n_loops in (1, 3):
+        with pytest.raises(ValueError, match="n_loops must equal the 2 loop depths"):
+            model.forward_cached(jnp.asarray([[1, 2]]), cache, n_loops)
 
 
 @pytest.mark.parametrize("kwargs, match", [
