@@ -156,22 +156,17 @@ def _add_parity(subparsers) -> None:
 
 def cmd_parity(args: argparse.Namespace) -> int:
     """Parity table (exit 1 if any row is off), then the speed table."""
-    import json
-
+    from mythos_jax.benchmark import format_table, run_benchmark, write_json
     from mythos_jax.interop.parity import format_parity, parity_report
 
     rows = parity_report()
     print(format_parity(rows), flush=True)
     result = {"parity": rows}
     if not args.no_bench:
-        from mythos_jax.benchmark import format_table, run_benchmark
-
         print(flush=True)
         result["benchmark"] = run_benchmark(preset=args.preset, quick=args.quick)
         print(format_table(result["benchmark"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
     return 0 if all(r["ok"] for r in rows) else 1
 
 
@@ -213,10 +208,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Byte-level generation; streams the first sequence, see ``_add_generate``."""
     import time
 
-    from mythos_jax.inference.generate import generate
-    from mythos_jax.inference.sampling import check_sampling_args
+    from mythos_jax.inference.generate import check_generation_args, generate
 
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.n_loops is not None and args.n_loops < 1:
@@ -230,18 +223,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if cfg.vocab_size < 256:
         raise CommandError(f"byte-level prompts need vocab_size >= 256, this model has "
                            f"{cfg.vocab_size}")
-    if args.eos_id is not None and not 0 <= args.eos_id < cfg.vocab_size:
-        raise CommandError(f"--eos-id {args.eos_id} is outside the vocabulary "
-                           f"[0, {cfg.vocab_size})")
     longest = max(len(p) for p in prompts)
-    max_new_tokens = (min(DEFAULT_NEW_TOKENS, cfg.max_seq_len - longest)
-                      if args.max_new_tokens is None else args.max_new_tokens)
     if longest >= cfg.max_seq_len:
         raise CommandError(f"prompt of {longest} bytes leaves no room for new tokens: the "
                            f"model's max_seq_len is {cfg.max_seq_len}")
-    if longest + max_new_tokens > cfg.max_seq_len:
-        raise CommandError(f"prompt of {longest} bytes + {max_new_tokens} new tokens exceeds "
-                           f"the model's max_seq_len {cfg.max_seq_len}")
+    max_new_tokens = (min(DEFAULT_NEW_TOKENS, cfg.max_seq_len - longest)
+                      if args.max_new_tokens is None else args.max_new_tokens)
+    # Every argument error before the first byte of output.
+    check_generation_args(cfg, longest, max_new_tokens, args.temperature, args.top_k,
+                          args.top_p, args.eos_id)
 
     single = len(prompts) == 1
     stream = sys.stdout if single else sys.stderr

@@ -86,6 +86,29 @@ def compiled_decoder(graphdef, n_loops: int, temperature: float = 0.0,
                    jax.jit(step, donate_argnames=("cache",)))
 
 
+def check_generation_args(cfg, prompt_len: int, max_new_tokens: int, temperature: float = 1.0,
+                          top_k: int | None = None, top_p: float | None = None,
+                          eos_id: int | None = None, max_len: int | None = None) -> int:
+    """``ValueError`` naming the first bad argument of :func:`generate`; returns the cache
+    length (default: prompt_len + max_new_tokens, at most ``cfg.max_seq_len``)."""
+    check_sampling_args(temperature, top_k, top_p)
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_len is None:
+        max_len = prompt_len + max_new_tokens
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} "
+                             f"exceeds the model's max_seq_len {cfg.max_seq_len}")
+    if prompt_len >= max_len:
+        raise ValueError(f"prompt length {prompt_len} does not fit the cache length {max_len}")
+    if prompt_len + max_new_tokens > max_len:
+        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} "
+                         f"overflows the cache length {max_len}")
+    return max_len
+
+
 def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed: int = 0, max_len: int | None = None,
@@ -103,18 +126,9 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
     memory for a change in the next-token distribution."""
     cfg = model.cfg
     n_loops = cfg.max_loop_iters if n_loops is None else n_loops
-    check_sampling_args(temperature, top_k, top_p)
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     longest = max(len(p) for p in prompts) if not hasattr(prompts, "shape") else prompts.shape[1]
-    max_len = longest + max_new_tokens if max_len is None else max_len
-    if longest >= max_len:
-        raise ValueError(f"prompt length {longest} does not fit the cache length {max_len}")
-    if longest + max_new_tokens > max_len:
-        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} "
-                         f"overflows the cache length {max_len}")
+    max_len = check_generation_args(cfg, longest, max_new_tokens, temperature, top_k, top_p,
+                                    eos_id, max_len)
     # Prompts are padded to the whole prompt budget, so prefill compiles once per
     # (batch, max_len, max_new_tokens) whatever the prompt lengths.
     ids, start = left_pad(prompts, width=max_len - max_new_tokens)

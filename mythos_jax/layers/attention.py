@@ -112,28 +112,26 @@ class MLAttention(nnx.Module):
         kv_up = self.kv_up.kernel[...].astype(self.kv_up.dtype).reshape(
             self.kv_lora_rank, H, self.nope_dim + self.v_dim)
         k_up, v_up = kv_up[..., : self.nope_dim], kv_up[..., self.nope_dim:]
-        scale = (self.nope_dim + self.rope_dim) ** -0.5
-        if cache is not None and T == 1:   # decode: attend in latent space over the cache
+        decode = cache is not None and T == 1
+        if decode:   # attend in latent space over the cache: k_up folded into the query
             c_kv = new_cache["c_kv"].astype(kv_up.dtype)
             k_rope = new_cache["k_rope"].astype(q_rope.dtype)
-            q_latent = jnp.einsum("bthd,chd->bthc", q_nope, k_up)        # absorbed k_up
-            scores = (jnp.einsum("bthc,bsc->bhts", q_latent, c_kv,
-                                 preferred_element_type=jnp.float32)
-                      + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope,
-                                   preferred_element_type=jnp.float32))
-            probs = masked_softmax(scores * scale, mask, self.dropout_rate, key)
-            out_latent = jnp.einsum("bhts,bsc->bthc", probs.astype(c_kv.dtype), c_kv)
-            out = jnp.einsum("bthc,chd->bthd", out_latent, v_up)          # v_up applied after
-        else:
+            q_latent = jnp.einsum("bthd,chd->bthc", q_nope, k_up)
+            content_scores = jnp.einsum("bthc,bsc->bhts", q_latent, c_kv,
+                                        preferred_element_type=jnp.float32)
+        else:        # expand keys and values from the latent of the current tokens
             c_kv = c_kv.astype(kv_up.dtype)
             k_nope = jnp.einsum("bsc,chd->bshd", c_kv, k_up)
-            v = jnp.einsum("bsc,chd->bshd", c_kv, v_up)
-            scores = (jnp.einsum("bthd,bshd->bhts", q_nope, k_nope,
-                                 preferred_element_type=jnp.float32)
-                      + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope,
-                                   preferred_element_type=jnp.float32))
-            probs = masked_softmax(scores * scale, mask, self.dropout_rate, key)
-            out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+            content_scores = jnp.einsum("bthd,bshd->bhts", q_nope, k_nope,
+                                        preferred_element_type=jnp.float32)
+        scores = content_scores + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope,
+                                             preferred_element_type=jnp.float32)
+        probs = masked_softmax(scores * (self.nope_dim + self.rope_dim) ** -0.5, mask,
+                               self.dropout_rate, key).astype(c_kv.dtype)
+        if decode:   # v_up applied after attention
+            out = jnp.einsum("bthc,chd->bthd", jnp.einsum("bhts,bsc->bthc", probs, c_kv), v_up)
+        else:
+            out = jnp.einsum("bhts,bshd->bthd", probs, jnp.einsum("bsc,chd->bshd", c_kv, v_up))
         return self.wo(out.reshape(B, T, H * self.v_dim)), new_cache
 
 
