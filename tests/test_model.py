@@ -100,7 +100,7 @@ def test_moe_dispatches_agree_with_dense(impl):
 
 @pytest.mark.parametrize("routing", ["balanced", "all_on_two_experts", "one_token"])
 def test_grouped_dispatch_equals_dense_for_any_routing(routing):
-    from mythos_jax.layers.moe import _dense_dispatch, _grouped_dispatch
+    from mythos_jax.layers.moe_dispatch import _dense_dispatch, _grouped_dispatch
 
     n_tokens = 1 if routing == "one_token" else 40
     keys = jax.random.split(jax.random.key(0), 6)
