@@ -57,8 +57,9 @@ class MoE(nnx.Module):
         expert_ids, weights = route(self.router(flat.astype(jnp.float32)), self.router_bias[...],
                                     self.top_k)
         kernels = tuple(p[...].astype(self.dtype) for p in (self.gate, self.up, self.down))
-        out = dispatch(self.impl, flat.astype(self.dtype), expert_ids, weights,
-                       *kernels).astype(x.dtype)
+        out, _dropped = dispatch(self.impl, flat.astype(self.dtype), expert_ids, weights,
+                                 *kernels)
+        out = out.astype(x.dtype)
         for shared in self.shared_experts:
             out = out + shared(flat).astype(x.dtype)
         return out.reshape(B, T, D)

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 
 
-def dispatch(impl: str, x, expert_ids, weights, gate, up, down) -> jax.Array:
-    """Run the routed experts with strategy ``impl``: x (N, D) -> (N, D)."""
-    return DISPATCHERS[impl](x, expert_ids, weights, gate, up, down)
+def dispatch(impl: str, x, expert_ids, weights, gate, up, down) -> tuple[jax.Array, jax.Array]:
+    """Run the routed experts with strategy ``impl``: x (N, D) -> (out (N, D), rows dropped
+    (int32 scalar; 0 for the dropless strategies))."""
+    return DISPATCHERS[impl](x, expert_ids, weights, gate, up, down), jnp.int32(0)
 
 
 def _dense_dispatch(x, expert_ids, weights, gate, up, down):
