@@ -1,5 +1,8 @@
 """The ``mythos-jax`` command line.
 
+    mythos-jax train --config cpu_small --workdir runs/small   # train / resume, depth curve
+    mythos-jax eval --workdir runs/small --loops 1,2,4,8        # depth curve of a checkpoint
+
     mythos-jax parity                                # convert OpenMythos models, parity + speed
 
     mythos-jax convert step_0001000.pt ckpt/run1     # OpenMythos .pt -> mythos-jax checkpoint
@@ -52,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CommandError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (CommandError, FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -334,8 +337,33 @@ def _one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_parity,
-                                                                     _add_generate]
+def _add_train(subparsers) -> None:
+    from mythos_jax.train.commands import add_train
+    add_train(subparsers)
+
+
+def _add_eval(subparsers) -> None:
+    from mythos_jax.train.commands import add_eval
+    add_eval(subparsers)
+
+
+def _module_command(name: str, module: str, help: str):
+    """A subcommand whose module defines ``add_arguments(parser)`` and ``run(args) -> int``
+    (imported when the parser is built)."""
+    def add(subparsers) -> None:
+        import importlib
+        command = importlib.import_module(module)
+        parser = subparsers.add_parser(name, help=help, description=command.__doc__)
+        command.add_arguments(parser)
+        parser.set_defaults(func=command.run)
+    return add
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train, _add_eval,
+    _module_command("prepare-data", "mythos_jax.train.prepare_data",
+                    "tokenise text/JSONL files into ArrayRecord shards"),
+    _add_convert, _add_parity, _add_generate]
 
 
 if __name__ == "__main__":

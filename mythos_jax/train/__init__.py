@@ -1,0 +1,1 @@
+"""Training: data pipelines (Grain), optimisation (Optax), checkpoints (Orbax), the train loop."""

@@ -1,0 +1,113 @@
+"""``mythos-jax train`` and ``mythos-jax eval``: argument declarations and entry points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def add_train(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train (or resume) a looped model",
+        description="Train a Recurrent-Depth Transformer. CONFIG is a preset (tiny, cpu_small, "
+                    "khop, mythos_1b) or a YAML/JSON file; --set section.field=value overrides "
+                    "any field (see mythos_jax/train/config.py). Rerunning with the same "
+                    "--workdir resumes from its latest checkpoint.")
+    p.add_argument("--config", default="cpu_small", help="preset name or YAML/JSON file")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics, plots go here")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.FIELD=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    _add_distributed(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("multi-process (default: single process, or what the "
+                                 "environment says; see mythos_jax/train/distributed.py)")
+    group.add_argument("--coordinator-address", help="HOST:PORT of process 0")
+    group.add_argument("--num-processes", type=int)
+    group.add_argument("--process-id", type=int)
+    group.add_argument("--local-devices", type=int,
+                       help="fake CPU devices per process (local multi-process runs)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mythos_jax.cli import CommandError
+    from mythos_jax.train import distributed
+    from mythos_jax.train.config import load_train_config
+
+    cfg = load_train_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           local_device_count=args.local_devices)
+    use_compilation_cache()
+    from mythos_jax.train.trainer import TrainingDiverged, train
+    try:
+        train(cfg, args.workdir)
+    except TrainingDiverged as err:
+        raise CommandError(str(err)) from None
+    return 0
+
+
+def use_compilation_cache() -> None:
+    """Persist compiled programs across runs (a resumed or repeated run skips compiling):
+    ``$MYTHOS_JAX_CACHE`` or ``~/.cache/mythos-jax/xla``, unless JAX already has a cache dir."""
+    import jax
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.environ.get(
+        "MYTHOS_JAX_CACHE", os.path.expanduser("~/.cache/mythos-jax/xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a training checkpoint at several loop counts",
+        description="Loss / accuracy of the latest (or --step) checkpoint in WORKDIR on every "
+                    "eval split, at each test-time loop count: the depth curve.")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--loops", help="comma-separated loop counts (default: the config's)")
+    p.add_argument("--batches", type=int, help="batches per split (default: the config's)")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--plot", help="also write the depth-curve PNG here")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mythos_jax.cli import CommandError
+    from mythos_jax.parallel.mesh import make_mesh
+    from mythos_jax.train.checkpointing import Checkpointer
+    from mythos_jax.train.config import TrainConfig
+    from mythos_jax.train.evaluate import depth_curve_table, evaluate, plot_depth_curve
+    from mythos_jax.train.step import build_plan
+    from mythos_jax.train.trainer import CONFIG_FILE, rules_for
+
+    use_compilation_cache()
+    config_path = os.path.join(args.workdir, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} not found: is {args.workdir!r} a training "
+                                "workdir?")
+    with open(config_path) as f:
+        cfg = TrainConfig.from_dict(json.load(f))
+    plan = build_plan(cfg, make_mesh(cfg.mesh), rules_for(cfg.rules))
+    checkpointer = Checkpointer(args.workdir, plan)
+    if checkpointer.latest_step() is None:
+        raise CommandError(f"no checkpoint in {checkpointer.directory}")
+    state = checkpointer.restore(step=args.step)
+    loops = None if args.loops is None else [int(n) for n in args.loops.split(",")]
+    results = evaluate(plan, state, loops, args.batches)
+    print(f"checkpoint step {int(state.step)}")
+    print(depth_curve_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({split: {str(n): v for n, v in r.items()} for split, r in results.items()},
+                      f, indent=2)
+    if args.plot:
+        print(f"plot written to {plot_depth_curve(results, args.plot)}")
+    checkpointer.close()
+    return 0

@@ -1,0 +1,45 @@
+"""Multi-process start-up: ``jax.distributed.initialize`` from flags or the environment.
+
+Explicit flags (``--coordinator-address``, ``--num-processes``, ``--process-id``) win. Without
+them, JAX's own auto-detection (``jax.distributed.initialize()``: the TPU metadata server,
+SLURM, Open MPI) runs when the environment says this is a multi-process job:
+``MYTHOS_JAX_DISTRIBUTED=1`` (set by ``tpu_setup/launch.sh`` on every TPU worker),
+``JAX_COORDINATOR_ADDRESS``, ``TPU_WORKER_HOSTNAMES``, Open MPI's ``OMPI_COMM_WORLD_SIZE`` or
+``SLURM_NTASKS`` > 1. Otherwise the run is single-process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+CLUSTER_VARIABLES = ("MYTHOS_JAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")
+
+
+def in_cluster_environment(environ=os.environ) -> bool:
+    """True when the environment describes a multi-process job JAX can join by itself."""
+    if any(environ.get(name) not in (None, "", "0") for name in CLUSTER_VARIABLES):
+        return True
+    return int(environ.get("SLURM_NTASKS", "1") or 1) > 1
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, local_device_count: int | None = None) -> None:
+    """Join the job (no-op for a single process). ``local_device_count``: fake CPU devices
+    per process (tests and ``tpu_setup/launch.sh --local``)."""
+    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise ValueError("--coordinator-address, --num-processes and --process-id go together "
+                         "(or give none and let the environment decide)")
+    if local_device_count is not None:
+        jax.config.update("jax_num_cpu_devices", local_device_count)
+    if all(given):
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+        if num_processes > 1:
+            jax.distributed.initialize(coordinator_address=coordinator_address,
+                                       num_processes=num_processes, process_id=process_id,
+                                       initialization_timeout=120)
+    elif in_cluster_environment():
+        jax.distributed.initialize()

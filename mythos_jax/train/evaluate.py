@@ -1,0 +1,117 @@
+"""Evaluation at several test-time loop counts: the depth curve.
+
+``evaluate`` runs every eval split of the data (held-out text, or task splits such as
+``hops=6``) at every loop count in ``eval.loops`` and returns
+``{split: {loops: {"loss", "accuracy", "exact_match"}}}`` (accuracy over loss-masked tokens,
+exact match over whole answers). ``depth_curve_table`` prints it; ``plot_depth_curve`` writes
+the PNG.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mythos_jax.train import data as data_lib
+from mythos_jax.train.step import TrainPlan, TrainState, token_loss
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_fn(plan: TrainPlan, n_loops: int):
+    """Jitted (params, buffers, batch) -> (loss, accuracy, predictions) at ``n_loops``."""
+    def run(params, buffers, batch):
+        model = nnx.merge(plan.graphdef, params, buffers)
+        model.eval()
+        logits = model(batch["inputs"], n_loops)
+        loss, accuracy = token_loss(logits, batch["targets"], batch["loss_mask"])
+        return loss, accuracy, jnp.argmax(logits, axis=-1)
+
+    return jax.jit(run, in_shardings=(plan.shardings.params, plan.shardings.buffers,
+                                      plan.batch_sharding))
+
+
+def global_batch(plan: TrainPlan, local: dict) -> dict:
+    """This process's rows -> global arrays sharded over the batch axes."""
+    return {name: jax.make_array_from_process_local_data(plan.batch_sharding, np.asarray(v))
+            for name, v in local.items()}
+
+
+def evaluate(plan: TrainPlan, state: TrainState, loop_counts=None,
+             n_batches: int | None = None) -> dict[str, dict[int, dict[str, float]]]:
+    """Mean loss / token accuracy / exact match per eval split and loop count."""
+    cfg = plan.cfg
+    loop_counts = cfg.eval.loops if loop_counts is None else loop_counts
+    n_batches = cfg.eval.batches if n_batches is None else n_batches
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    for split in data_lib.eval_splits(cfg.data):
+        batches = list(_take(data_lib.eval_batches(cfg.data, split, jax.process_index(),
+                                                   jax.process_count()), n_batches))
+        if not batches:
+            raise ValueError(f"eval split {split!r} has no batches (too little held-out "
+                             f"data for data.batch_size={cfg.data.batch_size})")
+        global_batches = [global_batch(plan, b) for b in batches]
+        results[split] = {}
+        for n in loop_counts:
+            run = _eval_fn(plan, int(n))
+            sums = np.zeros(3)
+            with jax.set_mesh(plan.mesh):
+                for local, batch in zip(batches, global_batches):
+                    loss, accuracy, predictions = run(state.params, state.buffers, batch)
+                    exact = _exact_match(predictions, batch)
+                    sums += np.array([float(loss), float(accuracy), exact])
+            mean = sums / len(batches)
+            results[split][int(n)] = {"loss": mean[0], "accuracy": mean[1],
+                                      "exact_match": mean[2]}
+    return results
+
+
+def _exact_match(predictions: jax.Array, batch: dict) -> float:
+    """Fraction of sequences whose every loss-masked token is predicted right."""
+    right = (predictions == batch["targets"]) | (batch["loss_mask"] == 0)
+    has_answer = jnp.any(batch["loss_mask"] > 0, axis=1)
+    per_sequence = jnp.all(right, axis=1) & has_answer
+    return float(jnp.sum(per_sequence) / jnp.maximum(jnp.sum(has_answer), 1))
+
+
+def _take(iterable, n: int):
+    for i, item in enumerate(iterable):
+        if i >= n:
+            return
+        yield item
+
+
+def depth_curve_table(results: dict) -> str:
+    """A text table: one row per (split, loop count)."""
+    lines = [f"{'split':<14}{'loops':>6}{'loss':>10}{'accuracy':>10}{'exact':>8}"]
+    for split, by_loops in results.items():
+        for n, values in sorted(by_loops.items()):
+            lines.append(f"{split:<14}{n:>6}{values['loss']:>10.4f}"
+                         f"{values['accuracy']:>10.4f}{values['exact_match']:>8.3f}")
+    return "\n".join(lines)
+
+
+def plot_depth_curve(results: dict, path: str, title: str = "") -> str:
+    """Loss (left) and accuracy (right) against test-time loops, one line per split."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, by_loops in results.items():
+        counts = sorted(by_loops)
+        loss_ax.plot(counts, [by_loops[n]["loss"] for n in counts], marker="o", label=split)
+        acc_ax.plot(counts, [by_loops[n]["accuracy"] for n in counts], marker="o", label=split)
+    for ax, name in ((loss_ax, "loss"), (acc_ax, "token accuracy")):
+        ax.set_xlabel("test-time loops")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title or "depth curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

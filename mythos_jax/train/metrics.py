@@ -1,0 +1,173 @@
+"""What a training run shows and records: a progress line, JSON lines, TensorBoard, MFU.
+
+``<workdir>/metrics.jsonl`` gets one line per step (every scalar metric) and one per
+evaluation; TensorBoard event files go to ``<workdir>/tensorboard``. Only process 0 writes.
+MFU counts loop-aware useful FLOPs (active experts only, the loops drawn that step, truncated
+backprop's no-grad loops at 1x; :func:`mythos_jax.flop_count.flops`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from mythos_jax.config import MythosConfig
+from mythos_jax.flop_count import flops
+
+# bf16 dense peak FLOP/s per chip, by device_kind prefix (vendor datasheets).
+PEAK_FLOPS = {
+    "TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12, "TPU7x": 2307e12,
+    "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12, "NVIDIA B200": 2250e12,
+}
+METRICS_FILE = "metrics.jsonl"
+
+
+def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from)."""
+    if override > 0:
+        return override, "log.peak_flops"
+    kind = jax.devices()[0].device_kind
+    for prefix, peak in sorted(PEAK_FLOPS.items(), key=lambda item: -len(item[0])):
+        if kind.startswith(prefix):
+            return peak, f"datasheet bf16 peak of {kind}"
+    if jax.devices()[0].platform == "cpu":
+        return _cpu_matmul_flops() / jax.local_device_count(), "measured fp32 matmul of this CPU"
+    return math.nan, f"unknown device kind {kind!r} (set log.peak_flops)"
+
+
+def _cpu_matmul_flops(n: int = 1024, repeats: int = 3) -> float:
+    """Best-of-``repeats`` fp32 ``n x n`` matmul FLOP/s on the host (all its cores)."""
+    import jax.numpy as jnp
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best
+
+
+def train_flops_per_token(cfg: MythosConfig, seq_len: int, mean_loops: float,
+                          backprop_depth: int | None) -> float:
+    """Training FLOPs per token at a (possibly fractional) mean loop count: linear
+    interpolation between the neighbouring whole counts."""
+    low = max(1, math.floor(mean_loops))
+    low_flops = flops(cfg, seq_len, low, backprop_depth)["train"]
+    high_flops = flops(cfg, seq_len, low + 1, backprop_depth)["train"]
+    return low_flops + (mean_loops - low) * (high_flops - low_flops)
+
+
+class MetricsLogger:
+    """Collects per-step device metrics and writes them every ``log.every`` steps."""
+
+    def __init__(self, workdir: str, *, total_steps: int, tokens_per_step: int,
+                 flops_fn, peak_flops: float, tensorboard: bool, progress: bool):
+        self.is_writer = jax.process_index() == 0
+        self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+        self.flops_fn, self.peak_flops = flops_fn, peak_flops * jax.device_count()
+        self.progress = progress and self.is_writer
+        self.pending: list[tuple[int, dict]] = []
+        self.last_time = time.perf_counter()
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.tensorboard = None
+        if self.is_writer and tensorboard:
+            from tensorboardX import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines of steps after ``step`` (a resumed run writes them again)."""
+        if not self.is_writer or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Queue the metrics of ``step`` (device arrays; no host sync here)."""
+        self.pending.append((step, metrics))
+
+    def flush(self) -> dict[str, float]:
+        """Fetch the queued steps, write them, print the progress line; the mean of the
+        interval's scalars (with throughput and MFU) is returned."""
+        if not self.pending:
+            return {}
+        rows = [(step, _to_host(metrics)) for step, metrics in jax.device_get(self.pending)]
+        self.pending = []
+        now = time.perf_counter()
+        seconds, self.last_time = now - self.last_time, now
+        scalars = [{k: v for k, v in m.items() if np.ndim(v) == 0} for _, m in rows]
+        summary = {k: float(np.mean([s[k] for s in scalars])) for k in scalars[-1]}
+        summary["tokens_per_s"] = self.tokens_per_step * len(rows) / seconds
+        summary["mfu"] = (summary["tokens_per_s"] * self.flops_fn(summary["loops"])
+                          / self.peak_flops)
+        last_step, last = rows[-1]
+        if self.is_writer:
+            with open(self.path, "a") as f:
+                for step, metrics in rows:
+                    f.write(json.dumps({"step": step, **_jsonable(metrics)}) + "\n")
+            if self.tensorboard is not None:
+                for name, value in summary.items():
+                    self.tensorboard.add_scalar(f"train/{name}", value, last_step)
+                if "expert_load" in last:
+                    self.tensorboard.add_histogram("train/expert_load", last["expert_load"],
+                                                   last_step)
+        if self.progress:
+            print(progress_line(last_step, self.total_steps, summary), flush=True)
+        return summary
+
+    def log_eval(self, step: int, results: dict) -> None:
+        """Write an evaluation (``{split: {loops: {metric: value}}}``)."""
+        if not self.is_writer:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "eval": results}) + "\n")
+        if self.tensorboard is not None:
+            for split, by_loops in results.items():
+                for n, values in by_loops.items():
+                    for name, value in values.items():
+                        self.tensorboard.add_scalar(f"eval/{split}/{name}@{n}loops", value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def progress_line(step: int, total: int, summary: dict[str, float]) -> str:
+    width = 20
+    done = int(width * step / total)
+    bar = "#" * done + "." * (width - done)
+    text = (f"[{bar}] step {step}/{total}  loss {summary['loss']:.4f}  "
+            f"tok/s {summary['tokens_per_s']:,.0f}  MFU {100 * summary['mfu']:.1f}%  "
+            f"loops {summary['loops']:.2f}")
+    if "load_max_over_mean" in summary:
+        text += f"  load max/mean {summary['load_max_over_mean']:.2f}"
+    if summary.get("finite", 1.0) < 1.0:
+        text += "  (non-finite steps skipped)"
+    return text
+
+
+def _to_host(metrics: dict) -> dict:
+    return {k: np.asarray(v) for k, v in metrics.items()}
+
+
+def _jsonable(metrics: dict) -> dict[str, Any]:
+    return {k: (v.tolist() if np.ndim(v) else v.item()) for k, v in metrics.items()}
+
+
+def print_message(text: str) -> None:
+    """A line from process 0 only."""
+    if jax.process_index() == 0:
+        print(text, file=sys.stdout, flush=True)

@@ -1,0 +1,148 @@
+"""The training loop behind ``mythos-jax train``.
+
+    result = train(load_train_config("tiny"), "runs/tiny")
+
+Restarting with the same workdir resumes from the latest checkpoint (parameters, optimizer,
+step and the data stream's position), so a killed run continues with the same per-step losses
+and no batch repeated or skipped. SIGTERM (preemption) saves a checkpoint at the next step
+boundary and exits. The run ends with an evaluation at every ``eval.loops`` count (the depth
+curve), printed and plotted to ``<workdir>/depth_curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+import jax
+
+from mythos_jax.parallel.mesh import make_mesh
+from mythos_jax.parallel.rules import DEFAULT_RULES
+from mythos_jax.train import data as data_lib
+from mythos_jax.train.checkpointing import Checkpointer
+from mythos_jax.train.config import TrainConfig
+from mythos_jax.train.evaluate import (depth_curve_table, evaluate, global_batch,
+                                       plot_depth_curve)
+from mythos_jax.train.metrics import (MetricsLogger, peak_flops_per_device, print_message,
+                                      train_flops_per_token)
+from mythos_jax.train.step import build_plan, init_train_state, make_train_step
+
+CONFIG_FILE = "train_config.json"
+PLOT_FILE = "depth_curve.png"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+def rules_for(name: str):
+    """The logical-axis rules preset called ``name``."""
+    from mythos_jax.parallel import rules as rules_lib
+    presets = getattr(rules_lib, "RULE_PRESETS", {"default": DEFAULT_RULES})
+    if name not in presets:
+        raise ValueError(f"TrainConfig.rules: unknown preset {name!r}; choose one of "
+                         f"{sorted(presets)}")
+    return presets[name]
+
+
+def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) in ``workdir``; returns the final metrics and depth curve.
+    ``stop_after``: leave after this many steps of this call (tests), checkpointing first."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    plan = build_plan(cfg, make_mesh(cfg.mesh), rules_for(cfg.rules))
+    data_iterator = data_lib.train_iterator(cfg.data, jax.process_index(), jax.process_count())
+    checkpointer = Checkpointer(workdir, plan)
+    peak, peak_source = peak_flops_per_device(cfg.log.peak_flops)
+    logger = MetricsLogger(
+        workdir, total_steps=cfg.steps, tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
+        flops_fn=lambda loops: train_flops_per_token(plan.model_cfg, cfg.data.seq_len, loops,
+                                                     cfg.loops.backprop_depth),
+        peak_flops=peak, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(data_iterator)
+        logger.truncate_after(int(state.step))
+        print_message(f"resumed from {checkpointer.directory} at step {int(state.step)}")
+    else:
+        state = init_train_state(plan)
+        _write_config(cfg, workdir)
+        print_message(f"new run in {workdir}: {_describe(plan)}; MFU peak: {peak_source}")
+
+    step_fn = make_train_step(plan)
+    stop = _PreemptionFlag()
+    step, steps_this_call, summary = int(state.step), 0, {}
+    try:
+        while step < cfg.steps:
+            state, metrics = step_fn(state, global_batch(plan, next(data_iterator)))
+            step, steps_this_call = step + 1, steps_this_call + 1
+            logger.add(step, metrics)
+            leaving = stop.raised or step == cfg.steps or steps_this_call == stop_after
+            if step % cfg.log.every == 0 or leaving:
+                summary = logger.flush()
+                if summary.get("nonfinite_streak", 0) >= cfg.optim.max_nonfinite:
+                    raise TrainingDiverged(
+                        f"{cfg.optim.max_nonfinite} non-finite steps in a row at step {step} "
+                        "(each was skipped); lower optim.lr or check the data")
+            if step % cfg.checkpoint.every == 0 or leaving:
+                checkpointer.save(step, state, data_iterator)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+                logger.log_eval(step, _json_keys(evaluate(plan, state)))
+            if leaving and step < cfg.steps:
+                print_message(f"stopped at step {step}; rerun the same command to resume")
+                return {"step": step, "train": summary}
+    finally:
+        checkpointer.close()
+        stop.restore()
+    results = evaluate(plan, state)
+    logger.log_eval(step, _json_keys(results))
+    logger.close()
+    report = {"step": step, "train": summary, "depth_curve": results}
+    if jax.process_index() == 0:
+        print("depth curve (loss / accuracy by test-time loop count):")
+        print(depth_curve_table(results))
+        report["plot"] = plot_depth_curve(results, os.path.join(workdir, PLOT_FILE),
+                                          title=f"{_describe(plan)}, step {step}")
+        print(f"plot written to {report['plot']}")
+    return report
+
+
+def _describe(plan) -> str:
+    cfg, model = plan.cfg, plan.model_cfg
+    return (f"dim {model.dim}, {model.attn_type}, {model.n_experts} experts, "
+            f"loops {cfg.loops.schedule} (max {cfg.loops.max_loops}, backprop depth "
+            f"{cfg.loops.backprop_depth}), data {cfg.data.source} seq {cfg.data.seq_len} x "
+            f"batch {cfg.data.batch_size}, mesh {dict(plan.mesh.shape)}")
+
+
+def _write_config(cfg: TrainConfig, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(cfg.to_json() + "\n")
+
+
+def _json_keys(results: dict) -> dict:
+    return {split: {str(n): v for n, v in by_loops.items()} for split, by_loops in
+            results.items()}
+
+
+class _PreemptionFlag:
+    """Set by SIGTERM; the loop checkpoints and leaves at the next step boundary."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The lines of ``<workdir>/metrics.jsonl``."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -1,0 +1,234 @@
+"""Training end to end: config, optimizer masks, a short run, exact resume after SIGKILL,
+resharded restore, two local processes, and the eval command."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mythos_jax.parallel.mesh import make_mesh
+from mythos_jax.train.checkpointing import Checkpointer
+from mythos_jax.train.config import TrainConfig, load_train_config
+from mythos_jax.train.optim import decay_mask
+from mythos_jax.train.step import build_plan, init_train_state
+from mythos_jax.train.trainer import read_metrics, train
+
+# A few seconds per run: the tiny preset, short sequences, every loop count 1..3.
+QUICK = ["steps=8", "checkpoint.every=2", "log.every=2", "log.tensorboard=false",
+         "eval.loops=[1,3]", "checkpoint.async_save=false"]
+
+
+def step_lines(workdir):
+    return {line["step"]: line for line in read_metrics(workdir) if "eval" not in line}
+
+
+# ---------------------------------------------------------------------------- config
+def test_presets_overrides_and_files(tmp_path):
+    cfg = load_train_config("tiny", ["optim.lr=1e-3", "loops.backprop_depth=2",
+                                     "model.dim=32", "eval.loops=1,2", "data.seq_len=16"])
+    assert cfg.optim.lr == 1e-3 and cfg.loops.backprop_depth == 2
+    assert cfg.eval.loops == (1, 2) and cfg.model_config().dim == 32
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 5\nmodel: {variant: tiny_gqa}\nloops: {schedule: fixed, n: 2}\n"
+                    "data: {seq_len: 32}\n")
+    from_file = load_train_config(str(path), ["loops.backprop_depth=null"])
+    assert from_file.steps == 5 and from_file.model_config().attn_type == "gqa"
+    assert from_file.loops.static_count == 2 and from_file.loops.backprop_depth is None
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["optim.lr=-1"], "optim.lr"),
+    (["loops.schedule=geometric"], "loops.schedule"),
+    (["optim.bogus=1"], "bogus"),
+    (["model.variant=mythos_2b"], "model.variant"),
+    (["model.n_layers=3"], "model.n_layers"),
+    (["model.max_seq_len=16", "data.seq_len=32"], "model.max_seq_len"),
+    (["steps=ten"], "steps"),
+    (["optim.grad_accum=3"], "optim.grad_accum"),
+])
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_train_config("tiny", overrides)
+
+
+def test_unknown_config_source():
+    with pytest.raises(ValueError, match="neither a preset"):
+        load_train_config("no_such_preset")
+
+
+def test_weight_decay_skips_norms_injection_and_vectors():
+    plan = build_plan(load_train_config("tiny"), make_mesh("data=1", jax.devices()[:1]))
+    mask = decay_mask(plan.abstract_state.params)
+    assert mask["embed"] and mask["recurrent"]["block"]["ffn"]["gate"]
+    assert not mask["norm"]["weight"]
+    assert not any(jax.tree.leaves(mask["recurrent"]["injection"]))
+    assert not mask["recurrent"]["act"]["halt"]["bias"]
+    assert "router_bias" not in str(jax.tree_util.tree_structure(plan.abstract_state.params))
+
+
+# ---------------------------------------------------------------------------- a short run
+# Every in-process run below uses the QUICK config (one compiled step, shared through the
+# persistent compilation cache with the subprocess runs of the resume test).
+def test_short_run_learns_writes_everything_and_resharded_restore(tmp_path):
+    workdir = str(tmp_path / "run")
+    cfg = load_train_config("tiny", QUICK + ["log.tensorboard=true"])
+    report = train(cfg, workdir)
+    lines = step_lines(workdir)
+    assert sorted(lines) == list(range(1, 9))
+    losses = [lines[s]["loss"] for s in range(1, 9)]
+    assert np.all(np.isfinite(losses)) and np.mean(losses[-2:]) < np.mean(losses[:2])
+    assert set(report["depth_curve"]["heldout"]) == {1, 3}
+    assert os.path.exists(report["plot"])
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert all(0 < lines[s]["rho_A"] < 1 for s in lines)
+    assert {lines[s]["loops"] for s in lines} <= {1.0, 2.0, 3.0}
+    assert len({lines[s]["loops"] for s in lines}) > 1, "depth should vary between steps"
+
+    # Restore onto another mesh layout: same values, the new shardings.
+    other = load_train_config("tiny", QUICK + ["mesh=fsdp=4,tensor=2"])
+    plan = build_plan(other, make_mesh(other.mesh))
+    checkpointer = Checkpointer(workdir, plan)
+    restored = checkpointer.restore()
+    checkpointer.close()
+    original = Checkpointer(workdir, build_plan(cfg, make_mesh(cfg.mesh))).restore()
+    assert int(restored.step) == 8
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(original)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    embed = restored.params["embed"]
+    assert embed.sharding.spec == plan.shardings.params["embed"].spec
+    assert embed.sharding.mesh.shape["fsdp"] == 4
+
+
+def test_incompatible_checkpoint_is_named(tmp_path):
+    workdir = str(tmp_path / "run")
+    train(load_train_config("tiny", QUICK), workdir, stop_after=2)
+    with pytest.raises(ValueError, match=r"model\.dim: checkpoint 64, config 32"):
+        train(load_train_config("tiny", QUICK + ["model.dim=32"]), workdir)
+    with pytest.raises(ValueError, match=r"data\.seq_len: checkpoint 32, config 16"):
+        train(load_train_config("tiny", QUICK + ["data.seq_len=16"]), workdir)
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+    from mythos_jax.train import trainer
+    cfg = load_train_config("tiny", QUICK + ["optim.max_nonfinite=3", "log.every=1"])
+
+    def poisoned(plan):     # a NaN in one parameter: every step is non-finite
+        state = init_train_state(plan)
+        params = dict(state.params, embed=state.params["embed"] * np.nan)
+        return state._replace(params=params)
+
+    monkeypatch.setattr(trainer, "init_train_state", poisoned)
+    with pytest.raises(trainer.TrainingDiverged, match="3 non-finite steps in a row"):
+        train(cfg, str(tmp_path / "run"))
+    lines = step_lines(str(tmp_path / "run"))
+    assert [lines[s]["nonfinite_streak"] for s in sorted(lines)] == [1, 2, 3]
+    assert not any(lines[s]["finite"] for s in lines)
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    import jax.numpy as jnp
+    from mythos_jax.train.step import _accumulated_grads
+
+    def loss_fn(params, buffers, batch, counts):     # a mean over rows, like the real loss
+        loss = jnp.mean((batch["x"] @ params["w"] - counts[:, None]) ** 2)
+        return loss, ({"loss": loss}, {"seen": buffers["seen"] + batch["x"].shape[0]})
+
+    params = {"w": jnp.arange(6.0).reshape(3, 2)}
+    batch = {"x": jax.random.normal(jax.random.key(0), (8, 3))}
+    counts = jnp.arange(8, dtype=jnp.float32)
+    whole, _, _ = _accumulated_grads(loss_fn, params, {"seen": 0}, batch, counts, 1)
+    split, metrics, buffers = _accumulated_grads(loss_fn, params, {"seen": 0}, batch, counts, 4)
+    np.testing.assert_allclose(split["w"], whole["w"], rtol=1e-5)
+    assert buffers["seen"] == 8 and metrics["loss"].shape == ()
+
+
+# ---------------------------------------------------------------------------- subprocesses
+def _cli(args):
+    return [sys.executable, "-m", "mythos_jax.cli", *args]
+
+
+def _env(devices: int | None = None):
+    env = dict(os.environ)
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
+    args = ["train", "--config", "tiny"] + [a for o in QUICK for a in ("--set", o)] + [
+        "--set", "checkpoint.async_save=true", "--set", "log.every=1"]
+    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    subprocess.run(_cli(args + ["--workdir", reference]), check=True, env=_env(),
+                   capture_output=True, timeout=300)
+
+    process = subprocess.Popen(_cli(args + ["--workdir", killed]), env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after = np.random.default_rng(int(time.time())).integers(3, 7)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        path = os.path.join(killed, "metrics.jsonl")
+        if os.path.exists(path) and len(open(path).readlines()) >= kill_after:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before_kill = len(step_lines(killed))
+    assert done_before_kill < 8, "the run finished before it could be killed"
+
+    subprocess.run(_cli(args + ["--workdir", killed]), check=True, env=_env(),
+                   capture_output=True, timeout=300)
+    ref, got = step_lines(reference), step_lines(killed)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step]["batch_fingerprint"] == ref[step]["batch_fingerprint"], step
+        assert got[step]["loss"] == ref[step]["loss"], step          # bitwise on CPU
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_two_devices(tmp_path):
+    args = ["train", "--config", "tiny"] + [a for o in QUICK for a in ("--set", o)]
+    env = _env()
+    env.pop("XLA_FLAGS", None)
+    single = str(tmp_path / "single")
+    subprocess.run(_cli(args + ["--workdir", single, "--local-devices", "2"]), check=True,
+                   env=env, capture_output=True, timeout=300)
+    port, multi = _free_port(), str(tmp_path / "multi")
+    workers = [subprocess.Popen(
+        _cli(args + ["--workdir", multi, "--local-devices", "1",
+                     "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                     "--process-id", str(i)]),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outputs = [w.communicate(timeout=300)[0].decode() for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    one, two = step_lines(single), step_lines(multi)
+    assert sorted(two) == list(range(1, 9))
+    for step in one:
+        assert two[step]["batch_fingerprint"] == one[step]["batch_fingerprint"]
+        np.testing.assert_allclose(two[step]["loss"], one[step]["loss"], rtol=1e-6)
+
+
+def test_eval_command_prints_the_depth_curve(tmp_path, capsys):
+    from mythos_jax.cli import main
+    workdir = str(tmp_path / "run")
+    train(load_train_config("tiny", QUICK), workdir, stop_after=2)
+    out_json = str(tmp_path / "eval.json")
+    assert main(["eval", "--workdir", workdir, "--loops", "1,3", "--batches", "1",
+                 "--json", out_json]) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint step 2" in printed and "heldout" in printed
+    results = json.load(open(out_json))
+    assert set(results["heldout"]) == {"1", "3"}
+    assert main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
