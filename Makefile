@@ -1,18 +1,25 @@
-# Two entry points that work on a fresh machine (see README.md):
-#   make parity   set up the environment, convert a PyTorch OpenMythos model, print parity + speed
+# Entry points that work on a fresh machine (see README.md):
+#   make train    set up the environment, train a small looped model on built-in data (CPU,
+#                 ~10 min), checkpoint, print the depth curve; rerun to resume
 #   make test     set up the environment and run the test suite
+#   make parity   convert a PyTorch OpenMythos model, print parity + speed
 # The virtualenv lives outside the clone, keyed by a hash of the requirement files, so CI and
 # later clones reuse it (torch from PyPI on Python 3.12 is the ~5 GB CUDA build).
 SHELL := /bin/bash
 VENV := $(shell bash .ci/venv.sh --path)
 PY := $(VENV)/bin/python
 
-.PHONY: venv test test-all parity bench
+WORKDIR ?= runs/cpu_small
+
+.PHONY: venv test parity bench train
 venv:
 	bash .ci/venv.sh
 
 test: venv
 	$(PY) -m pytest -q tests
+
+train: venv
+	$(VENV)/bin/mythos-jax train --config cpu_small --workdir $(WORKDIR)
 
 parity: venv
 	$(VENV)/bin/mythos-jax parity

@@ -2,6 +2,7 @@
 
     mythos-jax train --config cpu_small --workdir runs/small   # train / resume, depth curve
     mythos-jax eval --workdir runs/small --loops 1,2,4,8        # depth curve of a checkpoint
+    mythos-jax plan --variant mythos_1b --topology v4-8 --mesh fsdp=4   # fits in TPU HBM?
 
     mythos-jax parity                                # convert OpenMythos models, parity + speed
 
@@ -363,6 +364,8 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train, _add_eval,
     _module_command("prepare-data", "mythos_jax.train.prepare_data",
                     "tokenise text/JSONL files into ArrayRecord shards"),
+    _module_command("plan", "mythos_jax.plan",
+                    "compile a training step for a TPU slice on this host: does it fit?"),
     _add_convert, _add_parity, _add_generate]
 
 

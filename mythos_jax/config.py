@@ -13,7 +13,8 @@ from typing import Any
 
 ATTN_TYPES = ("mla", "gqa")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-MOE_IMPLS = ("grouped", "dense", "ragged")
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
+MOE_IMPLS = ("grouped", "dense", "dropless", "capacity")
 LOOP_REMATS = ("dots", "full", "none")
 ACT_MODES = ("openmythos", "flush", "off")
 INJECTIONS = ("openmythos", "parcae")
@@ -36,10 +37,19 @@ class MythosConfig:
     Extensions (not in OpenMythos):
       ``dtype``: compute dtype of matmuls, "float32" (default, parity) or "bfloat16".
         Parameters stay fp32; norms, softmax, RoPE, loop embedding, LTI and ACT run in fp32.
-      ``moe_impl``: how tokens reach their experts; all are dropless and equal up to float
-        rounding (see ``layers/moe.py``): "grouped" (default; rows sorted by expert into
-        fixed-size blocks, one batched matmul), "dense" (every expert on every token, the
-        reference), "ragged" (sorted rows and ``lax.ragged_dot``, for GPU/TPU kernels).
+      ``attention_impl``: how MLA attention runs (``kernels/dispatch.py``): "auto" (default;
+        Pallas kernels on TPU/GPU, XLA on CPU, by the platform of the mesh in force), "xla"
+        (einsums), "pallas" (flash attention for training/prefill, latent decode kernel;
+        interpreted on CPU). Equal up to float rounding; dropout > 0 in training uses XLA.
+      ``moe_impl``: how tokens reach their experts (``layers/moe_dispatch.py``); all equal
+        up to float rounding when no token is dropped: "grouped" (default; rows sorted by
+        expert into fixed-size blocks, one batched matmul), "dense" (every expert on every
+        token, the reference), "dropless" (sorted rows and grouped matmuls: ``lax.ragged_dot``,
+        megablox ``gmm`` on TPU), "capacity" (at most ``capacity_factor * N*K / E`` rows per
+        expert, the rest dropped and counted). Under a mesh with an ``expert`` axis all but
+        "dense" run expert-parallel (``parallel/expert.py``).
+      ``capacity_factor``: per-expert buffer size of ``moe_impl="capacity"`` relative to a
+        perfectly balanced load (> 0; 1.25 by default).
       ``loop_remat``: what backprop keeps per loop iteration (values are unchanged):
         "dots" (default; matmul outputs, elementwise work recomputed), "full" (only the loop
         carry: least memory, one extra forward of the loop), "none" (everything).
@@ -79,7 +89,9 @@ class MythosConfig:
     dropout: float = 0.0
     # --- mythos-jax extensions (defaults keep OpenMythos numerics) ---
     dtype: str = "float32"
+    attention_impl: str = "auto"
     moe_impl: str = "grouped"
+    capacity_factor: float = 1.25
     loop_remat: str = "dots"
     act: str = "openmythos"
     injection: str = "openmythos"
@@ -133,8 +145,14 @@ class MythosConfig:
             _fail("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.dtype not in COMPUTE_DTYPES:
             _fail("dtype", f"must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            _fail("attention_impl", f"must be one of {ATTENTION_IMPLS}, "
+                                    f"got {self.attention_impl!r}")
         if self.moe_impl not in MOE_IMPLS:
             _fail("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        _require_float(self, "capacity_factor")
+        if not self.capacity_factor > 0:
+            _fail("capacity_factor", f"must be > 0, got {self.capacity_factor}")
         if self.loop_remat not in LOOP_REMATS:
             _fail("loop_remat", f"must be one of {LOOP_REMATS}, got {self.loop_remat!r}")
         if self.act not in ACT_MODES:

@@ -11,15 +11,15 @@ Drivers (called by ``OpenMythos.__call__``; ``block`` is its ``RecurrentBlock``)
                                         in a rematerialised scan; without it a masked scan to
                                         the static ``max_loops`` (full backprop).
 Every driver takes per-sequence counts: a finished sequence is frozen with
-``where(active, new, old)`` while the others continue.
+``where(active, new, old)`` while the others continue, and its router statistics stop counting.
 
-Depth samplers for training: ``Fixed``, ``Uniform``, ``Poisson``, ``LogNormalPoisson`` and
-``Curriculum``; ``sample_loops`` also accepts a user function ``f(step, key) -> count(s)``.
+Depth samplers for training (``mythos_jax/schedules.py``, re-exported here): ``Fixed``,
+``Uniform``, ``Poisson``, ``LogNormalPoisson`` and ``Curriculum``; ``sample_loops`` draws from
+one of them or from a user function ``f(step, key) -> count(s)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -27,7 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mythos_jax.layers.moe import MoEStats
 from mythos_jax.layers.recurrence import LoopState, RecurrentBlock
+from mythos_jax.schedules import (  # noqa: F401  (re-exported: loops.Fixed, ...)
+    Curriculum, Fixed, LogNormalPoisson, Poisson, Schedule, Uniform)
 
 EXIT_RULES = ("act", "kl", "delta")
 
@@ -47,14 +50,27 @@ class LoopContext(NamedTuple):
 
 
 class LoopInfo(NamedTuple):
-    """What the loop did: iterations run per sequence (B,) and the ponder cost (B, T)."""
+    """What the loop did: iterations run per sequence (B,), the ponder cost (B, T) and the
+    router statistics over every iteration run (``moe.load_per_loop`` has
+    L = max(cfg.max_loop_iters, the static loop bound: n for a static count, ``max_loops``)
+    rows; deeper iterations, possible only without a static bound, add to the last row)."""
     loops_run: jax.Array
     ponder_cost: jax.Array
+    moe: MoEStats
 
 
 # ---------------------------------------------------------------------------- helpers
 def _step_key(ctx: LoopContext, t) -> jax.Array | None:
     return None if ctx.key is None else jax.random.fold_in(ctx.key, t)
+
+
+def _freeze(active: jax.Array, new: LoopState, old: LoopState) -> LoopState:
+    """``new`` for the sequences where ``active`` (B,) is True, ``old`` for the others; the
+    router statistics (batch totals, masked by the step itself) come from ``new``."""
+    per_sequence = jax.tree.map(
+        lambda n, o: jnp.where(active.reshape(active.shape + (1,) * (n.ndim - 1)), n, o),
+        new._replace(moe=None), old._replace(moe=None))
+    return per_sequence._replace(moe=new.moe)
 
 
 def _masked_step(block: RecurrentBlock, state: LoopState, e, t, active, ctx, cache=None,
@@ -63,10 +79,8 @@ def _masked_step(block: RecurrentBlock, state: LoopState, e, t, active, ctx, cac
     With a layer ``cache`` every sequence's keys are written (a stopped sequence's from its
     frozen state), so later tokens find keys at every depth."""
     new, cache = block.step(state, e, jnp.maximum(t, 0), ctx.rope, ctx.mask, _step_key(ctx, t),
-                            cache, index)
-    return jax.tree.map(
-        lambda n, o: jnp.where(active.reshape(active.shape + (1,) * (n.ndim - 1)), n, o),
-        new, state), cache
+                            cache, index, active)
+    return _freeze(active, new, state), cache
 
 
 def _read_depth(depth_caches, t):
@@ -135,7 +149,7 @@ def run_static(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops: i
         return (state, _write_depth(depth_caches, layer_cache, t, index, e.shape[1])), None
 
     (final, cache), _ = jax.lax.scan(_remat(body, block.remat_policy),
-                                     (LoopState.start(e), cache),
+                                     (block.start(e, n_loops), cache),
                                      jnp.arange(n_loops, dtype=jnp.int32))
     return final, jnp.full((e.shape[0],), n_loops, jnp.int32), cache
 
@@ -158,7 +172,7 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
     """
     batch = e.shape[0]
     counts = per_sequence(n_loops, batch)
-    start = LoopState.start(e)
+    start = block.start(e)
     previous = (jnp.zeros(start.h.shape[:2] + (0,)) if exit != "kl"
                 else decode(block.readout(start)))
 
@@ -230,8 +244,8 @@ def run_training(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
         def full_body(state, t):
             return _masked_step(block, state, e, t, t < counts, ctx)[0], None
 
-        final, _ = jax.lax.scan(_remat(full_body, block.remat_policy), LoopState.start(e),
-                                jnp.arange(max_loops, dtype=jnp.int32))
+        final, _ = jax.lax.scan(_remat(full_body, block.remat_policy),
+                                block.start(e, max_loops), jnp.arange(max_loops, dtype=jnp.int32))
         return final, jnp.minimum(counts, max_loops)
 
     free_counts = counts - backprop_depth                                  # no-grad loops
@@ -244,13 +258,10 @@ def run_training(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
         return t + 1, _masked_step(frozen, state, frozen_e, t, t < free_counts, ctx)[0]
 
     _, state = jax.lax.while_loop(lambda c: c[0] < jnp.max(free_counts), free_body,
-                                  (jnp.int32(0), LoopState.start(frozen_e)))
+                                  (jnp.int32(0), block.start(frozen_e, max_loops)))
     # Sequences with n_i <= k ran no free loop: they start from the differentiable h_0 = e,
     # so that k >= n is exactly full backprop.
-    ran_free = free_counts > 0
-    state = jax.tree.map(
-        lambda s, s0: jnp.where(ran_free.reshape((-1,) + (1,) * (s.ndim - 1)),
-                                jax.lax.stop_gradient(s), s0), state, LoopState.start(e))
+    state = _freeze(free_counts > 0, jax.lax.stop_gradient(state), block.start(e, max_loops))
 
     def grad_body(state, j):
         t = free_counts + j                                                # (B,)
@@ -262,137 +273,6 @@ def run_training(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
 
 
 # ---------------------------------------------------------------------------- depth samplers
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """A loop-count distribution for training. ``sample(step, key, batch)`` gives int32 counts,
-    one per sequence (``per_sequence=True``, shape (B,)) or one per step (scalar).
-    ``backprop_depth``: gradient through the last k loops only (None: all, masked to
-    ``max_loops``). ``max_loops``: the static bound the counts are clipped to."""
-
-    backprop_depth: int | None = dataclasses.field(default=None, kw_only=True)
-    per_sequence: bool = dataclasses.field(default=False, kw_only=True)
-    max_loops: int = dataclasses.field(default=64, kw_only=True)
-
-    def __post_init__(self) -> None:
-        if self.backprop_depth is not None and self.backprop_depth < 1:
-            raise ValueError(f"backprop_depth must be >= 1 or None, got {self.backprop_depth}")
-        if self.max_loops < 1:
-            raise ValueError(f"max_loops must be >= 1, got {self.max_loops}")
-        if not self.mean > 0:
-            raise ValueError(f"{type(self).__name__}: the mean loop count must be positive, "
-                             f"got {self.mean}")
-
-    @property
-    def mean(self) -> float:
-        raise NotImplementedError
-
-    def draw(self, key: jax.Array, shape: tuple[int, ...], step) -> jax.Array:
-        """Counts (before clipping) of the given shape."""
-        raise NotImplementedError
-
-    def sample(self, step, key: jax.Array, batch: int) -> jax.Array:
-        shape = (batch,) if self.per_sequence else ()
-        return jnp.clip(self.draw(key, shape, step), 1, self.max_loops).astype(jnp.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Fixed(Schedule):
-    """Always ``n`` loops."""
-    n: int = 8
-
-    @property
-    def mean(self) -> float:
-        return self.n
-
-    def draw(self, key, shape, step):
-        return jnp.full(shape, self.n, jnp.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Uniform(Schedule):
-    """Uniform over ``lo .. hi`` inclusive."""
-    lo: int = 1
-    hi: int = 8
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.lo <= self.hi:
-            raise ValueError(f"Uniform needs 1 <= lo <= hi, got lo={self.lo}, hi={self.hi}")
-        super().__post_init__()
-
-    @property
-    def mean(self) -> float:
-        return (self.lo + self.hi) / 2
-
-    def draw(self, key, shape, step):
-        return jax.random.randint(key, shape, self.lo, self.hi + 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Poisson(Schedule):
-    """Parcae: ``max(1, Poisson(mean))``."""
-    mean_loops: float = 8.0
-
-    @property
-    def mean(self) -> float:
-        return self.mean_loops
-
-    def draw(self, key, shape, step, mean=None):
-        rate = self.mean_loops if mean is None else mean
-        return jnp.maximum(1, jax.random.poisson(key, rate, shape))
-
-
-@dataclasses.dataclass(frozen=True)
-class LogNormalPoisson(Schedule):
-    """Huginn: ``tau ~ N(log mean - sigma^2 / 2, sigma)``, ``n = Poisson(exp(tau)) + 1``."""
-    mean_loops: float = 32.0
-    sigma: float = 0.5
-
-    @property
-    def mean(self) -> float:
-        return self.mean_loops
-
-    def draw(self, key, shape, step, mean=None):
-        mean = self.mean_loops if mean is None else mean
-        tau_key, count_key = jax.random.split(key)
-        tau = jnp.log(mean) - self.sigma ** 2 / 2 + self.sigma * jax.random.normal(tau_key, shape)
-        return jax.random.poisson(count_key, jnp.exp(tau), shape) + 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Curriculum(Schedule):
-    """Moves the mean of ``target`` (a Poisson or LogNormalPoisson) from ``start_mean`` to
-    ``target.mean`` over ``ramp_steps`` steps, linearly or as ``1 - sqrt(1 - x)``; the
-    gradient depth, per-sequence flag and bound of ``target`` apply."""
-    target: Poisson | LogNormalPoisson = dataclasses.field(default_factory=Poisson)
-    start_mean: float = 1.0
-    ramp_steps: int = 1000
-    shape: str = "linear"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.target, (Poisson, LogNormalPoisson)):
-            raise TypeError("Curriculum target must be a Poisson or LogNormalPoisson schedule")
-        if not self.start_mean > 0:
-            raise ValueError(f"Curriculum: start_mean must be positive, got {self.start_mean}")
-        if self.shape not in ("linear", "sqrt"):
-            raise ValueError(f"Curriculum shape must be 'linear' or 'sqrt', got {self.shape!r}")
-        for name in ("backprop_depth", "per_sequence", "max_loops"):
-            object.__setattr__(self, name, getattr(self.target, name))
-        super().__post_init__()
-
-    @property
-    def mean(self) -> float:
-        return self.target.mean
-
-    def mean_at(self, step) -> jax.Array:
-        progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(self.ramp_steps, 1), 0.0, 1.0)
-        if self.shape == "sqrt":
-            progress = 1.0 - jnp.sqrt(1.0 - progress)
-        return self.start_mean + (self.target.mean - self.start_mean) * progress
-
-    def draw(self, key, shape, step):
-        return self.target.draw(key, shape, step, mean=self.mean_at(step))
-
-
 def sample_loops(schedule: Schedule | Callable[[Any, jax.Array], Any], step, key: jax.Array,
                  batch: int) -> jax.Array:
     """Counts for this step from a :class:`Schedule` or a user function ``f(step, key)``

@@ -14,11 +14,14 @@ from flax import nnx
 from mythos_jax import loops
 from mythos_jax.config import MythosConfig
 from mythos_jax.layers.attention import causal_mask
-from mythos_jax.layers.block import TransformerBlock
+from mythos_jax.layers.block import HIDDEN_AXES, TransformerBlock
 from mythos_jax.layers.common import compute_dtype, normal_init, split_key
 from mythos_jax.layers.norm import RMSNorm
 from mythos_jax.layers.recurrence import RecurrentBlock
 from mythos_jax.layers.rope import rope_cos_sin
+from mythos_jax.parallel.rules import constrain
+
+LOGIT_AXES = ("batch", "seq", "act_vocab")
 
 
 class OpenMythos(nnx.Module):
@@ -62,7 +65,11 @@ class OpenMythos(nnx.Module):
         see :func:`mythos_jax.loops.run_dynamic`. For training with run-time counts give
         ``backprop_depth`` (gradient through the last k loops) or the static bound
         ``max_loops`` (full backprop), see :func:`mythos_jax.loops.run_training`.
-        ``return_info``: also return ``LoopInfo(loops_run (B,), ponder_cost (B, T))``.
+        ``return_info``: also return ``LoopInfo(loops_run (B,), ponder_cost (B, T), moe)``,
+        ``moe`` the router statistics of the loop (:class:`mythos_jax.layers.moe.MoEStats`:
+        load (E,), load_per_loop (L, E), aux_loss, z_loss, dropped).
+        Under a mesh (``jax.set_mesh``) the embeddings, every block's input and output and the
+        logits are constrained to their logical axes (``mythos_jax.parallel.rules``).
 
         Checks: shape, dtype and T <= max_seq_len raise ``ValueError`` at once. Token ids are
         checked against ``[0, vocab_size)``: with concrete arrays a ``ValueError`` is raised
@@ -81,9 +88,9 @@ class OpenMythos(nnx.Module):
         rope = rope_cos_sin(jnp.arange(T), rope_dim, cfg.rope_theta)
         mask = causal_mask(T)
 
-        x = jnp.take(self.embed[...], input_ids, axis=0)
+        x = self._embed(input_ids)
         for layer, key in zip(self.prelude, prelude_keys):
-            x, _ = layer(x, rope, mask, key)
+            x, _, _ = layer(x, rope, mask, key)
         if self.prelude_norm is not None:
             x = self.prelude_norm(x)
         ctx = loops.LoopContext(rope, mask, loop_key)
@@ -94,7 +101,8 @@ class OpenMythos(nnx.Module):
         logits = self._decode(self.recurrent.readout(state), rope, mask, coda_keys)
         if not return_info:
             return logits
-        return logits, loops.LoopInfo(loops_run, self.recurrent.ponder_cost(state, loops_run))
+        return logits, loops.LoopInfo(loops_run, self.recurrent.ponder_cost(state, loops_run),
+                                      state.moe.totals())
 
     def _run_loops(self, e, ctx, n_loops, exit, exit_threshold, backprop_depth, max_loops,
                    decode):
@@ -164,10 +172,10 @@ class OpenMythos(nnx.Module):
             jax.debug.callback(_raise_if_cache_not_empty, cache.index)
             mask = causal_mask(T) & (jnp.arange(T)[None, None, :] >= cache.start[:, None, None])
             mask = mask | jnp.eye(T, dtype=bool)[None]
-        x = jnp.take(self.embed[...], input_ids, axis=0)
+        x = self._embed(input_ids)
         prelude_caches = []
         for layer, layer_cache in zip(self.prelude, cache.prelude):
-            x, layer_cache = layer(x, rope, mask, None, layer_cache, cache.index)
+            x, layer_cache, _ = layer(x, rope, mask, None, layer_cache, cache.index)
             prelude_caches.append(layer_cache)
         if self.prelude_norm is not None:
             x = self.prelude_norm(x)
@@ -197,7 +205,7 @@ class OpenMythos(nnx.Module):
         caches = caches if caches is not None else [None] * len(self.coda)
         new_caches = []
         for layer, key, layer_cache in zip(self.coda, coda_keys, caches):
-            x, layer_cache = layer(x, rope, mask, key, layer_cache, index)
+            x, layer_cache, _ = layer(x, rope, mask, key, layer_cache, index)
             new_caches.append(layer_cache)
         return x, new_caches
 
@@ -205,11 +213,16 @@ class OpenMythos(nnx.Module):
         """Loop output (B, T, D) -> logits (B, T, vocab) fp32: read-out, coda, norm, tied head."""
         return self._head(self._coda(x, rope, mask, coda_keys)[0])
 
+    def _embed(self, input_ids) -> jax.Array:
+        """Token ids (B, T) -> embeddings (B, T, D) fp32 (no scaling, as in OpenMythos)."""
+        return constrain(jnp.take(self.embed[...], input_ids, axis=0), HIDDEN_AXES)
+
     def _head(self, x) -> jax.Array:
         """Final norm and the tied output head: (B, T, D) -> (B, T, vocab) fp32."""
         dt = compute_dtype(self.cfg)
-        return jnp.einsum("btd,vd->btv", self.norm(x).astype(dt), self.embed[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,vd->btv", self.norm(x).astype(dt), self.embed[...].astype(dt),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, LOGIT_AXES)
 
     # ------------------------------------------------------------------ boundary checks
     def _dropout_key(self) -> jax.Array | None:

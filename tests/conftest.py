@@ -1,8 +1,12 @@
-"""Test setup: 8 fake CPU devices, a persistent compilation cache, fp32-exact matmuls."""
+"""Test setup: 8 fake CPU devices, a persistent compilation cache, fp32-exact matmuls.
+JAX_PLATFORMS=cpu keeps every test process (and its subprocesses) off the TPU plugin that
+the test venv's libtpu would otherwise try to load (``mythos-jax plan`` compiles for TPU
+topologies without it)."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 

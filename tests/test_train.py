@@ -76,7 +76,7 @@ def test_weight_decay_skips_norms_injection_and_vectors():
 
 # ---------------------------------------------------------------------------- a short run
 # Every in-process run below uses the QUICK config (one compiled step, shared through the
-# persistent compilation cache with the subprocess runs of the resume test).
+# persistent compilation cache).
 def test_short_run_learns_writes_everything_and_resharded_restore(tmp_path):
     workdir = str(tmp_path / "run")
     cfg = load_train_config("tiny", QUICK + ["log.tensorboard=true"])
@@ -155,10 +155,14 @@ def _cli(args):
     return [sys.executable, "-m", "mythos_jax.cli", *args]
 
 
-def _env(devices: int | None = None):
+def _env(cache_dir=None):
+    """Subprocess environment. JAX writes cache entries non-atomically, so processes that may
+    be killed or that compile concurrently get no persistent cache (``cache_dir=None``); the
+    resume test gives its runs a private one that only the uninterrupted run writes to."""
     env = dict(os.environ)
-    if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.pop("MYTHOS_JAX_CACHE", None)
+    if cache_dir is not None:
+        env["MYTHOS_JAX_CACHE"] = str(cache_dir)
     return env
 
 
@@ -166,10 +170,11 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
     args = ["train", "--config", "tiny"] + [a for o in QUICK for a in ("--set", o)] + [
         "--set", "checkpoint.async_save=true", "--set", "log.every=1"]
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-    subprocess.run(_cli(args + ["--workdir", reference]), check=True, env=_env(),
+    cache = tmp_path / "xla"      # filled by the reference run; the others only read it
+    subprocess.run(_cli(args + ["--workdir", reference]), check=True, env=_env(cache),
                    capture_output=True, timeout=300)
 
-    process = subprocess.Popen(_cli(args + ["--workdir", killed]), env=_env(),
+    process = subprocess.Popen(_cli(args + ["--workdir", killed]), env=_env(cache),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after = np.random.default_rng(int(time.time())).integers(3, 7)
     deadline = time.time() + 240
@@ -183,7 +188,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
     done_before_kill = len(step_lines(killed))
     assert done_before_kill < 8, "the run finished before it could be killed"
 
-    subprocess.run(_cli(args + ["--workdir", killed]), check=True, env=_env(),
+    subprocess.run(_cli(args + ["--workdir", killed]), check=True, env=_env(cache),
                    capture_output=True, timeout=300)
     ref, got = step_lines(reference), step_lines(killed)
     assert sorted(got) == list(range(1, 9))
@@ -218,6 +223,10 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     for step in one:
         assert two[step]["batch_fingerprint"] == one[step]["batch_fingerprint"]
         np.testing.assert_allclose(two[step]["loss"], one[step]["loss"], rtol=1e-6)
+
+    # The 2-device checkpoint restores onto this process's 8 devices (resharded).
+    from mythos_jax.cli import main
+    assert main(["eval", "--workdir", multi, "--loops", "1,3", "--batches", "1"]) == 0
 
 
 def test_eval_command_prints_the_depth_curve(tmp_path, capsys):

@@ -16,6 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mythos_jax.config import MythosConfig
+from mythos_jax.kernels.dispatch import log_once, resolve_attention_impl
+from mythos_jax.kernels.masks import causal_starts, key_ranges
+from mythos_jax.kernels.mla_decode import mla_decode_attention
+from mythos_jax.kernels.mla_flash import mla_flash_attention
 from mythos_jax.layers.common import compute_dtype, dropout, linear
 from mythos_jax.layers.norm import RMSNorm
 from mythos_jax.layers.rope import apply_rope
@@ -72,6 +76,8 @@ class MLAttention(nnx.Module):
     Queries are ``[q_nope | q_rope]`` per head; keys are ``[k_nope | k_rope]`` where k_nope and
     v come from ``kv_up(kv_norm(c_kv))`` (per head, laid out ``[k_nope | v]``) and k_rope is ONE
     rotated head shared by all query heads (OpenMythos stores H identical copies; same values).
+    With ``cfg.attention_impl`` resolving to "pallas" the Pallas kernels run instead of the
+    einsums (``mythos_jax.kernels``): flash attention without and latent decode with a cache.
     """
 
     def __init__(self, cfg: MythosConfig, *, rngs: nnx.Rngs):
@@ -81,6 +87,7 @@ class MLAttention(nnx.Module):
         self.nope_dim, self.rope_dim, self.v_dim = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                                     cfg.v_head_dim)
         self.dropout_rate = cfg.dropout
+        self.attention_impl = cfg.attention_impl
         H = cfg.n_heads
         self.q_down = linear(cfg.dim, cfg.q_lora_rank, ("embed", "q_lora"), rngs=rngs, dtype=dt)
         self.q_norm = RMSNorm(cfg.q_lora_rank, axis_name="q_lora")
@@ -113,6 +120,10 @@ class MLAttention(nnx.Module):
             self.kv_lora_rank, H, self.nope_dim + self.v_dim)
         k_up, v_up = kv_up[..., : self.nope_dim], kv_up[..., self.nope_dim:]
         decode = cache is not None and T == 1
+        if self._use_kernels(key):
+            out = self._kernel_attention(q_nope, q_rope, c_kv, k_rope, new_cache, k_up, v_up,
+                                         mask, decode)
+            return self.wo(out.reshape(B, T, H * self.v_dim)), new_cache
         if decode:   # attend in latent space over the cache: k_up folded into the query
             c_kv = new_cache["c_kv"].astype(kv_up.dtype)
             k_rope = new_cache["k_rope"].astype(q_rope.dtype)
@@ -133,6 +144,39 @@ class MLAttention(nnx.Module):
         else:
             out = jnp.einsum("bhts,bshd->bthd", probs, jnp.einsum("bsc,chd->bshd", c_kv, v_up))
         return self.wo(out.reshape(B, T, H * self.v_dim)), new_cache
+
+    def _use_kernels(self, key) -> bool:
+        """Pallas when attention_impl resolves to it (at trace time, by the mesh's platform);
+        not for attention dropout in training, which only the einsum path has."""
+        if resolve_attention_impl(self.attention_impl) != "pallas":
+            return False
+        if key is not None and self.dropout_rate > 0:
+            log_once("MLA attention dropout > 0 in training: XLA attention, not the kernels")
+            return False
+        return True
+
+    def _kernel_attention(self, q_nope, q_rope, c_kv, k_rope, cache, k_up, v_up, mask, decode):
+        """The kernels' path -> (B, T, H, v_dim). They take the key range from ``mask``
+        (``kernels.masks``: causal with left padding, or a decode range); a mask they cannot
+        express, which the model never builds, makes the output NaN, never silently wrong."""
+        scale = (self.nope_dim + self.rope_dim) ** -0.5
+        if decode:   # absorbed: k_up folded into the query, v_up applied to the latent output
+            kv_start, kv_end, matches = key_ranges(mask)
+            q_latent = jnp.einsum("bthd,chd->bhc", q_nope, k_up)
+            latent = mla_decode_attention(
+                q_latent, q_rope[:, 0], cache["c_kv"].astype(k_up.dtype),
+                cache["k_rope"].astype(q_rope.dtype), kv_start, kv_end, scale=scale)
+            out = jnp.einsum("bhc,chd->bhd", latent, v_up)[:, None]
+        else:
+            kv_start, matches = causal_starts(mask, q_nope.shape[0])
+            c_kv = c_kv.astype(k_up.dtype)
+            k_nope = jnp.einsum("bsc,chd->bhsd", c_kv, k_up)     # heads-major (B, H, T, d)
+            v = jnp.einsum("bsc,chd->bhsd", c_kv, v_up)
+            heads_major = lambda x: x.transpose(0, 2, 1, 3)   # (B, T, H, d) <-> (B, H, T, d)
+            out = heads_major(mla_flash_attention(
+                heads_major(q_nope), heads_major(q_rope), k_nope, k_rope.astype(q_rope.dtype), v,
+                kv_start, scale=scale))
+        return jnp.where(matches[:, None, None, None], out, jnp.nan)
 
 
 def write_cache(cache: dict, entries: dict, index) -> dict:

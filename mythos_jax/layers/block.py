@@ -9,8 +9,11 @@ from mythos_jax.config import MythosConfig
 from mythos_jax.layers.attention import make_attention
 from mythos_jax.layers.common import compute_dtype, dropout, split_key
 from mythos_jax.layers.ffn import SwiGLU
-from mythos_jax.layers.moe import MoE
+from mythos_jax.layers.moe import MoE, RouterStats
 from mythos_jax.layers.norm import RMSNorm
+from mythos_jax.parallel.rules import constrain
+
+HIDDEN_AXES = ("batch", "seq", "act_embed")   # logical axes of the residual stream (B, T, D)
 
 
 class TransformerBlock(nnx.Module):
@@ -25,10 +28,16 @@ class TransformerBlock(nnx.Module):
                     else SwiGLU(cfg.dim, cfg.dense_hidden, rngs=rngs, dtype=compute_dtype(cfg)))
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-                 key: jax.Array | None = None, cache: dict | None = None, index=None):
-        """x (B, T, D) fp32 residual stream -> ((B, T, D), new layer cache or None);
-        ``key`` drives dropout (None: off), ``cache``/``index`` as in attention."""
+                 key: jax.Array | None = None, cache: dict | None = None, index=None
+                 ) -> tuple[jax.Array, dict | None, RouterStats | None]:
+        """x (B, T, D) fp32 residual stream -> ((B, T, D), new layer cache or None, the MoE's
+        RouterStats or None for a dense block); ``key`` drives dropout (None: off),
+        ``cache``/``index`` as in attention."""
         attn_key, attn_out_key, ffn_out_key = split_key(key, 3)
+        x = constrain(x, HIDDEN_AXES)
         attn_out, cache = self.attn(self.attn_norm(x), rope, mask, attn_key, cache, index)
         x = x + dropout(attn_out, self.dropout_rate, attn_out_key)
-        return x + dropout(self.ffn(self.ffn_norm(x)), self.dropout_rate, ffn_out_key), cache
+        ffn_out, stats = (self.ffn(self.ffn_norm(x)) if isinstance(self.ffn, MoE)
+                          else (self.ffn(self.ffn_norm(x)), None))
+        x = x + dropout(ffn_out, self.dropout_rate, ffn_out_key)
+        return constrain(x, HIDDEN_AXES), cache, stats

@@ -8,7 +8,8 @@ Per iteration t (OpenMythos ``RecurrentBlock.forward``, exact order):
     p      = sigmoid(halt(h))                            ACT halting probability (B, T)
     h_out += w_t * h                                     OpenMythos's ACT weights (below)
 The loop itself (scan, while loop, truncated backprop) is in ``mythos_jax/loops.py``; its bodies
-close over this block, so its parameters are shared by every iteration, never copied.
+close over this block, so its parameters are shared by every iteration, never copied. The loop
+carry also sums the MoE's router statistics over the iterations (``MoEAccum``).
 ``cfg.injection="parcae"`` replaces the injection by Parcae's (see ``ParcaeInjection``).
 """
 
@@ -24,10 +25,10 @@ from flax import nnx
 from mythos_jax.config import MythosConfig
 from mythos_jax.layers.block import TransformerBlock
 from mythos_jax.layers.common import compute_dtype, linear, normal_init
+from mythos_jax.layers.moe import MoEStats, RouterStats
 from mythos_jax.layers.norm import RMSNorm
 
 LOOP_EMBED_THETA = 10000.0  # hard-coded in OpenMythos
-
 
 
 def loop_index_embedding(h: jax.Array, t: jax.Array, loop_dim: int) -> jax.Array:
@@ -129,20 +130,48 @@ def _uniform_range(low: float, high: float):
     return init
 
 
+class MoEAccum(NamedTuple):
+    """Router statistics summed over loop iterations (batch totals, part of the loop carry).
+    Iteration t adds to row ``min(t, L - 1)`` of ``load_per_loop``."""
+    load_per_loop: jax.Array   # (L, E) fp32
+    aux_sum: jax.Array         # () fp32 sum of per-sequence aux_loss over iterations
+    z_sum: jax.Array           # () fp32 same for z_loss
+    sequences: jax.Array       # () fp32 (sequence, iteration) pairs counted
+    dropped: jax.Array         # () fp32
+
+    @classmethod
+    def zeros(cls, rows: int, n_experts: int) -> "MoEAccum":
+        zero = jnp.zeros((), jnp.float32)
+        return cls(jnp.zeros((rows, n_experts), jnp.float32), zero, zero, zero, zero)
+
+    def add(self, stats: RouterStats, t: jax.Array, active: jax.Array | None) -> "MoEAccum":
+        """Count one iteration at loop index ``t`` (scalar or (B,)) for the sequences where
+        ``active`` (B,) is True (None: all); ``dropped`` counts when any sequence is active."""
+        active = jnp.ones(stats.aux_loss.shape, bool) if active is None else active
+        rows = jnp.broadcast_to(jnp.minimum(t, self.load_per_loop.shape[0] - 1), active.shape)
+        load = jnp.where(active[:, None], stats.load, 0.0)
+        return MoEAccum(self.load_per_loop.at[rows].add(load),
+                        self.aux_sum + jnp.sum(jnp.where(active, stats.aux_loss, 0.0)),
+                        self.z_sum + jnp.sum(jnp.where(active, stats.z_loss, 0.0)),
+                        self.sequences + jnp.sum(active.astype(jnp.float32)),
+                        self.dropped + jnp.where(jnp.any(active), stats.dropped, 0.0))
+
+    def totals(self) -> MoEStats:
+        """The forward pass's :class:`MoEStats` (losses averaged over the pairs counted)."""
+        pairs = jnp.maximum(self.sequences, 1.0)
+        return MoEStats(jnp.sum(self.load_per_loop, axis=0), self.load_per_loop,
+                        self.aux_sum / pairs, self.z_sum / pairs, self.dropped)
+
+
 class LoopState(NamedTuple):
-    """Carry of the recurrence: hidden state, ACT output and ACT bookkeeping."""
+    """Carry of the recurrence: hidden state, ACT output and bookkeeping (per sequence), and
+    the router statistics (batch totals; ``RecurrentBlock.start`` creates them)."""
     h: jax.Array               # (B, T, D) fp32
     h_out: jax.Array           # (B, T, D) fp32, ACT-weighted sum of the h's
     cumulative_p: jax.Array    # (B, T) fp32
     halted: jax.Array          # (B, T) bool
     expected_loops: jax.Array  # (B, T) fp32, sum_t (t + 1) * w_t (the ponder cost's core)
-
-    @classmethod
-    def start(cls, e: jax.Array) -> "LoopState":
-        """The state before the first loop: h_0 = e (the prelude output)."""
-        B, T, _ = e.shape
-        zeros = jnp.zeros((B, T), jnp.float32)
-        return cls(e, jnp.zeros_like(e), zeros, jnp.zeros((B, T), bool), zeros)
+    moe: MoEAccum | None = None
 
 
 def act_accumulate(state: LoopState, h: jax.Array, p: jax.Array, t: jax.Array,
@@ -158,7 +187,8 @@ def act_accumulate(state: LoopState, h: jax.Array, p: jax.Array, t: jax.Array,
     cumulative_p = state.cumulative_p + p * running.astype(p.dtype)
     loop_number = (jnp.asarray(t, jnp.float32) + 1.0).reshape(-1, 1)     # (B|1, 1)
     expected = state.expected_loops + jnp.where(running, weight * loop_number, 0.0)
-    return LoopState(h, h_out, cumulative_p, state.halted | (cumulative_p >= threshold), expected)
+    return LoopState(h, h_out, cumulative_p, state.halted | (cumulative_p >= threshold), expected,
+                     state.moe)
 
 
 class RecurrentBlock(nnx.Module):
@@ -173,6 +203,7 @@ class RecurrentBlock(nnx.Module):
         self.loop_dim, self.act_threshold = cfg.loop_dim, cfg.act_threshold
         self.act_mode, self.injection_type = cfg.act, cfg.injection
         self.remat_policy = cfg.loop_remat
+        self.max_loop_iters, self.n_experts = cfg.max_loop_iters, cfg.n_experts
         self.block = TransformerBlock(cfg, use_moe=True, rngs=rngs)
         self.injection = (LTIInjection(cfg.dim) if cfg.injection == "openmythos"
                           else ParcaeInjection(cfg.dim))
@@ -180,20 +211,33 @@ class RecurrentBlock(nnx.Module):
         self.lora = DepthLoRA(cfg, rngs=rngs)
         self.norm = RMSNorm(cfg.dim)
 
+    def start(self, e: jax.Array, max_loops: int | None = None) -> LoopState:
+        """The state before the first loop: h_0 = e (the prelude output), no statistics yet.
+        ``load_per_loop`` gets L = max(cfg.max_loop_iters, max_loops) rows (``max_loops``: the
+        driver's static bound on the loop count, if any)."""
+        B, T, _ = e.shape
+        zeros = jnp.zeros((B, T), jnp.float32)
+        rows = max(self.max_loop_iters, max_loops or 0)
+        return LoopState(e, jnp.zeros_like(e), zeros, jnp.zeros((B, T), bool), zeros,
+                         MoEAccum.zeros(rows, self.n_experts))
+
     def step(self, state: LoopState, e: jax.Array, t: jax.Array, rope, mask,
-             key: jax.Array | None, cache: dict | None = None, index=None
-             ) -> tuple[LoopState, dict | None]:
+             key: jax.Array | None, cache: dict | None = None, index=None,
+             active: jax.Array | None = None) -> tuple[LoopState, dict | None]:
         """One loop iteration; ``t`` is the loop index, a scalar or one per sequence (B,).
-        ``cache`` is this depth's attention cache (decode), returned updated."""
+        ``cache`` is this depth's attention cache (decode), returned updated. ``active`` (B,):
+        the sequences whose router statistics count (None: all); the caller freezes the
+        others' per-sequence state."""
         if self.injection_type == "openmythos":
             h_loop = loop_index_embedding(state.h, t, self.loop_dim)
-            u, cache = self.block(self.norm(h_loop + e), rope, mask, key, cache, index)
+            u, cache, stats = self.block(self.norm(h_loop + e), rope, mask, key, cache, index)
             u = u + self.lora(u, t).astype(u.dtype)
             h = self.injection(state.h, e, u)
         else:
             u = loop_index_embedding(self.injection(state.h, e), t, self.loop_dim)
-            h, cache = self.block(u, rope, mask, key, cache, index)
+            h, cache, stats = self.block(u, rope, mask, key, cache, index)
             h = h + self.lora(h, t).astype(h.dtype)
+        state = state._replace(moe=state.moe.add(stats, t, active))
         return act_accumulate(state, h, self.act(h), t, self.act_threshold), cache
 
     def readout(self, state: LoopState) -> jax.Array:

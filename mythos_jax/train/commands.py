@@ -54,14 +54,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def use_compilation_cache() -> None:
-    """Persist compiled programs across runs (a resumed or repeated run skips compiling):
-    ``$MYTHOS_JAX_CACHE`` or ``~/.cache/mythos-jax/xla``, unless JAX already has a cache dir."""
+    """With ``$MYTHOS_JAX_CACHE`` set, persist compiled programs there across runs (a resumed
+    run skips compiling). Off by default: JAX writes cache entries non-atomically, so a run
+    killed mid-write can leave a truncated entry that crashes the next start."""
     import jax
-    if jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", os.environ.get(
-        "MYTHOS_JAX_CACHE", os.path.expanduser("~/.cache/mythos-jax/xla")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    directory = os.environ.get("MYTHOS_JAX_CACHE")
+    if directory and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def add_eval(subparsers) -> None:

@@ -10,6 +10,7 @@ the PNG.
 from __future__ import annotations
 
 import functools
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ def evaluate(plan: TrainPlan, state: TrainState, loop_counts=None,
         for n in loop_counts:
             run = _eval_fn(plan, int(n))
             sums = np.zeros(3)
-            with jax.set_mesh(plan.mesh):
+            with plan.context():
                 for local, batch in zip(batches, global_batches):
                     loss, accuracy, predictions = run(state.params, state.buffers, batch)
                     exact = _exact_match(predictions, batch)
@@ -110,7 +111,7 @@ def plot_depth_curve(results: dict, path: str, title: str = "") -> str:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title or "depth curve")
+    fig.suptitle("\n".join(textwrap.wrap(title or "depth curve", 120)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -15,6 +15,7 @@ draws the same counts as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mythos_jax import loops
 from mythos_jax.config import MythosConfig
+from mythos_jax.layers.moe import load_ratio, update_router_bias
 from mythos_jax.model import OpenMythos
 from mythos_jax.parallel import rules as rules_lib
 from mythos_jax.train.config import TrainConfig
@@ -54,11 +56,25 @@ class TrainPlan:
     abstract_state: TrainState        # ShapeDtypeStructs
     shardings: TrainState             # NamedSharding per leaf
     batch_sharding: NamedSharding
+    rules: Any                        # logical axis -> mesh axes (parameters and activations)
+
+    @contextlib.contextmanager
+    def context(self):
+        """The mesh and activation rules every jitted call of the run is traced under."""
+        with jax.set_mesh(self.mesh), rules_lib.activation_rules(self.rules):
+            yield
+
+
+ACCELERATOR_PLATFORMS = ("tpu", "gpu")
 
 
 def build_plan(cfg: TrainConfig, mesh: Mesh, rules=None) -> TrainPlan:
-    """Shapes and shardings of the run, without creating any array."""
+    """Shapes and shardings of the run, without creating any array. Mixed precision: on a
+    TPU/GPU mesh the model computes in bfloat16 (parameters stay fp32) unless ``model.dtype``
+    is set."""
     model_cfg = cfg.model_config()
+    if "dtype" not in cfg.model and mesh.devices.flat[0].platform in ACCELERATOR_PLATFORMS:
+        model_cfg = model_cfg.replace(dtype="bfloat16")
     rules = rules_lib.DEFAULT_RULES if rules is None else rules
     abstract_model = nnx.eval_shape(lambda: OpenMythos(model_cfg, rngs=nnx.Rngs(cfg.seed)))
     graphdef, params, buffers = nnx.split(abstract_model, nnx.Param, ...)
@@ -76,7 +92,7 @@ def build_plan(cfg: TrainConfig, mesh: Mesh, rules=None) -> TrainPlan:
     shardings = TrainState(replicated, param_shardings, buffer_shardings, opt_shardings,
                            replicated)
     return TrainPlan(cfg, model_cfg, mesh, graphdef, optimizer, abstract, shardings,
-                     NamedSharding(mesh, batch_spec(mesh, cfg.data.batch_size)))
+                     NamedSharding(mesh, batch_spec(mesh, cfg.data.batch_size)), rules)
 
 
 def batch_spec(mesh: Mesh, batch_size: int) -> PartitionSpec:
@@ -99,7 +115,7 @@ def init_train_state(plan: TrainPlan) -> TrainState:
         return TrainState(jnp.int32(0), params, buffers, plan.optimizer.init(params),
                           jnp.int32(0))
 
-    with jax.set_mesh(plan.mesh):
+    with plan.context():
         return jax.jit(create, out_shardings=plan.shardings)()
 
 
@@ -130,10 +146,8 @@ def _forward(model: OpenMythos, schedule: loops.Schedule, static_count: int | No
 
 
 def _moe_terms(info) -> dict[str, jax.Array]:
-    """MoE statistics of the step when the model reports them (see loops.LoopInfo)."""
-    moe = getattr(info, "moe", None)
-    if moe is None:
-        return {}
+    """The step's router statistics (``loops.LoopInfo.moe``)."""
+    moe = info.moe
     return {"aux_loss": moe.aux_loss, "z_loss": moe.z_loss, "dropped": moe.dropped,
             "expert_load": moe.load}
 
@@ -148,8 +162,8 @@ def make_loss_fn(plan: TrainPlan):
         logits, info = _forward(model, schedule, static_count, batch["inputs"], counts)
         ce, accuracy = token_loss(logits, batch["targets"], batch["loss_mask"])
         terms = _moe_terms(info)
-        total = (ce + cfg.optim.aux_loss_weight * terms.get("aux_loss", 0.0)
-                 + cfg.optim.z_loss_weight * terms.get("z_loss", 0.0)
+        total = (ce + cfg.optim.aux_loss_weight * terms["aux_loss"]
+                 + cfg.optim.z_loss_weight * terms["z_loss"]
                  + cfg.optim.ponder_weight * jnp.mean(info.ponder_cost))
         metrics = {"loss": total, "ce": ce, "accuracy": accuracy,
                    "ponder": jnp.mean(info.ponder_cost),
@@ -186,8 +200,6 @@ def _accumulated_grads(loss_fn, params, buffers, batch, counts, accum: int):
 
 def _update_router_bias(buffers: dict, load: jax.Array, rate: float) -> dict:
     """The aux-loss-free balancing step on every ``router_bias`` buffer."""
-    from mythos_jax.layers.moe import update_router_bias
-
     def update(path, leaf):
         names = [str(getattr(key, "key", key)) for key in path]
         return update_router_bias(leaf, load, rate) if "router_bias" in names else leaf
@@ -223,7 +235,7 @@ def make_train_step(plan: TrainPlan):
                                                      batch, counts, cfg.optim.grad_accum)
         updates, opt_state = plan.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if cfg.optim.router_bias_rate > 0 and "expert_load" in metrics:
+        if cfg.optim.router_bias_rate > 0:
             buffers = _update_router_bias(buffers, metrics["expert_load"],
                                           cfg.optim.router_bias_rate)
         finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
@@ -239,16 +251,14 @@ def make_train_step(plan: TrainPlan):
                        batch_fingerprint=batch_fingerprint(batch["inputs"]),
                        finite=finite, nonfinite_streak=new_state.nonfinite,
                        rho_A=jnp.max(model.recurrent.injection.get_A()))
-        if "expert_load" in metrics:
-            load = metrics["expert_load"]
-            metrics["load_max_over_mean"] = jnp.max(load) / jnp.maximum(jnp.mean(load), 1e-9)
+        metrics["load_max_over_mean"] = load_ratio(metrics["expert_load"])
         return new_state, metrics
 
     jitted = jax.jit(step_fn, in_shardings=(plan.shardings, plan.batch_sharding),
                      out_shardings=(plan.shardings, None), donate_argnums=(0,))
 
     def run(state: TrainState, batch: dict):
-        with jax.set_mesh(plan.mesh):
+        with plan.context():
             return jitted(state, batch)
 
     run.jitted = jitted

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from mythos_jax.parallel.mesh import make_mesh
-from mythos_jax.parallel.rules import DEFAULT_RULES
+from mythos_jax.parallel.rules import RULE_PRESETS
 from mythos_jax.train import data as data_lib
 from mythos_jax.train.checkpointing import Checkpointer
 from mythos_jax.train.config import TrainConfig
@@ -38,13 +38,11 @@ class TrainingDiverged(RuntimeError):
 
 
 def rules_for(name: str):
-    """The logical-axis rules preset called ``name``."""
-    from mythos_jax.parallel import rules as rules_lib
-    presets = getattr(rules_lib, "RULE_PRESETS", {"default": DEFAULT_RULES})
-    if name not in presets:
+    """The logical-axis rules preset called ``name`` (``TrainConfig.rules``)."""
+    if name not in RULE_PRESETS:
         raise ValueError(f"TrainConfig.rules: unknown preset {name!r}; choose one of "
-                         f"{sorted(presets)}")
-    return presets[name]
+                         f"{sorted(RULE_PRESETS)}")
+    return RULE_PRESETS[name]
 
 
 def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
