@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mythos_jax.kernels import mla_decode_gpu, mla_decode_tpu
+from mythos_jax.kernels.tiles import check_block_sizes
 from mythos_jax.kernels.dispatch import (KernelTarget, kernel_target, log_once,
                                          unsupported_reason)
 from mythos_jax.kernels.reference import mla_decode_reference
@@ -52,11 +53,7 @@ class DecodeBlocks:
     num_stages: int = 2
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"DecodeBlocks.{field.name} must be a positive int, "
-                                 f"got {value!r}")
+        check_block_sizes(self)
 
 
 DEFAULT_BLOCKS = {"gpu": DecodeBlocks(), "tpu": DecodeBlocks(block_h=128, block_k=256)}

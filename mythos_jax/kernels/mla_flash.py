@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mythos_jax.kernels import mla_flash_gpu, mla_flash_tpu
+from mythos_jax.kernels.tiles import check_block_sizes
 from mythos_jax.kernels.dispatch import (KernelTarget, kernel_target, log_once,
                                          unsupported_reason)
 from mythos_jax.kernels.reference import mla_flash_reference
@@ -50,10 +51,7 @@ class FlashBlocks:
     num_stages: int = 2
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"FlashBlocks.{field.name} must be a positive int, got {value!r}")
+        check_block_sizes(self)
 
 
 DEFAULT_BLOCKS = {"gpu": FlashBlocks(), "tpu": FlashBlocks(128, 128, 128, 128)}

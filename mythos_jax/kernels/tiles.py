@@ -9,6 +9,8 @@ in a tile (or at all) never produces NaN.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +89,12 @@ def row_dot(out, dout) -> jax.Array:
 def score_grads(p, dout, values, delta, scale: float) -> jax.Array:
     """d(q.k) (rows, cols) fp32 from probabilities p, dout (rows, width), values (cols, width)."""
     return p * (dot(dout, values, trans_b=True) - delta) * scale
+
+
+def check_block_sizes(blocks) -> None:
+    """Every set field of the block-size dataclass ``blocks`` must be a positive int."""
+    for field in dataclasses.fields(blocks):
+        value = getattr(blocks, field.name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{type(blocks).__name__}.{field.name} must be a positive int, "
+                             f"got {value!r}")
