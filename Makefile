@@ -16,7 +16,7 @@ venv:
 	bash .ci/venv.sh
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 train: venv
 	$(VENV)/bin/mythos-jax train --config cpu_small --workdir $(WORKDIR)

@@ -5,12 +5,23 @@ the compile-time out-of-memory report, and one real ahead-of-time compile for a 
 import importlib.util
 import json
 import math
+import os
 import re
 
 import pytest
 
 from mythos_jax import plan, tpu_topology, variants
 from mythos_jax.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """plan sets libtpu's variables (TPU_WORKER_HOSTNAMES, ...) for its process; keep them
+    out of later tests and their subprocesses."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 

@@ -4,8 +4,8 @@ Explicit flags (``--coordinator-address``, ``--num-processes``, ``--process-id``
 them, JAX's own auto-detection (``jax.distributed.initialize()``: the TPU metadata server,
 SLURM, Open MPI) runs when the environment says this is a multi-process job:
 ``MYTHOS_JAX_DISTRIBUTED=1`` (set by ``tpu_setup/launch.sh`` on every TPU worker),
-``JAX_COORDINATOR_ADDRESS``, ``TPU_WORKER_HOSTNAMES``, Open MPI's ``OMPI_COMM_WORLD_SIZE`` or
-``SLURM_NTASKS`` > 1. Otherwise the run is single-process.
+``JAX_COORDINATOR_ADDRESS``, Open MPI's ``OMPI_COMM_WORLD_SIZE`` or ``SLURM_NTASKS`` > 1.
+Otherwise the run is single-process (a single-host TPU VM needs nothing).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 
 import jax
 
-CLUSTER_VARIABLES = ("MYTHOS_JAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")
+CLUSTER_VARIABLES = ("MYTHOS_JAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
 
 
 def in_cluster_environment(environ=os.environ) -> bool:
