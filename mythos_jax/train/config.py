@@ -245,7 +245,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The README's main job: ~10 minutes on 2 CPU cores, byte-level LM on the stdlib sources.
     "cpu_small": {
-        "steps": 1200,
+        "steps": 2400,
         "model": {"variant": "tiny_mla", "dim": 96, "n_heads": 4, "max_seq_len": 128,
                   "max_loop_iters": 4, "n_experts": 8, "n_experts_per_tok": 2,
                   "expert_dim": 64, "kv_lora_rank": 32, "q_lora_rank": 48,
@@ -254,9 +254,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"source": "stdlib", "seq_len": 128, "batch_size": 16},
         "loops": {"schedule": "poisson", "mean": 3.0, "max_loops": 6, "backprop_depth": 3},
         "optim": {"lr": 3e-3, "warmup_steps": 100},
-        "checkpoint": {"every": 300, "keep": 2},
-        "log": {"every": 25},
-        "eval": {"every": 600, "batches": 4, "loops": [1, 2, 3, 4, 6, 8]},
+        "checkpoint": {"every": 600, "keep": 2},
+        "log": {"every": 50},
+        "eval": {"every": 800, "batches": 4, "loops": [1, 2, 3, 4, 6, 8]},
     },
     # Depth extrapolation study: k-hop composition, trained on <= 4 hops.
     "khop": {
