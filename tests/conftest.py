@@ -14,3 +14,18 @@ jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("MYTHOS_JAX_CACHE", os.path.expanduser("~/.cache/mythos-jax/xla")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mythos_jax import OpenMythos, variants  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny MLA model whose positions halt after a few loops (ACT bias -1): the loop tests'
+    model; test modules that need another define their own ``model``."""
+    m = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
+    m.recurrent.act.halt.bias[...] = jnp.full((1,), -1.0)
+    return m

@@ -237,7 +237,7 @@ def test_state_in_an_orbax_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------- tokenizers, files
 @pytest.fixture
 def tokenizer_json(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     trainer = tokenizers.trainers.WordLevelTrainer(special_tokens=["[UNK]", "<pad>"])
@@ -301,7 +301,6 @@ def test_tokenizer_file_errors(tmp_path, monkeypatch):
         patch.setitem(sys.modules, "tokenizers", None)
         with pytest.raises(ImportError, match="pip install tokenizers"):
             load_vocab(str(broken))
-    pytest.importorskip("tokenizers")
     with pytest.raises(ValueError, match="cannot read .*broken.json"):
         load_vocab(str(broken))
 

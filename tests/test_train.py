@@ -53,6 +53,7 @@ def test_presets_overrides_and_files(tmp_path):
     (["model.max_seq_len=16", "data.seq_len=32"], "model.max_seq_len"),
     (["steps=ten"], "steps"),
     (["optim.grad_accum=3"], "optim.grad_accum"),
+    (["rules=bogus"], "rules"),
 ])
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):

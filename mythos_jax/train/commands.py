@@ -85,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mythos_jax.train.config import TrainConfig
     from mythos_jax.train.evaluate import depth_curve_table, evaluate, plot_depth_curve
     from mythos_jax.train.step import build_plan
-    from mythos_jax.train.trainer import CONFIG_FILE, rules_for
+    from mythos_jax.train.trainer import CONFIG_FILE
 
     use_compilation_cache()
     config_path = os.path.join(args.workdir, CONFIG_FILE)
@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 "workdir?")
     with open(config_path) as f:
         cfg = TrainConfig.from_dict(json.load(f))
-    plan = build_plan(cfg, make_mesh(cfg.mesh), rules_for(cfg.rules))
+    plan = build_plan(cfg, make_mesh(cfg.mesh))
     checkpointer = Checkpointer(args.workdir, plan)
     if checkpointer.latest_step() is None:
         raise CommandError(f"no checkpoint in {checkpointer.directory}")

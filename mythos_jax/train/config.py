@@ -30,6 +30,7 @@ from typing import Any
 
 from mythos_jax import loops, variants
 from mythos_jax.config import MythosConfig
+from mythos_jax.parallel.rules import RULE_PRESETS
 from mythos_jax.train.data import DataConfig, vocab_size
 
 SCHEDULES = ("fixed", "uniform", "poisson", "lognormal_poisson", "curriculum")
@@ -193,6 +194,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             _fail("steps", f"must be >= 1, got {self.steps}")
+        if self.rules not in RULE_PRESETS:
+            _fail("rules", f"must be one of {sorted(RULE_PRESETS)}, got {self.rules!r}")
         for section in (self.data, self.loops, self.optim, self.checkpoint, self.log, self.eval):
             section.validate()
         if self.data.batch_size % self.optim.grad_accum:

@@ -10,6 +10,7 @@ the PNG.
 from __future__ import annotations
 
 import functools
+import itertools
 import textwrap
 
 import jax
@@ -49,7 +50,7 @@ def evaluate(plan: TrainPlan, state: TrainState, loop_counts=None,
     n_batches = cfg.eval.batches if n_batches is None else n_batches
     results: dict[str, dict[int, dict[str, float]]] = {}
     for split in data_lib.eval_splits(cfg.data):
-        batches = list(_take(data_lib.eval_batches(cfg.data, split, jax.process_index(),
+        batches = list(itertools.islice(data_lib.eval_batches(cfg.data, split, jax.process_index(),
                                                    jax.process_count()), n_batches))
         if not batches:
             raise ValueError(f"eval split {split!r} has no batches (too little held-out "
@@ -76,13 +77,6 @@ def _exact_match(predictions: jax.Array, batch: dict) -> float:
     has_answer = jnp.any(batch["loss_mask"] > 0, axis=1)
     per_sequence = jnp.all(right, axis=1) & has_answer
     return float(jnp.sum(per_sequence) / jnp.maximum(jnp.sum(has_answer), 1))
-
-
-def _take(iterable, n: int):
-    for i, item in enumerate(iterable):
-        if i >= n:
-            return
-        yield item
 
 
 def depth_curve_table(results: dict) -> str:

@@ -101,7 +101,8 @@ class MetricsLogger:
 
     def flush(self) -> dict[str, float]:
         """Fetch the queued steps, write them, print the progress line; the mean of the
-        interval's scalars (with throughput and MFU) is returned."""
+        interval's scalars (the longest non-finite streak: its max) with throughput and MFU
+        is returned."""
         if not self.pending:
             return {}
         rows = [(step, _to_host(metrics)) for step, metrics in jax.device_get(self.pending)]
@@ -110,6 +111,7 @@ class MetricsLogger:
         seconds, self.last_time = now - self.last_time, now
         scalars = [{k: v for k, v in m.items() if np.ndim(v) == 0} for _, m in rows]
         summary = {k: float(np.mean([s[k] for s in scalars])) for k in scalars[-1]}
+        summary["nonfinite_streak"] = max(s["nonfinite_streak"] for s in scalars)
         summary["tokens_per_s"] = self.tokens_per_step * len(rows) / seconds
         summary["mfu"] = (summary["tokens_per_s"] * self.flops_fn(summary["loops"])
                           / self.peak_flops)
@@ -121,9 +123,8 @@ class MetricsLogger:
             if self.tensorboard is not None:
                 for name, value in summary.items():
                     self.tensorboard.add_scalar(f"train/{name}", value, last_step)
-                if "expert_load" in last:
-                    self.tensorboard.add_histogram("train/expert_load", last["expert_load"],
-                                                   last_step)
+                self.tensorboard.add_histogram("train/expert_load", last["expert_load"],
+                                               last_step)
         if self.progress:
             print(progress_line(last_step, self.total_steps, summary), flush=True)
         return summary
@@ -151,10 +152,8 @@ def progress_line(step: int, total: int, summary: dict[str, float]) -> str:
     bar = "#" * done + "." * (width - done)
     text = (f"[{bar}] step {step}/{total}  loss {summary['loss']:.4f}  "
             f"tok/s {summary['tokens_per_s']:,.0f}  MFU {100 * summary['mfu']:.1f}%  "
-            f"loops {summary['loops']:.2f}")
-    if "load_max_over_mean" in summary:
-        text += f"  load max/mean {summary['load_max_over_mean']:.2f}"
-    if summary.get("finite", 1.0) < 1.0:
+            f"loops {summary['loops']:.2f}  load max/mean {summary['load_max_over_mean']:.2f}")
+    if summary["finite"] < 1.0:
         text += "  (non-finite steps skipped)"
     return text
 

@@ -68,14 +68,14 @@ class TrainPlan:
 ACCELERATOR_PLATFORMS = ("tpu", "gpu")
 
 
-def build_plan(cfg: TrainConfig, mesh: Mesh, rules=None) -> TrainPlan:
+def build_plan(cfg: TrainConfig, mesh: Mesh) -> TrainPlan:
     """Shapes and shardings of the run, without creating any array. Mixed precision: on a
     TPU/GPU mesh the model computes in bfloat16 (parameters stay fp32) unless ``model.dtype``
-    is set."""
+    is set. Parameters and activations follow the rules preset ``cfg.rules``."""
     model_cfg = cfg.model_config()
     if "dtype" not in cfg.model and mesh.devices.flat[0].platform in ACCELERATOR_PLATFORMS:
         model_cfg = model_cfg.replace(dtype="bfloat16")
-    rules = rules_lib.DEFAULT_RULES if rules is None else rules
+    rules = rules_lib.rules_preset(cfg.rules)
     abstract_model = nnx.eval_shape(lambda: OpenMythos(model_cfg, rngs=nnx.Rngs(cfg.seed)))
     graphdef, params, buffers = nnx.split(abstract_model, nnx.Param, ...)
     param_shardings = nnx.to_pure_dict(rules_lib.state_shardings(params, mesh, rules))

@@ -19,7 +19,6 @@ from typing import Any
 import jax
 
 from mythos_jax.parallel.mesh import make_mesh
-from mythos_jax.parallel.rules import RULE_PRESETS
 from mythos_jax.train import data as data_lib
 from mythos_jax.train.checkpointing import Checkpointer
 from mythos_jax.train.config import TrainConfig
@@ -37,20 +36,12 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row."""
 
 
-def rules_for(name: str):
-    """The logical-axis rules preset called ``name`` (``TrainConfig.rules``)."""
-    if name not in RULE_PRESETS:
-        raise ValueError(f"TrainConfig.rules: unknown preset {name!r}; choose one of "
-                         f"{sorted(RULE_PRESETS)}")
-    return RULE_PRESETS[name]
-
-
 def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
     """Train (or resume) in ``workdir``; returns the final metrics and depth curve.
     ``stop_after``: leave after this many steps of this call (tests), checkpointing first."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    plan = build_plan(cfg, make_mesh(cfg.mesh), rules_for(cfg.rules))
+    plan = build_plan(cfg, make_mesh(cfg.mesh))
     data_iterator = data_lib.train_iterator(cfg.data, jax.process_index(), jax.process_count())
     checkpointer = Checkpointer(workdir, plan)
     peak, peak_source = peak_flops_per_device(cfg.log.peak_flops)
@@ -80,7 +71,7 @@ def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> d
             leaving = stop.raised or step == cfg.steps or steps_this_call == stop_after
             if step % cfg.log.every == 0 or leaving:
                 summary = logger.flush()
-                if summary.get("nonfinite_streak", 0) >= cfg.optim.max_nonfinite:
+                if summary["nonfinite_streak"] >= cfg.optim.max_nonfinite:
                     raise TrainingDiverged(
                         f"{cfg.optim.max_nonfinite} non-finite steps in a row at step {step} "
                         "(each was skipped); lower optim.lr or check the data")
