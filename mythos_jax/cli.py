@@ -366,6 +366,8 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
                     "tokenise text/JSONL files into ArrayRecord shards"),
     _module_command("plan", "mythos_jax.plan",
                     "compile a training step for a TPU slice on this host: does it fit?"),
+    _module_command("experiment", "mythos_jax.experiments.command",
+                    "run an experiment (depth extrapolation, test-time depth, stability)"),
     _add_convert, _add_parity, _add_generate]
 
 

@@ -17,7 +17,7 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas")
 MOE_IMPLS = ("grouped", "dense", "dropless", "capacity")
 LOOP_REMATS = ("dots", "full", "none")
 ACT_MODES = ("openmythos", "flush", "off")
-INJECTIONS = ("openmythos", "parcae")
+INJECTIONS = ("openmythos", "parcae", "additive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,13 @@ class MythosConfig:
         the last h; the recipe that extrapolates in depth, OpenMythos issue #28).
       ``injection``: "openmythos" (``h = A*h + B*e + Block(norm(h + emb + e))``) or "parcae"
         (``u = A*h + dt*(e @ B.T)``, ``A = exp(-softplus(dt_bias) * exp(A_log))``, B a full
-        matrix initialised to identity; ``h = Block(u + emb)``).
+        matrix initialised to identity; ``h = Block(u + emb)``) or "additive"
+        (``h = h + e + Block(norm(h + emb + e))``: no decay, no input gain, so nothing bounds
+        the state; the unstable baseline of the stability experiment, never for real runs).
+      ``loop_embed_scale``: multiplies the loop-index embedding (1.0: OpenMythos, whose unit
+        sin/cos channels dwarf token embeddings of std 0.02 in the normalised block input at
+        init; a scale near the embedding std lets looped models learn from scratch, see
+        ``experiments/README.md``).
       ``prelude_norm``: RMSNorm on the prelude output before the loop (Parcae).
       ``readout``: a learned (D, D) projection of the loop output before the coda (Parcae C).
     """
@@ -97,6 +103,7 @@ class MythosConfig:
     injection: str = "openmythos"
     prelude_norm: bool = False
     readout: bool = False
+    loop_embed_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -159,6 +166,9 @@ class MythosConfig:
             _fail("act", f"must be one of {ACT_MODES}, got {self.act!r}")
         if self.injection not in INJECTIONS:
             _fail("injection", f"must be one of {INJECTIONS}, got {self.injection!r}")
+        _require_float(self, "loop_embed_scale")
+        if not 0.0 <= self.loop_embed_scale < float("inf"):
+            _fail("loop_embed_scale", f"must be finite and >= 0, got {self.loop_embed_scale}")
         for name in ("prelude_norm", "readout"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"must be a bool, got {getattr(self, name)!r}")
@@ -166,8 +176,10 @@ class MythosConfig:
     # ------------------------------------------------------------------ derived sizes
     @property
     def has_openmythos_weights(self) -> bool:
-        """True when the parameter set is OpenMythos's (convertible to and from PyTorch)."""
-        return self.injection == "openmythos" and not self.prelude_norm and not self.readout
+        """True when the parameters and their math are OpenMythos's (convertible to and from
+        PyTorch with the same logits)."""
+        return (self.injection == "openmythos" and not self.prelude_norm and not self.readout
+                and self.loop_embed_scale == 1.0)
 
     @property
     def head_dim(self) -> int:

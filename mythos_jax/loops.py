@@ -32,7 +32,8 @@ from mythos_jax.layers.recurrence import LoopState, RecurrentBlock
 from mythos_jax.schedules import (  # noqa: F401  (re-exported: loops.Fixed, ...)
     Curriculum, Fixed, LogNormalPoisson, Poisson, Schedule, Uniform)
 
-EXIT_RULES = ("act", "kl", "delta")
+EXIT_RULES = ("act", "kl", "kl_entropy", "delta")
+KL_ENTROPY_BOUND = 3.0     # nats; Kohli et al.'s entropy condition of the "kl_entropy" exit
 
 # What the backward pass keeps from each loop iteration (``MythosConfig.loop_remat``).
 REMAT_POLICIES = {
@@ -50,13 +51,15 @@ class LoopContext(NamedTuple):
 
 
 class LoopInfo(NamedTuple):
-    """What the loop did: iterations run per sequence (B,), the ponder cost (B, T) and the
-    router statistics over every iteration run (``moe.load_per_loop`` has
+    """What the loop did: iterations run per sequence (B,), the ponder cost (B, T), the router
+    statistics over every iteration run (``moe.load_per_loop`` has
     L = max(cfg.max_loop_iters, the static loop bound: n for a static count, ``max_loops``)
-    rows; deeper iterations, possible only without a static bound, add to the last row)."""
+    rows; deeper iterations, possible only without a static bound, add to the last row) and
+    the RMS of the final hidden state per sequence (B,) (stability telemetry)."""
     loops_run: jax.Array
     ponder_cost: jax.Array
     moe: MoEStats
+    state_rms: jax.Array
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -164,7 +167,8 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
     ``exit``: None (run every count), "act" (a sequence stops once all its positions halted:
     same output as the static loop, fewer iterations), "kl" (stop when the largest KL over
     positions between successive next-token distributions, ``decode(readout)``, falls below
-    ``threshold``), "delta" (stop when ||h_t - h_{t-1}|| / ||h_t|| < ``threshold``). A sequence
+    ``threshold``), "kl_entropy" (Kohli et al.: that KL below ``threshold`` and every
+    position's entropy below ``KL_ENTROPY_BOUND``), "delta" (stop when ||h_t - h_{t-1}|| / ||h_t|| < ``threshold``). A sequence
     that stopped is frozen; the loop ends when every sequence stopped. Not reverse-
     differentiable (use ``run_training``). Returns the state, the iterations run (B,) and the
     updated per-depth ``cache`` (serving: depths past the last iteration run get the keys of
@@ -173,8 +177,9 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
     batch = e.shape[0]
     counts = per_sequence(n_loops, batch)
     start = block.start(e)
-    previous = (jnp.zeros(start.h.shape[:2] + (0,)) if exit != "kl"
-                else decode(block.readout(start)))
+    uses_kl = exit in ("kl", "kl_entropy")
+    previous = (decode(block.readout(start)) if uses_kl
+                else jnp.zeros(start.h.shape[:2] + (0,)))
 
     def cond(carry):
         t, _, _, done, _, _ = carry
@@ -191,10 +196,13 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, n_loops,
         elif exit == "delta":
             change = jnp.sqrt(jnp.sum(jnp.square(new.h - state.h), axis=(1, 2)))
             converged = change < threshold * jnp.sqrt(jnp.sum(jnp.square(new.h), axis=(1, 2)))
-        elif exit == "kl":
+        elif uses_kl:
             log_p = decode(block.readout(new))
             kl = jnp.sum(jnp.exp(log_p) * (log_p - previous), axis=-1)      # (B, T)
             converged = (jnp.max(kl, axis=1) < threshold) & (t > 0)
+            if exit == "kl_entropy":
+                entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)        # (B, T)
+                converged = converged & (jnp.max(entropy, axis=1) < KL_ENTROPY_BOUND)
             previous = jnp.where(active[:, None, None], log_p, previous)
         else:
             converged = jnp.zeros((batch,), bool)

@@ -61,11 +61,11 @@ class OpenMythos(nnx.Module):
           * a Python int: exactly that many loops, one ``lax.scan`` (recompiles per count);
           * an int array, scalar or per sequence (B,), possibly traced: chosen at run time,
             one compiled program for every count (``lax.while_loop``, inference only);
-        ``exit`` ("act" | "kl" | "delta", with ``exit_threshold``): stop a sequence early,
+        ``exit`` ("act" | "kl" | "kl_entropy" | "delta", with ``exit_threshold``): stop a sequence early,
         see :func:`mythos_jax.loops.run_dynamic`. For training with run-time counts give
         ``backprop_depth`` (gradient through the last k loops) or the static bound
         ``max_loops`` (full backprop), see :func:`mythos_jax.loops.run_training`.
-        ``return_info``: also return ``LoopInfo(loops_run (B,), ponder_cost (B, T), moe)``,
+        ``return_info``: also return ``LoopInfo(loops_run (B,), ponder_cost (B, T), moe, state_rms (B,))``,
         ``moe`` the router statistics of the loop (:class:`mythos_jax.layers.moe.MoEStats`:
         load (E,), load_per_loop (L, E), aux_loss, z_loss, dropped).
         Under a mesh (``jax.set_mesh``) the embeddings, every block's input and output and the
@@ -102,7 +102,8 @@ class OpenMythos(nnx.Module):
         if not return_info:
             return logits
         return logits, loops.LoopInfo(loops_run, self.recurrent.ponder_cost(state, loops_run),
-                                      state.moe.totals())
+                                      state.moe.totals(),
+                                      jnp.sqrt(jnp.mean(jnp.square(state.h), axis=(1, 2))))
 
     def _run_loops(self, e, ctx, n_loops, exit, exit_threshold, backprop_depth, max_loops,
                    decode):

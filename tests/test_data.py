@@ -142,6 +142,88 @@ def test_khop_answers_follow_the_listed_facts():
         assert hops == 9 and answer.tolist() == [expected, BYTE_EOS]
 
 
+def graph_config(**overrides) -> DataConfig:
+    fields = dict(source="khop_graph", seq_len=16, batch_size=64, khop_entities=12,
+                  khop_relations=3, khop_train_max_hops=3, khop_eval_hops=(1, 2, 3, 7),
+                  khop_heldout=0.25)
+    return DataConfig(**{**fields, **overrides})
+
+
+def compose(graph: np.ndarray, query: np.ndarray) -> list[int]:
+    """The entity tokens reached after each relation of ``query`` (entity, relations...)."""
+    entity, reached = int(query[0]) - tasks.ENTITY_BASE, []
+    for relation in query[1:]:
+        entity = int(graph[int(relation) - tasks.RELATION_BASE, entity])
+        reached.append(tasks.ENTITY_BASE + entity)
+    return reached
+
+
+def is_heldout_query(prompt: np.ndarray, fraction: float) -> bool:
+    return tasks.is_heldout(int(prompt[0]) - tasks.ENTITY_BASE,
+                            prompt[1:] - tasks.RELATION_BASE, fraction)
+
+
+def test_knowledge_graph_relations_are_seeded_permutations():
+    graph = tasks.knowledge_graph(3, 12, 4)
+    assert graph.shape == (4, 12)
+    assert all(sorted(row) == list(range(12)) for row in graph)
+    np.testing.assert_array_equal(graph, tasks.knowledge_graph(3, 12, 4))
+    assert not np.array_equal(graph, tasks.knowledge_graph(4, 12, 4))
+
+
+def test_graph_answers_compose_the_relations_and_heldout_tuples_never_train():
+    cfg = graph_config()
+    graph = tasks.knowledge_graph(cfg.seed, 12, 3)
+    seen_hops = set()
+    for batch in take(data.train_iterator(cfg), 3):
+        for prompt, answer in answer_rows(batch):
+            hops = len(prompt) - 1
+            seen_hops.add(hops)
+            assert answer.tolist() == [compose(graph, prompt)[-1]]     # no EOS is scored
+            assert not is_heldout_query(prompt, 0.25)
+    assert seen_hops == {1, 2, 3}
+    for split, heldout in (("hops=2", True), ("hops=3", True), ("hops=7", None)):
+        for prompt, answer in answer_rows(data.eval_batches(cfg, split)[0]):
+            assert len(prompt) - 1 == int(split.split("=")[1])
+            assert answer.tolist() == [compose(graph, prompt)[-1]]
+            if heldout:
+                assert is_heldout_query(prompt, 0.25)
+
+
+def test_every_hop_supervision_scores_each_relation_on_the_entity_reached():
+    cfg = graph_config(khop_supervision="every_hop")
+    graph = tasks.knowledge_graph(cfg.seed, 12, 3)
+    batch = next(data.train_iterator(cfg))
+    for inputs, targets, mask in zip(batch["inputs"], batch["targets"], batch["loss_mask"]):
+        hops = int(np.sum(mask))
+        query = inputs[:hops + 1]
+        assert np.flatnonzero(mask).tolist() == list(range(1, hops + 1))
+        assert targets[1:hops + 1].tolist() == compose(graph, query)
+        assert all(tasks.ENTITY_BASE <= t < tasks.ENTITY_BASE + 12 for t in targets[1:hops + 1])
+    evaluation = data.eval_batches(cfg, "hops=3")[0]                 # eval: the answer only
+    assert np.all(evaluation["loss_mask"].sum(axis=1) == 1)
+
+
+def test_heldout_split_is_a_stable_hash_of_the_tuple():
+    relations = np.array([0, 2, 1])
+    assert tasks.is_heldout(5, relations, 0.5) == tasks.is_heldout(5, relations.copy(), 0.5)
+    assert not tasks.is_heldout(5, relations[:1], 0.99)            # atomic facts always train
+    share = np.mean([tasks.is_heldout(e, np.array([r, q]), 0.3)
+                     for e in range(30) for r in range(5) for q in range(5)])
+    assert 0.2 < share < 0.4
+
+
+def test_graph_config_errors():
+    with pytest.raises(ValueError, match="DataConfig.khop_supervision"):
+        graph_config(khop_supervision="all")
+    with pytest.raises(ValueError, match=r"DataConfig.khop_heldout: must be in \[0, 1\)"):
+        graph_config(khop_heldout=1.0)
+    with pytest.raises(ValueError, match="DataConfig.khop_relations"):
+        graph_config(khop_relations=0)
+    with pytest.raises(ValueError, match="DataConfig.seq_len: the longest khop_graph example"):
+        graph_config(seq_len=6)
+
+
 @pytest.mark.parametrize("reverse", [True, False])
 def test_addition_answers(reverse):
     cfg = DataConfig(source="addition", seq_len=48, batch_size=16, addition_train_max_digits=3,

@@ -10,7 +10,8 @@ Per iteration t (OpenMythos ``RecurrentBlock.forward``, exact order):
 The loop itself (scan, while loop, truncated backprop) is in ``mythos_jax/loops.py``; its bodies
 close over this block, so its parameters are shared by every iteration, never copied. The loop
 carry also sums the MoE's router statistics over the iterations (``MoEAccum``).
-``cfg.injection="parcae"`` replaces the injection by Parcae's (see ``ParcaeInjection``).
+``cfg.injection="parcae"`` replaces the injection by Parcae's (``ParcaeInjection``), "additive" by
+``h + e + u`` (``AdditiveInjection``).
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from mythos_jax.layers.norm import RMSNorm
 LOOP_EMBED_THETA = 10000.0  # hard-coded in OpenMythos
 
 
-def loop_index_embedding(h: jax.Array, t: jax.Array, loop_dim: int) -> jax.Array:
-    """Add ``[sin(t f), cos(t f)]`` to channels [0, loop_dim) of h (B, T, D); fp32 angles.
-    ``t`` is the loop index, a scalar or one per sequence (B,)."""
+def loop_index_embedding(h: jax.Array, t: jax.Array, loop_dim: int,
+                         scale: float = 1.0) -> jax.Array:
+    """Add ``scale * [sin(t f), cos(t f)]`` to channels [0, loop_dim) of h (B, T, D); fp32
+    angles. ``t`` is the loop index, a scalar or one per sequence (B,)."""
     freqs = 1.0 / (LOOP_EMBED_THETA ** (jnp.arange(0, loop_dim, 2, dtype=jnp.float32) / loop_dim))
     angles = jnp.asarray(t, jnp.float32)[..., None] * freqs                # (B?, loop_dim/2)
     emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)[..., :loop_dim]
+    if scale != 1.0:
+        emb = emb * scale
     return h.at[..., :loop_dim].add(emb[..., None, :].astype(h.dtype))
 
 
@@ -84,6 +88,21 @@ class LTIInjection(nnx.Module):
         return self.get_A() * h + self.B[...] * e + u
 
 
+class AdditiveInjection(nnx.Module):
+    """``h_new = h + e + u``: no decay and no input gain (A = 1, B = 1), so the state is not
+    bounded; the unstable baseline the LTI and Parcae forms are measured against."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def get_A(self) -> jax.Array:
+        """(D,) the implicit decay: 1 on every channel (spectral radius 1)."""
+        return jnp.ones((self.dim,), jnp.float32)
+
+    def __call__(self, h: jax.Array, e: jax.Array, u: jax.Array) -> jax.Array:
+        return h + e + u
+
+
 # softplus^-1(-ln(0.447)): Parcae's dt_bias init, giving A = 0.447 on every channel at A_log = 0.
 _PARCAE_DT_BIAS = float(np.log(np.expm1(-np.log(0.447))))
 
@@ -108,6 +127,10 @@ class ParcaeInjection(nnx.Module):
     def __call__(self, h: jax.Array, e: jax.Array) -> jax.Array:
         dt = jax.nn.softplus(self.dt_bias[...])
         return self.get_A() * h + dt * (e @ self.B[...].T)
+
+
+INJECTION_CLASSES = {"openmythos": LTIInjection, "parcae": ParcaeInjection,
+                     "additive": AdditiveInjection}
 
 
 class ACTHalting(nnx.Module):
@@ -201,12 +224,12 @@ class RecurrentBlock(nnx.Module):
 
     def __init__(self, cfg: MythosConfig, *, rngs: nnx.Rngs):
         self.loop_dim, self.act_threshold = cfg.loop_dim, cfg.act_threshold
+        self.loop_embed_scale = cfg.loop_embed_scale
         self.act_mode, self.injection_type = cfg.act, cfg.injection
         self.remat_policy = cfg.loop_remat
         self.max_loop_iters, self.n_experts = cfg.max_loop_iters, cfg.n_experts
         self.block = TransformerBlock(cfg, use_moe=True, rngs=rngs)
-        self.injection = (LTIInjection(cfg.dim) if cfg.injection == "openmythos"
-                          else ParcaeInjection(cfg.dim))
+        self.injection = INJECTION_CLASSES[cfg.injection](cfg.dim)
         self.act = ACTHalting(cfg.dim, rngs=rngs)
         self.lora = DepthLoRA(cfg, rngs=rngs)
         self.norm = RMSNorm(cfg.dim)
@@ -228,13 +251,14 @@ class RecurrentBlock(nnx.Module):
         ``cache`` is this depth's attention cache (decode), returned updated. ``active`` (B,):
         the sequences whose router statistics count (None: all); the caller freezes the
         others' per-sequence state."""
-        if self.injection_type == "openmythos":
-            h_loop = loop_index_embedding(state.h, t, self.loop_dim)
+        if self.injection_type != "parcae":           # OpenMythos order (LTI or additive)
+            h_loop = loop_index_embedding(state.h, t, self.loop_dim, self.loop_embed_scale)
             u, cache, stats = self.block(self.norm(h_loop + e), rope, mask, key, cache, index)
             u = u + self.lora(u, t).astype(u.dtype)
             h = self.injection(state.h, e, u)
         else:
-            u = loop_index_embedding(self.injection(state.h, e), t, self.loop_dim)
+            u = loop_index_embedding(self.injection(state.h, e), t, self.loop_dim,
+                                     self.loop_embed_scale)
             h, cache, stats = self.block(u, rope, mask, key, cache, index)
             h = h + self.lora(h, t).astype(h.dtype)
         state = state._replace(moe=state.moe.add(stats, t, active))

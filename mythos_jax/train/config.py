@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from typing import Any
@@ -314,8 +315,7 @@ def _read_file(path: str) -> dict[str, Any]:
     with open(path) as f:
         text = f.read()
     if path.endswith((".yaml", ".yml")):
-        import yaml
-        fields = yaml.safe_load(text) or {}
+        fields = _yaml_load(text) or {}
     elif path.endswith(".json"):
         fields = json.loads(text)
     else:
@@ -328,9 +328,25 @@ def _read_file(path: str) -> dict[str, Any]:
 def _parse_scalar(raw: str) -> Any:
     import yaml
     try:
-        return yaml.safe_load(raw)
+        return _yaml_load(raw)
     except yaml.YAMLError:
         return raw
+
+
+def _yaml_load(text: str) -> Any:
+    """YAML with only true/false as booleans (YAML 1.2): ``act: off`` stays the string "off"."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                 re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    return yaml.load(text, Loader=Loader)
 
 
 # ---------------------------------------------------------------------------- typed building

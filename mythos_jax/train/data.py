@@ -10,13 +10,14 @@ Sources (``DataConfig.source``):
                  corpora that do not fit go through prepare-data and "arrayrecord")
   "arrayrecord"  directories written by ``mythos-jax prepare-data``, with the tokenizer
                  recorded in their metadata
-  "khop", "addition"   synthetic tasks of ``tasks.py``, byte-level tokens, scored on the answer
+  "khop", "khop_graph", "addition"   synthetic tasks of ``tasks.py``, byte-level tokens, scored
+                 on the answer
 
 Every batch is a dict of numpy arrays for one process, ``B = batch_size // process_count``:
   ``inputs`` int32 (B, seq_len), ``targets`` int32 (B, seq_len) (inputs shifted left by one),
   ``loss_mask`` float32 (B, seq_len): 1 where a target counts. LM sources pack documents as
   ``doc EOS doc EOS ...`` into windows of seq_len + 1 tokens; the mask is 1 except on padding.
-  Task rows hold one example each, padded with PAD; the mask is 1 on the answer and its EOS.
+  Task rows hold one example each, padded with PAD; the mask is 1 on the answer (and its EOS).
 
 Order and sharding: the training stream is a Grain ``MapDataset`` of rows (LM: windows shuffled
 with ``seed``, reshuffled every epoch, repeated forever; tasks: example i of the seeded train
@@ -46,8 +47,9 @@ from mythos_jax.train import corpus, tasks
 from mythos_jax.train.tokenizer import BYTES, Vocab, load_vocab
 
 LM_SOURCES = ("stdlib", "text", "jsonl", "arrayrecord")
-TASK_SOURCES = ("khop", "addition")
+TASK_SOURCES = ("khop", "khop_graph", "addition")
 SOURCES = LM_SOURCES + TASK_SOURCES
+KHOP_SUPERVISION = ("answer", "every_hop")
 TASK_STREAM_LENGTH = 2**62      # "infinite" train stream of task examples
 Batch = dict[str, np.ndarray]
 
@@ -68,6 +70,14 @@ class DataConfig:
     k-hop: ``khop_entities`` (<= 128) entities, ``khop_facts`` facts per prompt (one cycle; more
     than any hop count), train hops uniform in [1, ``khop_train_max_hops``], eval splits
     "hops=k" for k in ``khop_eval_hops``.
+    k-hop over a knowledge graph ("khop_graph"): ``khop_entities`` entities, ``khop_relations``
+    relations (permutations fixed by ``seed``), train hops uniform in [1,
+    ``khop_train_max_hops``]; a ``khop_heldout`` share of the multi-hop tuples never appears in
+    training and is what splits "hops=k" with k <= khop_train_max_hops evaluate (longer splits:
+    any tuple, no training example has that many hops). ``khop_supervision``: "answer" scores
+    training rows on the answer only; "every_hop" also scores relation i's position on the
+    entity reached after i hops (never an input token: the hops stay implicit). Eval rows are
+    always scored on the answer only.
     Addition: train operands of 1..``addition_train_max_digits`` digits each (uniform), eval
     splits "digits=d" (both operands d digits) for d in ``addition_eval_digits``;
     ``addition_reverse_answer``: answer digits least significant first.
@@ -87,6 +97,9 @@ class DataConfig:
     khop_facts: int = 16
     khop_train_max_hops: int = 4
     khop_eval_hops: tuple[int, ...] = (2, 4, 6, 8)
+    khop_relations: int = 4
+    khop_heldout: float = 0.1
+    khop_supervision: str = "answer"
     addition_train_max_digits: int = 8
     addition_eval_digits: tuple[int, ...] = (4, 8, 12)
     addition_reverse_answer: bool = True
@@ -131,8 +144,16 @@ class DataConfig:
             _fail("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         _require_int(self, "khop_entities", 2, tasks.MAX_ENTITIES)
         _require_int(self, "khop_train_max_hops", 1)
-        _require_int(self, "khop_facts", 2, self.khop_entities)
+        _require_int(self, "khop_facts", 2, self.khop_entities if self.source == "khop" else None)
         _require_ints(self, "khop_eval_hops", 1)
+        _require_int(self, "khop_relations", 1, tasks.MAX_RELATIONS)
+        if self.khop_supervision not in KHOP_SUPERVISION:
+            _fail("khop_supervision", f"must be one of {KHOP_SUPERVISION}, got "
+                                      f"{self.khop_supervision!r}")
+        if isinstance(self.khop_heldout, bool) or not isinstance(self.khop_heldout, (int, float)):
+            _fail("khop_heldout", f"must be a number, got {self.khop_heldout!r}")
+        if not 0 <= self.khop_heldout < 1:
+            _fail("khop_heldout", f"must be in [0, 1), got {self.khop_heldout}")
         _require_int(self, "addition_train_max_digits", 1)
         _require_ints(self, "addition_eval_digits", 1)
         if not isinstance(self.addition_reverse_answer, bool):
@@ -145,6 +166,8 @@ class DataConfig:
                                     f"{self.khop_facts}")
             longest = max(tasks.khop_length(self.khop_facts, k)
                           for k in (self.khop_train_max_hops, *self.khop_eval_hops))
+        elif self.source == "khop_graph":
+            longest = tasks.graph_length(max(self.khop_train_max_hops, *self.khop_eval_hops))
         elif self.source == "addition":
             longest = tasks.addition_length(max(self.addition_train_max_digits,
                                                 *self.addition_eval_digits))
@@ -174,7 +197,7 @@ def vocab_size(cfg: DataConfig) -> int:
 def eval_splits(cfg: DataConfig) -> tuple[str, ...]:
     """Names for ``eval_batches``: ("heldout",) for LM sources (() if eval_fraction is 0),
     ("hops=2", ...) for khop, ("digits=4", ...) for addition."""
-    if cfg.source == "khop":
+    if cfg.source in ("khop", "khop_graph"):
         return tuple(f"hops={k}" for k in cfg.khop_eval_hops)
     if cfg.source == "addition":
         return tuple(f"digits={d}" for d in cfg.addition_eval_digits)
@@ -278,15 +301,47 @@ def _task_row(cfg: DataConfig, stream: int, split_value: int, index: int) -> Bat
     if cfg.source == "khop":
         hops = split_value or int(rng.integers(1, cfg.khop_train_max_hops + 1))
         tokens, answer_start = tasks.khop_example(rng, cfg.khop_entities, cfg.khop_facts, hops)
+    elif cfg.source == "khop_graph":
+        hops = split_value or int(rng.integers(1, cfg.khop_train_max_hops + 1))
+        seen_length = 2 <= hops <= cfg.khop_train_max_hops and cfg.khop_heldout > 0
+        heldout = (False if stream == tasks.TRAIN_STREAM else True if seen_length else None)
+        tokens, answer_start, reached = tasks.graph_example(rng, _graph(cfg), hops, heldout,
+                                                            cfg.khop_heldout)
+        if stream == tasks.TRAIN_STREAM and cfg.khop_supervision == "every_hop":
+            return _hop_supervised_row(cfg.seq_len, tokens, answer_start, reached)
     else:
         digits = ((split_value, split_value) if split_value else
                   rng.integers(1, cfg.addition_train_max_digits + 1, size=2))
         tokens, answer_start = tasks.addition_example(rng, int(digits[0]), int(digits[1]),
                                                       cfg.addition_reverse_answer)
-    window = np.full(cfg.seq_len + 1, BYTES.pad_id, np.int32)
+    return _padded_row(cfg.seq_len, tokens, answer_start)
+
+
+def _hop_supervised_row(seq_len: int, tokens: np.ndarray, answer_start: int,
+                        reached: np.ndarray) -> Batch:
+    """A knowledge-graph row scored on the answer and, at relation i's position (i), on the
+    entity reached after i hops (the last of which is the answer)."""
+    row = _padded_row(seq_len, tokens, answer_start)
+    hops = np.arange(1, len(reached))
+    row["targets"] = row["targets"].copy()
+    row["targets"][hops] = reached[:-1]
+    row["loss_mask"][hops] = 1.0
+    return row
+
+
+def _padded_row(seq_len: int, tokens: np.ndarray, answer_start: int) -> Batch:
+    """One task example padded to ``seq_len + 1`` tokens, scored on ``tokens[answer_start:]``."""
+    window = np.full(seq_len + 1, BYTES.pad_id, np.int32)
     window[:len(tokens)] = tokens
-    positions = np.arange(cfg.seq_len)
+    positions = np.arange(seq_len)
     return _row(window, (positions >= answer_start - 1) & (positions < len(tokens) - 1))
+
+
+def _graph(cfg: DataConfig) -> np.ndarray:
+    return _knowledge_graph(cfg.seed, cfg.khop_entities, cfg.khop_relations)
+
+
+_knowledge_graph = functools.lru_cache(maxsize=8)(tasks.knowledge_graph)
 
 
 # ---------------------------------------------------------------------------- corpora

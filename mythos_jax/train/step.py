@@ -167,7 +167,8 @@ def make_loss_fn(plan: TrainPlan):
                  + cfg.optim.ponder_weight * jnp.mean(info.ponder_cost))
         metrics = {"loss": total, "ce": ce, "accuracy": accuracy,
                    "ponder": jnp.mean(info.ponder_cost),
-                   "loops": jnp.mean(info.loops_run.astype(jnp.float32)), **terms}
+                   "loops": jnp.mean(info.loops_run.astype(jnp.float32)),
+                   "state_rms": jnp.mean(info.state_rms), **terms}
         return total, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
 
     return loss_fn

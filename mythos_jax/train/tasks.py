@@ -1,8 +1,8 @@
 """Synthetic reasoning tasks in byte-level tokens, generated from (seed, split, example index).
 
 Each generator returns ``(tokens, answer_start)``: ``tokens`` (L,) int32 is the whole example
-ending with EOS (256), and the answer is ``tokens[answer_start:]`` (answer tokens + that EOS),
-the only positions a model is scored on. Nothing is stored: an example is a pure function of
+and the answer is ``tokens[answer_start:]`` (answer tokens, and an EOS (256) for k-hop in
+context and addition), the only positions a model is scored on. Nothing is stored: an example is a pure function of
 its random generator, which ``example_rng`` derives from (seed, split, index).
 
 k-hop composition (``khop_example``): a random cyclic permutation over ``n_facts`` of the
@@ -15,6 +15,19 @@ With one cycle every entity appears once on each side, so no answer can be found
 following k links. Example (entities shown as letters, 4 facts, k = 2):
 ``AC BD CB DA ?A>>=B<EOS>``.
 
+k-hop over a fixed knowledge graph (``graph_example``, Kohli et al.'s parametric facts): the
+graph is ``n_relations`` random permutations of the entities, fixed by the data seed
+(``knowledge_graph``), so its facts must be learned into the weights, not read from the prompt.
+A query is the entity and one relation token per hop (relation r is token
+``RELATION_BASE + r``); the answer, predicted at the last relation, is the entity reached by
+applying the relations left to right. Example (k = 3): ``A b a d F`` for F = d(a(b(A))).
+Two choices made these queries learnable in minutes (``experiments/README.md``): no ``=``
+marks the end (the answer position would have to gather the last relation and the entity so
+far before its lookup), and no EOS follows the answer (scoring an EOS after the answer kept
+the small looped models at the entity marginal: they learned the EOS and stalled). Multi-hop tuples (k >= 2) are split between
+training and evaluation by a hash of the tuple (``is_heldout``), so in-distribution eval queries
+are compositions the model never saw; one-hop queries are the atomic facts, all trained.
+
 Addition (``addition_example``): ``a+b=`` then the digits of a + b, least significant first
 when ``reverse`` (the order a causal model can produce with local carries), then EOS.
 Operands have no leading zeros. Example (reverse): ``57+8=56<EOS>`` (57 + 8 = 65).
@@ -22,11 +35,15 @@ Operands have no leading zeros. Example (reverse): ``57+8=56<EOS>`` (57 + 8 = 65
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from mythos_jax.train.tokenizer import BYTE_EOS
 
 ENTITY_BASE = 128
+RELATION_BASE = ord("a")
+MAX_RELATIONS = 26
 MAX_ENTITIES = 256 - ENTITY_BASE
 TRAIN_STREAM = 0
 EVAL_STREAM = 1
@@ -54,6 +71,47 @@ def khop_example(rng: np.random.Generator, n_entities: int, n_facts: int,
 def khop_length(n_facts: int, hops: int) -> int:
     """Tokens in a k-hop example (facts, query, answer, EOS)."""
     return 3 * n_facts + hops + 5
+
+
+def knowledge_graph(seed: int, n_entities: int, n_relations: int) -> np.ndarray:
+    """(n_relations, n_entities) int table: ``graph[r, e]`` is r applied to entity e (each
+    relation a permutation), a pure function of (seed, sizes)."""
+    rng = np.random.default_rng((seed, 0x6EA9, n_entities, n_relations))
+    return np.stack([rng.permutation(n_entities) for _ in range(n_relations)])
+
+
+def is_heldout(start: int, relations: np.ndarray, fraction: float) -> bool:
+    """Whether the multi-hop query (start, relations) belongs to the held-out set: a stable hash
+    of the tuple, so the split is the same on every process and every run."""
+    if len(relations) < 2 or fraction <= 0:
+        return False
+    key = np.asarray([start, *relations], np.int64).tobytes()
+    value = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    return value / 2.0**64 < fraction
+
+
+def graph_example(rng: np.random.Generator, graph: np.ndarray, hops: int, heldout: bool | None,
+                  fraction: float) -> tuple[np.ndarray, int, np.ndarray]:
+    """One ``hops``-hop query over ``graph``: (tokens, answer_start, the entity tokens reached
+    after 1 .. hops hops (hops,)). ``heldout``: True draws only held-out tuples, False only
+    training tuples, None any (hop counts no training example has)."""
+    n_relations, n_entities = graph.shape
+    while True:
+        start = int(rng.integers(n_entities))
+        relations = rng.integers(n_relations, size=hops)
+        if heldout is None or is_heldout(start, relations, fraction) == heldout:
+            break
+    reached, entity = [], start
+    for r in relations:
+        entity = int(graph[r, entity])
+        reached.append(ENTITY_BASE + entity)
+    tokens = [ENTITY_BASE + start, *(RELATION_BASE + relations), reached[-1]]
+    return np.asarray(tokens, np.int32), len(tokens) - 1, np.asarray(reached, np.int32)
+
+
+def graph_length(hops: int) -> int:
+    """Tokens in a knowledge-graph query (entity, relations, answer)."""
+    return hops + 2
 
 
 def addition_example(rng: np.random.Generator, digits_a: int, digits_b: int,

@@ -1,0 +1,28 @@
+"""Experiments that test what looping buys, each trained by the project's own trainer.
+
+An experiment (``harness.Experiment``) is a declarative list of arms (training configs: a
+preset plus ``--set`` overrides) and an evaluation of each trained arm; ``harness.run`` trains
+every arm in its own workdir (a rerun skips finished arms and resumes an interrupted one),
+evaluates it, and writes ``results.json``, PNG plots and a Markdown table. The experiments:
+
+  depth_extrapolation   E1: k-hop composition over a knowledge graph, hops beyond training
+  test_time_depth       E2: byte-level LM loss against test-time loops, L(T) fits
+  stability             E3: learning-rate sweep of the injection forms, divergence and rho(A)
+
+Run them as ``mythos-jax experiment NAME [--arms a,b] [--quick] [--out DIR]``.
+"""
+
+EXPERIMENTS = {
+    "depth_extrapolation": "mythos_jax.experiments.depth_extrapolation",
+    "test_time_depth": "mythos_jax.experiments.test_time_depth",
+    "stability": "mythos_jax.experiments.stability",
+}
+
+
+def get_experiment(name: str):
+    """The ``Experiment`` called ``name``; unknown names raise ``ValueError`` listing them."""
+    import importlib
+
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+    return importlib.import_module(EXPERIMENTS[name]).EXPERIMENT

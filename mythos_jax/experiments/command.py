@@ -1,0 +1,47 @@
+"""Run an experiment: train its arms with the project's trainer, evaluate, write results.
+
+``mythos-jax experiment NAME [--arms a,b] [--quick] [--out DIR] [--seed N]``; NAME is one of
+depth_extrapolation, test_time_depth, stability. Results go to ``experiments/results/NAME/``
+(``results.json``, ``table.md``, plots); a full run into that folder also refreshes the
+experiment's table in ``experiments/README.md``. A rerun skips finished arms and resumes an
+interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mythos_jax.experiments import EXPERIMENTS, get_experiment
+
+RESULTS_ROOT = os.path.join("experiments", "results")
+README = os.path.join("experiments", "README.md")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(EXPERIMENTS), help="the experiment")
+    parser.add_argument("--arms", help="comma-separated arm names (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few steps per arm: checks the pipeline, not the science")
+    parser.add_argument("--out", help="output folder (default: experiments/results/NAME, "
+                                      "or .../NAME-quick with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="model, loop and data seed")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mythos_jax.experiments import harness
+    from mythos_jax.train.commands import use_compilation_cache
+
+    use_compilation_cache()
+    experiment = get_experiment(args.name)
+    default_out = os.path.join(RESULTS_ROOT, args.name + ("-quick" if args.quick else ""))
+    out = args.out or default_out
+    arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
+    command = " ".join(["mythos-jax", "experiment", *sys.argv[2:]]) if len(sys.argv) > 2 \
+        else f"mythos-jax experiment {args.name}"
+    results = harness.run(experiment, out, arms, args.quick, args.seed, command)
+    if out == os.path.join(RESULTS_ROOT, args.name) and arms is None and os.path.exists(README):
+        harness.include_in_readme(README, args.name, results["table"])
+        print(f"{README}: {args.name} table updated")
+    return 0

@@ -1,0 +1,197 @@
+"""The experiment harness: arms trained by ``mythos_jax.train``, evaluated, reported.
+
+    experiment = Experiment(name, claim, base="khop", arms=(Arm("a", ("loops.n=4",)), ...),
+                            evaluate=fn(run: ArmRun) -> dict, report=fn(results, out) -> md)
+    results = run(experiment, out_dir, quick=False)
+
+Each arm trains in ``<out>/arms/<arm>/`` with ``mythos_jax.train.trainer.train``: checkpoints,
+metrics and resume are the trainer's own, so an interrupted arm continues where it stopped and
+a finished one (its ``result.json`` written for the same config) is skipped. ``--quick`` adds
+the experiment's ``quick_overrides`` (a few steps, small sweeps): it checks the pipeline, not
+the science. The experiment's ``report`` turns the collected results into a Markdown table
+(with the claims, our numbers and whether each is met) and plots; ``results.json`` holds
+everything, with the machine, date, wall time and command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import time
+from typing import Callable
+
+import jax
+
+from mythos_jax.train import trainer
+from mythos_jax.train.checkpointing import Checkpointer
+from mythos_jax.train.config import TrainConfig, load_train_config
+from mythos_jax.train.step import TrainPlan, TrainState, build_plan
+from mythos_jax.parallel.mesh import make_mesh
+
+RESULT_FILE = "result.json"
+README_MARKER = "<!-- results:{name} -->"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One training config of an experiment: ``overrides`` (``section.field=value``) on top of
+    the experiment's base config."""
+    name: str
+    overrides: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmRun:
+    """A trained arm, as its evaluation sees it."""
+    arm: Arm
+    cfg: TrainConfig
+    workdir: str
+    plan: TrainPlan
+    state: TrainState | None      # the last checkpoint (None: diverged before the first)
+    train_report: dict            # what ``trainer.train`` returned (depth curve, summary)
+    metrics: list[dict]           # the lines of metrics.jsonl
+    diverged: str | None          # the trainer's divergence message, if it stopped on one
+    quick: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Arms, how to evaluate one, and how to report them all."""
+    name: str
+    claim: str
+    base: str | None
+    base_overrides: tuple[str, ...]
+    quick_overrides: tuple[str, ...]
+    arms: tuple[Arm, ...]
+    evaluate: Callable[[ArmRun], dict]
+    report: Callable[[dict, str], str]
+
+    def arm_config(self, arm: Arm, quick: bool, seed: int) -> TrainConfig:
+        overrides = [*self.base_overrides, *arm.overrides,
+                     *(self.quick_overrides if quick else ()), f"seed={seed}",
+                     f"data.seed={seed}"]
+        return load_train_config(self.base, overrides)
+
+
+def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: bool = False,
+        seed: int = 0, command: str | None = None) -> dict:
+    """Train and evaluate ``arms`` (default: all) into ``out``; write results.json, the
+    Markdown table and the plots; return the results."""
+    chosen = _choose_arms(experiment, arms)
+    os.makedirs(out, exist_ok=True)
+    arm_results = {}
+    for index, arm in enumerate(chosen, 1):
+        arm_results[arm.name] = _run_arm(experiment, arm, out, quick, seed,
+                                         f"[{index}/{len(chosen)}]")
+    results = {
+        "experiment": experiment.name, "claim": experiment.claim,
+        "command": command or " ".join(["mythos-jax experiment", experiment.name]),
+        "machine": machine(), "date": datetime.date.today().isoformat(), "seed": seed,
+        "quick": quick, "wall_s": sum(r["wall_s"] for r in arm_results.values()),
+        "arms": arm_results,
+    }
+    table = experiment.report(results, out)
+    results["table"] = table
+    write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n")
+    write_atomic(os.path.join(out, "table.md"), table + "\n")
+    print(f"{experiment.name}: results in {out}/results.json, table in {out}/table.md")
+    return results
+
+
+def machine() -> dict:
+    """What ran the experiment: processor, cores, platform and versions."""
+    return {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "platform": jax.devices()[0].platform, "python": platform.python_version(),
+            "jax": jax.__version__}
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def include_in_readme(readme: str, name: str, table: str) -> None:
+    """Replace the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in
+    ``readme`` by ``table`` (the markers must be there)."""
+    with open(readme) as f:
+        text = f.read()
+    start, end = README_MARKER.format(name=name), README_MARKER.format(name="/" + name)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{readme}: no {start} ... {end} section to fill")
+    write_atomic(readme, pattern.sub(lambda _: f"{start}\n{table}\n{end}", text))
+
+
+# ---------------------------------------------------------------------------- one arm
+def _run_arm(experiment: Experiment, arm: Arm, out: str, quick: bool, seed: int,
+             progress: str) -> dict:
+    cfg = experiment.arm_config(arm, quick, seed)
+    workdir = os.path.join(out, "arms", arm.name)
+    result_path = os.path.join(workdir, RESULT_FILE)
+    cached = _read_result(result_path, cfg)
+    if cached is not None:
+        print(f"{progress} {experiment.name}/{arm.name}: done earlier "
+              f"({cached['wall_s']:.0f} s), skipped", flush=True)
+        return cached
+    print(f"{progress} {experiment.name}/{arm.name}: training {cfg.steps} steps "
+          f"({arm.description or ', '.join(arm.overrides)})", flush=True)
+    started = time.time()
+    diverged = None
+    try:
+        report = trainer.train(cfg, workdir)
+    except trainer.TrainingDiverged as err:
+        report, diverged = {}, str(err)
+    plan = build_plan(cfg, make_mesh(cfg.mesh))
+    checkpointer = Checkpointer(workdir, plan)
+    try:
+        state = None if checkpointer.latest_step() is None else checkpointer.restore()
+    finally:
+        checkpointer.close()
+    result = experiment.evaluate(ArmRun(arm, cfg, workdir, plan, state, report,
+                                        trainer.read_metrics(workdir), diverged, quick))
+    result.update(config=cfg.to_dict(), wall_s=time.time() - started,
+                  steps=trainer.read_metrics(workdir)[-1]["step"] if diverged else int(state.step))
+    write_atomic(result_path, json.dumps(result, indent=1) + "\n")
+    print(f"{progress} {experiment.name}/{arm.name}: finished in {result['wall_s']:.0f} s",
+          flush=True)
+    return result
+
+
+def _read_result(path: str, cfg: TrainConfig) -> dict | None:
+    """A finished arm's result, if it was written for this very config."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    return result if result.get("config") == json.loads(cfg.to_json()) else None
+
+
+def _choose_arms(experiment: Experiment, names: list[str] | None) -> list[Arm]:
+    by_name = {arm.name: arm for arm in experiment.arms}
+    if names is None:
+        return list(experiment.arms)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"experiment {experiment.name!r} has no arm(s) {unknown}; its arms: "
+                         f"{sorted(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def loss_curve(report: dict, split: str, field: str = "loss") -> dict[str, float]:
+    """``{test_loops: value}`` of one eval split of the trainer's final depth curve."""
+    return {str(n): float(v[field]) for n, v in sorted(report["depth_curve"][split].items())}
+
+
+def run_from_command_line(name: str, argv: list[str] | None = None) -> int:
+    """``python experiments/NAME.py [flags]``: the same as ``mythos-jax experiment NAME``."""
+    from mythos_jax.cli import main
+    return main(["experiment", name, *(sys.argv[1:] if argv is None else argv)])
