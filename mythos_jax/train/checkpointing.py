@@ -11,12 +11,12 @@ ones; a mismatch raises ``ValueError`` naming the fields.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from mythos_jax import paths
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.step import TrainPlan, TrainState
 
@@ -30,7 +30,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, plan: TrainPlan):
         self.plan = plan
-        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        self.directory = paths.join(workdir, CHECKPOINT_DIR)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=plan.cfg.checkpoint.keep,
             enable_async_checkpointing=plan.cfg.checkpoint.async_save)

@@ -79,6 +79,7 @@ def add_eval(subparsers) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from mythos_jax import paths
     from mythos_jax.cli import CommandError
     from mythos_jax.parallel.mesh import make_mesh
     from mythos_jax.train.checkpointing import Checkpointer
@@ -88,12 +89,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mythos_jax.train.trainer import CONFIG_FILE
 
     use_compilation_cache()
-    config_path = os.path.join(args.workdir, CONFIG_FILE)
-    if not os.path.exists(config_path):
+    config_path = paths.join(args.workdir, CONFIG_FILE)
+    if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {args.workdir!r} a training "
                                 "workdir?")
-    with open(config_path) as f:
-        cfg = TrainConfig.from_dict(json.load(f))
+    cfg = TrainConfig.from_dict(json.loads(config_path.read_text()))
     plan = build_plan(cfg, make_mesh(cfg.mesh))
     checkpointer = Checkpointer(args.workdir, plan)
     if checkpointer.latest_step() is None:
@@ -104,9 +104,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"checkpoint step {int(state.step)}")
     print(depth_curve_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({split: {str(n): v for n, v in r.items()} for split, r in results.items()},
-                      f, indent=2)
+        paths.write_text(args.json, json.dumps(
+            {split: {str(n): v for n, v in r.items()} for split, r in results.items()},
+            indent=2))
     if args.plot:
         print(f"plot written to {plot_depth_curve(results, args.plot)}")
     checkpointer.close()

@@ -11,21 +11,20 @@ curve), printed and plotted to ``<workdir>/depth_curve.png``.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 from typing import Any
 
 import jax
 
+from mythos_jax import paths
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train import data as data_lib
 from mythos_jax.train.checkpointing import Checkpointer
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.evaluate import (depth_curve_table, evaluate, global_batch,
                                        plot_depth_curve)
-from mythos_jax.train.metrics import (MetricsLogger, peak_flops_per_device, print_message,
-                                      train_flops_per_token)
+from mythos_jax.train.metrics import (METRICS_FILE, MetricsLogger, peak_flops_per_device,
+                                      print_message, read_metrics_file, train_flops_per_token)
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
 
 CONFIG_FILE = "train_config.json"
@@ -39,8 +38,8 @@ class TrainingDiverged(RuntimeError):
 def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
     """Train (or resume) in ``workdir``; returns the final metrics and depth curve.
     ``stop_after``: leave after this many steps of this call (tests), checkpointing first."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.resolve(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     plan = build_plan(cfg, make_mesh(cfg.mesh))
     data_iterator = data_lib.train_iterator(cfg.data, jax.process_index(), jax.process_count())
     checkpointer = Checkpointer(workdir, plan)
@@ -92,7 +91,7 @@ def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> d
     if jax.process_index() == 0:
         print("depth curve (loss / accuracy by test-time loop count):")
         print(depth_curve_table(results))
-        report["plot"] = plot_depth_curve(results, os.path.join(workdir, PLOT_FILE),
+        report["plot"] = plot_depth_curve(results, workdir / PLOT_FILE,
                                           title=f"{_describe(plan)}, step {step}")
         print(f"plot written to {report['plot']}")
     return report
@@ -106,10 +105,9 @@ def _describe(plan) -> str:
             f"batch {cfg.data.batch_size}, mesh {dict(plan.mesh.shape)}")
 
 
-def _write_config(cfg: TrainConfig, workdir: str) -> None:
+def _write_config(cfg: TrainConfig, workdir) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            f.write(cfg.to_json() + "\n")
+        paths.write_text(workdir / CONFIG_FILE, cfg.to_json() + "\n")
 
 
 def _json_keys(results: dict) -> dict:
@@ -132,6 +130,5 @@ class _PreemptionFlag:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The lines of ``<workdir>/metrics.jsonl``."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """The records of ``<workdir>/metrics.jsonl``."""
+    return read_metrics_file(paths.join(workdir, METRICS_FILE))
