@@ -19,6 +19,9 @@ def add_train(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.FIELD=VALUE", help="override a config field (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although the training files changed since the checkpoint "
+                        "(a moved held-out split is still refused)")
     _add_distributed(p)
     p.set_defaults(func=cmd_train)
 
@@ -47,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     use_compilation_cache()
     from mythos_jax.train.trainer import TrainingDiverged, train
     try:
-        train(cfg, args.workdir)
+        train(cfg, args.workdir, allow_data_change=args.allow_data_change)
     except TrainingDiverged as err:
         raise CommandError(str(err)) from None
     return 0

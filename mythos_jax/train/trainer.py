@@ -35,9 +35,12 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row."""
 
 
-def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
-    """Train (or resume) in ``workdir``; returns the final metrics and depth curve.
-    ``stop_after``: leave after this many steps of this call (tests), checkpointing first."""
+def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None,
+          allow_data_change: bool = False) -> dict[str, Any]:
+    """Train (or resume) in ``workdir`` (a local path or a gs:// URL); returns the final
+    metrics and depth curve. ``stop_after``: leave after this many steps of this call (tests),
+    checkpointing first. ``allow_data_change``: resume although the training corpus changed
+    (the held-out split must not move)."""
     workdir = paths.resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     plan = build_plan(cfg, make_mesh(cfg.mesh))
@@ -51,7 +54,7 @@ def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> d
         peak_flops=peak, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
 
     if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(data_iterator)
+        state = checkpointer.restore(data_iterator, allow_data_change=allow_data_change)
         logger.truncate_after(int(state.step))
         print_message(f"resumed from {checkpointer.directory} at step {int(state.step)}")
     else:
