@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mythos_jax.budget import check_fits, tree_bytes
 from mythos_jax.config import MythosConfig
 from mythos_jax.model import OpenMythos
 
@@ -67,6 +68,9 @@ def load_model(path: str | os.PathLike) -> OpenMythos:
     cfg = load_config(path)
     abstract = nnx.eval_shape(lambda: OpenMythos(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
+    check_fits(f"the parameters of {path}", tree_bytes(abstract_state),
+               f"its {CONFIG_FILE} asks for dim={cfg.dim}, vocab_size={cfg.vocab_size}, "
+               f"n_experts={cfg.n_experts}, expert_dim={cfg.expert_dim}")
     # Explicit shardings: a no-sharding restore fails when the saving topology differs.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
