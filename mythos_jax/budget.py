@@ -19,8 +19,9 @@ LIMIT_VARIABLE = "MYTHOS_JAX_MEMORY_LIMIT"
 
 
 def tree_bytes(tree) -> int:
-    """Bytes of every array (or ``ShapeDtypeStruct``) leaf of ``tree``."""
-    return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    """Bytes of every array (or ``ShapeDtypeStruct``) leaf of ``tree`` (RNG keys included:
+    their dtype has an itemsize too)."""
+    return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize
                for leaf in jax.tree.leaves(tree) if hasattr(leaf, "shape"))
 
 

@@ -99,3 +99,19 @@ def test_train_resume_and_eval_in_a_bucket(fake_bucket, tmp_path, capsys):
     assert "heldout" in json.loads((fake_bucket / "bucket" / "eval.json").read_text())
     assert [r["step"] for r in read_metrics("gs://bucket/run") if "eval" not in r] == [1, 2, 3, 4]
     assert os.listdir(tmp_path / "cwd") == []          # nothing became a local gs:/ folder
+
+
+def test_model_checkpoint_saves_and_loads_in_a_bucket(fake_bucket, tmp_path):
+    import numpy as np
+    from flax import nnx
+
+    from mythos_jax import OpenMythos, variants
+    from mythos_jax.checkpoint import is_checkpoint, load_model, save_model
+    model = OpenMythos(variants.tiny_gqa(), rngs=nnx.Rngs(0))
+    save_model(model, "gs://bucket/model")
+    save_model(model, "gs://bucket/model", overwrite=True)
+    assert is_checkpoint("gs://bucket/model")
+    np.testing.assert_array_equal(np.asarray(load_model("gs://bucket/model").embed[...]),
+                                  np.asarray(model.embed[...]))
+    assert os.listdir(fake_bucket / "bucket") == ["model"]
+    assert os.listdir(tmp_path / "cwd") == []
