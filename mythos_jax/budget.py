@@ -25,6 +25,14 @@ def tree_bytes(tree) -> int:
                for leaf in jax.tree.leaves(tree) if hasattr(leaf, "shape"))
 
 
+def per_device_bytes(tree, shardings) -> int:
+    """Bytes one device holds of ``tree`` laid out by ``shardings`` (a matching tree of
+    ``jax.sharding.Sharding``): each leaf's shard shape."""
+    sizes = jax.tree.map(lambda leaf, sharding: int(np.prod(sharding.shard_shape(leaf.shape)))
+                         * leaf.dtype.itemsize, tree, shardings)
+    return sum(jax.tree.leaves(sizes))
+
+
 def memory_limit(device: jax.Device | None = None) -> tuple[int, str]:
     """(bytes one allocation may take, where the figure comes from)."""
     if os.environ.get(LIMIT_VARIABLE):

@@ -54,3 +54,25 @@ def test_checkpoint_config_asking_for_huge_shapes_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"the parameters of {path} would need .* "
                                          r"vocab_size=100000000000"):
         load_model(path)
+
+
+def test_per_device_bytes_follow_the_sharding():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from mythos_jax.budget import per_device_bytes
+    from mythos_jax.parallel.mesh import make_mesh
+    mesh = make_mesh("data=4", jax.devices()[:4])
+    tree = {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32)}
+    split = {"w": NamedSharding(mesh, PartitionSpec("data"))}
+    copied = {"w": NamedSharding(mesh, PartitionSpec())}
+    assert per_device_bytes(tree, split) == 2 * 16 * 4
+    assert per_device_bytes(tree, copied) == 8 * 16 * 4
+
+
+def test_eval_of_a_workdir_whose_config_asks_for_huge_shapes_is_refused(tmp_path, capsys):
+    from mythos_jax.train.config import load_train_config
+    (tmp_path / "train_config.json").write_text(
+        load_train_config("tiny", ["model.vocab_size=100000000000"]).to_json())
+    assert main(["eval", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the training state of" in err and "vocab_size=100000000000" in err

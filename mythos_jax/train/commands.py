@@ -83,6 +83,7 @@ def add_eval(subparsers) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from mythos_jax import paths
+    from mythos_jax.budget import check_fits, per_device_bytes
     from mythos_jax.cli import CommandError
     from mythos_jax.parallel.mesh import make_mesh
     from mythos_jax.train.checkpointing import Checkpointer
@@ -98,6 +99,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 "workdir?")
     cfg = TrainConfig.from_dict(json.loads(config_path.read_text()))
     plan = build_plan(cfg, make_mesh(cfg.mesh))
+    model = plan.model_cfg
+    check_fits(f"the training state of {args.workdir}", per_device_bytes(
+        plan.abstract_state._asdict(), plan.shardings._asdict()),
+        f"its {CONFIG_FILE} asks for dim={model.dim}, vocab_size={model.vocab_size}, "
+        f"n_experts={model.n_experts}, expert_dim={model.expert_dim}")
     checkpointer = Checkpointer(args.workdir, plan)
     if checkpointer.latest_step() is None:
         raise CommandError(f"no checkpoint in {checkpointer.directory}")
