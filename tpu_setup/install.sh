@@ -15,16 +15,20 @@
 #   --copy               send REF from this checkout as a git archive over scp instead of
 #                        cloning (private repositories, unpushed commits)
 #   --jax SPEC           the JAX requirement; default jax[tpu]==0.12.0.1, the version the
-#                        test suite runs (jax[tpu] brings the matching libtpu)
-#   --python VERSION     Python of the venv, >= 3.12 (default 3.12)
+#                        test suite runs (jax[tpu] brings the matching libtpu); it must
+#                        agree with tpu_setup/constraints.txt
+#   --python VERSION     Python of the venv, >= 3.12 (default 3.12, which the
+#                        constraints were resolved for)
 #   --dir DIR            source directory on the workers, from their home (mythos-jax)
 #   --venv DIR           venv on the workers, from their home (mythos-venv)
-#                        (both plain relative paths: no ., .., ~, /, globs or spaces)
+#                        (both plain relative paths: no ., .., ~, leading /, globs or
+#                        spaces)
 #   --dry-run            print the commands instead of running them
 # [VARIABLE]: the environment variable the value defaults to. GCLOUD: the gcloud executable.
-# Every worker gets the same versions: uv $UV_VERSION (its versioned installer, into
-# ~/.mythos-uv/VERSION), then the packages under tpu_setup/constraints.txt, which pins
+# Every worker gets the same versions: uv at UV_VERSION (set below; its versioned installer,
+# into ~/.mythos-uv/VERSION), then the packages under tpu_setup/constraints.txt, which pins
 # every dependency (gcsfs and google-cloud-storage included: gs:// workdirs need them).
+# Every value in the workers' script is quoted.
 # Safe to rerun: it updates the checkout and the venv in place.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
