@@ -9,19 +9,21 @@ same dropout masks. ``config.json`` is ``MythosConfig.to_json()``. The train/eva
 (``model.deterministic``) is not state: a loaded model starts in train mode, like a new one.
 
 Writes are atomic: the directory is built under a temporary sibling and renamed into place,
-so an interrupted save never leaves a partial checkpoint at ``path``. Single-process only.
+so an interrupted save never leaves a partial checkpoint at ``path``. Paths may be ``gs://``
+URLs (``mythos_jax.paths``; a bucket "rename" is a copy). Single-process only.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mythos_jax import paths
+from mythos_jax.budget import check_fits, tree_bytes
 from mythos_jax.config import MythosConfig
 from mythos_jax.model import OpenMythos
 
@@ -39,22 +41,21 @@ def save_model(model: OpenMythos, path: str | os.PathLike, *, overwrite: bool = 
     """
     if not isinstance(model, OpenMythos):
         raise TypeError(f"model must be a mythos_jax.OpenMythos, got {type(model).__name__}")
-    path = os.path.abspath(os.fspath(path))
-    if os.path.lexists(path):
+    path = paths.resolve(path)
+    if _lexists(path):
         _check_replaceable(path, overwrite)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
 
     tmp = _sibling(path, "tmp")
-    os.mkdir(tmp)                                  # honours the umask, unlike mkdtemp (0700)
+    tmp.mkdir()                                    # honours the umask, unlike mkdtemp (0700)
     try:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            f.write(model.cfg.to_json() + "\n")
+        (tmp / CONFIG_FILE).write_text(model.cfg.to_json() + "\n")
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(os.path.join(tmp, STATE_DIR), nnx.state(model))
+            checkpointer.save(tmp / STATE_DIR, nnx.state(model))
             checkpointer.wait_until_finished()
         _move_into_place(tmp, path, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
         raise
 
 
@@ -63,27 +64,29 @@ def load_model(path: str | os.PathLike) -> OpenMythos:
 
     Raises ``ValueError`` naming the path when it is not a mythos-jax checkpoint directory.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = paths.resolve(path)
     cfg = load_config(path)
     abstract = nnx.eval_shape(lambda: OpenMythos(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
+    check_fits(f"the parameters of {path}", tree_bytes(abstract_state),
+               f"its {CONFIG_FILE} asks for dim={cfg.dim}, vocab_size={cfg.vocab_size}, "
+               f"n_experts={cfg.n_experts}, expert_dim={cfg.expert_dim}")
     # Explicit shardings: a no-sharding restore fails when the saving topology differs.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           abstract_state)
     with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(os.path.join(path, STATE_DIR), target)
+        state = checkpointer.restore(path / STATE_DIR, target)
     return nnx.merge(graphdef, state)
 
 
 def load_config(path: str | os.PathLike) -> MythosConfig:
     """The ``MythosConfig`` of the checkpoint at ``path`` (no weights read)."""
-    path = os.path.abspath(os.fspath(path))
+    path = paths.resolve(path)
     missing = _checkpoint_problem(path)
     if missing:
         raise ValueError(f"{path} is not a mythos-jax checkpoint: {missing}")
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        text = f.read()
+    text = (path / CONFIG_FILE).read_text()
     try:
         return MythosConfig.from_json(text)
     except ValueError as err:
@@ -92,19 +95,19 @@ def load_config(path: str | os.PathLike) -> MythosConfig:
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` looks like a mythos-jax checkpoint directory (cheap; reads nothing)."""
-    return _checkpoint_problem(os.fspath(path)) is None
+    return _checkpoint_problem(paths.resolve(path)) is None
 
 
-def _checkpoint_problem(path: str) -> str | None:
+def _checkpoint_problem(path) -> str | None:
     """None for a checkpoint directory, else what is missing, e.g. "missing config.json"."""
-    if not os.path.exists(path):
+    if not path.exists():
         return "no such file or directory"
-    if not os.path.isdir(path):
+    if not path.is_dir():
         return "not a directory"
     missing = []
-    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    if not (path / CONFIG_FILE).is_file():
         missing.append(CONFIG_FILE)
-    if not os.path.isdir(os.path.join(path, STATE_DIR)):
+    if not (path / STATE_DIR).is_dir():
         missing.append(f"{STATE_DIR}/")
     return f"missing {' and '.join(missing)}" if missing else None
 
@@ -115,33 +118,41 @@ def parameter_count(model: OpenMythos) -> int:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _sibling(path: str, tag: str) -> str:
+def _sibling(path, tag: str):
     """An unused hidden name next to ``path``: ``.NAME.TAG-PID-RANDOM``."""
-    parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _check_replaceable(path: str, overwrite: bool) -> None:
+def _is_link(path) -> bool:
+    return not paths.is_remote(path) and os.path.islink(path)
+
+
+def _lexists(path) -> bool:
+    """Whether ``path`` exists (a dangling local symlink counts)."""
+    return path.exists() or _is_link(path)
+
+
+def _check_replaceable(path, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-    if os.path.isdir(path) and not os.path.islink(path) and (
-            is_checkpoint(path) or not os.listdir(path)):
+    if path.is_dir() and not _is_link(path) and (
+            is_checkpoint(path) or not any(path.iterdir())):
         return
     raise FileExistsError(f"{path} exists and is not a mythos-jax checkpoint or an empty "
                           "directory; refusing to replace it")
 
 
-def _move_into_place(tmp: str, path: str, overwrite: bool) -> None:
+def _move_into_place(tmp, path, overwrite: bool) -> None:
     """Rename the finished ``tmp`` to ``path``, moving an existing ``path`` aside first."""
-    if not os.path.lexists(path):
-        os.replace(tmp, path)
+    if not _lexists(path):
+        tmp.replace(path)
         return
     _check_replaceable(path, overwrite)  # it may have appeared while we were writing
     old = _sibling(path, "old")
-    os.replace(path, old)
+    path.replace(old)
     try:
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException:
-        os.replace(old, path)
+        old.replace(path)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    old.rmtree(missing_ok=True)

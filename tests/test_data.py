@@ -45,7 +45,7 @@ def test_stdlib_batch_format_and_first_batch_fast():
     assert batch["inputs"].max() < data.vocab_size(cfg) == 258
     assert data.eval_splits(cfg) == ("heldout",)
     assert "windows of 64" in data.describe(cfg)
-    train, held = data._lm_streams(cfg)
+    train, held = data.lm_streams(cfg)
     train_files = {train.docs.store.paths[i] for i in train.docs.doc_ids}
     held_files = {held.docs.store.paths[i] for i in held.docs.doc_ids}
     assert held_files and not train_files & held_files
@@ -55,7 +55,7 @@ def test_stdlib_batch_format_and_first_batch_fast():
 def test_packing_eos_between_documents_and_padding(text_files):
     cfg = DataConfig(source="text", paths=tuple(text_files), seq_len=10, batch_size=1,
                      eval_fraction=0.0, prefetch=0)
-    stream = data._lm_streams(cfg)[0]
+    stream = data.lm_streams(cfg)[0]
     expected = np.concatenate([np.append(np.frombuffer(d, np.uint8), BYTE_EOS)
                                for d in DOCS if d])
     windows = [stream.window(i) for i in range(stream.num_windows)]
@@ -76,7 +76,7 @@ def test_packing_eos_between_documents_and_padding(text_files):
 def test_epochs_are_reshuffled_and_seeded(text_files):
     cfg = DataConfig(source="text", paths=tuple(text_files), seq_len=8, batch_size=1,
                      eval_fraction=0.0)
-    n = data._lm_streams(cfg)[0].num_windows
+    n = data.lm_streams(cfg)[0].num_windows
     order = [tuple(b["inputs"][0]) for b in take(data.train_iterator(cfg), 2 * n)]
     assert sorted(order[:n]) == sorted(order[n:]) and order[:n] != order[n:]
     other = [tuple(b["inputs"][0]) for b in take(data.train_iterator(
@@ -90,7 +90,7 @@ def test_single_document_holds_out_its_tail(tmp_path):
     path.write_bytes(bytes(range(32, 127)) * 3)
     cfg = DataConfig(source="text", paths=(str(path),), seq_len=16, batch_size=4,
                      eval_fraction=0.2, eval_examples=8)
-    train, held = data._lm_streams(cfg)
+    train, held = data.lm_streams(cfg)
     assert train.num_tokens + held.num_tokens == 3 * 95 + 2
     assert held.num_tokens - 1 == round(0.2 * 3 * 95)
     batches = data.eval_batches(cfg, "heldout")
@@ -288,7 +288,7 @@ def test_processes_split_the_global_batch(source):
 def test_state_resumes_exactly_across_epochs(text_files, prefetch):
     cfg = DataConfig(source="text", paths=tuple(text_files), seq_len=8, batch_size=2,
                      eval_fraction=0.0, prefetch=prefetch)
-    n_windows = data._lm_streams(cfg)[0].num_windows
+    n_windows = data.lm_streams(cfg)[0].num_windows
     steps_per_epoch = n_windows // cfg.batch_size
     iterator = data.train_iterator(cfg, 1, 2)
     take(iterator, steps_per_epoch - 1)
@@ -338,7 +338,7 @@ def test_jsonl_with_tokenizer_json(tmp_path, tokenizer_json):
     vocab = data.get_vocab(cfg)
     assert (vocab.size, vocab.eos_id, vocab.pad_id) == (10, 9, 1)    # 9 words + appended EOS
     assert data.vocab_size(cfg) == 10
-    stream = data._lm_streams(cfg)[0]
+    stream = data.lm_streams(cfg)[0]
     assert stream.num_tokens == 2 + 7 + 1 + 9 + 4                      # words + one EOS each
     batch = next(data.train_iterator(cfg))
     assert batch["inputs"].max() < 10

@@ -85,3 +85,73 @@ def test_bad_inputs(tmp_path):
     os.makedirs(tmp_path / "half")
     with pytest.raises(FileNotFoundError, match="no metadata.json"):
         data.train_iterator(DataConfig(source="arrayrecord", paths=(str(tmp_path / "half"),)))
+
+
+# ---------------------------------------------------------------------------- ids and metadata
+def test_ids_are_checked_against_the_dtype_before_the_cast():
+    prepare_data.check_ids(np.array([0, 65535]), 65536, np.dtype(np.uint16), 0)
+    with pytest.raises(ValueError, match=r"document 3: token id 70000 is outside \[0, 65536\)"):
+        prepare_data.check_ids(np.array([5, 70000]), 80000, np.dtype(np.uint16), 3)
+    with pytest.raises(ValueError, match=r"token id 300 is outside \[0, 300\) \(vocab_size 300"):
+        prepare_data.check_ids(np.array([300]), 300, np.dtype(np.uint16), 0)
+    with pytest.raises(ValueError, match="token id -1"):
+        prepare_data.check_ids(np.array([-1]), 300, np.dtype(np.uint16), 0)
+
+
+def test_vocab_size_is_the_largest_id_plus_one(tmp_path):
+    """A sparse vocabulary (ids 0, 1, 70000): size 70001 (not the count 3), so 70000 is kept
+    (uint32 shards) and the appended EOS is past every real id."""
+    import tokenizers
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        {"[UNK]": 0, "alpha": 1, "omega": 70000}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "doc.txt").write_text("alpha omega alpha")
+    meta = prepare_data.prepare([str(tmp_path / "doc.txt")], str(tmp_path / "out"),
+                                tokenizer=str(tmp_path / "tokenizer.json"))
+    assert (meta["vocab_size"], meta["eos_id"], meta["dtype"]) == (70002, 70001, "<u4")
+    cfg = DataConfig(source="arrayrecord", paths=(str(tmp_path / "out"),), seq_len=3,
+                     batch_size=1, eval_fraction=0.0)
+    assert data.lm_streams(cfg)[0].window(0)[0].tolist() == [1, 70000, 1, 70001]
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha beta gamma")
+    prepare_data.prepare([str(tmp_path / "a.txt")], str(tmp_path / "out"))
+    return tmp_path / "out"
+
+
+def rewrite_metadata(directory, **changes):
+    meta = json.loads((directory / "metadata.json").read_text())
+    (directory / "metadata.json").write_text(json.dumps({**meta, **changes}))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"dtype": "<f8"}, "dtype must be one of"),
+    ({"dtype": "|O"}, "dtype must be one of"),
+    ({"vocab_size": 10**9}, r"vocab_size must be an int in \[1, 258\]"),
+    ({"eos_id": 300}, r"eos_id must be an int in \[0, vocab_size=258\)"),
+    ({"pad_id": "x"}, "pad_id must be an int"),
+    ({"shards": [{"file": "../../etc/passwd", "records": 1}]}, "plain file names"),
+    ({"shards": [{"file": "/etc/passwd", "records": 1}]}, "plain file names"),
+    ({"shards": "shard-00000.array_record"}, "shards must list"),
+    ({"num_tokens": 5}, r"lengths.npy lists 1 documents of 16 tokens, metadata.json 1 of 5"),
+])
+def test_bad_metadata_is_refused_naming_the_field(prepared, changes, message):
+    rewrite_metadata(prepared, **changes)
+    with pytest.raises(ValueError, match=message):
+        data.train_iterator(DataConfig(source="arrayrecord", paths=(str(prepared),)))
+
+
+def test_record_lengths_are_checked(prepared):
+    np.save(prepared / "lengths.npy", np.array([15]))
+    rewrite_metadata(prepared, num_tokens=15)
+    cfg = DataConfig(source="arrayrecord", paths=(str(prepared),), seq_len=4, batch_size=1,
+                     eval_fraction=0.0)
+    with pytest.raises(ValueError, match=r"record 0 .* has 16 bytes, but lengths.npy says 15"):
+        data.lm_streams(cfg)[0].window(0)
+    np.save(prepared / "lengths.npy", np.array([[16]]))
+    data._store.cache_clear()                  # the store of the same paths is cached
+    with pytest.raises(ValueError, match="must be a 1-D array"):
+        data.train_iterator(DataConfig(source="arrayrecord", paths=(str(prepared),)))

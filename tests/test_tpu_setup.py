@@ -3,6 +3,8 @@ created, the bash accelerator/mesh checks against their Python twins, and a 2-pr
 launch of `mythos-jax train` through the same launcher as on a TPU."""
 
 import os
+import re
+import shlex
 import shutil
 import socket
 import stat
@@ -57,16 +59,24 @@ def test_every_script_is_executable_and_documents_itself():
 
 
 SLICE = ["--name", "run1", "--zone", "us-east5-a"]
+UV = ".mythos-uv/0.13.8/uv"
 INSTALL_TAIL = (
-    "uv venv --quiet --allow-existing --python 3.12 mythos-venv\n"
-    "uv pip install --quiet --python mythos-venv/bin/python '\\''jax[tpu]==0.12.0.1'\\'' "
-    "-e mythos-jax\n"
+    f"{UV} venv --quiet --allow-existing --python 3.12 mythos-venv\n"
+    f"{UV} pip install --quiet --python mythos-venv/bin/python -c "
+    "mythos-jax/tpu_setup/constraints.txt '\\''jax[tpu]==0.12.0.1'\\'' gcsfs "
+    "google-cloud-storage -e mythos-jax\n"
     "mythos-venv/bin/mythos-jax --version'")
 INSTALL_HEAD = (
     "gcloud compute tpus tpu-vm ssh run1 --zone=us-east5-a --worker=all --command='set -euo "
     "pipefail\n"
-    "command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh\n"
-    "export PATH=\"$HOME/.local/bin:$PATH\"\n")
+    f"[ -x .mythos-uv/0.13.8/uv ] || curl -LsSf https://astral.sh/uv/0.13.8/install.sh | "
+    "env UV_INSTALL_DIR=\"$HOME/.mythos-uv/0.13.8\" UV_NO_MODIFY_PATH=1 sh\n")
+INSTALL_FROM_GIT = (
+    INSTALL_HEAD
+    + "[ -d mythos-jax/.git ] || git clone --quiet -- https://example.com/mythos-jax.git "
+      "mythos-jax\n"
+      "git -C mythos-jax fetch --quiet origin v0.1\n"
+      "git -C mythos-jax checkout --quiet --detach FETCH_HEAD\n" + INSTALL_TAIL)
 
 DRY_RUNS = {
     "create on demand": (
@@ -90,19 +100,7 @@ DRY_RUNS = {
         "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite"),
     "install from git": (
         "install.sh", [*SLICE, "--ref", "v0.1", "--repo", "https://example.com/mythos-jax.git"],
-        INSTALL_HEAD
-        + "[ -d mythos-jax/.git ] || git clone --quiet https://example.com/mythos-jax.git "
-          "mythos-jax\n"
-          "git -C mythos-jax fetch --quiet origin v0.1\n"
-          "git -C mythos-jax checkout --quiet --detach FETCH_HEAD\n" + INSTALL_TAIL),
-    "install by copy": (
-        "install.sh", [*SLICE, "--ref", "abc123", "--copy"],
-        f"git -C {REPO} archive --format=tar.gz --output=/tmp/mythos-jax-src.tar.gz abc123\n"
-        "gcloud compute tpus tpu-vm scp /tmp/mythos-jax-src.tar.gz run1:mythos-jax-src.tar.gz "
-        "--zone=us-east5-a --worker=all\n"
-        + INSTALL_HEAD
-        + "rm -rf mythos-jax && mkdir -p mythos-jax\n"
-          "tar -xzf mythos-jax-src.tar.gz -C mythos-jax\n" + INSTALL_TAIL),
+        INSTALL_FROM_GIT),
     "launch on a pod": (
         "launch.sh", [*SLICE, "--accelerator", "v5p-64", "--workdir", "gs://bucket/run1",
                       "--mesh", "data=2,fsdp=16", "--", "--set", "steps=100"],
@@ -152,6 +150,93 @@ def test_dry_run_prints_the_exact_commands(case):
     result = script(name, "--dry-run", *args)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+def test_install_by_copy_sends_a_mktemp_archive_and_removes_it(tmp_path):
+    result = script("install.sh", "--dry-run", *SLICE, "--ref", "abc123", "--copy",
+                    env={"TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    archive = re.search(rf"--output=({tmp_path}/mythos-jax-src\.\w{{6}}) abc123",
+                        result.stdout).group(1)
+    assert result.stdout.strip() == (
+        f"git -C {REPO} archive --format=tar.gz --output={archive} abc123\n"
+        f"gcloud compute tpus tpu-vm scp {archive} run1:mythos-jax-src.tar.gz "
+        "--zone=us-east5-a --worker=all\n"
+        + INSTALL_HEAD
+        + "rm -rf -- mythos-jax && mkdir -p -- mythos-jax\n"
+          "tar -xzf mythos-jax-src.tar.gz -C mythos-jax && rm -f mythos-jax-src.tar.gz\n"
+        + INSTALL_TAIL)
+    assert os.listdir(tmp_path) == []           # the temporary archive is cleaned up
+
+
+@pytest.mark.parametrize("flag", ["--dir", "--venv"])
+@pytest.mark.parametrize("value", ["my dir;id", "$HOME", "/root", "~", "~/x", ".", "..",
+                                   "a/../..", "*", "x/*", "-rf", "a/-b", "a b", "x'y",
+                                   "$(id)", "a/./b", "a\nid"])
+def test_install_refuses_unsafe_remote_directories(fake_gcloud, flag, value):
+    env, calls = fake_gcloud
+    result = script("install.sh", *SLICE, "--ref", "r", "--copy", flag, value, env=env)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {flag} must")
+    assert not calls.exists()
+
+
+@pytest.mark.parametrize("url, clean", [
+    ("https://user:TOKEN@github.com/o/r.git", "https://github.com/o/r.git"),
+    ("https://ghp_TOKEN@github.com/o/r.git", "https://github.com/o/r.git"),
+    ("ssh://git:secret@host/o/r.git", "ssh://git@host/o/r.git"),
+])
+def test_install_strips_credentials_from_the_repository_url(url, clean):
+    result = script("install.sh", "--dry-run", *SLICE, "--ref", "v0.1", "--repo", url)
+    assert result.returncode == 0, result.stderr
+    assert "TOKEN" not in result.stdout and "secret" not in result.stdout
+    assert f"git clone --quiet -- {clean} mythos-jax" in result.stdout
+    assert "removed the credentials" in result.stderr and "--copy" in result.stderr
+
+
+@pytest.mark.parametrize("url", ["git@github.com:o/r.git", "ssh://git@host/o/r.git",
+                                 "https://example.com/mythos-jax.git"])
+def test_install_keeps_urls_without_credentials(url):
+    result = script("install.sh", "--dry-run", *SLICE, "--ref", "v0.1", "--repo", url)
+    assert result.returncode == 0 and result.stderr == ""
+    assert f"git clone --quiet -- {url} mythos-jax" in result.stdout
+
+
+def test_install_quotes_hostile_refs_and_specs_for_the_remote_shell():
+    result = script("install.sh", "--dry-run", *SLICE, "--ref", "v1;id", "--jax",
+                    "jax[tpu]==0.12.0.1;rm -rf ~", "--repo", "https://example.com/r.git;id")
+    assert result.returncode == 0, result.stderr
+    remote = shlex.split(result.stdout)[-1].removeprefix("--command=")
+    assert "fetch --quiet origin 'v1;id'\n" in remote
+    assert "'jax[tpu]==0.12.0.1;rm -rf ~'" in remote
+    assert "git clone --quiet -- 'https://example.com/r.git;id' mythos-jax" in remote
+
+
+def test_launch_quotes_hostile_values_and_refuses_unsafe_venvs(fake_gcloud):
+    result = script("launch.sh", "--dry-run", *SLICE, "--accelerator", "v4-8", "--workdir",
+                    "gs://b/r;id", "--", "--set", "optim.lr=$(id)")
+    assert result.returncode == 0, result.stderr
+    remote = shlex.split(result.stdout.splitlines()[-1])[-2].removeprefix("--command=")
+    assert shlex.split(remote)[-4:] == ["--workdir", "gs://b/r;id", "--set", "optim.lr=$(id)"]
+    env, calls = fake_gcloud
+    for venv in ("~/v", "/opt/v", "v;id", ".."):
+        bad = script("launch.sh", *SLICE, "--accelerator", "v4-8", "--workdir", "gs://b/r",
+                     "--venv", venv, env=env)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: --venv must"), venv
+    assert not calls.exists()
+
+
+def test_constraints_pin_every_requirement_exactly():
+    pins = {}
+    for line in (SETUP / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not pinned with =="
+            pins[name.lower().replace("_", "-")] = version
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name = re.split(r"[<>=\[]", line)[0].lower().replace("_", "-")
+            assert name in pins, f"{name} (requirements.txt) is not pinned in constraints.txt"
+    assert {"jax", "jaxlib", "libtpu", "gcsfs", "google-cloud-storage"} <= set(pins)
 
 
 def test_gpu_launch_takes_process_layout_from_slurm(tmp_path):

@@ -75,6 +75,39 @@ run() {
   if [[ $DRY_RUN == 1 ]]; then quote "$@"; else "$@"; fi
 }
 
+# safe_relative FLAG VALUE: die unless VALUE is a plain relative path (from the workers'
+# home) that a remote shell cannot misread: letters, digits and _ . - in /-separated parts,
+# none of them . or .. or starting with -; no ~, no absolute path, no glob, no space.
+safe_relative() {
+  local part
+  local -a parts
+  [[ $2 =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$ ]] ||
+    die "$1 must be a relative path of letters, digits, '_', '.', '-' and '/', got '$2'"
+  IFS=/ read -r -a parts <<<"$2"
+  for part in "${parts[@]}"; do
+    [[ $part != . && $part != .. && $part != -* ]] ||
+      die "$1 must not contain '.', '..' or a part starting with '-', got '$2'"
+  done
+}
+
+# without_credentials URL: URL with any user:password@ (or a token as the user of an
+# http(s) URL) removed, with a warning on stderr; other URLs unchanged.
+without_credentials() {
+  local url=$1
+  if [[ $url =~ ^([A-Za-z][A-Za-z0-9+.-]*://)([^/@]*)@(.*)$ ]]; then
+    local scheme=${BASH_REMATCH[1]} user=${BASH_REMATCH[2]} rest=${BASH_REMATCH[3]}
+    if [[ $scheme == http://* || $scheme == https://* ]]; then
+      url=$scheme$rest
+    elif [[ $user == *:* ]]; then
+      url=$scheme${user%%:*}@$rest
+    fi
+    [[ $url == "$1" ]] || echo "warning: removed the credentials from the repository URL" \
+      "(they would reach every worker's command line and .git/config); a private" \
+      "repository needs --copy" >&2
+  fi
+  printf '%s' "$url"
+}
+
 # require_gcloud: die before anything happens when gcloud is not installed (dry runs only
 # print commands, they need no gcloud).
 require_gcloud() {

@@ -24,8 +24,11 @@
 #                        ~/mythos-logs/train.log
 #   --collect            TPU: fetch every worker's log of a detached run into --logs
 #   --venv DIR           venv on the workers, from their home (mythos-venv, as install.sh
-#                        makes it); the command runs in the workers' home directory
-#   --local N            run N processes on this machine instead of on a TPU
+#                        makes it; a plain relative path); the command runs in the
+#                        workers' home directory. Every value reaching the workers' shell
+#                        is quoted
+#   --local N            run N processes on this machine instead of on a TPU (the
+#                        coordinator listens on 127.0.0.1 only)
 #   --local-devices K    with --local: CPU devices per process (default 1)
 #   --port PORT          with --local: coordinator port (default: a free one)
 #   --dry-run            print the commands instead of running them
@@ -145,6 +148,7 @@ wait_all() {
 # ---------------------------------------------------------------------------- TPU
 launch_tpu() {
   need_slice
+  safe_relative --venv "$remote_venv"
   logs=${logs:-logs/$TPU_NAME}
   set_location_flags
   local ssh_all=("$GCLOUD" compute tpus tpu-vm ssh "$TPU_NAME" "${LOCATION_FLAGS[@]}" --worker=all)

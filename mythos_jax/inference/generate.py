@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mythos_jax.budget import check_fits, tree_bytes
 from mythos_jax.inference.cache import init_cache
 from mythos_jax.inference.sampling import check_sampling_args, sample_next
 from mythos_jax.model import raise_if_out_of_vocab
@@ -139,8 +140,12 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
         raise ValueError(f"depth_slots must be in [1, n_loops={n_loops}], got {depth_slots}")
     decoder = compiled_decoder(graphdef, n_loops, float(temperature), top_k, top_p, exit,
                                float(exit_threshold), depth_slots is not None)
+    slots = depth_slots or n_loops
+    check_fits("the KV cache", tree_bytes(jax.eval_shape(
+        lambda: init_cache(cfg, batch, max_len, slots, start))),
+        f"lower n_loops={n_loops} (or set depth_slots), the batch {batch} or max_len={max_len}")
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    cache = init_cache(cfg, batch, max_len, depth_slots or n_loops, start)
+    cache = init_cache(cfg, batch, max_len, slots, start)
     token, _, cache, loops_run = decoder.prefill(state, jnp.asarray(ids), cache, keys[0])
 
     fill = 0 if eos_id is None else eos_id

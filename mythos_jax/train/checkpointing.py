@@ -6,21 +6,25 @@ every process and valid for any process count) and the ``TrainConfig`` as JSON. 
 directory and renames it when complete; an interrupted save is never picked up). Restoring
 takes the target shardings from the current plan, so a checkpoint written on one mesh or
 device count is resharded onto another. The model and data sections must match the saved
-ones; a mismatch raises ``ValueError`` naming the fields.
+ones, and so must the data itself (``fingerprint.py``: files, token and window counts, the
+split); a mismatch raises ``ValueError`` naming what differs. ``allow_data_change`` accepts a
+changed training corpus, never a moved held-out split.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from mythos_jax import paths
 from mythos_jax.train.config import TrainConfig
+from mythos_jax.train.fingerprint import data_changes, data_fingerprint, heldout_moved
 from mythos_jax.train.step import TrainPlan, TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+FINGERPRINT_ITEM = "fingerprint"
 # Data fields that may change between a run and its resumption without moving the stream.
 DATA_FIELDS_FREE_TO_CHANGE = ("prefetch",)
 
@@ -30,11 +34,19 @@ class Checkpointer:
 
     def __init__(self, workdir: str, plan: TrainPlan):
         self.plan = plan
-        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        self.directory = paths.join(workdir, CHECKPOINT_DIR)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=plan.cfg.checkpoint.keep,
             enable_async_checkpointing=plan.cfg.checkpoint.async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._fingerprint = None
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The data fingerprint of the plan's config (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.plan.cfg.data)
+        return self._fingerprint
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -44,15 +56,18 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state._asdict()),
             data=ocp.args.JsonSave(data_iterator.get_state()),
-            config=ocp.args.JsonSave(self.plan.cfg.to_dict())), force=force)
+            config=ocp.args.JsonSave(self.plan.cfg.to_dict()),
+            **{FINGERPRINT_ITEM: ocp.args.JsonSave(self.fingerprint)}), force=force)
 
-    def restore(self, data_iterator=None, step: int | None = None) -> TrainState:
+    def restore(self, data_iterator=None, step: int | None = None, *,
+                allow_data_change: bool = False) -> TrainState:
         """The state at ``step`` (default: latest) in the plan's shardings; ``data_iterator``
         (if given) is moved to the saved position."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         check_compatible(self.saved_config(step), self.plan.cfg)
+        self.check_data(step, allow_data_change)
         target = jax.tree.map(
             lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
                                                          sharding=sharding),
@@ -69,6 +84,27 @@ class Checkpointer:
         """The TrainConfig (as a dict) stored with checkpoint ``step``."""
         return self.manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore()))["config"]
+
+    def check_data(self, step: int, allow_data_change: bool = False) -> None:
+        """``ValueError`` naming what changed when the data differs from checkpoint ``step``'s
+        (checkpoints written before fingerprints existed are not checked)."""
+        if not (self.directory / str(step) / FINGERPRINT_ITEM).exists():
+            return
+        saved = self.manager.restore(step, args=ocp.args.Composite(
+            **{FINGERPRINT_ITEM: ocp.args.JsonRestore()}))[FINGERPRINT_ITEM]
+        changes = data_changes(saved, self.fingerprint)
+        if not changes:
+            return
+        what = "; ".join(changes)
+        if heldout_moved(saved, self.fingerprint):
+            raise ValueError(f"the data changed since checkpoint {step} and the held-out split "
+                             f"moved ({what}): documents trained on would leak into eval; "
+                             "restore the original data or use a new workdir")
+        if not allow_data_change:
+            raise ValueError(f"the training data changed since checkpoint {step} ({what}); "
+                             "restore the original data, use a new workdir, or accept it "
+                             "with --allow-data-change")
+        print(f"warning: training on changed data ({what})", flush=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

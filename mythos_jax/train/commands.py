@@ -19,6 +19,9 @@ def add_train(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.FIELD=VALUE", help="override a config field (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although the training files changed since the checkpoint "
+                        "(a moved held-out split is still refused)")
     _add_distributed(p)
     p.set_defaults(func=cmd_train)
 
@@ -47,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     use_compilation_cache()
     from mythos_jax.train.trainer import TrainingDiverged, train
     try:
-        train(cfg, args.workdir)
+        train(cfg, args.workdir, allow_data_change=args.allow_data_change)
     except TrainingDiverged as err:
         raise CommandError(str(err)) from None
     return 0
@@ -79,6 +82,8 @@ def add_eval(subparsers) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from mythos_jax import paths
+    from mythos_jax.budget import check_fits, per_device_bytes
     from mythos_jax.cli import CommandError
     from mythos_jax.parallel.mesh import make_mesh
     from mythos_jax.train.checkpointing import Checkpointer
@@ -88,13 +93,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mythos_jax.train.trainer import CONFIG_FILE
 
     use_compilation_cache()
-    config_path = os.path.join(args.workdir, CONFIG_FILE)
-    if not os.path.exists(config_path):
+    config_path = paths.join(args.workdir, CONFIG_FILE)
+    if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {args.workdir!r} a training "
                                 "workdir?")
-    with open(config_path) as f:
-        cfg = TrainConfig.from_dict(json.load(f))
+    cfg = TrainConfig.from_dict(json.loads(config_path.read_text()))
     plan = build_plan(cfg, make_mesh(cfg.mesh))
+    model = plan.model_cfg
+    check_fits(f"the training state of {args.workdir}", per_device_bytes(
+        plan.abstract_state._asdict(), plan.shardings._asdict()),
+        f"its {CONFIG_FILE} asks for dim={model.dim}, vocab_size={model.vocab_size}, "
+        f"n_experts={model.n_experts}, expert_dim={model.expert_dim}")
     checkpointer = Checkpointer(args.workdir, plan)
     if checkpointer.latest_step() is None:
         raise CommandError(f"no checkpoint in {checkpointer.directory}")
@@ -104,9 +113,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"checkpoint step {int(state.step)}")
     print(depth_curve_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({split: {str(n): v for n, v in r.items()} for split, r in results.items()},
-                      f, indent=2)
+        paths.write_text(args.json, json.dumps(
+            {split: {str(n): v for n, v in r.items()} for split, r in results.items()},
+            indent=2))
     if args.plot:
         print(f"plot written to {plot_depth_curve(results, args.plot)}")
     checkpointer.close()

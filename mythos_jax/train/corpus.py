@@ -24,6 +24,7 @@ GLOB_CHARS = "*?["
 ARRAYRECORD_METADATA = "metadata.json"
 ARRAYRECORD_LENGTHS = "lengths.npy"
 ARRAYRECORD_FORMAT = "mythos-jax-documents-v1"
+ARRAYRECORD_DTYPES = ("|u1", "<u2", "<u4")     # the token dtypes prepare-data writes
 
 
 # ---------------------------------------------------------------------------- locating files
@@ -125,10 +126,9 @@ class ArrayRecordStore:
             if any(meta[k] != metas[0][k] for k in keys):
                 raise ValueError(f"DataConfig.paths: {d} was prepared with another tokenizer "
                                  f"than {directories[0]} ({', '.join(keys)} must agree)")
+        self.directories = list(directories)
         self.dtype = np.dtype(metas[0]["dtype"])
-        self.lengths = np.concatenate(
-            [np.load(os.path.join(d, ARRAYRECORD_LENGTHS)).astype(np.int64)
-             for d in directories])
+        self.lengths = np.concatenate([_read_lengths(d, m) for d, m in zip(directories, metas)])
         shards = [os.path.join(d, s["file"]) for d, m in zip(directories, metas)
                   for s in m["shards"]]
         self.source = grain.sources.ArrayRecordDataSource(shards)
@@ -138,7 +138,12 @@ class ArrayRecordStore:
                              f"{len(self.lengths)}")
 
     def read(self, doc: int, lo: int, hi: int) -> np.ndarray:
-        return np.frombuffer(self.source[doc], self.dtype)[lo:hi]
+        record = self.source[doc]
+        if len(record) != self.lengths[doc] * self.dtype.itemsize:
+            raise ValueError(f"DataConfig.paths: record {doc} of {self.directories} has "
+                             f"{len(record)} bytes, but {ARRAYRECORD_LENGTHS} says "
+                             f"{self.lengths[doc]} tokens of {self.dtype.itemsize} byte(s)")
+        return np.frombuffer(record, self.dtype)[lo:hi]
 
 
 def read_arrayrecord_metadata(directory: str) -> dict:
@@ -148,11 +153,59 @@ def read_arrayrecord_metadata(directory: str) -> dict:
         raise FileNotFoundError(f"DataConfig.paths: {directory!r} has no {ARRAYRECORD_METADATA}"
                                 " (not a complete `mythos-jax prepare-data` output)")
     with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != ARRAYRECORD_FORMAT:
-        raise ValueError(f"DataConfig.paths: {path} has format {meta.get('format')!r}, "
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"DataConfig.paths: {path} is not valid JSON ({err.msg})") from None
+    if not isinstance(meta, dict) or meta.get("format") != ARRAYRECORD_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise ValueError(f"DataConfig.paths: {path} has format {found!r}, "
                          f"expected {ARRAYRECORD_FORMAT!r}")
+    _check_metadata(path, meta)
     return meta
+
+
+def _check_metadata(path: str, meta: dict) -> None:
+    """``ValueError`` naming the field of a ``metadata.json`` that breaks a rule: token dtype
+    in the allowlist, ids in range, shards plain file names inside the directory."""
+    def fail(field: str, rule: str):
+        raise ValueError(f"DataConfig.paths: {path}: {field} {rule}, got {meta.get(field)!r}")
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if meta.get("dtype") not in ARRAYRECORD_DTYPES:
+        fail("dtype", f"must be one of {ARRAYRECORD_DTYPES}")
+    if not isinstance(meta.get("tokenizer"), str):
+        fail("tokenizer", "must be a string")
+    size, top = meta.get("vocab_size"), int(np.iinfo(np.dtype(meta["dtype"])).max) + 3
+    if not count(size) or not 0 < size <= top:      # EOS and PAD may follow the ids
+        fail("vocab_size", f"must be an int in [1, {top}] for dtype {meta['dtype']}")
+    for field in ("eos_id", "pad_id"):
+        if not count(meta.get(field)) or meta[field] >= size:
+            fail(field, f"must be an int in [0, vocab_size={size})")
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and count(s.get("records")) and isinstance(s.get("file"), str)
+            and s["file"] == os.path.basename(s["file"]) and s["file"] not in ("", ".", "..")
+            for s in shards):
+        fail("shards", "must list {file, records} with plain file names inside the directory")
+
+
+def _read_lengths(directory: str, meta: dict) -> np.ndarray:
+    """``lengths.npy`` of a prepare-data output, checked against its metadata: (n,) integers
+    >= 0, one per record, summing to ``num_tokens``."""
+    path = os.path.join(directory, ARRAYRECORD_LENGTHS)
+    lengths = np.load(path, allow_pickle=False)
+    records = sum(s["records"] for s in meta["shards"])
+    if lengths.ndim != 1 or lengths.dtype.kind not in "iu" or (lengths < 0).any():
+        raise ValueError(f"DataConfig.paths: {path} must be a 1-D array of token counts "
+                         f">= 0, got {lengths.dtype} of shape {lengths.shape}")
+    if len(lengths) != records or int(lengths.sum()) != meta.get("num_tokens"):
+        raise ValueError(f"DataConfig.paths: {path} lists {len(lengths)} documents of "
+                         f"{int(lengths.sum())} tokens, metadata.json {records} of "
+                         f"{meta.get('num_tokens')}")
+    return lengths.astype(np.int64)
 
 
 class DocView:

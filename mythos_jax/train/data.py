@@ -227,7 +227,7 @@ def eval_batches(cfg: DataConfig, split_name: str, process_index: int = 0,
         value = int(split_name.split("=")[1])
         make = functools.partial(_task_row, cfg, tasks.EVAL_STREAM, value)
     else:
-        stream = _lm_streams(cfg)[1]
+        stream = lm_streams(cfg)[1]
         chosen = np.random.default_rng((cfg.seed, 0xE7A1)).choice(
             stream.num_windows, min(num_rows, stream.num_windows), replace=False)
         make = functools.partial(_eval_window_row, stream, chosen)
@@ -256,7 +256,7 @@ def describe(cfg: DataConfig) -> str:
     if cfg.source in TASK_SOURCES:
         return (f"{cfg.source}: synthetic, vocab {vocab.size}, eval splits "
                 f"{', '.join(eval_splits(cfg))}")
-    train, held = _lm_streams(cfg)
+    train, held = lm_streams(cfg)
     return (f"{cfg.source}: {len(train.docs.lengths):,} train documents, "
             f"{train.num_tokens:,} tokens = {train.num_windows:,} windows of {cfg.seq_len}; "
             f"{len(held.docs.lengths):,} held-out documents ({held.num_tokens:,} tokens); "
@@ -269,7 +269,7 @@ def _train_rows(cfg: DataConfig) -> grain.MapDataset:
     if cfg.source in TASK_SOURCES:
         return grain.MapDataset.range(TASK_STREAM_LENGTH).map(
             functools.partial(_task_row, cfg, tasks.TRAIN_STREAM, 0))
-    stream = _lm_streams(cfg)[0]
+    stream = lm_streams(cfg)[0]
     if stream.num_windows == 0:
         raise ValueError(f"DataConfig: the {cfg.source} training split has no tokens")
     return (grain.MapDataset.range(stream.num_windows).shuffle(seed=cfg.seed).repeat(None)
@@ -345,7 +345,7 @@ _knowledge_graph = functools.lru_cache(maxsize=8)(tasks.knowledge_graph)
 
 
 # ---------------------------------------------------------------------------- corpora
-def _lm_streams(cfg: DataConfig) -> tuple[corpus.PackedStream, corpus.PackedStream]:
+def lm_streams(cfg: DataConfig) -> tuple[corpus.PackedStream, corpus.PackedStream]:
     """(train, held-out) packed streams of an LM source."""
     store = _store(cfg.source, cfg.paths, cfg.jsonl_field, cfg.tokenizer)
     vocab = get_vocab(cfg)

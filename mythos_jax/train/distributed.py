@@ -6,10 +6,13 @@ SLURM, Open MPI) runs when the environment says this is a multi-process job:
 ``MYTHOS_JAX_DISTRIBUTED=1`` (set by ``tpu_setup/launch.sh`` on every TPU worker),
 ``JAX_COORDINATOR_ADDRESS``, Open MPI's ``OMPI_COMM_WORLD_SIZE`` or ``SLURM_NTASKS`` > 1.
 Otherwise the run is single-process (a single-host TPU VM needs nothing).
+A coordinator whose address is loopback (``127.0.0.1``, ``localhost``, ``::1``: local runs,
+``tpu_setup/launch.sh --local``) listens on that address only, not on every interface.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
 import jax
@@ -40,6 +43,22 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if num_processes > 1:
             jax.distributed.initialize(coordinator_address=coordinator_address,
                                        num_processes=num_processes, process_id=process_id,
-                                       initialization_timeout=120)
+                                       initialization_timeout=120,
+                                       coordinator_bind_address=bind_address(
+                                           coordinator_address))
     elif in_cluster_environment():
-        jax.distributed.initialize()
+        address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+        jax.distributed.initialize(
+            coordinator_bind_address=bind_address(address) if address else None)
+
+
+def bind_address(coordinator_address: str) -> str | None:
+    """Where the coordinator listens: ``coordinator_address`` itself when its host is
+    loopback, else None (JAX's default, all interfaces, which the other hosts need)."""
+    host, _, port = coordinator_address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return coordinator_address if loopback and port else None

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mythos_jax import paths
 from mythos_jax.train import data as data_lib
 from mythos_jax.train.step import TrainPlan, TrainState, token_loss
 
@@ -89,8 +90,11 @@ def depth_curve_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_depth_curve(results: dict, path: str, title: str = "") -> str:
-    """Loss (left) and accuracy (right) against test-time loops, one line per split."""
+def plot_depth_curve(results: dict, path, title: str = "") -> str:
+    """Loss (left) and accuracy (right) against test-time loops, one line per split, as a
+    PNG at ``path`` (local or a bucket URL); returns the path."""
+    import io
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -107,6 +111,8 @@ def plot_depth_curve(results: dict, path: str, title: str = "") -> str:
         ax.legend()
     fig.suptitle("\n".join(textwrap.wrap(title or "depth curve", 120)), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return path
+    paths.write_bytes(path, png.getvalue())
+    return str(paths.resolve(path))

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
 
+from mythos_jax import paths
 from mythos_jax.config import MythosConfig
 from mythos_jax.flop_count import flops
 
@@ -80,20 +81,19 @@ class MetricsLogger:
         self.progress = progress and self.is_writer
         self.pending: list[tuple[int, dict]] = []
         self.last_time = time.perf_counter()
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = paths.join(workdir, METRICS_FILE)
         self.tensorboard = None
         if self.is_writer and tensorboard:
             from tensorboardX import SummaryWriter
-            self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tensorboard = SummaryWriter(str(paths.join(workdir, "tensorboard")))
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines of steps after ``step`` (a resumed run writes them again)."""
-        if not self.is_writer or not os.path.exists(self.path):
+        """Drop records of steps after ``step`` (a resumed run writes them again) and a
+        damaged last line; the file is replaced atomically."""
+        if not self.is_writer or not self.path.exists():
             return
-        with open(self.path) as f:
-            kept = [line for line in f if json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        kept = [r for r in read_metrics_file(self.path) if r.get("step", 0) <= step]
+        paths.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def add(self, step: int, metrics: dict) -> None:
         """Queue the metrics of ``step`` (device arrays; no host sync here)."""
@@ -117,9 +117,8 @@ class MetricsLogger:
                           / self.peak_flops)
         last_step, last = rows[-1]
         if self.is_writer:
-            with open(self.path, "a") as f:
-                for step, metrics in rows:
-                    f.write(json.dumps({"step": step, **_jsonable(metrics)}) + "\n")
+            paths.append_text(self.path, "".join(
+                json.dumps({"step": step, **_jsonable(metrics)}) + "\n" for step, metrics in rows))
             if self.tensorboard is not None:
                 for name, value in summary.items():
                     self.tensorboard.add_scalar(f"train/{name}", value, last_step)
@@ -133,8 +132,7 @@ class MetricsLogger:
         """Write an evaluation (``{split: {loops: {metric: value}}}``)."""
         if not self.is_writer:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "eval": results}) + "\n")
+        paths.append_text(self.path, json.dumps({"step": step, "eval": results}) + "\n")
         if self.tensorboard is not None:
             for split, by_loops in results.items():
                 for n, values in by_loops.items():
@@ -144,6 +142,22 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def read_metrics_file(path) -> list[dict]:
+    """The records of a ``metrics.jsonl``. A damaged last line (a kill during a write) is
+    skipped with a warning naming the file; a damaged earlier line is a ``ValueError``."""
+    lines = paths.read_text(path).splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: damaged line ({err.msg})") from None
+            warnings.warn(f"{path}:{number}: skipping a damaged last line (an interrupted "
+                          f"write): {line[:60]!r}", stacklevel=2)
+    return records
 
 
 def progress_line(step: int, total: int, summary: dict[str, float]) -> str:

@@ -81,6 +81,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "bytes", fmt: str =
             if len(ids) == 0:
                 skipped += 1
                 continue
+            check_ids(ids, vocab.size, dtype, len(lengths) + skipped)
             if writer is None or shards[-1]["records"] == records_per_shard:
                 if writer is not None:
                     writer.close()
@@ -104,6 +105,16 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "bytes", fmt: str =
         json.dump(meta, f, indent=1)
     os.replace(tmp, os.path.join(output, corpus.ARRAYRECORD_METADATA))
     return meta
+
+
+def check_ids(ids: np.ndarray, vocab_size: int, dtype: np.dtype, doc: int) -> None:
+    """``ValueError`` unless every id of document ``doc`` is in ``[0, vocab_size)`` and fits
+    ``dtype`` (checked before the cast, which would wrap silently)."""
+    low, high = int(np.min(ids)), int(np.max(ids))
+    limit = min(vocab_size, int(np.iinfo(dtype).max) + 1)
+    if low < 0 or high >= limit:
+        raise ValueError(f"document {doc}: token id {low if low < 0 else high} is outside "
+                         f"[0, {limit}) (vocab_size {vocab_size}, stored as {dtype.name})")
 
 
 def _documents(files: list[str], fmt: str, jsonl_field: str):

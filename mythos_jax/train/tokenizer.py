@@ -4,9 +4,11 @@ Byte level: token id = byte value (0..255, as ``mythos-jax generate`` decodes), 
 ends every document, ``PAD = 257`` fills rows past the data (its loss_mask is 0); vocab 258.
 
 ``tokenizer.json`` (read with the optional ``tokenizers`` package, imported only here): ids are
-the tokenizer's own, encoded without its special-token templates (no BOS/CLS is added). EOS is
-the first of ``EOS_NAMES`` the vocabulary has, else a new id appended after it; PAD is the
-first of ``PAD_NAMES`` it has, else EOS (padding is masked out of the loss either way).
+the tokenizer's own, encoded without its special-token templates (no BOS/CLS is added); the
+vocabulary size is the largest id + 1 (ids may be sparse), so every id is below it. EOS is
+the first of ``EOS_NAMES`` the vocabulary has, else a new id past the largest (never a real
+one); PAD is the first of ``PAD_NAMES`` it has, else EOS (padding is masked out of the loss
+either way).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def load_vocab(spec: str) -> Vocab:
     if spec == "bytes":
         return BYTES
     tokenizer = _hf_tokenizer(spec)
-    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
     eos = _first_id(tokenizer, EOS_NAMES)
     if eos is None:
         eos, size = size, size + 1

@@ -11,21 +11,20 @@ curve), printed and plotted to ``<workdir>/depth_curve.png``.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 from typing import Any
 
 import jax
 
+from mythos_jax import paths
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train import data as data_lib
 from mythos_jax.train.checkpointing import Checkpointer
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.evaluate import (depth_curve_table, evaluate, global_batch,
                                        plot_depth_curve)
-from mythos_jax.train.metrics import (MetricsLogger, peak_flops_per_device, print_message,
-                                      train_flops_per_token)
+from mythos_jax.train.metrics import (METRICS_FILE, MetricsLogger, peak_flops_per_device,
+                                      print_message, read_metrics_file, train_flops_per_token)
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
 
 CONFIG_FILE = "train_config.json"
@@ -36,11 +35,14 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row."""
 
 
-def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
-    """Train (or resume) in ``workdir``; returns the final metrics and depth curve.
-    ``stop_after``: leave after this many steps of this call (tests), checkpointing first."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None,
+          allow_data_change: bool = False) -> dict[str, Any]:
+    """Train (or resume) in ``workdir`` (a local path or a gs:// URL); returns the final
+    metrics and depth curve. ``stop_after``: leave after this many steps of this call (tests),
+    checkpointing first. ``allow_data_change``: resume although the training corpus changed
+    (the held-out split must not move)."""
+    workdir = paths.resolve(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     plan = build_plan(cfg, make_mesh(cfg.mesh))
     data_iterator = data_lib.train_iterator(cfg.data, jax.process_index(), jax.process_count())
     checkpointer = Checkpointer(workdir, plan)
@@ -52,7 +54,7 @@ def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> d
         peak_flops=peak, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
 
     if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(data_iterator)
+        state = checkpointer.restore(data_iterator, allow_data_change=allow_data_change)
         logger.truncate_after(int(state.step))
         print_message(f"resumed from {checkpointer.directory} at step {int(state.step)}")
     else:
@@ -92,7 +94,7 @@ def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> d
     if jax.process_index() == 0:
         print("depth curve (loss / accuracy by test-time loop count):")
         print(depth_curve_table(results))
-        report["plot"] = plot_depth_curve(results, os.path.join(workdir, PLOT_FILE),
+        report["plot"] = plot_depth_curve(results, workdir / PLOT_FILE,
                                           title=f"{_describe(plan)}, step {step}")
         print(f"plot written to {report['plot']}")
     return report
@@ -106,10 +108,9 @@ def _describe(plan) -> str:
             f"batch {cfg.data.batch_size}, mesh {dict(plan.mesh.shape)}")
 
 
-def _write_config(cfg: TrainConfig, workdir: str) -> None:
+def _write_config(cfg: TrainConfig, workdir) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            f.write(cfg.to_json() + "\n")
+        paths.write_text(workdir / CONFIG_FILE, cfg.to_json() + "\n")
 
 
 def _json_keys(results: dict) -> dict:
@@ -132,6 +133,5 @@ class _PreemptionFlag:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The lines of ``<workdir>/metrics.jsonl``."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """The records of ``<workdir>/metrics.jsonl``."""
+    return read_metrics_file(paths.join(workdir, METRICS_FILE))

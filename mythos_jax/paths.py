@@ -1,0 +1,80 @@
+"""Paths that may be bucket URLs: one layer for every file a run writes or reads.
+
+    workdir = resolve("gs://bucket/run")    # epath.Path("gs://bucket/run"): stays a URL
+    workdir = resolve("runs/tiny")          # epath.Path("/abs/cwd/runs/tiny")
+
+Local paths are made absolute; ``gs://`` URLs are kept as they are (Orbax writes arrays there
+through TensorStore's GCS driver, everything else goes through ``etils.epath``). Any other
+``scheme://`` is refused naming it, so a URL never turns into a local folder named ``gs:``.
+Writes are atomic: locally a temporary sibling renamed into place; in a bucket an object upload
+(all or nothing). Object stores cannot append, so ``append_text`` there rewrites the object.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from etils import epath
+
+REMOTE_SCHEMES = ("gs",)     # the URL schemes both epath and Orbax's TensorStore layer write
+
+
+def resolve(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``: a ``gs://`` URL unchanged, ``file://`` and local paths
+    absolute; ``ValueError`` naming the path for any other scheme."""
+    text = os.fspath(path)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return epath.Path(os.path.abspath(text))
+    if scheme == "file":
+        return epath.Path(os.path.abspath(rest))
+    if scheme not in REMOTE_SCHEMES or not rest.strip("/"):
+        raise ValueError(f"{text!r}: unsupported path; use a local path or "
+                         f"{' or '.join(s + '://BUCKET/PATH' for s in REMOTE_SCHEMES)}")
+    return epath.Path(text)
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a bucket URL (not a local file)."""
+    return os.fspath(path).partition("://")[0] in REMOTE_SCHEMES
+
+
+def join(path: str | os.PathLike, *names: str) -> epath.Path:
+    """``resolve(path) / name / ...``."""
+    return resolve(path).joinpath(*names)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return resolve(path).read_text()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (readers see the old or the new file)."""
+    target = resolve(path)
+    if is_remote(target):
+        target.write_bytes(data)
+        return
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` to ``path`` (created if missing); in a bucket the object is rewritten."""
+    target = resolve(path)
+    if not is_remote(target):
+        with target.open("a") as f:
+            f.write(text)
+        return
+    old = target.read_text() if target.exists() else ""
+    target.write_text(old + text)

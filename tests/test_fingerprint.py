@@ -1,0 +1,92 @@
+"""The data fingerprint: stored in every checkpoint, a changed corpus refused on resume naming
+what changed, an override for the training files, never for a moved held-out split."""
+
+import jax
+import pytest
+
+from mythos_jax.parallel.mesh import make_mesh
+from mythos_jax.train import data
+from mythos_jax.train.checkpointing import Checkpointer
+from mythos_jax.train.config import load_train_config
+from mythos_jax.train.fingerprint import data_changes, data_fingerprint
+from mythos_jax.train.step import build_plan, init_train_state
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"doc{i}.txt").write_bytes(b"word %d " % i * (5 + i))
+    yield folder
+    data._store.cache_clear()          # a test's edits must not reach later tests' streams
+
+
+def config(folder):
+    return load_train_config("tiny", ["data.source=text", f"data.paths=['{folder}/*.txt']",
+                                      "data.eval_fraction=0.2", "checkpoint.async_save=false"])
+
+
+def heldout_files(cfg):
+    held = data.lm_streams(cfg)[1].docs
+    return {held.store.paths[i] for i in held.doc_ids}
+
+
+def changed(corpus_folder, edit):
+    """Apply ``edit`` to the corpus and forget the cached streams (a new process would)."""
+    edit(corpus_folder)
+    data._store.cache_clear()
+
+
+@pytest.fixture
+def checkpointed(corpus_dir, tmp_path):
+    """A checkpoint at step 1 of the text corpus; returns a function making a Checkpointer
+    for the same config now."""
+    cfg = config(corpus_dir)
+    plan = build_plan(cfg, make_mesh("data=1", jax.devices()[:1]))
+    checkpointer = Checkpointer(str(tmp_path / "run"), plan)
+    checkpointer.save(1, init_train_state(plan), data.train_iterator(cfg.data))
+    checkpointer.close()
+    return lambda: Checkpointer(str(tmp_path / "run"), plan)
+
+
+def test_fingerprint_lists_files_counts_and_split(corpus_dir):
+    cfg = config(corpus_dir).data
+    fingerprint = data_fingerprint(cfg)
+    assert [size for _, size in fingerprint["files"]] == [
+        (corpus_dir / f"doc{i}.txt").stat().st_size for i in range(10)]
+    assert fingerprint["train"]["documents"] == 8 and fingerprint["heldout"]["documents"] == 2
+    train, held = data.lm_streams(cfg)
+    assert fingerprint["train"]["windows"] == train.num_windows
+    assert fingerprint["heldout"]["tokens"] == held.num_tokens
+    assert data_changes(fingerprint, data_fingerprint(cfg)) == []
+    assert data_fingerprint(load_train_config("khop").data) == {"source": "khop"}
+
+
+def test_same_data_resumes(checkpointed):
+    assert int(checkpointed().restore().step) == 0
+
+
+def test_a_changed_training_file_is_refused_unless_allowed(checkpointed, corpus_dir, capsys):
+    train_doc = sorted(set(map(str, corpus_dir.glob("*.txt"))) - heldout_files(
+        config(corpus_dir).data))[0]
+    changed(corpus_dir, lambda _: open(train_doc, "ab").write(b"more text"))
+    with pytest.raises(ValueError, match=rf"files changed size: {train_doc}.*train\.tokens: "
+                                         r".*--allow-data-change"):
+        checkpointed().restore()
+    checkpointed().restore(allow_data_change=True)
+    assert "warning: training on changed data" in capsys.readouterr().out
+
+
+def test_a_moved_heldout_split_is_refused_even_when_allowed(checkpointed, corpus_dir):
+    held_doc = sorted(heldout_files(config(corpus_dir).data))[0]
+    changed(corpus_dir, lambda folder: (folder / held_doc).unlink())
+    with pytest.raises(ValueError, match=rf"held-out split moved \(files removed: {held_doc}"
+                                         r".*leak into eval"):
+        checkpointed().restore(allow_data_change=True)
+
+
+def test_a_glob_matching_more_files_is_named(checkpointed, corpus_dir):
+    changed(corpus_dir, lambda folder: (folder / "new.txt").write_bytes(b"new document"))
+    with pytest.raises(ValueError, match=rf"files added: {corpus_dir}/new\.txt"):
+        checkpointed().restore()
