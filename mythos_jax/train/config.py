@@ -311,15 +311,23 @@ def load_train_config(source: str | None, overrides: list[str] = ()) -> TrainCon
 
 
 def _read_file(path: str) -> dict[str, Any]:
+    """A YAML/JSON file's mapping; a syntax error is a ValueError with file:line:column."""
+    import yaml
     with open(path) as f:
         text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-        fields = yaml.safe_load(text) or {}
-    elif path.endswith(".json"):
-        fields = json.loads(text)
-    else:
-        raise ValueError(f"config file {path!r}: expected a .yaml, .yml or .json file")
+    try:
+        if path.endswith((".yaml", ".yml")):
+            fields = yaml.safe_load(text) or {}
+        elif path.endswith(".json"):
+            fields = json.loads(text)
+        else:
+            raise ValueError(f"config file {path!r}: expected a .yaml, .yml or .json file")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        raise ValueError(f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: "
+                         f"{err.problem}") from None
     if not isinstance(fields, dict):
         raise ValueError(f"config file {path!r}: expected a mapping at the top level")
     return fields

@@ -79,7 +79,8 @@ class MetricsLogger:
         self.flops_fn, self.peak_flops = flops_fn, peak_flops * jax.device_count()
         self.progress = progress and self.is_writer
         self.pending: list[tuple[int, dict]] = []
-        self.last_time = time.perf_counter()
+        self.last_time = self.start_time = time.perf_counter()
+        self.start_step: int | None = None     # the step this process started from
         self.path = os.path.join(workdir, METRICS_FILE)
         self.tensorboard = None
         if self.is_writer and tensorboard:
@@ -97,6 +98,8 @@ class MetricsLogger:
 
     def add(self, step: int, metrics: dict) -> None:
         """Queue the metrics of ``step`` (device arrays; no host sync here)."""
+        if self.start_step is None:
+            self.start_step = step - 1
         self.pending.append((step, metrics))
 
     def flush(self) -> dict[str, float]:
@@ -126,7 +129,9 @@ class MetricsLogger:
                 self.tensorboard.add_histogram("train/expert_load", last["expert_load"],
                                                last_step)
         if self.progress:
-            print(progress_line(last_step, self.total_steps, summary), flush=True)
+            elapsed = now - self.start_time
+            eta = elapsed / (last_step - self.start_step) * (self.total_steps - last_step)
+            print(progress_line(last_step, self.total_steps, summary, elapsed, eta), flush=True)
         return summary
 
     def log_eval(self, step: int, results: dict) -> None:
@@ -146,16 +151,27 @@ class MetricsLogger:
             self.tensorboard.close()
 
 
-def progress_line(step: int, total: int, summary: dict[str, float]) -> str:
+def progress_line(step: int, total: int, summary: dict[str, float], elapsed: float,
+                  eta: float) -> str:
+    """One line: bar, step, loss, throughput, MFU, loops, expert load, elapsed time and ETA
+    (seconds, from this process's pace)."""
     width = 20
     done = int(width * step / total)
     bar = "#" * done + "." * (width - done)
     text = (f"[{bar}] step {step}/{total}  loss {summary['loss']:.4f}  "
             f"tok/s {summary['tokens_per_s']:,.0f}  MFU {100 * summary['mfu']:.1f}%  "
-            f"loops {summary['loops']:.2f}  load max/mean {summary['load_max_over_mean']:.2f}")
+            f"loops {summary['loops']:.2f}  load max/mean {summary['load_max_over_mean']:.2f}  "
+            f"elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
     if summary["finite"] < 1.0:
         text += "  (non-finite steps skipped)"
     return text
+
+
+def _duration(seconds: float) -> str:
+    """``h:mm:ss`` (``m:ss`` under an hour)."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _to_host(metrics: dict) -> dict:
