@@ -56,17 +56,18 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, data_iterator, *, force: bool = False) -> None:
-        """Start an asynchronous save of ``state`` and the iterator position at ``step``."""
+        """Start an asynchronous save of ``state`` and the iterator position at ``step``
+        (after the previous save has finished: its failure is reported as its own)."""
+        self.wait()
+        self.pending_step = step
         self._saving(lambda: self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state._asdict()),
             data=ocp.args.JsonSave(data_iterator.get_state()),
-            config=ocp.args.JsonSave(self.plan.cfg.to_dict())), force=force), step)
+            config=ocp.args.JsonSave(self.plan.cfg.to_dict())), force=force))
 
-    def _saving(self, write, step: int | None = None) -> None:
-        """``write()``; a failure (the one of an earlier asynchronous save too) becomes
-        ``CheckpointSaveError`` naming the step and the checkpoint that is still intact."""
-        if step is not None:
-            self.pending_step = step
+    def _saving(self, write) -> None:
+        """``write()``; a failure becomes ``CheckpointSaveError`` naming the step being saved
+        and the checkpoint that is still intact."""
         try:
             write()
         except Exception as err:
@@ -74,10 +75,12 @@ class Checkpointer:
             done = [s for s in self.manager.all_steps() if s != self.pending_step]
             kept = (f"the previous checkpoint (step {max(done)}) is intact" if done else
                     "no earlier checkpoint exists")
+            why = ("no space left on device" if "No space left on device" in str(err)
+                   else _first_line(err))
             raise CheckpointSaveError(
                 f"saving checkpoint step {self.pending_step} in {self.directory} failed "
-                f"({_first_line(err)}); {kept}; free space (or fix the permissions) and rerun "
-                "the same command to resume") from err
+                f"({why}); {kept}; free space (or fix the permissions) and rerun the same "
+                "command to resume") from err
 
     def restore(self, data_iterator=None, step: int | None = None, *,
                 set_aside_damaged: bool = False) -> TrainState:
