@@ -95,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = training_source(args.workdir)
     if source is None:
         what = "a model checkpoint" if is_checkpoint(args.workdir) else "not a training workdir"
-        raise CommandError(f"{args.workdir}: {what}; eval needs a training workdir (or "
+        raise CommandError(f"{args.workdir} is {what}; eval needs a training workdir (or "
                            "WORKDIR/checkpoints/N) for its data and eval config")
     workdir, step = source
     if step is not None and args.step is not None and step != args.step:
