@@ -79,8 +79,11 @@ def load_model_and_source(path: str | os.PathLike, *,
                          "checkpoint of a training workdir")
     if is_checkpoint(path):
         return _load_model_dir(path), "model checkpoint"
-    from mythos_jax.interop.files import is_openmythos_file, load_openmythos_file
-    if os.path.isfile(path) and is_openmythos_file(path):
+    if os.path.isfile(path):
+        from mythos_jax.interop.files import is_openmythos_file, load_openmythos_file
+        if not is_openmythos_file(path):
+            raise ValueError(f"{path}: expected an OpenMythos .pt/.pth/.safetensors file, a "
+                             "model checkpoint directory or a training workdir")
         return load_openmythos_file(path), "OpenMythos weights"
     from mythos_jax.train.export import load_trained_model, training_source
 
