@@ -97,16 +97,16 @@ class Checkpointer:
                 raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} "
                                         f"(steps: {', '.join(map(str, sorted(steps)))})")
             return self._restore(step, data_iterator)
-        for candidate in steps:
+        for index, candidate in enumerate(steps):
             try:
                 state = self._restore(candidate, data_iterator)
             except UnreadableCheckpoint as err:
                 _warn(f"warning: {err}")
-                if set_aside_damaged:
-                    self._set_aside(candidate)
                 continue
-            if candidate != steps[0]:
+            if index:
                 _warn(f"using step {candidate}, the newest readable checkpoint")
+                for damaged in steps[:index] if set_aside_damaged else ():
+                    self._set_aside(damaged)
             return state
         raise UnreadableCheckpoint(f"no readable checkpoint in {self.directory} (steps found: "
                                    f"{', '.join(map(str, sorted(steps)))}; see the warnings "
