@@ -50,8 +50,7 @@ def load_openmythos_file(path: str) -> OpenMythos:
 def save_openmythos_file(model: OpenMythos, path: str) -> None:
     """Write ``model`` as OpenMythos weights; the suffix picks the format. A ``.pt`` holds
     ``{"step": 0, "model", "cfg", "vocab_size"}`` (no optimizer state)."""
-    import torch
-
+    torch = _import_torch(path)
     state_dict = to_torch_state_dict(model)
     if str(path).endswith(SAFETENSORS_SUFFIX):
         from safetensors.numpy import save_file
@@ -69,8 +68,7 @@ def _safe_torch_load(path: str):
     class or function; what the pickle asks for beyond that is named in the ValueError."""
     import pickle
 
-    import torch
-
+    torch = _import_torch(path)
     config_class = import_reference().MythosConfig
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -108,6 +106,15 @@ def _load_safetensors(path: str) -> OpenMythos:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not JSON: {err}") from None
     return _with_path(path, lambda: load_state_dict(config_from_torch(fields), state_dict))
+
+
+def _import_torch(path: str):
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(f"{path}: OpenMythos weight files need torch (pip install torch): "
+                          f"{err}") from err
+    return torch
 
 
 def _with_path(path: str, build):

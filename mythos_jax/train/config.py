@@ -31,6 +31,7 @@ from typing import Any
 from mythos_jax import loops, variants
 from mythos_jax.config import MythosConfig
 from mythos_jax.parallel.rules import RULE_PRESETS
+from mythos_jax.train.config_file import read_mapping
 from mythos_jax.train.data import DataConfig, vocab_size
 
 SCHEDULES = ("fixed", "uniform", "poisson", "lognormal_poisson", "curriculum")
@@ -293,7 +294,7 @@ def load_train_config(source: str | None, overrides: list[str] = ()) -> TrainCon
     elif source in PRESETS:
         fields = json.loads(json.dumps(PRESETS[source]))
     elif os.path.exists(source):
-        fields = _read_file(source)
+        fields = read_mapping(source)
     else:
         raise ValueError(f"config {source!r} is neither a preset {sorted(PRESETS)} nor a file")
     for text in overrides:
@@ -308,29 +309,6 @@ def load_train_config(source: str | None, overrides: list[str] = ()) -> TrainCon
                 raise ValueError(f"override {text!r}: {section!r} is not a section")
         target[name] = _parse_scalar(raw)
     return TrainConfig.from_dict(fields)
-
-
-def _read_file(path: str) -> dict[str, Any]:
-    """A YAML/JSON file's mapping; a syntax error is a ValueError with file:line:column."""
-    import yaml
-    with open(path) as f:
-        text = f.read()
-    try:
-        if path.endswith((".yaml", ".yml")):
-            fields = yaml.safe_load(text) or {}
-        elif path.endswith(".json"):
-            fields = json.loads(text)
-        else:
-            raise ValueError(f"config file {path!r}: expected a .yaml, .yml or .json file")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        raise ValueError(f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: "
-                         f"{err.problem}") from None
-    if not isinstance(fields, dict):
-        raise ValueError(f"config file {path!r}: expected a mapping at the top level")
-    return fields
 
 
 def _parse_scalar(raw: str) -> Any:

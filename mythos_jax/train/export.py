@@ -10,7 +10,6 @@ and damaged-checkpoint handling apply); only the parameters and buffers are kept
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -20,6 +19,7 @@ from mythos_jax.model import OpenMythos
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train.checkpointing import CHECKPOINT_DIR, Checkpointer
 from mythos_jax.train.config import TrainConfig
+from mythos_jax.train.config_file import read_json
 from mythos_jax.train.step import build_plan
 from mythos_jax.train.trainer import CONFIG_FILE
 
@@ -41,13 +41,7 @@ def read_train_config(workdir: str) -> TrainConfig:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-    with open(path) as f:
-        try:
-            fields = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") \
-                from None
-    return TrainConfig.from_dict(fields)
+    return TrainConfig.from_dict(read_json(path))
 
 
 def load_trained_model(workdir: str, step: int | None = None) -> tuple[OpenMythos, int]:
