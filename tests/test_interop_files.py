@@ -102,12 +102,15 @@ def test_safetensors_without_a_config_is_named(tmp_path):
         load_openmythos_file(tmp_path / "junk.safetensors")
 
 
-def test_options_openmythos_lacks_are_refused_by_name(tmp_path, capsys):
+@pytest.mark.parametrize("option, named", [({"injection": "parcae"}, "injection='parcae'"),
+                                           ({"act": "off"}, "act='off'")])
+def test_options_openmythos_lacks_are_refused_by_name(tmp_path, capsys, option, named):
     from mythos_jax.checkpoint import save_model
 
-    ckpt = tmp_path / "parcae"
-    save_model(OpenMythos(variants.tiny_mla(injection="parcae"), rngs=nnx.Rngs(0)), ckpt)
+    ckpt = tmp_path / "model"
+    save_model(OpenMythos(variants.tiny_mla(**option), rngs=nnx.Rngs(0)), ckpt)
     for out in ("out.pt", "out.safetensors"):
         assert main(["convert", str(ckpt), str(tmp_path / out)]) == 2
-        assert "injection='parcae'" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and named in err and err.count("\n") == 1
         assert not (tmp_path / out).exists()

@@ -56,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_file(model, dst: str) -> None:
     """``save_openmythos_file`` through a temporary sibling (same suffix), renamed into place."""
-    from mythos_jax.interop.files import save_openmythos_file
+    from mythos_jax.interop.files import require_openmythos_numerics, save_openmythos_file
 
+    require_openmythos_numerics(model.cfg)        # refused before a temporary file exists
     parent, name = os.path.split(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     suffix = os.path.splitext(name)[1]

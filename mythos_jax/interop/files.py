@@ -19,6 +19,7 @@ import re
 from mythos_jax.interop.openmythos import (config_from_torch, config_to_torch,
                                            import_reference, load_state_dict,
                                            openmythos_fields, to_torch_state_dict)
+from mythos_jax.config import MythosConfig
 from mythos_jax.model import OpenMythos
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -49,7 +50,10 @@ def load_openmythos_file(path: str) -> OpenMythos:
 
 def save_openmythos_file(model: OpenMythos, path: str) -> None:
     """Write ``model`` as OpenMythos weights; the suffix picks the format. A ``.pt`` holds
-    ``{"step": 0, "model", "cfg", "vocab_size"}`` (no optimizer state)."""
+    ``{"step": 0, "model", "cfg", "vocab_size"}`` (no optimizer state). A model whose
+    options change OpenMythos's logits (parameters it lacks, another ACT read-out) raises
+    ``ValueError`` naming them."""
+    require_openmythos_numerics(model.cfg)
     torch = _import_torch(path)
     state_dict = to_torch_state_dict(model)
     if str(path).endswith(SAFETENSORS_SUFFIX):
@@ -61,6 +65,16 @@ def save_openmythos_file(model: OpenMythos, path: str) -> None:
         return
     torch.save({"step": 0, "model": state_dict, "cfg": config_to_torch(model.cfg),
                 "vocab_size": model.cfg.vocab_size}, path)
+
+
+def require_openmythos_numerics(cfg: MythosConfig) -> None:
+    """``ValueError`` naming what makes OpenMythos compute other logits from these weights
+    (parameters it lacks: ``to_torch_state_dict`` names those)."""
+    if cfg.act != "openmythos":
+        raise ValueError(f"this model reads out the loop with act={cfg.act!r}, OpenMythos with "
+                         "its ACT-weighted sum: PyTorch would compute other logits (train "
+                         "with model.act=openmythos, or take the weights alone from "
+                         "mythos_jax.interop.openmythos.to_torch_state_dict)")
 
 
 def _safe_torch_load(path: str):
