@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.step import TrainPlan, TrainState
@@ -146,6 +147,8 @@ class Checkpointer:
             target = os.path.join(aside, f"{step}-{int(time.time())}")
             os.replace(os.path.join(self.directory, str(step)), target)
             _warn(f"moved the unreadable checkpoint step {step} to {target}")
+        if jax.process_count() > 1:       # every process sees the same steps, so all get here
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
         self.manager.reload()
 
     def saved_config(self, step: int) -> dict[str, Any]:
