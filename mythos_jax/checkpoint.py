@@ -87,16 +87,13 @@ def load_model_and_source(path: str | os.PathLike, *,
         return load_openmythos_file(path), "OpenMythos weights"
     from mythos_jax.train.export import load_trained_model, training_source
 
-    source = training_source(path)
+    source = training_source(path, step)
     if source is None:
         raise ValueError(f"{path} is not a mythos-jax checkpoint: {_checkpoint_problem(path)}; "
                          "nor a training workdir (no checkpoints/), a training checkpoint "
                          "(WORKDIR/checkpoints/N) or a .pt/.pth/.safetensors file")
-    workdir, saved_step = source
-    if saved_step is not None and step is not None and step != saved_step:
-        raise ValueError(f"{path} is the checkpoint of step {saved_step}, not {step}")
-    model, restored = load_trained_model(workdir, saved_step if step is None else step)
-    return model, f"training step {restored} of {workdir}"
+    model, restored = load_trained_model(*source)
+    return model, f"training step {restored} of {source[0]}"
 
 
 def _load_model_dir(path: str) -> OpenMythos:

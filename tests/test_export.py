@@ -46,6 +46,7 @@ def _torch_logits(state_dict, cfg) -> np.ndarray:
 def test_training_sources_are_recognised(workdir, tmp_path):
     assert training_source(workdir) == (workdir, None)
     assert training_source(os.path.join(workdir, "checkpoints", "2")) == (workdir, 2)
+    assert training_source(workdir, 2) == (workdir, 2)
     assert training_source(tmp_path) is None
 
 

@@ -92,18 +92,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mythos_jax.train.step import build_plan
 
     use_compilation_cache()
-    source = training_source(args.workdir)
+    source = training_source(args.workdir, args.step)
     if source is None:
         what = "a model checkpoint" if is_checkpoint(args.workdir) else "not a training workdir"
         raise CommandError(f"{args.workdir} is {what}; eval needs a training workdir (or "
                            "WORKDIR/checkpoints/N) for its data and eval config")
     workdir, step = source
-    if step is not None and args.step is not None and step != args.step:
-        raise CommandError(f"{args.workdir} is the checkpoint of step {step}, not {args.step}")
     cfg = read_train_config(workdir)
     plan = build_plan(cfg, make_mesh(cfg.mesh))
     checkpointer = Checkpointer(workdir, plan)
-    state = checkpointer.restore(step=args.step if step is None else step)
+    state = checkpointer.restore(step=step)
     loops = None if args.loops is None else [int(n) for n in args.loops.split(",")]
     results = evaluate(plan, state, loops, args.batches)
     print(f"checkpoint step {int(state.step)}")

@@ -24,16 +24,21 @@ from mythos_jax.train.step import build_plan
 from mythos_jax.train.trainer import CONFIG_FILE
 
 
-def training_source(path: str | os.PathLike) -> tuple[str, int | None] | None:
-    """``(workdir, step)`` when ``path`` is a training workdir (step None) or one of its
-    ``checkpoints/<step>`` directories; None otherwise."""
+def training_source(path: str | os.PathLike,
+                    step: int | None = None) -> tuple[str, int | None] | None:
+    """``(workdir, step)`` when ``path`` is a training workdir (``step`` as asked; None:
+    the newest readable) or one of its ``checkpoints/<step>`` directories (``ValueError`` if
+    another ``step`` is asked for); None otherwise."""
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-        return path, None
+        return path, step
     parent, name = os.path.split(path)
-    if os.path.basename(parent) == CHECKPOINT_DIR and name.isdigit() and os.path.isdir(path):
-        return os.path.dirname(parent), int(name)
-    return None
+    if os.path.basename(parent) != CHECKPOINT_DIR or not name.isdigit() or \
+            not os.path.isdir(path):
+        return None
+    if step is not None and step != int(name):
+        raise ValueError(f"{path} is the checkpoint of step {name}, not {step}")
+    return os.path.dirname(parent), int(name)
 
 
 def read_train_config(workdir: str) -> TrainConfig:
