@@ -244,7 +244,8 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
                      "--process-id", str(i)]),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
     outputs = [w.communicate(timeout=300)[0].decode() for w in workers]
-    assert all(w.returncode == 0 for w in workers), outputs
+    assert all(w.returncode == 0 for w in workers), outputs      # one lock: process 0's
+    assert not os.path.exists(os.path.join(multi, "train.lock"))   # and it is released
     one, two = step_lines(single), step_lines(multi)
     assert sorted(two) == list(range(1, 9))
     for step in one:
