@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -12,7 +13,8 @@ from mythos_jax.train.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 
 
 def _write_lock(workdir, **holder):
-    record = {"host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00", **holder}
+    record = {"host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00",
+              "started_unix": time.time(), **holder}
     (workdir / LOCK_FILE).write_text(json.dumps(record))
 
 
@@ -46,12 +48,14 @@ def test_another_hosts_lock_is_never_taken_over(tmp_path):
         WorkdirLock(str(tmp_path)).acquire()
 
 
-@pytest.mark.parametrize("record", ["dead", "garbage"])
-def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys, record):
+@pytest.mark.parametrize("record", ["dead", "reused_pid", "garbage"])
+def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys, live_pid, record):
     if record == "dead":
         finished = subprocess.Popen(["true"])
         finished.wait()
         _write_lock(tmp_path, pid=finished.pid)
+    elif record == "reused_pid":          # the pid now runs a process younger than the lock
+        _write_lock(tmp_path, pid=live_pid, started_unix=time.time() - 3600)
     else:
         (tmp_path / LOCK_FILE).write_text('{"host": ')        # a writer died mid-write
     lock = WorkdirLock(str(tmp_path))

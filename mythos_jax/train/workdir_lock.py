@@ -4,8 +4,9 @@
         ...
 
 The file is created with ``O_CREAT | O_EXCL`` (atomic on a local or NFS-v3+ disk). A lock of
-a process that is gone (same host, pid not running) is taken over with a message; a lock
-from another host is never taken over (its liveness cannot be checked from here). Remote
+a process that is gone (same host, and its pid not running, or running a process started
+after the lock was taken: the pid was reused, e.g. after a reboot) is taken over with a
+message; a lock from another host is never taken over (its liveness cannot be checked here). Remote
 workdirs (``gs://...``) are not locked: object stores offer no exclusive create.
 """
 
@@ -42,13 +43,14 @@ class WorkdirLock:
         """Take the lock, or raise ``WorkdirBusy`` naming its live holder."""
         if not self.enabled:
             return
+        now = datetime.datetime.now().astimezone()
         me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+              "started": now.isoformat(timespec="seconds"), "started_unix": now.timestamp()}
         while not self._create(me):
             holder = self._holder()
             if holder is None:          # released (or unreadable) meanwhile: try again
                 continue
-            if holder.get("host") != me["host"] or _alive(holder.get("pid")):
+            if holder.get("host") != me["host"] or _alive(holder):
                 raise WorkdirBusy(
                     f"{os.path.dirname(self.path)} is in use by another trainer: "
                     f"{_describe(holder)} (lock file {self.path}; remove it only if that "
@@ -83,7 +85,10 @@ class WorkdirLock:
             return {"host": socket.gethostname(), "pid": None, "started": "?"}
 
 
-def _alive(pid) -> bool:
+def _alive(holder: dict) -> bool:
+    """Whether the holder's pid runs a process that may be the holder (started before the
+    lock was taken; a second of slack for the clock's resolution)."""
+    pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -91,8 +96,21 @@ def _alive(pid) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:       # exists, owned by another user
-        return True
-    return True
+        pass
+    started, taken = _process_start(pid), holder.get("started_unix")
+    return started is None or not isinstance(taken, (int, float)) or started <= taken + 1.0
+
+
+def _process_start(pid: int) -> float | None:
+    """Start time (Unix seconds) of ``pid`` from ``/proc`` (Linux); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])    # field 22: starttime
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _describe(holder: dict) -> str:
