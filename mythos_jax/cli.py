@@ -82,18 +82,25 @@ def _add_parity(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="fewer benchmark iterations")
     p.add_argument("--no-bench", action="store_true", help="parity table only")
     p.add_argument("--json", metavar="PATH", help="write all figures as JSON")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="instead: this model (a training workdir, WORKDIR/checkpoints/N, a "
+                        "model checkpoint) against its PyTorch conversion; no benchmark")
+    p.add_argument("--step", type=int, metavar="N", help="checkpoint step of a training workdir")
     p.set_defaults(func=cmd_parity)
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
     """Parity table (exit 1 if any row is off), then the speed table."""
     from mythos_jax.benchmark import format_table, run_benchmark, write_json
-    from mythos_jax.interop.parity import format_parity, parity_report
+    from mythos_jax.interop.parity import format_parity, model_parity, parity_report
 
-    rows = parity_report()
+    if args.checkpoint is None:
+        rows = parity_report()
+    else:
+        rows = model_parity(_checkpoint_model(args.checkpoint, args.step))
     print(format_parity(rows), flush=True)
     result = {"parity": rows}
-    if not args.no_bench:
+    if not args.no_bench and args.checkpoint is None:
         print(flush=True)
         result["benchmark"] = run_benchmark(preset=args.preset, quick=args.quick)
         print(format_table(result["benchmark"]))
@@ -200,13 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generation_model(args: argparse.Namespace):
     if args.checkpoint is not None:
-        from mythos_jax import checkpoint
-
-        if not os.path.exists(args.checkpoint):
-            raise CommandError(f"{args.checkpoint}: no such file or directory")
-        model, source = checkpoint.load_model_and_source(args.checkpoint, step=args.step)
-        print(f"model: {source}", file=sys.stderr, flush=True)
-        return model
+        return _checkpoint_model(args.checkpoint, args.step)
     if args.step is not None:
         raise CommandError("--step selects a checkpoint of a training workdir: give --checkpoint")
     from flax import nnx
@@ -215,6 +216,17 @@ def _generation_model(args: argparse.Namespace):
     from mythos_jax.variants import get_variant
 
     return OpenMythos(get_variant(args.variant), rngs=nnx.Rngs(args.seed))
+
+
+def _checkpoint_model(path: str, step: int | None):
+    """The model at ``path`` (any form ``load_model`` reads); what it is goes to stderr."""
+    from mythos_jax import checkpoint
+
+    if not os.path.exists(path):
+        raise CommandError(f"{path}: no such file or directory")
+    model, source = checkpoint.load_model_and_source(path, step=step)
+    print(f"model: {source}", file=sys.stderr, flush=True)
+    return model
 
 
 def _escape(text: str, keep: str = "") -> str:

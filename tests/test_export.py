@@ -1,6 +1,7 @@
 """From a training run to generation and PyTorch: every reader of a model takes a training
 workdir, one of its checkpoints or a model checkpoint; export and convert write the others."""
 
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,8 @@ IDS = np.random.default_rng(0).integers(0, 256, size=(2, 8))
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A finished 4-step run of the tiny preset: checkpoints at steps 2 and 4."""
+    """A finished 4-step run of the tiny preset (OpenMythos numerics): checkpoints at steps
+    2 and 4."""
     path = str(tmp_path_factory.mktemp("train") / "run")
     train(load_train_config("tiny", QUICK), path)
     return path
@@ -115,3 +117,13 @@ def test_eval_reads_a_checkpoint_directory_and_refuses_a_model(workdir, tmp_path
     assert main(["eval", "--workdir", str(model_dir)]) == 2
     err = capsys.readouterr().err
     assert f"{model_dir} is a model checkpoint; eval needs a training workdir" in err
+
+
+def test_parity_of_a_trained_model_against_pytorch(workdir, tmp_path, capsys):
+    out_json = tmp_path / "parity.json"
+    assert main(["parity", "--checkpoint", workdir, "--step", "2", "--json", str(out_json)]) == 0
+    captured = capsys.readouterr()
+    assert "parity with open-mythos 0.5.0" in captured.out and " NO" not in captured.out
+    assert f"model: training step 2 of {workdir}" in captured.err
+    rows = json.loads(out_json.read_text())
+    assert "benchmark" not in rows and all(r["ok"] for r in rows["parity"])

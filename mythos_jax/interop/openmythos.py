@@ -3,6 +3,7 @@
     model = from_torch(torch_model)                 # a live open_mythos.main.OpenMythos
     model = load_state_dict(cfg, state_dict)        # torch state_dict -> OpenMythos (JAX)
     sd = to_torch_state_dict(model)                 # loads into open_mythos OpenMythos(strict=True)
+    torch_model = to_torch(model)                   # that OpenMythos, loaded, in eval mode
 
 Files (``.pt`` read safely, ``.safetensors``) are ``mythos_jax.interop.files``.
 
@@ -218,6 +219,13 @@ def to_torch_state_dict(model: OpenMythos) -> dict:
     state_dict["freqs_cis_mla"] = _torch_rope_table(cfg.qk_rope_head_dim, cfg.max_seq_len,
                                                     cfg.rope_theta)
     return state_dict
+
+
+def to_torch(model: OpenMythos) -> Any:
+    """A live ``open_mythos.main.OpenMythos`` in eval mode with ``model``'s weights (strict)."""
+    torch_model = import_reference().OpenMythos(config_to_torch(model.cfg))
+    torch_model.load_state_dict(to_torch_state_dict(model), strict=True)
+    return torch_model.eval()
 
 
 def _torch_rope_table(dim: int, max_len: int, theta: float):
