@@ -80,7 +80,6 @@ class MetricsLogger:
         self.progress = progress and self.is_writer
         self.pending: list[tuple[int, dict]] = []
         self.last_time = self.start_time = time.perf_counter()
-        self.start_step: int | None = None     # the step this process started from
         self.path = os.path.join(workdir, METRICS_FILE)
         self.tensorboard = None
         if self.is_writer and tensorboard:
@@ -98,8 +97,6 @@ class MetricsLogger:
 
     def add(self, step: int, metrics: dict) -> None:
         """Queue the metrics of ``step`` (device arrays; no host sync here)."""
-        if self.start_step is None:
-            self.start_step = step - 1
         self.pending.append((step, metrics))
 
     def flush(self) -> dict[str, float]:
@@ -129,9 +126,9 @@ class MetricsLogger:
                 self.tensorboard.add_histogram("train/expert_load", last["expert_load"],
                                                last_step)
         if self.progress:
-            elapsed = now - self.start_time
-            eta = elapsed / (last_step - self.start_step) * (self.total_steps - last_step)
-            print(progress_line(last_step, self.total_steps, summary, elapsed, eta), flush=True)
+            eta = seconds / len(rows) * (self.total_steps - last_step)   # at this interval's pace
+            print(progress_line(last_step, self.total_steps, summary, now - self.start_time, eta),
+                  flush=True)
         return summary
 
     def log_eval(self, step: int, results: dict) -> None:
@@ -153,8 +150,8 @@ class MetricsLogger:
 
 def progress_line(step: int, total: int, summary: dict[str, float], elapsed: float,
                   eta: float) -> str:
-    """One line: bar, step, loss, throughput, MFU, loops, expert load, elapsed time and ETA
-    (seconds, from this process's pace)."""
+    """One line: bar, step, loss, throughput, MFU, loops, expert load, elapsed time (of this
+    process) and ETA, in seconds."""
     width = 20
     done = int(width * step / total)
     bar = "#" * done + "." * (width - done)
