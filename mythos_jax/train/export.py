@@ -5,7 +5,8 @@
     model, step = load_trained_model("/abs/runs/small", step=None)
 
 The checkpoint is restored onto one device through the run's own plan (so its config check
-and damaged-checkpoint handling apply); only the parameters and buffers are kept.
+and damaged-checkpoint handling apply); only the parameters and buffers are kept (the
+optimizer state is read too, then dropped: the restore takes the whole saved state).
 """
 
 from __future__ import annotations
