@@ -6,34 +6,33 @@
 
     mythos-jax parity                                # convert OpenMythos models, parity + speed
 
+    mythos-jax export runs/small ckpt/run1           # training run -> standalone model checkpoint
+    mythos-jax convert runs/small model.safetensors  # training run -> OpenMythos weights
     mythos-jax convert step_0001000.pt ckpt/run1     # OpenMythos .pt -> mythos-jax checkpoint
     mythos-jax convert ckpt/run1 exported.pt         # mythos-jax checkpoint -> OpenMythos .pt
 
-    mythos-jax generate --checkpoint ckpt/run1 --prompt "Once upon" --temperature 0.8
+    mythos-jax generate --checkpoint runs/small --prompt "Once upon" --temperature 0.8
     mythos-jax generate --variant tiny_mla --prompt a --prompt b --max-new-tokens 16
 
 Each subcommand is a ``cmd_NAME(args) -> int`` plus an ``_add_NAME(subparsers)`` that declares
 its arguments; register new ones in ``build_parser``. Heavy imports (torch, orbax, the model)
 happen inside the commands so that ``mythos-jax --help`` stays fast. A command reports an
 expected failure by raising ``CommandError`` (or ``FileNotFoundError``, ``FileExistsError``,
-``ValueError``): ``main`` prints ``error: ...`` on one line to stderr and returns 2.
+``ValueError``, an ``OSError`` naming a file): ``main`` prints ``error: ...`` on one line to
+stderr and returns 2. Without a TPU on the host, JAX is kept off libtpu (``platforms``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 from typing import Callable, Sequence
 
-TORCH_SUFFIXES = (".pt", ".pth")
+from mythos_jax.errors import CommandError
+
 DEFAULT_NEW_TOKENS = 64
 EXIT_USAGE = 2
-
-
-class CommandError(Exception):
-    """An expected, user-facing failure: printed as ``error: <message>``, exit code 2."""
 
 
 # ---------------------------------------------------------------------------- parser
@@ -54,96 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mythos-jax`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command != "plan":       # plan picks its own platforms
+        from mythos_jax.platforms import skip_absent_tpu
+        skip_absent_tpu()
     try:
         return args.func(args)
     except (CommandError, FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-# ---------------------------------------------------------------------------- convert
-def _add_convert(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert", help="convert between OpenMythos .pt checkpoints and mythos-jax checkpoints",
-        description="Convert in the direction given by SRC: an OpenMythos training checkpoint "
-                    "(.pt/.pth, {'model': state_dict, 'cfg': MythosConfig, ...}) becomes a "
-                    "mythos-jax checkpoint directory; a mythos-jax checkpoint directory becomes "
-                    "an OpenMythos .pt/.pth file (step 0, no optimizer state).")
-    p.add_argument("src", metavar="SRC", help="OpenMythos .pt/.pth file or mythos-jax checkpoint")
-    p.add_argument("dst", metavar="DST", help="output: checkpoint directory or .pt/.pth file")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.set_defaults(func=cmd_convert)
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    """OpenMythos ``.pt`` <-> mythos-jax checkpoint directory, direction taken from SRC."""
-    from mythos_jax import checkpoint
-
-    src, dst = args.src, args.dst
-    if not os.path.exists(src):
-        raise CommandError(f"{src}: no such file or directory")
-    if os.path.isfile(src) and src.endswith(TORCH_SUFFIXES):
-        if dst.endswith(TORCH_SUFFIXES):
-            raise CommandError(f"{dst}: converting a .pt checkpoint writes a mythos-jax "
-                               "checkpoint directory; give DST without a .pt/.pth suffix")
-        if os.path.lexists(dst) and not args.overwrite:
-            raise CommandError(f"{dst} already exists (use --overwrite to replace it)")
-        model = _load_torch_checkpoint(src)
-        checkpoint.save_model(model, dst, overwrite=args.overwrite)
-        kind = "mythos-jax checkpoint"
-    elif os.path.isdir(src):
-        if not dst.endswith(TORCH_SUFFIXES):
-            raise CommandError(f"{dst}: converting a mythos-jax checkpoint writes an OpenMythos "
-                               "file; give DST a .pt or .pth suffix")
-        if os.path.lexists(dst) and not args.overwrite:
-            raise CommandError(f"{dst} already exists (use --overwrite to replace it)")
-        if os.path.isdir(dst):
-            raise CommandError(f"{dst} is a directory; refusing to replace it with a file")
-        model = checkpoint.load_model(src)
-        _save_torch_checkpoint(model, dst)
-        kind = "OpenMythos checkpoint"
-    else:
-        raise CommandError(f"{src}: expected an OpenMythos .pt/.pth file or a mythos-jax "
-                           "checkpoint directory")
-    cfg = model.cfg
-    print(f"wrote {kind} {dst} ({checkpoint.parameter_count(model):,} parameters, "
-          f"attn_type={cfg.attn_type}, dim={cfg.dim}) from {src}")
-    return 0
-
-
-def _load_torch_checkpoint(src: str):
-    from mythos_jax.interop.openmythos import load_openmythos_checkpoint
-
-    try:
-        return load_openmythos_checkpoint(src)
-    except ValueError as err:
-        if src in str(err):
+        return _report(err)
+    except OSError as err:           # a path that cannot be read or written, a full disk
+        if err.filename is None:
             raise
-        raise CommandError(f"{src}: {err}") from err
-    except ImportError as err:
-        raise CommandError(f"reading {src} needs torch and open-mythos: {err}") from err
-    except Exception as err:  # torch.load: pickle, zip and EOF errors of a foreign/broken file
-        raise CommandError(f"{src}: cannot read as an OpenMythos checkpoint "
-                           f"({type(err).__name__}: {err})") from err
+        return _report(f"{err.filename}: {err.strerror}")
 
 
-def _save_torch_checkpoint(model, dst: str) -> None:
-    """``save_openmythos_checkpoint`` through a temporary sibling, renamed into place."""
-    from mythos_jax.interop.openmythos import save_openmythos_checkpoint
-
-    parent, name = os.path.split(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        save_openmythos_checkpoint(model, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _report(err) -> int:
+    print(f"error: {_one_line(err)}", file=sys.stderr)
+    return EXIT_USAGE
 
 
-# ---------------------------------------------------------------------------- helpers
 # ---------------------------------------------------------------------------- parity
 def _add_parity(subparsers) -> None:
     p = subparsers.add_parser(
@@ -155,18 +82,25 @@ def _add_parity(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="fewer benchmark iterations")
     p.add_argument("--no-bench", action="store_true", help="parity table only")
     p.add_argument("--json", metavar="PATH", help="write all figures as JSON")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="instead: this model (a training workdir, WORKDIR/checkpoints/N, a "
+                        "model checkpoint) against its PyTorch conversion; no benchmark")
+    p.add_argument("--step", type=int, metavar="N", help="checkpoint step of a training workdir")
     p.set_defaults(func=cmd_parity)
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
     """Parity table (exit 1 if any row is off), then the speed table."""
     from mythos_jax.benchmark import format_table, run_benchmark, write_json
-    from mythos_jax.interop.parity import format_parity, parity_report
+    from mythos_jax.interop.parity import format_parity, model_parity, parity_report
 
-    rows = parity_report()
+    if args.checkpoint is None:
+        rows = parity_report()
+    else:
+        rows = model_parity(_checkpoint_model(args.checkpoint, args.step))
     print(format_parity(rows), flush=True)
     result = {"parity": rows}
-    if not args.no_bench:
+    if not args.no_bench and args.checkpoint is None:
         print(flush=True)
         result["benchmark"] = run_benchmark(preset=args.preset, quick=args.quick)
         print(format_table(result["benchmark"]))
@@ -186,10 +120,14 @@ def _add_generate(subparsers) -> None:
                     "prompts: the first is streamed to stderr, then stdout gets one line per "
                     "prompt (prompt + continuation, newlines escaped).")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="DIR", help="a mythos-jax checkpoint directory")
+    source.add_argument("--checkpoint", metavar="PATH",
+                        help="a training workdir (its newest readable checkpoint, or --step), "
+                             "a training checkpoint WORKDIR/checkpoints/N, a model checkpoint "
+                             "or OpenMythos weights (.pt/.pth/.safetensors)")
     source.add_argument("--variant", metavar="NAME",
                         help="a named config (mythos_jax.variants, e.g. tiny_mla) with "
                              "random weights drawn from --seed")
+    p.add_argument("--step", type=int, metavar="N", help="checkpoint step of a training workdir")
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="prompt text; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, metavar="N",
@@ -269,17 +207,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generation_model(args: argparse.Namespace):
     if args.checkpoint is not None:
-        from mythos_jax import checkpoint
-
-        if not os.path.exists(args.checkpoint):
-            raise CommandError(f"{args.checkpoint}: no such file or directory")
-        return checkpoint.load_model(args.checkpoint)
+        return _checkpoint_model(args.checkpoint, args.step)
+    if args.step is not None:
+        raise CommandError("--step selects a checkpoint of a training workdir: give --checkpoint")
     from flax import nnx
 
     from mythos_jax.model import OpenMythos
     from mythos_jax.variants import get_variant
 
     return OpenMythos(get_variant(args.variant), rngs=nnx.Rngs(args.seed))
+
+
+def _checkpoint_model(path: str, step: int | None):
+    """The model at ``path`` (any form ``load_model`` reads); what it is goes to stderr."""
+    from mythos_jax import checkpoint
+
+    if not os.path.exists(path):
+        raise CommandError(f"{path}: no such file or directory")
+    model, source = checkpoint.load_model_and_source(path, step=step)
+    print(f"model: {source}", file=sys.stderr, flush=True)
+    return model
 
 
 def _escape(text: str, keep: str = "") -> str:
@@ -368,7 +315,11 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
                     "compile a training step for a TPU slice on this host: does it fit?"),
     _module_command("experiment", "mythos_jax.experiments.command",
                     "run an experiment (depth extrapolation, test-time depth, stability)"),
-    _add_convert, _add_parity, _add_generate]
+    _module_command("convert", "mythos_jax.commands.convert",
+                    "convert a model: training run / model checkpoint / .pt / .safetensors"),
+    _module_command("export", "mythos_jax.commands.convert",
+                    "write a training run's model as a standalone checkpoint or OpenMythos file"),
+    _add_parity, _add_generate]
 
 
 if __name__ == "__main__":

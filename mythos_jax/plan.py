@@ -288,7 +288,7 @@ def plan_memory(variant: str, spec: PlanSpec, acc: Accelerator, mesh_spec: str,
     except Exception as err:
         match = _OOM.search(str(err))
         if match is None:
-            from mythos_jax.cli import CommandError
+            from mythos_jax.errors import CommandError
 
             raise CommandError(f"the training step does not compile for {acc.name}: "
                                f"{type(err).__name__}: {_first(err)}") from err

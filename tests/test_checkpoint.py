@@ -141,7 +141,7 @@ def test_missing_path(tmp_path):
     with pytest.raises(ValueError, match=r"nowhere.*not a mythos-jax checkpoint.*no such file"):
         load_model(tmp_path / "nowhere")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match="not a directory"):
+    with pytest.raises(ValueError, match=r"file: expected an OpenMythos \.pt/\.pth/\.safetensors"):
         load_model(tmp_path / "file")
 
 

@@ -71,7 +71,7 @@ def test_convert_respects_overwrite(torch_checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "no such file or directory"),
-    ("text_file", "expected an OpenMythos .pt/.pth file or a mythos-jax checkpoint directory"),
+    ("text_file", "expected an OpenMythos .pt/.pth/.safetensors file"),
     ("plain_dir", "is not a mythos-jax checkpoint: missing config.json and state/"),
     ("garbage_pt", "cannot read as an OpenMythos checkpoint"),
 ])

@@ -1,12 +1,12 @@
-"""metrics.jsonl: a damaged last line is skipped with a warning naming the file, an earlier
-one is an error naming file and line, and the resume rewrite is atomic."""
+"""metrics.jsonl (a damaged last line is skipped with a warning naming the file, an earlier
+one is an error naming file and line, the resume rewrite is atomic) and the progress line."""
 
 import json
 import os
 
 import pytest
 
-from mythos_jax.train.metrics import MetricsLogger, read_metrics_file
+from mythos_jax.train.metrics import MetricsLogger, progress_line, read_metrics_file
 
 
 def logger(workdir):
@@ -49,3 +49,13 @@ def test_resume_drops_later_steps_and_the_damaged_line_atomically(tmp_path, monk
         logger(tmp_path).truncate_after(1)
     assert path.read_text() == '{"step": 1}\n{"step": 2, "eval": {}}\n'   # old file intact
     assert os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+SUMMARY = {"loss": 2.5, "tokens_per_s": 1234.0, "mfu": 0.1, "loops": 2.0,
+           "load_max_over_mean": 1.5, "finite": 1.0}
+
+
+def test_progress_line_shows_elapsed_time_and_eta():
+    line = progress_line(50, 200, SUMMARY, elapsed=75.0, eta=3725.0)
+    assert line.startswith("[#####...............] step 50/200  loss 2.5000")
+    assert line.endswith("elapsed 1:15  ETA 1:02:05")

@@ -65,6 +65,32 @@ def test_unknown_config_source():
         load_train_config("no_such_preset")
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("run.yaml", "steps: 5\nmodel: {variant: [tiny\n", "run.yaml:3:1: invalid YAML: "),
+    ("run.json", '{"steps": 5,\n "model": }', "run.json:2:11: invalid JSON: Expecting value"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, name, text, message):
+    """Malformed configs (file:line:column), a workdir under a regular file, a data file that
+    is not text: ``error: ...`` naming the thing, exit code 2, no traceback."""
+    from mythos_jax.cli import main
+    config = tmp_path / name
+    config.write_text(text)
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'{"text": "\xff"}\n')
+    cases = [
+        (["--config", str(config), "--workdir", str(tmp_path / "run")],
+         f"{tmp_path / message}"),
+        (["--config", "tiny", "--workdir", str(config / "run")],
+         f"{config / 'run'}: Not a directory"),
+        (["--config", "tiny", "--workdir", str(tmp_path / "run"), "--set", "data.source=jsonl",
+          "--set", f"data.paths=[{data}]"], f"{data}:1: not UTF-8 text"),
+    ]
+    for argv, start in cases:
+        assert main(["train", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {start}") and err.count("\n") == 1, err
+
+
 def test_weight_decay_skips_norms_injection_and_vectors():
     plan = build_plan(load_train_config("tiny"), make_mesh("data=1", jax.devices()[:1]))
     mask = decay_mask(plan.abstract_state.params)
@@ -218,7 +244,8 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
                      "--process-id", str(i)]),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
     outputs = [w.communicate(timeout=300)[0].decode() for w in workers]
-    assert all(w.returncode == 0 for w in workers), outputs
+    assert all(w.returncode == 0 for w in workers), outputs      # one lock: process 0's
+    assert not os.path.exists(os.path.join(multi, "train.lock"))   # and it is released
     one, two = step_lines(single), step_lines(multi)
     assert sorted(two) == list(range(1, 9))
     for step in one:

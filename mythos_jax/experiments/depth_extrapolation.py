@@ -37,7 +37,7 @@ EXIT_RULES = {"kl": 5e-4, "kl_entropy": 1e-3}
 MAX_EXIT_LOOPS = 32
 
 BASE = (
-    "steps=1500",
+    "steps=2000",
     "model.variant=tiny_mla", "model.act=off", "model.n_experts=1",
     "model.n_experts_per_tok=1", "model.expert_dim=128", "model.max_seq_len=16",
     "model.loop_embed_scale=0.02",

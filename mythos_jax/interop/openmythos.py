@@ -2,8 +2,10 @@
 
     model = from_torch(torch_model)                 # a live open_mythos.main.OpenMythos
     model = load_state_dict(cfg, state_dict)        # torch state_dict -> OpenMythos (JAX)
-    model = load_openmythos_checkpoint("step_0001000.pt")   # OpenMythos training checkpoint
     sd = to_torch_state_dict(model)                 # loads into open_mythos OpenMythos(strict=True)
+    torch_model = to_torch(model)                   # that OpenMythos, loaded, in eval mode
+
+Files (``.pt`` read safely, ``.safetensors``) are ``mythos_jax.interop.files``.
 
 Naming: the JAX parameter tree mirrors torch's module names, so one rule per leaf suffices:
 a Linear ``X.weight`` (out, in) is the kernel ``X.kernel`` (in, out); the routed experts
@@ -71,7 +73,12 @@ def config_from_torch(torch_cfg: Any) -> MythosConfig:
 
 def config_to_torch(cfg: MythosConfig) -> Any:
     """MythosConfig -> ``open_mythos.main.MythosConfig`` (OpenMythos fields only)."""
-    return import_reference().MythosConfig(**{k: getattr(cfg, k) for k in OPENMYTHOS_FIELDS})
+    return import_reference().MythosConfig(**openmythos_fields(cfg))
+
+
+def openmythos_fields(cfg: MythosConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` that ``open_mythos.main.MythosConfig`` has."""
+    return {k: getattr(cfg, k) for k in OPENMYTHOS_FIELDS}
 
 
 # ---------------------------------------------------------------------------- the naming rule
@@ -178,21 +185,13 @@ def load_state_dict(cfg: MythosConfig, state_dict: dict, *, seed: int = 0) -> Op
 
 
 def from_torch(torch_model: Any) -> OpenMythos:
-    """Convert a live ``open_mythos.main.OpenMythos`` (config and weights)."""
+    """Convert a live ``open_mythos.main.OpenMythos`` (config and weights); anything else
+    raises ``TypeError`` naming its type."""
+    reference = import_reference().OpenMythos
+    if not isinstance(torch_model, reference):
+        raise TypeError(f"from_torch expects an open_mythos.main.OpenMythos module, got "
+                        f"{type(torch_model).__module__}.{type(torch_model).__qualname__}")
     return load_state_dict(config_from_torch(torch_model.cfg), torch_model.state_dict())
-
-
-def load_openmythos_checkpoint(path: str) -> OpenMythos:
-    """Load a checkpoint written by OpenMythos's training script (``{"model", "cfg", ...}``)."""
-    import torch
-
-    import_reference()  # makes the pickled MythosConfig class importable without transformers
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or "model" not in payload or "cfg" not in payload:
-        keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path}: expected an OpenMythos checkpoint dict with 'model' and 'cfg', "
-                         f"got {keys}")
-    return load_state_dict(config_from_torch(payload["cfg"]), payload["model"])
 
 
 # ---------------------------------------------------------------------------- JAX -> torch
@@ -222,14 +221,11 @@ def to_torch_state_dict(model: OpenMythos) -> dict:
     return state_dict
 
 
-def save_openmythos_checkpoint(model: OpenMythos, path: str) -> None:
-    """Write ``{"model": state_dict, "cfg": MythosConfig, "vocab_size", "step": 0}`` like
-    OpenMythos's training script (no optimizer state)."""
-    import torch
-
-    payload = {"step": 0, "model": to_torch_state_dict(model), "cfg": config_to_torch(model.cfg),
-               "vocab_size": model.cfg.vocab_size}
-    torch.save(payload, path)
+def to_torch(model: OpenMythos) -> Any:
+    """A live ``open_mythos.main.OpenMythos`` in eval mode with ``model``'s weights (strict)."""
+    torch_model = import_reference().OpenMythos(config_to_torch(model.cfg))
+    torch_model.load_state_dict(to_torch_state_dict(model), strict=True)
+    return torch_model.eval()
 
 
 def _torch_rope_table(dim: int, max_len: int, theta: float):
@@ -251,6 +247,9 @@ def _require_openmythos_weights(cfg: MythosConfig) -> None:
 
 
 def _to_numpy(tensor) -> np.ndarray:
+    """A torch tensor or a numpy array (safetensors) as float32 numpy."""
+    if isinstance(tensor, np.ndarray):
+        return tensor.astype(np.float32, copy=False)
     return tensor.detach().to("cpu").float().numpy()
 
 

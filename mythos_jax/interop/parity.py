@@ -3,7 +3,8 @@
 ``perturb_openmythos`` moves a torch model's special weights away from their init so that
 routing varies and positions halt at different loops (at init the loop embedding dominates
 the block input and every token routes alike); ``parity_report`` converts such models and
-compares logits over attention types, loop counts and sequence lengths.
+compares logits over attention types, loop counts and sequence lengths; ``model_parity`` does
+the same for one mythos-jax model (a trained one) against its PyTorch conversion.
 """
 
 from __future__ import annotations
@@ -67,12 +68,27 @@ def build_pair(attn_type: str, seed: int = 1):
 
 def parity_report(attn_types=("mla", "gqa"), batch: int = 3, seed: int = 1) -> list[dict[str, Any]]:
     """Max |logit difference| per (attention, n_loops, seq_len), fp32 CPU, eval mode."""
+    return compare_logits([build_pair(attn_type, seed) for attn_type in attn_types], batch)
+
+
+def model_parity(jax_model, batch: int = 3) -> list[dict[str, Any]]:
+    """``parity_report``'s rows for one mythos-jax model (a trained one) against its PyTorch
+    OpenMythos conversion (``ValueError`` naming the options OpenMythos lacks)."""
+    from mythos_jax.interop.files import require_openmythos_numerics
+    from mythos_jax.interop.openmythos import to_torch
+
+    require_openmythos_numerics(jax_model.cfg)
+    jax_model.eval()
+    return compare_logits([(to_torch(jax_model), jax_model)], batch)
+
+
+def compare_logits(pairs, batch: int = 3) -> list[dict[str, Any]]:
+    """Rows for each (torch model, JAX model) at 1, 2, max, max+3 loops, lengths 1 and max."""
     import jax.numpy as jnp
     import torch
 
     rows = []
-    for attn_type in attn_types:
-        torch_model, jax_model = build_pair(attn_type, seed)
+    for torch_model, jax_model in pairs:
         cfg = jax_model.cfg
         for n_loops in (1, 2, cfg.max_loop_iters, cfg.max_loop_iters + 3):
             for seq_len in (1, cfg.max_seq_len):
@@ -82,7 +98,7 @@ def parity_report(attn_types=("mla", "gqa"), batch: int = 3, seed: int = 1) -> l
                     expected = torch_model(ids, n_loops=n_loops).numpy()
                 got = np.asarray(jax_model(jnp.asarray(ids.numpy()), n_loops=n_loops))
                 diff = float(np.abs(got - expected).max())
-                rows.append({"attn_type": attn_type, "n_loops": n_loops, "seq_len": seq_len,
+                rows.append({"attn_type": cfg.attn_type, "n_loops": n_loops, "seq_len": seq_len,
                              "batch": batch, "max_abs_diff": diff,
                              "max_abs_logit": float(np.abs(expected).max()),
                              "ok": diff <= TOLERANCE})

@@ -2,21 +2,27 @@
 
 Each checkpoint holds the ``TrainState`` (parameters, buffers, optimizer state, step), the data
 iterator's position (``get_state()`` as JSON: it counts global batches, so it is the same on
-every process and valid for any process count) and the ``TrainConfig`` as JSON. Saves are asynchronous and atomic (Orbax writes a temporary
-directory and renames it when complete; an interrupted save is never picked up). Restoring
+every process and valid for any process count) and the ``TrainConfig`` as JSON. Saves are
+asynchronous and atomic (Orbax writes a temporary directory and renames it when complete; an
+interrupted save is never picked up). Restoring
 takes the target shardings from the current plan, so a checkpoint written on one mesh or
 device count is resharded onto another. The model and data sections must match the saved
 ones, and so must the data itself (``fingerprint.py``: files, token and window counts, the
 split); a mismatch raises ``ValueError`` naming what differs. ``allow_data_change`` accepts a
-changed training corpus, never a moved held-out split.
+changed training corpus, never a moved held-out split. An unreadable checkpoint is named
+(step, path, why) and the newest readable one is used instead; a failed save (full disk)
+raises ``CheckpointSaveError`` and leaves the earlier checkpoints as they were.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mythos_jax import paths
 from mythos_jax.train.config import TrainConfig
@@ -25,8 +31,17 @@ from mythos_jax.train.step import TrainPlan, TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 FINGERPRINT_ITEM = "fingerprint"
+DAMAGED_DIR = "damaged_checkpoints"
 # Data fields that may change between a run and its resumption without moving the stream.
 DATA_FIELDS_FREE_TO_CHANGE = ("prefetch",)
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint whose files cannot be read (truncated, corrupt, missing)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that failed (full disk, lost permission); the previous checkpoint is intact."""
 
 
 class Checkpointer:
@@ -40,6 +55,8 @@ class Checkpointer:
             enable_async_checkpointing=plan.cfg.checkpoint.async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._fingerprint = None
+        self.pending_step: int | None = None
+        self.failed = False
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -52,21 +69,67 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, data_iterator, *, force: bool = False) -> None:
-        """Start an asynchronous save of ``state`` and the iterator position at ``step``."""
-        self.manager.save(step, args=ocp.args.Composite(
+        """Start an asynchronous save of ``state`` and the iterator position at ``step``
+        (after the previous save has finished: its failure is reported as its own)."""
+        self.wait()
+        self.pending_step = step
+        self._saving(lambda: self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state._asdict()),
             data=ocp.args.JsonSave(data_iterator.get_state()),
             config=ocp.args.JsonSave(self.plan.cfg.to_dict()),
-            **{FINGERPRINT_ITEM: ocp.args.JsonSave(self.fingerprint)}), force=force)
+            **{FINGERPRINT_ITEM: ocp.args.JsonSave(self.fingerprint)}), force=force))
+
+    def _saving(self, write) -> None:
+        """``write()``; a failure becomes ``CheckpointSaveError`` naming the step being saved
+        and the checkpoint that is still intact."""
+        try:
+            write()
+        except Exception as err:
+            self.failed = True
+            done = [s for s in self.manager.all_steps() if s != self.pending_step]
+            kept = (f"the previous checkpoint (step {max(done)}) is intact" if done else
+                    "no earlier checkpoint exists")
+            why = ("no space left on device" if "No space left on device" in str(err)
+                   else _first_line(err))
+            raise CheckpointSaveError(
+                f"saving checkpoint step {self.pending_step} in {self.directory} failed "
+                f"({why}); {kept}; free space (or fix the permissions) and rerun the same "
+                "command to resume") from err
 
     def restore(self, data_iterator=None, step: int | None = None, *,
-                allow_data_change: bool = False) -> TrainState:
-        """The state at ``step`` (default: latest) in the plan's shardings; ``data_iterator``
-        (if given) is moved to the saved position."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+                set_aside_damaged: bool = False, allow_data_change: bool = False) -> TrainState:
+        """The state at ``step`` in the plan's shardings; ``data_iterator`` (if given) is moved
+        to the saved position. Without ``step``: the newest readable checkpoint, each
+        unreadable newer one reported (and, with ``set_aside_damaged``, moved to
+        ``<workdir>/damaged_checkpoints/`` so that the run can write its step again).
+        ``UnreadableCheckpoint`` names the step, the path and why; a changed corpus raises
+        ``ValueError`` unless ``allow_data_change`` (``check_data``)."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        check_compatible(self.saved_config(step), self.plan.cfg)
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} "
+                                        f"(steps: {', '.join(map(str, sorted(steps)))})")
+            return self._restore(step, data_iterator, allow_data_change)
+        for index, candidate in enumerate(steps):
+            try:
+                state = self._restore(candidate, data_iterator, allow_data_change)
+            except UnreadableCheckpoint as err:
+                _warn(f"warning: {err}")
+                continue
+            if index:
+                _warn(f"using step {candidate}, the newest readable checkpoint")
+                for damaged in steps[:index] if set_aside_damaged else ():
+                    self._set_aside(damaged)
+            return state
+        raise UnreadableCheckpoint(f"no readable checkpoint in {self.directory} (steps found: "
+                                   f"{', '.join(map(str, sorted(steps)))}; see the warnings "
+                                   "above)")
+
+    def _restore(self, step: int, data_iterator, allow_data_change: bool) -> TrainState:
+        saved = self._read(step, lambda: self.saved_config(step))
+        check_compatible(saved, self.plan.cfg)
         self.check_data(step, allow_data_change)
         target = jax.tree.map(
             lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
@@ -75,10 +138,33 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._read(step, lambda: self.manager.restore(
+            step, args=ocp.args.Composite(**items)))
         if data_iterator is not None:
             data_iterator.set_state(restored["data"])
         return TrainState(**restored["state"])
+
+    def _read(self, step: int, read):
+        """``read()``; any failure (truncated JSON, missing or corrupt array files: Orbax and
+        TensorStore raise many kinds) becomes ``UnreadableCheckpoint`` naming the step."""
+        try:
+            return read()
+        except Exception as err:
+            raise UnreadableCheckpoint(
+                f"checkpoint step {step} at {self.directory / str(step)} cannot be read: "
+                f"{_first_line(err)}") from err
+
+    def _set_aside(self, step: int) -> None:
+        """Move an unreadable step out of the way (process 0), so that it is not retried."""
+        if jax.process_index() == 0:
+            aside = self.directory.parent / DAMAGED_DIR
+            aside.mkdir(parents=True, exist_ok=True)
+            target = aside / f"{step}-{int(time.time())}"
+            (self.directory / str(step)).rename(target)
+            _warn(f"moved the unreadable checkpoint step {step} to {target}")
+        if jax.process_count() > 1:       # every process sees the same steps, so all get here
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
 
     def saved_config(self, step: int) -> dict[str, Any]:
         """The TrainConfig (as a dict) stored with checkpoint ``step``."""
@@ -90,8 +176,8 @@ class Checkpointer:
         (checkpoints written before fingerprints existed are not checked)."""
         if not (self.directory / str(step) / FINGERPRINT_ITEM).exists():
             return
-        saved = self.manager.restore(step, args=ocp.args.Composite(
-            **{FINGERPRINT_ITEM: ocp.args.JsonRestore()}))[FINGERPRINT_ITEM]
+        saved = self._read(step, lambda: self.manager.restore(step, args=ocp.args.Composite(
+            **{FINGERPRINT_ITEM: ocp.args.JsonRestore()}))[FINGERPRINT_ITEM])
         changes = data_changes(saved, self.fingerprint)
         if not changes:
             return
@@ -107,11 +193,15 @@ class Checkpointer:
         print(f"warning: training on changed data ({what})", flush=True)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._saving(self.manager.wait_until_finished)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finish pending saves (after a failed one: only release the manager)."""
+        try:
+            if not self.failed:
+                self.wait()
+        finally:
+            self.manager.close()
 
 
 def check_compatible(saved: dict[str, Any], current: TrainConfig) -> None:
@@ -134,6 +224,17 @@ def check_compatible(saved: dict[str, Any], current: TrainConfig) -> None:
         raise ValueError("the checkpoint was written by an incompatible config: "
                          + "; ".join(problems)
                          + " (use a new workdir, or restore the original settings)")
+
+
+def _warn(text: str) -> None:
+    """A line to stderr from process 0 (stdout may be a command's product, e.g. generate)."""
+    if jax.process_index() == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _normalise(value: Any) -> Any:

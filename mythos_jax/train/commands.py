@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from mythos_jax.errors import CommandError
+
 
 def add_train(subparsers) -> None:
     p = subparsers.add_parser(
@@ -37,7 +39,6 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mythos_jax.cli import CommandError
     from mythos_jax.train import distributed
     from mythos_jax.train.config import load_train_config
 
@@ -48,10 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                            local_device_count=args.local_devices)
     use_compilation_cache()
+    from mythos_jax.train.checkpointing import CheckpointSaveError
     from mythos_jax.train.trainer import TrainingDiverged, train
+    from mythos_jax.train.workdir_lock import WorkdirBusy
     try:
         train(cfg, args.workdir, allow_data_change=args.allow_data_change)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, CheckpointSaveError, WorkdirBusy) as err:
         raise CommandError(str(err)) from None
     return 0
 
@@ -70,10 +73,12 @@ def use_compilation_cache() -> None:
 def add_eval(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate a training checkpoint at several loop counts",
-        description="Loss / accuracy of the latest (or --step) checkpoint in WORKDIR on every "
-                    "eval split, at each test-time loop count: the depth curve.")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+        description="Loss / accuracy of the newest readable (or --step) checkpoint in "
+                    "WORKDIR on every eval split, at each test-time loop count: the depth "
+                    "curve.")
+    p.add_argument("--workdir", required=True,
+                   help="training workdir, or one of its checkpoints WORKDIR/checkpoints/N")
+    p.add_argument("--step", type=int, help="checkpoint step (default: newest readable)")
     p.add_argument("--loops", help="comma-separated loop counts (default: the config's)")
     p.add_argument("--batches", type=int, help="batches per split (default: the config's)")
     p.add_argument("--json", help="also write the results to this file")
@@ -84,30 +89,30 @@ def add_eval(subparsers) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from mythos_jax import paths
     from mythos_jax.budget import check_fits, per_device_bytes
-    from mythos_jax.cli import CommandError
+    from mythos_jax.checkpoint import is_checkpoint
     from mythos_jax.parallel.mesh import make_mesh
     from mythos_jax.train.checkpointing import Checkpointer
-    from mythos_jax.train.config import TrainConfig
     from mythos_jax.train.evaluate import depth_curve_table, evaluate, plot_depth_curve
+    from mythos_jax.train.export import read_train_config, training_source
     from mythos_jax.train.step import build_plan
     from mythos_jax.train.trainer import CONFIG_FILE
 
     use_compilation_cache()
-    config_path = paths.join(args.workdir, CONFIG_FILE)
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: is {args.workdir!r} a training "
-                                "workdir?")
-    cfg = TrainConfig.from_dict(json.loads(config_path.read_text()))
+    source = training_source(args.workdir, args.step)
+    if source is None:
+        what = "a model checkpoint" if is_checkpoint(args.workdir) else "not a training workdir"
+        raise CommandError(f"{args.workdir} is {what}; eval needs a training workdir (or "
+                           "WORKDIR/checkpoints/N) for its data and eval config")
+    workdir, step = source
+    cfg = read_train_config(workdir)
     plan = build_plan(cfg, make_mesh(cfg.mesh))
     model = plan.model_cfg
-    check_fits(f"the training state of {args.workdir}", per_device_bytes(
+    check_fits(f"the training state of {workdir}", per_device_bytes(
         plan.abstract_state._asdict(), plan.shardings._asdict()),
         f"its {CONFIG_FILE} asks for dim={model.dim}, vocab_size={model.vocab_size}, "
         f"n_experts={model.n_experts}, expert_dim={model.expert_dim}")
-    checkpointer = Checkpointer(args.workdir, plan)
-    if checkpointer.latest_step() is None:
-        raise CommandError(f"no checkpoint in {checkpointer.directory}")
-    state = checkpointer.restore(step=args.step)
+    checkpointer = Checkpointer(workdir, plan)
+    state = checkpointer.restore(step=step)
     loops = None if args.loops is None else [int(n) for n in args.loops.split(",")]
     results = evaluate(plan, state, loops, args.batches)
     print(f"checkpoint step {int(state.step)}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import types
 import typing
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 from mythos_jax import loops, variants
 from mythos_jax.config import MythosConfig
 from mythos_jax.parallel.rules import RULE_PRESETS
+from mythos_jax.train.config_file import load_yaml, read_mapping
 from mythos_jax.train.data import DataConfig, vocab_size
 
 SCHEDULES = ("fixed", "uniform", "poisson", "lognormal_poisson", "curriculum")
@@ -294,7 +294,7 @@ def load_train_config(source: str | None, overrides: list[str] = ()) -> TrainCon
     elif source in PRESETS:
         fields = json.loads(json.dumps(PRESETS[source]))
     elif os.path.exists(source):
-        fields = _read_file(source)
+        fields = read_mapping(source)
     else:
         raise ValueError(f"config {source!r} is neither a preset {sorted(PRESETS)} nor a file")
     for text in overrides:
@@ -311,42 +311,12 @@ def load_train_config(source: str | None, overrides: list[str] = ()) -> TrainCon
     return TrainConfig.from_dict(fields)
 
 
-def _read_file(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        fields = _yaml_load(text) or {}
-    elif path.endswith(".json"):
-        fields = json.loads(text)
-    else:
-        raise ValueError(f"config file {path!r}: expected a .yaml, .yml or .json file")
-    if not isinstance(fields, dict):
-        raise ValueError(f"config file {path!r}: expected a mapping at the top level")
-    return fields
-
-
 def _parse_scalar(raw: str) -> Any:
     import yaml
     try:
-        return _yaml_load(raw)
+        return load_yaml(raw)
     except yaml.YAMLError:
         return raw
-
-
-def _yaml_load(text: str) -> Any:
-    """YAML with only true/false as booleans (YAML 1.2): ``act: off`` stays the string "off"."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
-                                 re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                 list("tTfF"))
-    return yaml.load(text, Loader=Loader)
 
 
 # ---------------------------------------------------------------------------- typed building

@@ -69,12 +69,15 @@ def iter_documents(paths: Sequence[str], jsonl_field: str | None) -> Iterator[st
             with open(path, "rb") as f:
                 yield f.read()
             continue
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not UTF-8 text ({err.reason} at "
+                                     f"byte {err.start} of the line)") from None
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
                 if not isinstance(record, dict) or jsonl_field not in record:

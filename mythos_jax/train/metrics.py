@@ -80,7 +80,7 @@ class MetricsLogger:
         self.flops_fn, self.peak_flops = flops_fn, peak_flops * jax.device_count()
         self.progress = progress and self.is_writer
         self.pending: list[tuple[int, dict]] = []
-        self.last_time = time.perf_counter()
+        self.last_time = self.start_time = time.perf_counter()
         self.path = paths.join(workdir, METRICS_FILE)
         self.tensorboard = None
         if self.is_writer and tensorboard:
@@ -125,7 +125,9 @@ class MetricsLogger:
                 self.tensorboard.add_histogram("train/expert_load", last["expert_load"],
                                                last_step)
         if self.progress:
-            print(progress_line(last_step, self.total_steps, summary), flush=True)
+            eta = seconds / len(rows) * (self.total_steps - last_step)   # at this interval's pace
+            print(progress_line(last_step, self.total_steps, summary, now - self.start_time, eta),
+                  flush=True)
         return summary
 
     def log_eval(self, step: int, results: dict) -> None:
@@ -160,16 +162,27 @@ def read_metrics_file(path) -> list[dict]:
     return records
 
 
-def progress_line(step: int, total: int, summary: dict[str, float]) -> str:
+def progress_line(step: int, total: int, summary: dict[str, float], elapsed: float,
+                  eta: float) -> str:
+    """One line: bar, step, loss, throughput, MFU, loops, expert load, elapsed time (of this
+    process) and ETA, in seconds."""
     width = 20
     done = int(width * step / total)
     bar = "#" * done + "." * (width - done)
     text = (f"[{bar}] step {step}/{total}  loss {summary['loss']:.4f}  "
             f"tok/s {summary['tokens_per_s']:,.0f}  MFU {100 * summary['mfu']:.1f}%  "
-            f"loops {summary['loops']:.2f}  load max/mean {summary['load_max_over_mean']:.2f}")
+            f"loops {summary['loops']:.2f}  load max/mean {summary['load_max_over_mean']:.2f}  "
+            f"elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
     if summary["finite"] < 1.0:
         text += "  (non-finite steps skipped)"
     return text
+
+
+def _duration(seconds: float) -> str:
+    """``h:mm:ss`` (``m:ss`` under an hour)."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _to_host(metrics: dict) -> dict:

@@ -5,8 +5,10 @@
 Restarting with the same workdir resumes from the latest checkpoint (parameters, optimizer,
 step and the data stream's position), so a killed run continues with the same per-step losses
 and no batch repeated or skipped. SIGTERM (preemption) saves a checkpoint at the next step
-boundary and exits. The run ends with an evaluation at every ``eval.loops`` count (the depth
-curve), printed and plotted to ``<workdir>/depth_curve.png``.
+boundary and exits. A workdir holds one trainer (``train.lock``, taken by process 0); an
+unreadable latest checkpoint is reported and set aside, and the newest readable one resumes.
+The run ends with an evaluation at every ``eval.loops`` count (the depth curve), printed and
+plotted to ``<workdir>/depth_curve.png``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mythos_jax.train.evaluate import (depth_curve_table, evaluate, global_batch
 from mythos_jax.train.metrics import (METRICS_FILE, MetricsLogger, peak_flops_per_device,
                                       print_message, read_metrics_file, train_flops_per_token)
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
+from mythos_jax.train.workdir_lock import WorkdirLock
 
 CONFIG_FILE = "train_config.json"
 PLOT_FILE = "depth_curve.png"
@@ -37,12 +40,18 @@ class TrainingDiverged(RuntimeError):
 
 def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None,
           allow_data_change: bool = False) -> dict[str, Any]:
-    """Train (or resume) in ``workdir`` (a local path or a gs:// URL); returns the final
-    metrics and depth curve. ``stop_after``: leave after this many steps of this call (tests),
-    checkpointing first. ``allow_data_change``: resume although the training corpus changed
-    (the held-out split must not move)."""
+    """Train (or resume) in ``workdir`` (a local path or a gs:// URL) while holding its lock;
+    returns the final metrics and depth curve. ``stop_after``: leave after this many steps of
+    this call (tests), checkpointing first. ``allow_data_change``: resume although the training
+    corpus changed (the held-out split must not move)."""
     workdir = paths.resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        return _train(cfg, workdir, stop_after, allow_data_change)
+
+
+def _train(cfg: TrainConfig, workdir, stop_after: int | None,
+           allow_data_change: bool) -> dict[str, Any]:
     plan = build_plan(cfg, make_mesh(cfg.mesh))
     data_iterator = data_lib.train_iterator(cfg.data, jax.process_index(), jax.process_count())
     checkpointer = Checkpointer(workdir, plan)
@@ -54,7 +63,8 @@ def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None,
         peak_flops=peak, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
 
     if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(data_iterator, allow_data_change=allow_data_change)
+        state = checkpointer.restore(data_iterator, set_aside_damaged=True,
+                                     allow_data_change=allow_data_change)
         logger.truncate_after(int(state.step))
         print_message(f"resumed from {checkpointer.directory} at step {int(state.step)}")
     else:

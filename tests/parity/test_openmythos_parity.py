@@ -94,3 +94,12 @@ def test_default_loop_count_is_max_loop_iters(models):
     with torch.no_grad():
         expected = torch_model(ids).numpy()
     assert np.abs(np.asarray(jax_model(jnp.asarray(ids.numpy()))) - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("thing", [torch.nn.Linear(2, 2), {"cfg": None}])
+def test_from_torch_refuses_what_is_not_an_openmythos_module(thing):
+    from mythos_jax.interop.openmythos import from_torch
+
+    with pytest.raises(TypeError, match=f"expects an open_mythos.main.OpenMythos module, got "
+                                        f".*{type(thing).__qualname__}"):
+        from_torch(thing)
