@@ -1,6 +1,8 @@
 # Entry points that work on a fresh machine (see README.md):
-#   make train    set up the environment, train a small looped model on built-in data (CPU,
-#                 ~10 min), checkpoint, print the depth curve; rerun to resume
+#   make train    set up the environment, run the main job: E1 in short (a looped model and
+#                 the same model at one loop on k-hop composition, ~6 min on 2 CPU cores),
+#                 checkpoints, the accuracy table by hops and test-time loops; rerun to resume
+#   make train-lm the byte-level LM on the stdlib sources (~9 min), its depth curve
 #   make test     set up the environment and run the test suite
 #   make parity   convert a PyTorch OpenMythos model, print parity + speed
 # The virtualenv lives outside the clone, keyed by a hash of the requirement files, so CI and
@@ -9,9 +11,10 @@ SHELL := /bin/bash
 VENV := $(shell bash .ci/venv.sh --path)
 PY := $(VENV)/bin/python
 
-WORKDIR ?= runs/cpu_small
+WORKDIR ?= runs/khop
+LM_WORKDIR ?= runs/cpu_small
 
-.PHONY: venv test parity bench train
+.PHONY: venv test parity bench train train-lm
 venv:
 	bash .ci/venv.sh
 
@@ -19,7 +22,11 @@ test: venv
 	$(PY) -m pytest -q --durations=15 tests
 
 train: venv
-	$(VENV)/bin/mythos-jax train --config cpu_small --workdir $(WORKDIR)
+	$(VENV)/bin/mythos-jax experiment depth_extrapolation --arms looped_random,single_loop \
+		--out $(WORKDIR)
+
+train-lm: venv
+	$(VENV)/bin/mythos-jax train --config cpu_small --workdir $(LM_WORKDIR)
 
 parity: venv
 	$(VENV)/bin/mythos-jax parity

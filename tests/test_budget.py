@@ -73,6 +73,7 @@ def test_eval_of_a_workdir_whose_config_asks_for_huge_shapes_is_refused(tmp_path
     from mythos_jax.train.config import load_train_config
     (tmp_path / "train_config.json").write_text(
         load_train_config("tiny", ["model.vocab_size=100000000000"]).to_json())
+    (tmp_path / "checkpoints").mkdir()              # a workdir, checked before any restore
     assert main(["eval", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "the training state of" in err and "vocab_size=100000000000" in err

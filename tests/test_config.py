@@ -40,6 +40,9 @@ def test_frozen():
     (dict(dtype="float16"), "dtype"),
     (dict(moe_impl="magic"), "moe_impl"),
     (dict(loop_remat="some"), "loop_remat"),
+    (dict(injection="sum"), "injection"),
+    (dict(loop_embed_scale=-1.0), "loop_embed_scale"),
+    (dict(loop_embed_scale=float("inf")), "loop_embed_scale"),
 ])
 def test_invalid_values_name_the_field(changes, field):
     with pytest.raises(ValueError, match=rf"MythosConfig\.{field}:"):

@@ -60,6 +60,26 @@ def test_convergence_exits_stop_early_and_freeze(model, ids, rule, threshold):
     assert (np.asarray(never(ids, jnp.int32(6))[1].loops_run) == 6).all()
 
 
+def test_kl_entropy_exit_also_waits_for_low_entropy(model, ids):
+    off = OpenMythos(model.cfg.replace(act="off"), rngs=nnx.Rngs(0))
+    kl = np.asarray(_jit(off, exit="kl", exit_threshold=1e-3)[0](ids, jnp.int32(40))[1].loops_run)
+    both = np.asarray(_jit(off, exit="kl_entropy", exit_threshold=1e-3)[0](
+        ids, jnp.int32(40))[1].loops_run)
+    assert (both >= kl).all()
+    # An untrained model's next-token entropy is about log(vocab) > the 3-nat bound: no exit.
+    entropy = -jnp.sum(jax.nn.softmax(off(ids, 2)) * jax.nn.log_softmax(off(ids, 2)), -1)
+    assert float(entropy.max()) > loops.KL_ENTROPY_BOUND and (both == 40).all()
+
+
+def test_state_rms_reports_the_final_hidden_state(model, ids):
+    _, info = model(ids, 3, return_info=True)
+    embedded = model._embed(ids)
+    assert info.state_rms.shape == (3,) and (np.asarray(info.state_rms) > 0).all()
+    deeper = model(ids, 9, return_info=True)[1].state_rms
+    assert not np.allclose(info.state_rms, deeper)
+    assert float(jnp.sqrt(jnp.mean(embedded ** 2))) < float(info.state_rms.min())
+
+
 def _loss(graphdef, ids, **kwargs):
     def loss(state, n):
         return jnp.mean(nnx.merge(graphdef, state)(ids, n, **kwargs) ** 2)
@@ -169,6 +189,41 @@ def test_parcae_injection_trains_and_is_not_convertible(ids):
     assert float(jnp.abs(grads["readout"]["kernel"][...]).sum()) > 0
     with pytest.raises(ValueError, match="injection='parcae'"):
         to_torch_state_dict(model)
+
+
+def test_additive_injection_is_h_plus_e_plus_u_and_is_not_convertible():
+    from mythos_jax.interop.openmythos import to_torch_state_dict
+    from mythos_jax.layers.recurrence import AdditiveInjection, LTIInjection
+
+    h, e, u = (jax.random.normal(jax.random.key(i), (2, 5, 64)) for i in range(3))
+    np.testing.assert_array_equal(AdditiveInjection(64)(h, e, u), h + e + u)
+    np.testing.assert_array_equal(AdditiveInjection(64).get_A(), np.ones(64))
+    cfg = variants.tiny_mla(injection="additive", act="off")
+    additive, lti = OpenMythos(cfg, rngs=nnx.Rngs(0)), OpenMythos(
+        cfg.replace(injection="openmythos"), rngs=nnx.Rngs(0))
+    assert not nnx.state(additive.recurrent.injection, nnx.Param)     # no A, no B
+    assert isinstance(lti.recurrent.injection, LTIInjection)
+    ids = jnp.arange(12).reshape(2, 6)
+    assert not np.allclose(additive(ids, 3), lti(ids, 3))
+    with pytest.raises(ValueError, match="injection='additive'"):
+        to_torch_state_dict(additive)
+
+
+def test_loop_embed_scale_scales_the_loop_embedding_and_blocks_conversion():
+    from mythos_jax.interop.openmythos import to_torch_state_dict
+    from mythos_jax.layers.recurrence import loop_index_embedding
+
+    h = jnp.zeros((1, 2, 64))
+    full = loop_index_embedding(h, jnp.int32(3), 8)
+    np.testing.assert_allclose(loop_index_embedding(h, jnp.int32(3), 8, 0.02), 0.02 * full,
+                               rtol=1e-6)
+    assert float(jnp.abs(full[..., 8:]).max()) == 0.0
+    scaled = OpenMythos(variants.tiny_mla(loop_embed_scale=0.02), rngs=nnx.Rngs(0))
+    default = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
+    ids = jnp.arange(12).reshape(2, 6)
+    assert not np.allclose(scaled(ids, 2), default(ids, 2))
+    with pytest.raises(ValueError, match="loop_embed_scale=0.02"):
+        to_torch_state_dict(scaled)
 
 
 # ---------------------------------------------------------------- errors

@@ -115,3 +115,12 @@ def test_model_checkpoint_saves_and_loads_in_a_bucket(fake_bucket, tmp_path):
                                   np.asarray(model.embed[...]))
     assert os.listdir(fake_bucket / "bucket") == ["model"]
     assert os.listdir(tmp_path / "cwd") == []
+
+
+@pytest.mark.parametrize("src, dst", [("gs://bucket/model.pt", "out"),
+                                      ("runs/x", "gs://bucket/model.safetensors")])
+def test_convert_refuses_weight_files_in_a_bucket(src, dst, capsys):
+    from mythos_jax.cli import main
+
+    assert main(["convert", src, dst]) == 2
+    assert "files are read and written locally" in capsys.readouterr().err

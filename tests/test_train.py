@@ -42,6 +42,11 @@ def test_presets_overrides_and_files(tmp_path):
     assert from_file.steps == 5 and from_file.model_config().attn_type == "gqa"
     assert from_file.loops.static_count == 2 and from_file.loops.backprop_depth is None
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    # YAML 1.2 booleans: "off" / "on" are the mode names they look like, not False / True.
+    path.write_text("model: {act: off}\nlog: {progress: false}\ndata: {seq_len: 32}\n")
+    yaml_off = load_train_config(str(path), ["model.injection=additive"])
+    assert yaml_off.model_config().act == "off" and yaml_off.log.progress is False
+    assert load_train_config("tiny", ["model.act=off"]).model_config().act == "off"
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -30,13 +30,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read SRC (any form), write DST (form from its suffix)."""
-    from mythos_jax import checkpoint
+    from mythos_jax import checkpoint, paths
     from mythos_jax.interop.files import is_openmythos_file
 
     src, dst = args.src, args.dst
-    if not os.path.exists(src):
+    for path in (src, dst):
+        if is_openmythos_file(path) and paths.is_remote(path):
+            raise CommandError(f"{path}: .pt/.safetensors files are read and written locally; "
+                               "copy them to or from the bucket")
+    if not paths.resolve(src).exists():
         raise CommandError(f"{src}: no such file or directory")
-    if os.path.lexists(dst) and not args.overwrite:
+    if paths.resolve(dst).exists() and not args.overwrite:
         raise CommandError(f"{dst} already exists (use --overwrite to replace it)")
     to_file = is_openmythos_file(dst)
     if to_file and os.path.isdir(dst):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from mythos_jax.experiments import EXPERIMENTS, get_experiment
 
@@ -38,8 +37,11 @@ def run(args: argparse.Namespace) -> int:
     default_out = os.path.join(RESULTS_ROOT, args.name + ("-quick" if args.quick else ""))
     out = args.out or default_out
     arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
-    command = " ".join(["mythos-jax", "experiment", *sys.argv[2:]]) if len(sys.argv) > 2 \
-        else f"mythos-jax experiment {args.name}"
+    command = " ".join(["mythos-jax experiment", args.name,
+                        *(["--arms", args.arms] if args.arms else []),
+                        *(["--quick"] if args.quick else []),
+                        *(["--out", args.out] if args.out else []),
+                        *(["--seed", str(args.seed)] if args.seed else [])])
     results = harness.run(experiment, out, arms, args.quick, args.seed, command)
     if out == os.path.join(RESULTS_ROOT, args.name) and arms is None and os.path.exists(README):
         harness.include_in_readme(README, args.name, results["table"])

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mythos_jax.experiments import plots
-from mythos_jax.experiments.harness import Arm, ArmRun, Experiment
+from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, mean_training_loops,
+                                            report_head)
 from mythos_jax.train import data as data_lib
 from mythos_jax.train.step import model_from_state
 
@@ -75,16 +75,12 @@ def evaluate(run: ArmRun) -> dict:
     accuracy = {split.split("=")[1]: {str(n): float(v["exact_match"]) for n, v in
                                       sorted(by_loops.items())}
                 for split, by_loops in curve.items()}
-    result = {"accuracy": accuracy, "train_mean_loops": _mean_loops(run)}
+    result = {"accuracy": accuracy, "train_mean_loops": mean_training_loops(run)}
     if run.arm.name in LOOPED_ARMS:
         max_loops = 3 if run.quick else MAX_EXIT_LOOPS
         result["exits"] = {rule: _exit_sweep(run, rule, threshold, max_loops)
                            for rule, threshold in EXIT_RULES.items()}
     return result
-
-
-def _mean_loops(run: ArmRun) -> float:
-    return float(np.mean([m["loops"] for m in run.metrics if "loops" in m]))
 
 
 def _exit_sweep(run: ArmRun, rule: str, threshold: float, max_loops: int) -> dict:
@@ -124,8 +120,7 @@ def report(results: dict, out: str) -> str:
                         os.path.join(out, "accuracy.png"),
                         f"E1 k-hop exact match by test loops (trained on <= {TRAIN_MAX_HOPS} "
                         "hops)")
-    lines = [_header(results), "", "| claim | ours | met |", "|---|---|---|"]
-    lines += [f"| {t['claim']} | {t['ours']} | {'yes' if t['met'] else 'no'} |" for t in targets]
+    lines = report_head(results, targets)
     for name, arm in arms.items():
         lines += ["", f"**{name}** (mean training loops {arm['train_mean_loops']:.1f}): exact "
                       "match by hops (rows) and test loops (columns)", ""]
@@ -143,13 +138,6 @@ def report(results: dict, out: str) -> str:
                          f"{ex['accuracy']:.0%} ({ex['accuracy_at_max']:.0%}) |")
     lines += ["", "![accuracy](accuracy.png)"]
     return "\n".join(lines)
-
-
-def _header(results: dict) -> str:
-    m = results["machine"]
-    return (f"{results['date']}, {m['processor']} ({m['cores']} cores, {m['platform']}), jax "
-            f"{m['jax']}, seed {results['seed']}, wall {results['wall_s'] / 60:.1f} min: "
-            f"`{results['command']}`")
 
 
 def _best(matrix: dict, hops: list[str]) -> tuple[float, str]:

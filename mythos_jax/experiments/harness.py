@@ -7,8 +7,8 @@
 Each arm trains in ``<out>/arms/<arm>/`` with ``mythos_jax.train.trainer.train``: checkpoints,
 metrics and resume are the trainer's own, so an interrupted arm continues where it stopped and
 a finished one (its ``result.json`` written for the same config) is skipped. ``--quick`` adds
-the experiment's ``quick_overrides`` (a few steps, small sweeps): it checks the pipeline, not
-the science. The experiment's ``report`` turns the collected results into a Markdown table
+the experiment's ``quick_overrides`` (a few steps, small sweeps) and runs its ``quick_arms``:
+it checks the pipeline, not the science. The experiment's ``report`` turns the collected results into a Markdown table
 (with the claims, our numbers and whether each is met) and plots; ``results.json`` holds
 everything, with the machine, date, wall time and command.
 """
@@ -27,14 +27,15 @@ from typing import Callable
 
 import jax
 
+from mythos_jax import paths
 from mythos_jax.train import trainer
 from mythos_jax.train.checkpointing import Checkpointer
 from mythos_jax.train.config import TrainConfig, load_train_config
-from mythos_jax.train.step import TrainPlan, TrainState, build_plan
 from mythos_jax.parallel.mesh import make_mesh
+from mythos_jax.train.step import TrainPlan, TrainState, build_plan
 
 RESULT_FILE = "result.json"
-README_MARKER = "<!-- results:{name} -->"
+README_MARKERS = ("<!-- results:{name} -->", "<!-- /results:{name} -->")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Experiment:
     arms: tuple[Arm, ...]
     evaluate: Callable[[ArmRun], dict]
     report: Callable[[dict, str], str]
+    quick_arms: tuple[str, ...] | None = None     # the arms --quick runs (None: all)
 
     def arm_config(self, arm: Arm, quick: bool, seed: int) -> TrainConfig:
         overrides = [*self.base_overrides, *arm.overrides,
@@ -83,7 +85,7 @@ def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: 
         seed: int = 0, command: str | None = None) -> dict:
     """Train and evaluate ``arms`` (default: all) into ``out``; write results.json, the
     Markdown table and the plots; return the results."""
-    chosen = _choose_arms(experiment, arms)
+    chosen = _choose_arms(experiment, arms if arms or not quick else experiment.quick_arms)
     os.makedirs(out, exist_ok=True)
     arm_results = {}
     for index, arm in enumerate(chosen, 1):
@@ -98,8 +100,8 @@ def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: 
     }
     table = experiment.report(results, out)
     results["table"] = table
-    write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n")
-    write_atomic(os.path.join(out, "table.md"), table + "\n")
+    paths.write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n")
+    paths.write_text(os.path.join(out, "table.md"), table + "\n")
     print(f"{experiment.name}: results in {out}/results.json, table in {out}/table.md")
     return results
 
@@ -111,24 +113,16 @@ def machine() -> dict:
             "jax": jax.__version__}
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
-
-
 def include_in_readme(readme: str, name: str, table: str) -> None:
     """Replace the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in
     ``readme`` by ``table`` (the markers must be there)."""
     with open(readme) as f:
         text = f.read()
-    start, end = README_MARKER.format(name=name), README_MARKER.format(name="/" + name)
+    start, end = (marker.format(name=name) for marker in README_MARKERS)
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
         raise ValueError(f"{readme}: no {start} ... {end} section to fill")
-    write_atomic(readme, pattern.sub(lambda _: f"{start}\n{table}\n{end}", text))
+    paths.write_text(readme, pattern.sub(lambda _: f"{start}\n{table}\n{end}", text))
 
 
 # ---------------------------------------------------------------------------- one arm
@@ -156,11 +150,12 @@ def _run_arm(experiment: Experiment, arm: Arm, out: str, quick: bool, seed: int,
         state = None if checkpointer.latest_step() is None else checkpointer.restore()
     finally:
         checkpointer.close()
-    result = experiment.evaluate(ArmRun(arm, cfg, workdir, plan, state, report,
-                                        trainer.read_metrics(workdir), diverged, quick))
+    metrics = trainer.read_metrics(workdir)
+    result = experiment.evaluate(ArmRun(arm, cfg, workdir, plan, state, report, metrics,
+                                        diverged, quick))
     result.update(config=cfg.to_dict(), wall_s=time.time() - started,
-                  steps=trainer.read_metrics(workdir)[-1]["step"] if diverged else int(state.step))
-    write_atomic(result_path, json.dumps(result, indent=1) + "\n")
+                  steps=max(m["step"] for m in metrics))
+    paths.write_text(result_path, json.dumps(result, indent=1) + "\n")
     print(f"{progress} {experiment.name}/{arm.name}: finished in {result['wall_s']:.0f} s",
           flush=True)
     return result
@@ -184,6 +179,23 @@ def _choose_arms(experiment: Experiment, names: list[str] | None) -> list[Arm]:
         raise ValueError(f"experiment {experiment.name!r} has no arm(s) {unknown}; its arms: "
                          f"{sorted(by_name)}")
     return [by_name[n] for n in names]
+
+
+def mean_training_loops(run: ArmRun) -> float:
+    """The mean loop count the arm's training steps drew (from metrics.jsonl)."""
+    return float(sum(m["loops"] for m in run.metrics if "loops" in m)
+                 / max(1, sum(1 for m in run.metrics if "loops" in m)))
+
+
+def report_head(results: dict, targets: list[dict]) -> list[str]:
+    """The first lines of every experiment's table: where and how it ran, then one row per
+    target (the claim, our number, met or not)."""
+    m = results["machine"]
+    lines = [f"{results['date']}, {m['processor']} ({m['cores']} cores, {m['platform']}), jax "
+             f"{m['jax']}, seed {results['seed']}, wall {results['wall_s'] / 60:.1f} min: "
+             f"`{results['command']}`", "", "| claim | ours | met |", "|---|---|---|"]
+    return lines + [f"| {t['claim']} | {t['ours']} | {'yes' if t['met'] else 'no'} |"
+                    for t in targets]
 
 
 def loss_curve(report: dict, split: str, field: str = "loss") -> dict[str, float]:

@@ -15,8 +15,7 @@ import math
 import os
 
 from mythos_jax.experiments import plots
-from mythos_jax.experiments.depth_extrapolation import _header
-from mythos_jax.experiments.harness import Arm, ArmRun, Experiment
+from mythos_jax.experiments.harness import Arm, ArmRun, Experiment, report_head
 
 BASE_LR = 3e-3
 MULTIPLIERS = (1, 3, 10, 30)
@@ -68,8 +67,7 @@ def report(results: dict, out: str) -> str:
     plots.panels(series, os.path.join(out, "trajectories.png"),
                  "E3 training loss, rho(A) and RMS of h by step", "step",
                  logy={"state_rms"})
-    lines = [_header(results), "", "| claim | ours | met |", "|---|---|---|"]
-    lines += [f"| {t['claim']} | {t['ours']} | {'yes' if t['met'] else 'no'} |" for t in targets]
+    lines = report_head(results, targets)
     lines += ["", "| arm | diverged | non-finite steps | initial loss | final loss | max rho(A) "
                   "| final RMS(h) |", "|---|---|---|---|---|---|---|"]
     for name, a in arms.items():
@@ -87,7 +85,7 @@ def _targets(arms: dict) -> list[dict]:
         by_rate.setdefault(rate, {})[injection] = a
     additive_fails = [r for r, forms in by_rate.items()
                       if forms.get("additive", {}).get("diverged")]
-    stable_there = all(not forms[f]["diverged"] for r in additive_fails
+    stable_there = all(not by_rate[r][f]["diverged"] for r in additive_fails
                        for f in ("openmythos", "parcae") if f in by_rate[r])
     bounded = [a["max_rho"] for n, a in arms.items() if not n.startswith("additive")]
     return [
@@ -108,4 +106,5 @@ EXPERIMENT = Experiment(
     claim="The stable injections (LTI, Parcae) train at learning rates where additive "
           "injection diverges; rho(A) stays below 1",
     base="tiny", base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
-    evaluate=evaluate, report=report)
+    evaluate=evaluate, report=report,
+    quick_arms=("openmythos@x1", "parcae@x30", "additive@x30"))

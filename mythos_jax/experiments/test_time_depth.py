@@ -15,9 +15,9 @@ import os
 import numpy as np
 
 from mythos_jax.experiments import plots
-from mythos_jax.experiments.depth_extrapolation import _header, _mean_loops
 from mythos_jax.experiments.fit import fit_saturating_exponential
-from mythos_jax.experiments.harness import Arm, ArmRun, Experiment, loss_curve
+from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, loss_curve,
+                                            mean_training_loops, report_head)
 
 TEST_LOOPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 TRAIN_LOOPS = 4
@@ -46,7 +46,7 @@ def evaluate(run: ArmRun) -> dict:
     """Held-out loss by test loops and its saturating-exponential fit."""
     loss = loss_curve(run.train_report, "heldout")
     fit = fit_saturating_exponential([int(t) for t in loss], list(loss.values()))
-    return {"train_mean_loops": _mean_loops(run), "loss": loss, "fit": fit}
+    return {"train_mean_loops": mean_training_loops(run), "loss": loss, "fit": fit}
 
 
 def report(results: dict, out: str) -> str:
@@ -58,8 +58,7 @@ def report(results: dict, out: str) -> str:
                  "test-time loops", "held-out loss", logx=True,
                  fitted={name: _law(a["fit"]) for name, a in arms.items()})
     columns = list(next(iter(arms.values()))["loss"])
-    lines = [_header(results), "", "| claim | ours | met |", "|---|---|---|"]
-    lines += [f"| {t['claim']} | {t['ours']} | {'yes' if t['met'] else 'no'} |" for t in targets]
+    lines = report_head(results, targets)
     lines += ["", "Held-out loss (nats/byte) by test-time loops, and the fit:", "",
               "| arm | mean train loops | " + " | ".join(columns) + " | L_inf | Z | z | R^2 |",
               "|---" * (len(columns) + 6) + "|"]
@@ -108,4 +107,4 @@ EXPERIMENT = Experiment(
     claim="Random-depth training without ACT gives a loss that falls with test-time loops and "
           "stays flat far beyond the training depth; fixed depth with ACT does not",
     base="cpu_small", base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
-    evaluate=evaluate, report=report)
+    evaluate=evaluate, report=report, quick_arms=("fixed_act", "parcae_random"))

@@ -262,14 +262,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log": {"every": 50},
         "eval": {"every": 800, "batches": 4, "loops": [1, 2, 3, 4, 6, 8]},
     },
-    # Depth extrapolation study: k-hop composition, trained on <= 4 hops.
+    # The main job (``make train``), E1's looped_random arm: k-hop composition over a knowledge
+    # graph, trained on <= 4 hops with Poisson(6) loops; the depth curve shows more test-time
+    # loops answering more hops (~4 min on 2 CPU cores). tests/test_experiments.py keeps it
+    # equal to mythos_jax/experiments/depth_extrapolation.py's arm.
     "khop": {
-        "steps": 3000,
-        "model": {"variant": "tiny_mla", "dim": 128, "max_seq_len": 128, "act": "off",
-                  "n_experts": 8},
-        "data": {"source": "khop", "seq_len": 96, "batch_size": 32},
-        "loops": {"schedule": "poisson", "mean": 4.0, "max_loops": 8, "backprop_depth": 4},
-        "eval": {"every": 500, "loops": [1, 2, 4, 8, 12, 16]},
+        "steps": 2000,
+        "model": {"variant": "tiny_mla", "act": "off", "n_experts": 1, "n_experts_per_tok": 1,
+                  "expert_dim": 128, "max_seq_len": 16, "loop_embed_scale": 0.02},
+        "data": {"source": "khop_graph", "seq_len": 16, "batch_size": 64, "khop_entities": 32,
+                 "khop_eval_hops": list(range(1, 13)), "khop_supervision": "every_hop"},
+        "loops": {"schedule": "poisson", "mean": 6.0, "max_loops": 12, "backprop_depth": 6},
+        "optim": {"warmup_steps": 50},
+        "checkpoint": {"every": 500, "keep": 2},
+        "log": {"every": 25},
+        "eval": {"loops": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]},
     },
     # A TPU pod run (see tpu_setup/README.md); needs a tokenizer and a corpus.
     "mythos_1b": {

@@ -1,0 +1,132 @@
+"""The experiment harness: every experiment's --quick pipeline (arms trained by the trainer,
+sweeps run, files written), skip and resume of arms, the L(T) fit and the README tables."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mythos_jax.cli import main
+from mythos_jax.experiments import get_experiment, harness
+from mythos_jax.experiments.fit import fit_saturating_exponential
+from mythos_jax.train import trainer
+
+
+def run_quick(name, out, *flags):
+    assert main(["experiment", name, "--quick", "--out", str(out), *flags]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "table.md").read_text().startswith(results["date"])
+    assert "| claim | ours | met |" in results["table"]
+    assert results["quick"] is True and results["wall_s"] > 0
+    assert results["command"] == f"mythos-jax experiment {name} --quick --out {out}" + (
+        " " + " ".join(flags) if flags else "")
+    return results
+
+
+def test_depth_extrapolation_quick_pipeline(tmp_path):
+    results = run_quick("depth_extrapolation", tmp_path)
+    arms = results["arms"]
+    assert list(arms) == ["looped_random", "looped_fixed", "single_loop", "deep_stack"]
+    assert results["train_max_hops"] == 4
+    for arm in arms.values():
+        assert list(arm["accuracy"]) == ["2", "5"]
+        assert all(list(row) == ["1", "3"] for row in arm["accuracy"].values())
+        assert all(0 <= v <= 1 for row in arm["accuracy"].values() for v in row.values())
+        assert arm["steps"] == 4
+    assert arms["single_loop"]["train_mean_loops"] == 1.0
+    assert set(results["exits"]) == {"looped_random", "looped_fixed"}
+    for rule in ("kl", "kl_entropy"):
+        exits = results["exits"]["looped_random"][rule]
+        assert exits["max_loops"] == 3 and set(exits["per_hops"]) == {"2", "5"}
+        assert all(1 <= v["mean_exit"] <= 3 for v in exits["per_hops"].values())
+    assert len(results["targets"]) == 3 and all(isinstance(t["met"], bool)
+                                                for t in results["targets"])
+    assert os.path.getsize(tmp_path / "accuracy.png") > 1000
+
+
+def test_test_time_depth_quick_pipeline_runs_its_quick_arms(tmp_path):
+    results = run_quick("test_time_depth", tmp_path)
+    assert list(results["arms"]) == ["fixed_act", "parcae_random"]
+    for arm in results["arms"].values():
+        assert list(arm["loss"]) == ["1", "2", "4", "8"]
+        assert set(arm["fit"]) == {"L_inf", "Z", "z", "r2"}
+        assert np.isfinite(list(arm["loss"].values())).all()
+    assert results["arms"]["fixed_act"]["train_mean_loops"] == 4.0
+    assert results["arms"]["fixed_act"]["config"]["model"]["act"] == "openmythos"
+    assert results["arms"]["parcae_random"]["config"]["model"]["injection"] == "parcae"
+    assert os.path.getsize(tmp_path / "loss_by_loops.png") > 1000
+
+
+def test_stability_quick_pipeline_runs_its_quick_arms(tmp_path):
+    results = run_quick("stability", tmp_path)
+    assert list(results["arms"]) == ["openmythos@x1", "parcae@x30", "additive@x30"]
+    for name, arm in results["arms"].items():
+        assert isinstance(arm["diverged"], bool) and arm["max_rho"] > 0
+        assert arm["trajectory"]["step"] == [1, 2, 3, 4]
+        assert len(arm["trajectory"]["rho_A"]) == len(arm["trajectory"]["state_rms"]) == 4
+    assert results["arms"]["additive@x30"]["max_rho"] == 1.0          # no decay at all
+    assert results["arms"]["parcae@x30"]["config"]["optim"]["lr"] == pytest.approx(0.09)
+    assert os.path.getsize(tmp_path / "trajectories.png") > 1000
+
+
+def test_rerun_skips_finished_arms_and_resumes_an_interrupted_one(tmp_path, capsys):
+    experiment = get_experiment("depth_extrapolation")
+    arm = next(a for a in experiment.arms if a.name == "single_loop")
+    cfg = experiment.arm_config(arm, quick=True, seed=0)
+    trainer.train(cfg, tmp_path / "arms" / "single_loop", stop_after=2)   # interrupted at 2
+    capsys.readouterr()
+    run_quick("depth_extrapolation", tmp_path, "--arms", "single_loop")
+    assert "resumed from" in capsys.readouterr().out
+    result_file = tmp_path / "arms" / "single_loop" / harness.RESULT_FILE
+    assert json.loads(result_file.read_text())["steps"] == 4
+    written = result_file.stat().st_mtime_ns
+    run_quick("depth_extrapolation", tmp_path, "--arms", "single_loop")
+    assert "single_loop: done earlier" in capsys.readouterr().out
+    assert result_file.stat().st_mtime_ns == written
+
+
+def test_the_khop_preset_is_the_looped_random_arm():
+    from mythos_jax.train.config import load_train_config
+
+    arm = get_experiment("depth_extrapolation").arms[0]
+    assert arm.name == "looped_random"
+    experiment_cfg = get_experiment("depth_extrapolation").arm_config(arm, False, 0)
+    preset = load_train_config("khop")
+    assert preset.loops.build() == experiment_cfg.loops.build()       # the same depth sampler
+    for section in ("steps", "model", "data", "optim", "checkpoint", "eval"):
+        assert preset.to_dict()[section] == experiment_cfg.to_dict()[section], section
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="unknown experiment 'e4'"):
+        get_experiment("e4")
+    with pytest.raises(ValueError, match=r"has no arm\(s\) \['nope'\]"):
+        harness.run(get_experiment("stability"), "/nonexistent", arms=["nope"])
+
+
+def test_fit_recovers_a_saturating_exponential():
+    loops = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32])
+    fit = fit_saturating_exponential(loops, 1.3 + 0.7 * np.exp(-0.45 * loops))
+    assert fit["L_inf"] == pytest.approx(1.3, abs=1e-4)
+    assert fit["Z"] == pytest.approx(0.7, rel=1e-3)
+    assert fit["z"] == pytest.approx(0.45, rel=1e-3)
+    assert fit["r2"] > 0.99999
+    v_shape = fit_saturating_exponential(loops, 1.0 + 0.05 * (np.log2(loops) - 3) ** 2)
+    assert v_shape["r2"] < 0.9
+    with pytest.raises(ValueError, match="need >= 3 points"):
+        fit_saturating_exponential([1, 2], [1.0, 0.5])
+    with pytest.raises(ValueError, match="must be finite"):
+        fit_saturating_exponential([1, 2, 3], [1.0, float("nan"), 0.5])
+
+
+def test_include_in_readme_replaces_only_its_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:e1 -->\nold\n<!-- /results:e1 -->\n"
+                      "<!-- results:e2 -->\nkeep\n<!-- /results:e2 -->\n")
+    harness.include_in_readme(str(readme), "e1", "| new | table |")
+    assert readme.read_text() == ("intro\n<!-- results:e1 -->\n| new | table |\n"
+                                  "<!-- /results:e1 -->\n<!-- results:e2 -->\nkeep\n"
+                                  "<!-- /results:e2 -->\n")
+    with pytest.raises(ValueError, match="no <!-- results:e3 -->"):
+        harness.include_in_readme(str(readme), "e3", "x")
