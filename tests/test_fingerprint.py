@@ -60,7 +60,7 @@ def test_fingerprint_lists_files_counts_and_split(corpus_dir):
     assert fingerprint["train"]["windows"] == train.num_windows
     assert fingerprint["heldout"]["tokens"] == held.num_tokens
     assert data_changes(fingerprint, data_fingerprint(cfg)) == []
-    assert data_fingerprint(load_train_config("khop").data) == {"source": "khop"}
+    assert data_fingerprint(load_train_config("khop").data) == {"source": "khop_graph"}
 
 
 def test_same_data_resumes(checkpointed):

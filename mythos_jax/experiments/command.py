@@ -2,8 +2,9 @@
 
 ``mythos-jax experiment NAME [--arms a,b] [--quick] [--out DIR] [--seed N]``; NAME is one of
 depth_extrapolation, test_time_depth, stability. Results go to ``experiments/results/NAME/``
-(``results.json``, ``table.md``, plots); a full run into that folder also refreshes the
-experiment's table in ``experiments/README.md``. A rerun skips finished arms and resumes an
+(``results.json``, ``table.md``, plots) of the clone mythos_jax runs from (else of the current
+folder); a full run into that folder also refreshes the experiment's table in
+``experiments/README.md``. A rerun skips finished arms and resumes an
 interrupted one.
 """
 
@@ -14,8 +15,11 @@ import os
 
 from mythos_jax.experiments import EXPERIMENTS, get_experiment
 
-RESULTS_ROOT = os.path.join("experiments", "results")
-README = os.path.join("experiments", "README.md")
+# The clone's experiments/ folder when mythos_jax runs from one (editable install), else ./
+_CLONE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "experiments")
+EXPERIMENTS_DIR = os.path.normpath(_CLONE) if os.path.isdir(_CLONE) else "experiments"
+RESULTS_ROOT = os.path.join(EXPERIMENTS_DIR, "results")
+README = os.path.join(EXPERIMENTS_DIR, "README.md")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

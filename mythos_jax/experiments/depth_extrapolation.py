@@ -77,36 +77,38 @@ def evaluate(run: ArmRun) -> dict:
                 for split, by_loops in curve.items()}
     result = {"accuracy": accuracy, "train_mean_loops": mean_training_loops(run)}
     if run.arm.name in LOOPED_ARMS:
-        max_loops = 3 if run.quick else MAX_EXIT_LOOPS
-        result["exits"] = {rule: _exit_sweep(run, rule, threshold, max_loops)
-                           for rule, threshold in EXIT_RULES.items()}
+        result["exits"] = _exit_sweep(run, 3 if run.quick else MAX_EXIT_LOOPS)
     return result
 
 
-def _exit_sweep(run: ArmRun, rule: str, threshold: float, max_loops: int) -> dict:
-    """Per hop count: mean exit loop and answer accuracy with the exit rule, and the accuracy
-    of the same queries at ``max_loops`` fixed loops."""
+def _exit_sweep(run: ArmRun, max_loops: int) -> dict:
+    """Per exit rule and hop count: mean exit loop and answer accuracy with the rule, and the
+    accuracy of the same queries at ``max_loops`` fixed loops."""
     model = model_from_state(run.plan, run.state)
     model.eval()
-    adaptive = nnx.jit(lambda m, ids: m(ids, jnp.int32(max_loops), exit=rule,
-                                        exit_threshold=threshold, return_info=True))
     fixed = nnx.jit(lambda m, ids: m(ids, max_loops))
-    per_hops = {}
+    adaptive = {rule: nnx.jit(lambda m, ids, rule=rule, threshold=threshold: m(
+        ids, jnp.int32(max_loops), exit=rule, exit_threshold=threshold, return_info=True))
+        for rule, threshold in EXIT_RULES.items()}
+    per_rule = {rule: {} for rule in EXIT_RULES}
     for split in data_lib.eval_splits(run.cfg.data):
         hops = int(split.split("=")[1])
         batches = data_lib.eval_batches(run.cfg.data, split)[:run.cfg.eval.batches]
-        ids = np.concatenate([b["inputs"][:, :hops + 1] for b in batches])   # entity, relations
+        ids = jnp.asarray(np.concatenate([b["inputs"][:, :hops + 1] for b in batches]))
         answers = np.concatenate([b["targets"][:, hops] for b in batches])
         with run.plan.context():
-            logits, info = adaptive(model, jnp.asarray(ids))
-            at_max = fixed(model, jnp.asarray(ids))
-        per_hops[str(hops)] = {
-            "mean_exit": float(np.mean(info.loops_run)),
-            "accuracy": float(np.mean(np.argmax(logits[:, -1], -1) == answers)),
-            "accuracy_at_max": float(np.mean(np.argmax(at_max[:, -1], -1) == answers))}
-    means = {key: float(np.mean([v[key] for v in per_hops.values()]))
-             for key in ("mean_exit", "accuracy", "accuracy_at_max")}
-    return {"threshold": threshold, "max_loops": max_loops, **means, "per_hops": per_hops}
+            at_max = float(np.mean(np.argmax(fixed(model, ids)[:, -1], -1) == answers))
+            for rule, run_rule in adaptive.items():
+                logits, info = run_rule(model, ids)
+                per_rule[rule][str(hops)] = {
+                    "mean_exit": float(np.mean(info.loops_run)),
+                    "accuracy": float(np.mean(np.argmax(logits[:, -1], -1) == answers)),
+                    "accuracy_at_max": at_max}
+    return {rule: {"threshold": EXIT_RULES[rule], "max_loops": max_loops,
+                   **{key: float(np.mean([v[key] for v in per_hops.values()]))
+                      for key in ("mean_exit", "accuracy", "accuracy_at_max")},
+                   "per_hops": per_hops}
+            for rule, per_hops in per_rule.items()}
 
 
 # ---------------------------------------------------------------------------- report
@@ -176,8 +178,8 @@ def _targets(arms: dict) -> list[dict]:
         met, saving, rule, loss = max(options)
         found.append({"claim": "an exit rule: mean exit >= 30% below the maximum at <= 1 point "
                                "accuracy loss",
-                      "ours": f"{rule}: {saving:.0%} fewer loops, {loss * 100:+.1f} points "
-                              "lost", "met": met})
+                      "ours": f"{rule}: {saving:.0%} fewer loops, accuracy {-loss * 100:+.1f} "
+                              "points against the maximum", "met": met})
     return found
 
 

@@ -63,8 +63,8 @@ def panels(series: dict[str, dict[str, tuple[list[float], list[float]]]], path: 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.8), squeeze=False)
     for ax, (quantity, lines) in zip(axes.flat, series.items()):
-        for name, (x, y) in lines.items():
-            ax.plot(x, y, label=name, linewidth=1)
+        for index, (name, (x, y)) in enumerate(lines.items()):
+            ax.plot(x, y, label=name, linewidth=1, color=plt.cm.tab20(index % 20))
         if quantity in logy:
             ax.set_yscale("log")
         ax.set_title(quantity)

@@ -107,4 +107,4 @@ EXPERIMENT = Experiment(
           "injection diverges; rho(A) stays below 1",
     base="tiny", base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
     evaluate=evaluate, report=report,
-    quick_arms=("openmythos@x1", "parcae@x30", "additive@x30"))
+    quick_arms=("parcae@x30", "additive@x30"))
