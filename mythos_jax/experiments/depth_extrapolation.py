@@ -128,11 +128,11 @@ def report(results: dict, out: str) -> str:
                       "match by hops (rows) and test loops (columns)", ""]
         lines += plots.markdown_matrix(arm["accuracy"], "hops", percent=True)
     for name, exits in results["exits"].items():
-        lines += ["", f"**{name}, adaptive exits** (at most {next(iter(exits.values()))['max_loops']}"
-                      " loops): mean exit loop / accuracy (accuracy at the maximum)", "",
-                  "| rule | " + " | ".join(f"{k} hops" for k in next(iter(exits.values()))
-                                          ["per_hops"]) + " | all |",
-                  "|---" * (len(next(iter(exits.values()))["per_hops"]) + 2) + "|"]
+        first = next(iter(exits.values()))
+        lines += ["", f"**{name}, adaptive exits** (at most {first['max_loops']} loops): mean "
+                      "exit loop / accuracy (accuracy at the maximum)", "",
+                  "| rule | " + " | ".join(f"{k} hops" for k in first["per_hops"]) + " | all |",
+                  "|---" * (len(first["per_hops"]) + 2) + "|"]
         for rule, ex in exits.items():
             cells = [f"{v['mean_exit']:.1f} / {v['accuracy']:.0%} ({v['accuracy_at_max']:.0%})"
                      for v in ex["per_hops"].values()]

@@ -8,9 +8,9 @@ Each arm trains in ``<out>/arms/<arm>/`` with ``mythos_jax.train.trainer.train``
 metrics and resume are the trainer's own, so an interrupted arm continues where it stopped and
 a finished one (its ``result.json`` written for the same config) is skipped. ``--quick`` adds
 the experiment's ``quick_overrides`` (a few steps, small sweeps) and runs its ``quick_arms``:
-it checks the pipeline, not the science. The experiment's ``report`` turns the collected results into a Markdown table
-(with the claims, our numbers and whether each is met) and plots; ``results.json`` holds
-everything, with the machine, date, wall time and command.
+it checks the pipeline, not the science. The experiment's ``report`` turns the collected
+results into a Markdown table (the claims, our numbers, met or not) and plots;
+``results.json`` holds everything, with the machine, date, wall time and command.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import jax
 
 from mythos_jax import paths
 from mythos_jax.train import trainer
+from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train.checkpointing import Checkpointer
 from mythos_jax.train.config import TrainConfig, load_train_config
-from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train.step import TrainPlan, TrainState, build_plan
 
 RESULT_FILE = "result.json"
@@ -183,8 +183,8 @@ def _choose_arms(experiment: Experiment, names: list[str] | None) -> list[Arm]:
 
 def mean_training_loops(run: ArmRun) -> float:
     """The mean loop count the arm's training steps drew (from metrics.jsonl)."""
-    return float(sum(m["loops"] for m in run.metrics if "loops" in m)
-                 / max(1, sum(1 for m in run.metrics if "loops" in m)))
+    drawn = [m["loops"] for m in run.metrics if "loops" in m]
+    return sum(drawn) / max(1, len(drawn))
 
 
 def report_head(results: dict, targets: list[dict]) -> list[str]:

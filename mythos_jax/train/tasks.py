@@ -2,35 +2,35 @@
 
 Each generator returns ``(tokens, answer_start)``: ``tokens`` (L,) int32 is the whole example
 and the answer is ``tokens[answer_start:]`` (answer tokens, and an EOS (256) for k-hop in
-context and addition), the only positions a model is scored on. Nothing is stored: an example is a pure function of
-its random generator, which ``example_rng`` derives from (seed, split, index).
+context and addition), the only positions a model is scored on. Nothing is stored: an example is
+a pure function of its random generator, which ``example_rng`` derives from (seed, split,
+index).
 
 k-hop composition (``khop_example``): a random cyclic permutation over ``n_facts`` of the
 ``n_entities`` entities (entity i is token ``ENTITY_BASE + i``, so at most 128 entities). The
 prompt lists its facts ``a b`` (b is a's successor) in random order, each followed by a space,
 then the query ``? s`` followed by one ``>`` per hop and ``=``; the answer is the entity k
-successors after s. The hop count is spelled as k repeated tokens so that a query with more
-hops than training ever had is still made of known tokens (Kohli et al. write k relations).
-With one cycle every entity appears once on each side, so no answer can be found without
-following k links. Example (entities shown as letters, 4 facts, k = 2):
-``AC BD CB DA ?A>>=B<EOS>``.
+successors after s. The hop count is spelled as k repeated tokens so that a query with more hops
+than training ever had is still made of known tokens (Kohli et al. write k relations). With one
+cycle every entity appears once on each side, so no answer can be found without following k
+links. Example (entities shown as letters, 4 facts, k = 2): ``AC BD CB DA ?A>>=B<EOS>``.
 
 k-hop over a fixed knowledge graph (``graph_example``, Kohli et al.'s parametric facts): the
 graph is ``n_relations`` random permutations of the entities, fixed by the data seed
 (``knowledge_graph``), so its facts must be learned into the weights, not read from the prompt.
-A query is the entity and one relation token per hop (relation r is token
-``RELATION_BASE + r``); the answer, predicted at the last relation, is the entity reached by
-applying the relations left to right. Example (k = 3): ``A b a d F`` for F = d(a(b(A))).
-Two choices made these queries learnable in minutes (``experiments/README.md``): no ``=``
-marks the end (the answer position would have to gather the last relation and the entity so
-far before its lookup), and no EOS follows the answer (scoring an EOS after the answer kept
-the small looped models at the entity marginal: they learned the EOS and stalled). Multi-hop tuples (k >= 2) are split between
-training and evaluation by a hash of the tuple (``is_heldout``), so in-distribution eval queries
-are compositions the model never saw; one-hop queries are the atomic facts, all trained.
+A query is the entity and one relation token per hop (relation r is token ``RELATION_BASE +
+r``); the answer, predicted at the last relation, is the entity reached by applying the
+relations left to right. Example (k = 3): ``A b a d F`` for F = d(a(b(A))). Two choices made
+these queries learnable in minutes (``experiments/README.md``): no ``=`` marks the end (the
+answer position would have to gather the last relation and the entity so far before its lookup),
+and no EOS follows the answer (scoring an EOS after the answer kept the small looped models at
+the entity marginal: they learned the EOS and stalled). Multi-hop tuples (k >= 2) are split
+between training and evaluation by a hash of the tuple (``is_heldout``), so in-distribution eval
+queries are compositions the model never saw; one-hop queries are the atomic facts, all trained.
 
-Addition (``addition_example``): ``a+b=`` then the digits of a + b, least significant first
-when ``reverse`` (the order a causal model can produce with local carries), then EOS.
-Operands have no leading zeros. Example (reverse): ``57+8=56<EOS>`` (57 + 8 = 65).
+Addition (``addition_example``): ``a+b=`` then the digits of a + b, least significant first when
+``reverse`` (the order a causal model can produce with local carries), then EOS. Operands have
+no leading zeros. Example (reverse): ``57+8=56<EOS>`` (57 + 8 = 65).
 """
 
 from __future__ import annotations
