@@ -1,7 +1,11 @@
-"""Test setup: 8 fake CPU devices, fp32-exact matmuls, and a persistent compilation cache only
-when ``$MYTHOS_JAX_CACHE`` names one: in a full suite run, writing the cache entry of
-``test_parallel``'s sharded training step segfaulted inside jax's executable serialisation
-(twice, also with an empty cache; the test passes alone), so CI runs without it.
+"""Test setup: 8 fake CPU devices, fp32-exact matmuls, a persistent compilation cache only
+when ``$MYTHOS_JAX_CACHE`` names one, and compiled programs released after each test module.
+
+Why the release: every XLA:CPU executable holds a few memory mappings of its code, and the
+suite compiles thousands of programs in one process. Without the release the process passed
+Linux's ``vm.max_map_count`` (65530) about three quarters through the suite and segfaulted
+inside XLA's compiler (seen in CI, in a different test each time; counted with
+``/proc/<pid>/maps``: about 2,500 new mappings a minute).
 JAX_PLATFORMS=cpu keeps every test process (and its subprocesses) off the TPU plugin that
 the test venv's libtpu would otherwise try to load (``mythos-jax plan`` compiles for TPU
 topologies without it)."""
@@ -23,6 +27,14 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mythos_jax import OpenMythos, variants  # noqa: E402
+from mythos_jax.runtime import release_compiled_programs  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compiled_programs_released_after_module():
+    """After each test module, free its compiled programs and their code mappings."""
+    yield
+    release_compiled_programs()
 
 
 @pytest.fixture(scope="module")

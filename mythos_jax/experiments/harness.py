@@ -28,6 +28,7 @@ from typing import Callable
 import jax
 
 from mythos_jax import paths
+from mythos_jax.runtime import release_compiled_programs
 from mythos_jax.train import trainer
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train.checkpointing import Checkpointer
@@ -158,6 +159,7 @@ def _run_arm(experiment: Experiment, arm: Arm, out: str, quick: bool, seed: int,
     paths.write_text(result_path, json.dumps(result, indent=1) + "\n")
     print(f"{progress} {experiment.name}/{arm.name}: finished in {result['wall_s']:.0f} s",
           flush=True)
+    release_compiled_programs()   # the next arm compiles its own programs
     return result
 
 

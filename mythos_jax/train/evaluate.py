@@ -23,8 +23,8 @@ from mythos_jax.train import data as data_lib
 from mythos_jax.train.step import TrainPlan, TrainState, token_loss
 
 
-@functools.lru_cache(maxsize=None)
-def _eval_fn(plan: TrainPlan, n_loops: int):
+@functools.lru_cache(maxsize=16)
+def eval_fn(plan: TrainPlan, n_loops: int):
     """Jitted (params, buffers, batch) -> (loss, accuracy, predictions) at ``n_loops``."""
     def run(params, buffers, batch):
         model = nnx.merge(plan.graphdef, params, buffers)
@@ -59,7 +59,7 @@ def evaluate(plan: TrainPlan, state: TrainState, loop_counts=None,
         global_batches = [global_batch(plan, b) for b in batches]
         results[split] = {}
         for n in loop_counts:
-            run = _eval_fn(plan, int(n))
+            run = eval_fn(plan, int(n))
             sums = np.zeros(3)
             with plan.context():
                 for local, batch in zip(batches, global_batches):
