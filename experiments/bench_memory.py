@@ -11,7 +11,7 @@ included). It is deterministic for a given program and JAX/XLA version. Rows:
 
   inference, static scan         model(ids, n_loops=n), one program per n
   inference, run-time count      model(ids, n_loops=<traced int32>): one while-loop program
-  train bd=4, Fixed(n)           grad of the loss, counts from loops.Fixed(n, backprop_depth=4)
+  train bd=4, Fixed(n)           grad of the loss, counts from schedules.Fixed(n, backprop_depth=4)
                                  drawn inside the step (n is a constant of the program)
   train bd=4, run-time count     the same with the count an argument: one program
   train full, remat=R            grad with max_loops=n (full backprop, count traced), for
@@ -39,7 +39,8 @@ from flax import nnx  # noqa: E402
 from mythos_jax import OpenMythos  # noqa: E402
 from mythos_jax.benchmark import (PRESETS, benchmark_config, config_override_arg,  # noqa: E402
                                   write_json)
-from mythos_jax.loops import Fixed  # noqa: E402
+from mythos_jax.loops import LoopSpec  # noqa: E402
+from mythos_jax.schedules import Fixed  # noqa: E402
 
 REMATS = ("full", "dots", "none")
 # LLVM at -O0 halves the compile time. Buffer assignment (every figure here) is done on the
@@ -173,7 +174,7 @@ def run(args) -> dict:
     add("inference, run-time count", bench.inference_run_time, one_program=True,
         note="while loop, one program for every count")
     add(f"train bd={depth}, Fixed(n)", lambda n: bench.train_fixed(n, depth),
-        note=f"loops.Fixed(n, backprop_depth={depth})")
+        note=f"schedules.Fixed(n, backprop_depth={depth})")
     add(f"train bd={depth}, run-time count", lambda: bench.train_run_time(depth),
         one_program=True, note="count an argument, one program")
     for remat in REMATS:

@@ -72,8 +72,9 @@ def teacher_forced_logits(model, ids: np.ndarray, prompt: int, n_loops: int,
     with the jitted steps of ``generate``."""
     batch, length = ids.shape
     graphdef, state = nnx.split(model)
-    decoder = compiled_decoder(graphdef, n_loops, share_depths=depth_slots is not None)
-    cache = init_cache(model.cfg, batch, length, depth_slots or n_loops)
+    decoder = compiled_decoder(graphdef, n_loops)
+    cache = init_cache(model.cfg, batch, length, depth_slots or n_loops,
+                       shares_depths=depth_slots is not None)
     _, logits, cache, _ = decoder.prefill(state, jnp.asarray(ids[:, :prompt]), cache, None)
     out = [logits]
     for t in range(prompt, length - 1):

@@ -11,13 +11,8 @@ import dataclasses
 import json
 from typing import Any
 
-ATTN_TYPES = ("mla", "gqa")
-COMPUTE_DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
-MOE_IMPLS = ("grouped", "dense", "dropless", "capacity")
-LOOP_REMATS = ("dots", "full", "none")
-ACT_MODES = ("openmythos", "flush", "off")
-INJECTIONS = ("openmythos", "parcae", "additive")
+from mythos_jax.modes import (ACTMode, AttentionImpl, AttentionType, ComputeDtype, Injection,
+                              LoopRemat, Mode, MoEImpl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +73,7 @@ class MythosConfig:
     max_loop_iters: int = 16
     prelude_layers: int = 2
     coda_layers: int = 2
-    attn_type: str = "mla"
+    attn_type: AttentionType = AttentionType.MLA
     kv_lora_rank: int = 512
     q_lora_rank: int = 1536
     qk_rope_head_dim: int = 64
@@ -94,13 +89,13 @@ class MythosConfig:
     max_output_tokens: int = 4096
     dropout: float = 0.0
     # --- mythos-jax extensions (defaults keep OpenMythos numerics) ---
-    dtype: str = "float32"
-    attention_impl: str = "auto"
-    moe_impl: str = "grouped"
+    dtype: ComputeDtype = ComputeDtype.FLOAT32
+    attention_impl: AttentionImpl = AttentionImpl.AUTO
+    moe_impl: MoEImpl = MoEImpl.GROUPED
     capacity_factor: float = 1.25
-    loop_remat: str = "dots"
-    act: str = "openmythos"
-    injection: str = "openmythos"
+    loop_remat: LoopRemat = LoopRemat.DOTS
+    act: ACTMode = ACTMode.OPENMYTHOS
+    injection: Injection = Injection.OPENMYTHOS
     prelude_norm: bool = False
     readout: bool = False
     loop_embed_scale: float = 1.0
@@ -110,21 +105,22 @@ class MythosConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field that breaks a rule."""
+        """Raise ``ValueError`` naming the first field that breaks a rule; mode names become
+        their :mod:`mythos_jax.modes` members."""
+        for name, mode in _MODE_FIELDS.items():
+            object.__setattr__(self, name, mode.parse(getattr(self, name), f"MythosConfig.{name}"))
         for name in ("vocab_size", "dim", "n_heads", "max_seq_len", "max_loop_iters",
                      "n_experts", "n_experts_per_tok", "expert_dim", "lora_rank",
                      "max_output_tokens"):
             _require_int(self, name, minimum=1)
         for name in ("prelude_layers", "coda_layers", "n_shared_experts"):
             _require_int(self, name, minimum=0)
-        if self.attn_type not in ATTN_TYPES:
-            _fail("attn_type", f"must be one of {ATTN_TYPES}, got {self.attn_type!r}")
         if self.dim % self.n_heads:
             _fail("dim", f"must be divisible by n_heads={self.n_heads}, got {self.dim}")
         if (self.dim // 8) % 2 or self.dim < 16:
             _fail("dim", f"dim // 8 (the loop-embedding width) must be even and >= 2, "
                          f"got dim={self.dim}")
-        if self.attn_type == "gqa":
+        if self.attn_type == AttentionType.GQA:
             _require_int(self, "n_kv_heads", minimum=1)
             if self.n_heads % self.n_kv_heads:
                 _fail("n_kv_heads", f"n_heads={self.n_heads} must be divisible by "
@@ -150,22 +146,9 @@ class MythosConfig:
         _require_float(self, "dropout")
         if not 0.0 <= self.dropout < 1.0:
             _fail("dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.dtype not in COMPUTE_DTYPES:
-            _fail("dtype", f"must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            _fail("attention_impl", f"must be one of {ATTENTION_IMPLS}, "
-                                    f"got {self.attention_impl!r}")
-        if self.moe_impl not in MOE_IMPLS:
-            _fail("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         _require_float(self, "capacity_factor")
         if not self.capacity_factor > 0:
             _fail("capacity_factor", f"must be > 0, got {self.capacity_factor}")
-        if self.loop_remat not in LOOP_REMATS:
-            _fail("loop_remat", f"must be one of {LOOP_REMATS}, got {self.loop_remat!r}")
-        if self.act not in ACT_MODES:
-            _fail("act", f"must be one of {ACT_MODES}, got {self.act!r}")
-        if self.injection not in INJECTIONS:
-            _fail("injection", f"must be one of {INJECTIONS}, got {self.injection!r}")
         _require_float(self, "loop_embed_scale")
         if not 0.0 <= self.loop_embed_scale < float("inf"):
             _fail("loop_embed_scale", f"must be finite and >= 0, got {self.loop_embed_scale}")
@@ -178,8 +161,13 @@ class MythosConfig:
     def has_openmythos_weights(self) -> bool:
         """True when the parameters and their math are OpenMythos's (convertible to and from
         PyTorch with the same logits)."""
-        return (self.injection == "openmythos" and not self.prelude_norm and not self.readout
+        return (self.injection == Injection.OPENMYTHOS and not self.prelude_norm and not self.readout
                 and self.loop_embed_scale == 1.0)
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotated dims per head: qk_rope_head_dim (MLA) or the head dim (GQA)."""
+        return self.qk_rope_head_dim if self.attn_type == AttentionType.MLA else self.head_dim
 
     @property
     def head_dim(self) -> int:
@@ -207,7 +195,9 @@ class MythosConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (modes as their names), for JSON and YAML."""
+        return {name: str(value) if isinstance(value, Mode) else value
+                for name, value in dataclasses.asdict(self).items()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -236,6 +226,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if name not in fields:
         raise ValueError(f"unknown MythosConfig field {name!r}")
     kind = type(fields[name].default)
+    if issubclass(kind, Mode):
+        return name, kind.parse(raw, f"MythosConfig.{name}")
     if kind is bool:
         if raw.lower() not in ("true", "false"):
             raise ValueError(f"MythosConfig.{name}: expected true or false, got {raw!r}")
@@ -244,6 +236,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         return name, kind(raw)
     except ValueError:
         raise ValueError(f"MythosConfig.{name}: expected a {kind.__name__}, got {raw!r}") from None
+
+
+_MODE_FIELDS = {"attn_type": AttentionType, "dtype": ComputeDtype, "attention_impl": AttentionImpl,
+                "moe_impl": MoEImpl, "loop_remat": LoopRemat, "act": ACTMode,
+                "injection": Injection}
 
 
 def _fail(field: str, rule: str) -> None:

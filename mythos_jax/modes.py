@@ -16,7 +16,11 @@ import jax
 
 
 class Mode(enum.StrEnum):
-    """Base of every mode: a ``str`` with a checked constructor."""
+    """Base of every mode: a ``str`` with a checked constructor; shown as its name in messages
+    (``repr`` is the plain string's)."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
     @classmethod
     def parse(cls, value, field: str):

@@ -1,16 +1,20 @@
 """Depth samplers for training: how many loops each step (or each sequence) runs.
 
 ``Fixed``, ``Uniform``, ``Poisson`` (Parcae), ``LogNormalPoisson`` (Huginn) and ``Curriculum``
-(a Poisson / LogNormalPoisson whose mean ramps up); ``mythos_jax.loops.sample_loops`` draws
-from one of them or from a user function. Re-exported by :mod:`mythos_jax.loops`.
+(a Poisson / LogNormalPoisson whose mean ramps up); :func:`sample_loops` draws from one of
+them or from a user function. A schedule turns its counts into the forward's
+:class:`~mythos_jax.loops.LoopSpec` (``loop_spec``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from mythos_jax.loops.spec import LoopSpec, check_bounds, per_sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,10 +29,7 @@ class Schedule:
     max_loops: int = dataclasses.field(default=64, kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.backprop_depth is not None and self.backprop_depth < 1:
-            raise ValueError(f"backprop_depth must be >= 1 or None, got {self.backprop_depth}")
-        if self.max_loops < 1:
-            raise ValueError(f"max_loops must be >= 1, got {self.max_loops}")
+        check_bounds(self.backprop_depth, self.max_loops)
         if not self.mean > 0:
             raise ValueError(f"{type(self).__name__}: the mean loop count must be positive, "
                              f"got {self.mean}")
@@ -45,6 +46,13 @@ class Schedule:
         shape = (batch,) if self.per_sequence else ()
         return jnp.clip(self.draw(key, shape, step), 1, self.max_loops).astype(jnp.int32)
 
+    def loop_spec(self, counts) -> LoopSpec:
+        """The training forward's spec for counts drawn by ``sample``: the last
+        ``backprop_depth`` loops differentiated, or full backprop masked to ``max_loops``."""
+        if self.backprop_depth is not None:
+            return LoopSpec(counts, backprop_depth=self.backprop_depth)
+        return LoopSpec(counts, max_loops=self.max_loops)
+
 
 @dataclasses.dataclass(frozen=True)
 class Fixed(Schedule):
@@ -57,6 +65,13 @@ class Fixed(Schedule):
 
     def draw(self, key, shape, step):
         return jnp.full(shape, self.n, jnp.int32)
+
+    def loop_spec(self, counts) -> LoopSpec:
+        """A count that never varies is static (one scan, as the parity path) unless the
+        gradient is truncated."""
+        if self.backprop_depth is None:
+            return LoopSpec(min(self.n, self.max_loops))
+        return super().loop_spec(counts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,3 +157,15 @@ class Curriculum(Schedule):
 
     def draw(self, key, shape, step):
         return self.target.draw(key, shape, step, mean=self.mean_at(step))
+
+
+def sample_loops(schedule: Schedule | Callable[[Any, jax.Array], Any], step, key: jax.Array,
+                 batch: int) -> jax.Array:
+    """Counts for this step from a :class:`Schedule` or a user function ``f(step, key)``
+    returning a scalar or per-sequence (B,) integer count (jittable: step may be traced)."""
+    if isinstance(schedule, Schedule):
+        return schedule.sample(step, key, batch)
+    if not callable(schedule):
+        raise TypeError(f"expected a mythos_jax.schedules.Schedule or a function (step, key) -> "
+                        f"count(s), got {type(schedule).__name__}")
+    return per_sequence(schedule(step, key), batch)

@@ -142,7 +142,7 @@ def test_emulation_is_logged_once(caplog):
 
 # ============================================================================ the full model
 def _loss(model, ids):
-    logits = model(ids, n_loops=2)
+    logits = model(ids, 2)
     log_probs = jax.nn.log_softmax(logits[:, :-1])
     return -jnp.mean(jnp.take_along_axis(log_probs, ids[:, 1:, None], axis=-1))
 

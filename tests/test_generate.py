@@ -12,6 +12,7 @@ from mythos_jax import OpenMythos, variants
 from mythos_jax.inference import generate as gen
 from mythos_jax.inference.cache import cache_values_per_token, init_cache
 from mythos_jax.inference.sampling import sample_next
+from mythos_jax.loops import LoopSpec
 from mythos_jax.interop.parity import build_pair
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]
@@ -27,9 +28,9 @@ def model(request):
 
 def test_prefill_into_a_used_cache_raises(model):
     cache = init_cache(model.cfg, 1, 8, 1)
-    _, cache = model.forward_cached(jnp.asarray([[1, 2]]), cache, 1)
+    cache = model(jnp.asarray([[1, 2]]), 1, cache=cache).cache
     with pytest.raises(ValueError, match="needs an empty cache"):
-        model.forward_cached(jnp.asarray([[3, 4]]), cache, 1)
+        model(jnp.asarray([[3, 4]]), 1, cache=cache)
 
 
 @pytest.mark.parametrize("n_loops", [1, 3])
@@ -37,11 +38,11 @@ def test_cached_decode_equals_full_forward_with_padding(model, n_loops):
     continuation = [[1, 2, 3, 4], [9, 8, 7, 6], [3, 3, 3, 3]]
     ids, start = gen.left_pad(PROMPTS)
     cache = init_cache(model.cfg, len(PROMPTS), 16, n_loops, start)
-    prefill_logits, cache = model.forward_cached(jnp.asarray(ids), cache, n_loops)
+    prefill_logits, _, cache = model(jnp.asarray(ids), n_loops, cache=cache)
     decoded = []
     for step in range(4):
         token = jnp.asarray([[c[step]] for c in continuation])
-        logits, cache = model.forward_cached(token, cache, n_loops)
+        logits, _, cache = model(token, n_loops, cache=cache)
         decoded.append(logits[:, 0])
     decoded = np.stack(decoded, axis=1)
     for b, prompt in enumerate(PROMPTS):
@@ -56,7 +57,7 @@ def test_cache_holds_latent_and_one_rope_key_per_token():
     cache = init_cache(cfg, 2, 10, 3)
     assert cache.recurrent["c_kv"].shape == (3, 2, 10, cfg.kv_lora_rank)
     assert cache.recurrent["k_rope"].shape == (3, 2, 10, cfg.qk_rope_head_dim)
-    per_token = sum(x.size for x in jax.tree.leaves(cache[:3])) // (2 * 10)
+    per_token = sum(x.size for x in jax.tree.leaves((cache.prelude, cache.recurrent, cache.coda))) // (2 * 10)
     assert per_token == cache_values_per_token(cfg, 3) == (16 + 8) * (1 + 3 + 1)
 
 
@@ -103,10 +104,11 @@ def test_decode_early_exit_per_sequence(model):
 def test_early_exit_fills_every_depth_of_the_cache(model):
     ids, start = gen.left_pad(PROMPTS)
     cache = init_cache(model.cfg, len(PROMPTS), 12, 8, start)
-    _, cache = model.forward_cached(jnp.asarray(ids), cache, 8)
+    cache = model(jnp.asarray(ids), 8, cache=cache).cache
     slot = int(cache.index)
-    _, cache, loops_run = model.forward_cached(jnp.asarray([[1], [2], [3]]), cache, 8,
-                                               exit="act", return_loops=True)
+    out = model(jnp.asarray([[1], [2], [3]]), LoopSpec(8, exit="act"), cache=cache,
+                return_info=True)
+    cache, loops_run = out.cache, out.info.loops_run
     assert int(loops_run.max()) < 8
     for array in cache.recurrent.values():          # (depth, B, S, ...)
         written = np.abs(np.asarray(array[:, :, slot])).reshape(8, -1).sum(axis=1)
@@ -121,14 +123,13 @@ def test_depth_shared_cache(model):
     np.testing.assert_array_equal(shared.tokens[:, 0], full.tokens[:, 0])  # prefill unchanged
     ids, start = gen.left_pad(PROMPTS)
     full_cache = init_cache(model.cfg, 3, 8, 4, start)
-    shared_cache = init_cache(model.cfg, 3, 8, 1, start)
-    expected, full_cache = model.forward_cached(jnp.asarray(ids), full_cache, 4)
-    prefill, shared_cache = model.forward_cached(jnp.asarray(ids), shared_cache, 4,
-                                                 share_depths=True)
+    shared_cache = init_cache(model.cfg, 3, 8, 1, start, shares_depths=True)
+    expected, _, full_cache = model(jnp.asarray(ids), 4, cache=full_cache)
+    prefill, _, shared_cache = model(jnp.asarray(ids), 4, cache=shared_cache)
     np.testing.assert_allclose(prefill, expected, atol=1e-6)  # prefill reads no cache
     token = jnp.asarray([[1], [2], [3]])
-    exact, _ = model.forward_cached(token, full_cache, 4)
-    step, shared_cache = model.forward_cached(token, shared_cache, 4, share_depths=True)
+    exact = model(token, 4, cache=full_cache).logits
+    step, _, shared_cache = model(token, 4, cache=shared_cache)
     assert next(iter(shared_cache.recurrent.values())).shape[0] == 1
     assert np.isfinite(np.asarray(step)).all() and not np.allclose(step, exact, atol=1e-4)
     with pytest.raises(ValueError, match="depth_slots must be in"):
@@ -165,7 +166,7 @@ def test_decoding_deeper_than_the_cache_raises(model):
     cache = init_cache(model.cfg, 1, 8, 2)
     for n_loops in (1, 3):
         with pytest.raises(ValueError, match="n_loops must equal the 2 loop depths"):
-            model.forward_cached(jnp.asarray([[1, 2]]), cache, n_loops)
+            model(jnp.asarray([[1, 2]]), n_loops, cache=cache)
 
 
 @pytest.mark.parametrize("kwargs, match", [

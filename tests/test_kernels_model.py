@@ -1,7 +1,7 @@
 """The Pallas kernels inside the model: ``attention_impl="pallas"`` (interpret mode on this
 CPU) gives the logits, parameter gradients and cached prefill/decode logits of "xla";
-"auto" is XLA on CPU and Pallas on a TPU/GPU mesh; the masks the kernels read back; the
-fallbacks (attention dropout, a mask the kernels cannot express)."""
+"auto" is XLA on CPU and Pallas on a TPU/GPU mesh; the key spans the kernels take; the
+fallback for attention dropout."""
 
 import logging
 
@@ -16,7 +16,8 @@ from mythos_jax import MythosConfig, OpenMythos, variants
 from mythos_jax.inference import generate as gen
 from mythos_jax.inference.cache import init_cache
 from mythos_jax.kernels import dispatch, masks
-from mythos_jax.layers.attention import MLAttention, causal_mask
+from mythos_jax.kernels.masks import KeySpan
+from mythos_jax.layers.attention import MLAttention
 from mythos_jax.parallel.mesh import make_mesh
 
 N_LOOPS = 2
@@ -40,7 +41,7 @@ def test_logits_and_parameter_gradients_equal_xla(backend, monkeypatch):
     ids = jax.random.randint(jax.random.key(1), (2, 11), 0, 256)
 
     def loss(model):
-        logits = model(ids, n_loops=N_LOOPS)
+        logits = model(ids, N_LOOPS)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
     step = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
     (_, xla_logits), xla_grads = step(models[0])
@@ -52,7 +53,7 @@ def test_logits_and_parameter_gradients_equal_xla(backend, monkeypatch):
 def test_cached_prefill_and_decode_equal_xla():
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]       # left padding 0, 3 and 5
     ids, start = gen.left_pad(prompts)
-    prefill = nnx.jit(lambda m, i, c: m.forward_cached(i, c, N_LOOPS))
+    prefill = nnx.jit(lambda m, i, c: m(i, N_LOOPS, cache=c)[::2])
     outputs = []
     for model in _pair():
         model.eval()
@@ -90,7 +91,7 @@ def test_auto_runs_the_xla_program_on_cpu():
     def program(impl):
         graphdef, state = nnx.split(OpenMythos(variants.tiny_mla(attention_impl=impl),
                                                rngs=nnx.Rngs(0)))
-        return str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids, n_loops=1))(state))
+        return str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids, 1))(state))
     auto = program("auto")
     assert auto == program("xla") and "pallas_call" not in auto
     assert "pallas_call" in program("pallas")
@@ -99,7 +100,7 @@ def test_auto_runs_the_xla_program_on_cpu():
 def test_attention_impl_is_validated():
     with pytest.raises(ValueError, match="MythosConfig.attention_impl"):
         MythosConfig(attention_impl="triton")
-    with pytest.raises(ValueError, match="attention_impl must be one of"):
+    with pytest.raises(ValueError, match="attention_impl: must be one of"):
         dispatch.resolve_attention_impl("cuda")
 
 
@@ -111,35 +112,20 @@ def test_attention_dropout_in_training_uses_xla(caplog, monkeypatch):
     rope = (jnp.ones((5, 4)), jnp.zeros((5, 4)))
     key = jax.random.key(5)                                   # dropout on (training)
     with caplog.at_level(logging.WARNING, logger="mythos_jax.kernels"):
-        out = layers[1](x, rope, causal_mask(5), key)[0]
-    np.testing.assert_array_equal(out, layers[0](x, rope, causal_mask(5), key)[0])
+        out = layers[1](x, rope, KeySpan.causal(1), key)[0]
+    np.testing.assert_array_equal(out, layers[0](x, rope, KeySpan.causal(1), key)[0])
     assert any("dropout" in r.getMessage() for r in caplog.records)
 
 
-def test_the_model_masks_are_read_back_exactly():
+def test_key_spans_are_the_training_prefill_and_decode_masks():
     start = jnp.asarray([0, 2, 7], jnp.int32)
-    causal = causal_mask(6)
-    kv_start, ok = masks.causal_starts(causal, 3)
-    assert kv_start.tolist() == [0, 0, 0] and bool(ok.all())
+    causal = jnp.tril(jnp.ones((6, 6), bool))[None]
+    np.testing.assert_array_equal(KeySpan.causal(3).dense(6, 6), jnp.broadcast_to(causal, (3, 6, 6)))
     prefill = (causal & (jnp.arange(6)[None, None, :] >= start[:, None, None])) | jnp.eye(
-        6, dtype=bool)[None]                                  # as forward_cached builds it
-    kv_start, ok = masks.causal_starts(prefill, 3)
-    assert kv_start.tolist() == [0, 2, 5] and bool(ok.all())
+        6, dtype=bool)[None]                  # causal from the first real token; pads see themselves
+    np.testing.assert_array_equal(KeySpan(start, jnp.int32(0)).dense(6, 6), prefill)
     decode = ((jnp.arange(9) >= start[:, None]) & (jnp.arange(9) <= 7))[:, None, :]
-    kv_start, kv_end, ok = masks.key_ranges(decode)
-    assert kv_start.tolist() == [0, 2, 7] and kv_end.tolist() == [8, 8, 8] and bool(ok.all())
-    holes = decode.at[0, 0, 3].set(False)
-    assert masks.key_ranges(holes)[2].tolist() == [False, True, True]
-    assert not bool(masks.causal_starts(jnp.ones((1, 6, 6), bool), 1)[1].any())
-
-
-def test_a_mask_the_kernels_cannot_express_gives_nan_not_a_wrong_result():
-    layers = [MLAttention(variants.tiny_mla(attention_impl=impl), rngs=nnx.Rngs(0))
-              for impl in ("xla", "pallas")]
-    x = jax.random.normal(jax.random.key(4), (1, 5, 64))
-    rope = (jnp.ones((5, 4)), jnp.zeros((5, 4)))
-    full = jnp.ones((1, 5, 5), bool)                          # not causal
-    assert np.isfinite(np.asarray(layers[0](x, rope, full)[0])).all()
-    assert np.isnan(np.asarray(layers[1](x, rope, full)[0])).all()
-    np.testing.assert_allclose(layers[1](x, rope, causal_mask(5))[0],
-                               layers[0](x, rope, causal_mask(5))[0], atol=1e-6)
+    span = KeySpan(start, jnp.int32(7))       # one query at slot 7 over 9 cache slots
+    np.testing.assert_array_equal(span.dense(1, 9), decode)
+    assert span.kv_end().tolist() == [8, 8, 8]
+    np.testing.assert_array_equal(masks.key_range_mask(start, span.kv_end(), 9), decode[:, 0])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mythos_jax import OpenMythos, variants
+from mythos_jax import LoopSpec, OpenMythos, variants
 from mythos_jax.layers.moe import (MoE, RouterBias, load_ratio, update_router_bias,
                                    update_router_biases)
 
@@ -45,7 +45,7 @@ def _row_sums(info):
 
 def test_loop_statistics_count_each_iteration_once(model, ids):
     K, L = model.cfg.n_experts_per_tok, model.cfg.max_loop_iters
-    logits, info = model(ids, 3, return_info=True)
+    logits, info, _ = model(ids, 3, return_info=True)
     np.testing.assert_array_equal(logits, model(ids, 3))            # stats change nothing
     assert info.moe.load_per_loop.shape == (L, model.cfg.n_experts)
     np.testing.assert_array_equal(_row_sums(info), [B * T * K] * 3 + [0])
@@ -58,7 +58,7 @@ def test_loop_statistics_count_each_iteration_once(model, ids):
                          ids=["while_loop", "masked_scan", "truncated"])
 def test_stopped_sequences_do_not_count(model, ids, kwargs):
     counts = jnp.array([1, 3, 2], jnp.int32)
-    _, info = model(ids, counts, return_info=True, **kwargs)
+    info = model(ids, LoopSpec(counts, **kwargs), return_info=True).info
     K = model.cfg.n_experts_per_tok
     active = [(np.asarray(counts) > t).sum() for t in range(info.moe.load_per_loop.shape[0])]
     np.testing.assert_array_equal(_row_sums(info), np.asarray(active) * T * K)
@@ -69,7 +69,8 @@ def test_stopped_sequences_do_not_count(model, ids, kwargs):
 
 
 def test_early_exit_stops_counting(model, ids):
-    _, info = model(ids, jnp.array([2, 16, 16], jnp.int32), exit="act", return_info=True)
+    info = model(ids, LoopSpec(jnp.array([2, 16, 16], jnp.int32), exit="act"),
+                 return_info=True).info
     loops_run = np.asarray(info.loops_run)
     assert loops_run[0] == 2 and 2 < loops_run.max() < 16
     K, L = model.cfg.n_experts_per_tok, model.cfg.max_loop_iters
@@ -81,7 +82,7 @@ def test_early_exit_stops_counting(model, ids):
 
 def test_capacity_dispatch_reports_dropped_rows(ids):
     cfg = variants.tiny_mla(moe_impl="capacity", capacity_factor=0.5)
-    _, info = OpenMythos(cfg, rngs=nnx.Rngs(0))(ids, 2, return_info=True)
+    info = OpenMythos(cfg, rngs=nnx.Rngs(0))(ids, 2, return_info=True).info
     assert float(info.moe.dropped) > 0
 
 

@@ -25,7 +25,8 @@ import pytest
 from flax import nnx
 
 from mythos_jax import OpenMythos, variants
-from mythos_jax.loops import Fixed, Uniform
+from mythos_jax.loops import LoopSpec
+from mythos_jax.schedules import Fixed, Uniform
 
 BATCH, SEQ = 2, 32
 
@@ -71,7 +72,7 @@ def _hidden_bytes(cfg) -> int:
 def _loss_fn(graphdef, rest, **loop_kwargs):
     """Next-token cross-entropy of the model, a pure function of (params, ids, targets, n)."""
     def loss(params, ids, targets, n_loops):
-        logits = nnx.merge(graphdef, params, rest)(ids, n_loops=n_loops, **loop_kwargs)
+        logits = nnx.merge(graphdef, params, rest)(ids, LoopSpec(n_loops, **loop_kwargs))
         log_p = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(log_p, targets[..., None], axis=-1))
     return loss
@@ -87,10 +88,10 @@ def inference():
     ids, _ = _batch(cfg)
 
     def static_forward(n):
-        return _jit(lambda p, i: nnx.merge(graphdef, p, rest)(i, n_loops=n))
+        return _jit(lambda p, i: nnx.merge(graphdef, p, rest)(i, n))
 
     static = {n: static_forward(n) for n in (2, 4, 5, 11, 64)}
-    run_time = _jit(lambda p, i, n: nnx.merge(graphdef, p, rest)(i, n_loops=n))
+    run_time = _jit(lambda p, i, n: nnx.merge(graphdef, p, rest)(i, n))
     temps = _temp_bytes_all([(f, (params, ids)) for f in static.values()]
                             + [(run_time, (params, ids, jnp.int32(4)))])
     return dict(params=params, ids=ids, static=static, run_time=run_time,

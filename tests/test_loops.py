@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mythos_jax import OpenMythos, loops, variants
+from mythos_jax import OpenMythos, loops, schedules, variants
+from mythos_jax.loops import LoopSpec
 from mythos_jax.layers.recurrence import LoopState
 
 
@@ -17,7 +18,8 @@ def ids():
 
 def _jit(model, **kwargs):
     graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda s, i, n: nnx.merge(graphdef, s)(i, n, return_info=True, **kwargs))
+    fn = jax.jit(lambda s, i, n: nnx.merge(graphdef, s)(i, LoopSpec(n, **kwargs),
+                                                        return_info=True)[:2])
     return lambda i, n: fn(state, i, n), fn
 
 
@@ -50,20 +52,20 @@ def test_act_exit_equals_static_loop_with_fewer_iterations(model, ids):
 def test_convergence_exits_stop_early_and_freeze(model, ids, rule, threshold):
     cfg_off = model.cfg.replace(act="off")
     off = OpenMythos(cfg_off, rngs=nnx.Rngs(0))
-    call, _ = _jit(off, exit=rule, exit_threshold=threshold)
+    call, _ = _jit(off, exit=rule, threshold=threshold)
     logits, info = call(ids, jnp.int32(40))
     loops_run = np.asarray(info.loops_run)
     assert (loops_run >= 1).all() and (loops_run < 40).all()
     for b in range(3):  # a stopped sequence is exactly the static run of its loop count
         np.testing.assert_allclose(logits[b], off(ids[b:b + 1], int(loops_run[b]))[0], atol=1e-5)
-    never, _ = _jit(off, exit=rule, exit_threshold=0.0)
+    never, _ = _jit(off, exit=rule, threshold=0.0)
     assert (np.asarray(never(ids, jnp.int32(6))[1].loops_run) == 6).all()
 
 
 def test_kl_entropy_exit_also_waits_for_low_entropy(model, ids):
     off = OpenMythos(model.cfg.replace(act="off"), rngs=nnx.Rngs(0))
-    kl = np.asarray(_jit(off, exit="kl", exit_threshold=1e-3)[0](ids, jnp.int32(40))[1].loops_run)
-    both = np.asarray(_jit(off, exit="kl_entropy", exit_threshold=1e-3)[0](
+    kl = np.asarray(_jit(off, exit="kl", threshold=1e-3)[0](ids, jnp.int32(40))[1].loops_run)
+    both = np.asarray(_jit(off, exit="kl_entropy", threshold=1e-3)[0](
         ids, jnp.int32(40))[1].loops_run)
     assert (both >= kl).all()
     # An untrained model's next-token entropy is about log(vocab) > the 3-nat bound: no exit.
@@ -72,17 +74,18 @@ def test_kl_entropy_exit_also_waits_for_low_entropy(model, ids):
 
 
 def test_state_rms_reports_the_final_hidden_state(model, ids):
-    _, info = model(ids, 3, return_info=True)
+    info = model(ids, 3, return_info=True).info
     embedded = model._embed(ids)
     assert info.state_rms.shape == (3,) and (np.asarray(info.state_rms) > 0).all()
-    deeper = model(ids, 9, return_info=True)[1].state_rms
+    deeper = model(ids, 9, return_info=True).info.state_rms
     assert not np.allclose(info.state_rms, deeper)
     assert float(jnp.sqrt(jnp.mean(embedded ** 2))) < float(info.state_rms.min())
 
 
-def _loss(graphdef, ids, **kwargs):
+def _loss(graphdef, ids, host_checks=False, **kwargs):
     def loss(state, n):
-        return jnp.mean(nnx.merge(graphdef, state)(ids, n, **kwargs) ** 2)
+        return jnp.mean(nnx.merge(graphdef, state)(ids, LoopSpec(n, **kwargs),
+                                                   host_checks=host_checks) ** 2)
     return loss
 
 
@@ -113,8 +116,8 @@ def test_truncated_backprop_compiles_once_and_cuts_the_gradient(model, ids):
 
 
 @pytest.mark.parametrize("schedule", [
-    loops.Fixed(3), loops.Uniform(lo=2, hi=5), loops.Poisson(4.0, max_loops=12),
-    loops.LogNormalPoisson(4.0, max_loops=12), loops.Uniform(lo=1, hi=6, per_sequence=True),
+    schedules.Fixed(3), schedules.Uniform(lo=2, hi=5), schedules.Poisson(4.0, max_loops=12),
+    schedules.LogNormalPoisson(4.0, max_loops=12), schedules.Uniform(lo=1, hi=6, per_sequence=True),
 ])
 def test_schedules_sample_in_range(schedule):
     draws = jnp.stack([schedule.sample(s, jax.random.key(s), 4) for s in range(300)])
@@ -125,7 +128,7 @@ def test_schedules_sample_in_range(schedule):
 
 
 def test_curriculum_moves_the_mean():
-    curriculum = loops.Curriculum(loops.Poisson(8.0, per_sequence=True, max_loops=30),
+    curriculum = schedules.Curriculum(schedules.Poisson(8.0, per_sequence=True, max_loops=30),
                                   start_mean=1.0, ramp_steps=100)
     assert float(curriculum.mean_at(0)) == 1.0 and float(curriculum.mean_at(100)) == 8.0
     early = jnp.concatenate([curriculum.sample(0, jax.random.key(i), 16) for i in range(50)])
@@ -142,7 +145,7 @@ def test_sampled_training_step_jits_once_with_a_custom_schedule(model, ids):
 
     @jax.jit
     def step_fn(state, step, key):
-        n = loops.sample_loops(my_schedule, step, key, batch=3)
+        n = schedules.sample_loops(my_schedule, step, key, batch=3)
         return jax.grad(_loss(graphdef, ids, backprop_depth=2))(state, n)
 
     for s in range(3):
@@ -168,10 +171,10 @@ def test_act_variants():
 
 
 def test_ponder_cost_is_an_expected_loop_count_with_gradient(model, ids):
-    _, info = model(ids, 5, return_info=True)
+    info = model(ids, 5, return_info=True).info
     assert (info.ponder_cost >= 1.0).all() and (info.ponder_cost <= 5.0 + 1e-5).all()
     graphdef, state = nnx.split(model)
-    grads = jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(ids, 5, return_info=True)[1]
+    grads = jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(ids, 5, return_info=True).info
                                         .ponder_cost))(state)
     assert float(jnp.abs(grads["recurrent"]["act"]["halt"]["kernel"][...]).sum()) > 0
 
@@ -231,35 +234,36 @@ def test_bad_loop_arguments_raise(model, ids):
     with pytest.raises(ValueError, match="n_loops must be >= 1"):
         model(ids, jnp.int32(0))
     with pytest.raises(ValueError, match="above the compiled bound max_loops=4"):
-        model(ids, jnp.int32(6), max_loops=4)
+        model(ids, LoopSpec(jnp.int32(6), max_loops=4))
     with pytest.raises(ValueError, match="backprop_depth must be an int >= 1"):
-        model(ids, 3, backprop_depth=0)
-    with pytest.raises(ValueError, match="exit must be one of"):
-        model(ids, 3, exit="entropy")
-    with pytest.raises(ValueError, match="needs the static bound max_loops"):
-        loops.run_training(model.recurrent, jnp.zeros((1, 2, 64)),
-                           loops.LoopContext(None, None, None), 3)
+        model(ids, LoopSpec(3, backprop_depth=0))
+    with pytest.raises(ValueError, match="exit: must be one of"):
+        model(ids, LoopSpec(3, exit="entropy"))
+    with pytest.raises(ValueError, match="cannot be combined with backprop_depth"):
+        LoopSpec(3, exit="kl", backprop_depth=2)
+    with pytest.raises(TypeError, match="n_loops must be an int"):
+        LoopSpec(2.5)
     with pytest.raises(ValueError, match="shape \\(batch,\\)"):
         model(ids, jnp.array([1, 2], jnp.int32))
     off = OpenMythos(variants.tiny_mla(act="off"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="exit='act' needs ACT"):
-        off(ids, 3, exit="act")
+        off(ids, LoopSpec(3, exit="act"))
 
 
-def test_traced_count_above_bound_fails_at_run_time(model, ids):
+def test_traced_count_above_bound_fails_at_run_time_with_host_checks(model, ids):
     graphdef, state = nnx.split(model)
-    step = jax.jit(jax.grad(_loss(graphdef, ids, max_loops=4)))
+    step = jax.jit(jax.grad(_loss(graphdef, ids, host_checks=True, max_loops=4)))
     step(state, jnp.int32(4))
     with pytest.raises(Exception, match="above the compiled bound max_loops=4"):
         jax.block_until_ready(step(state, jnp.int32(5)))
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: loops.Poisson(0.0), "mean loop count must be positive"),
-    (lambda: loops.LogNormalPoisson(-1.0), "mean loop count must be positive"),
-    (lambda: loops.Fixed(2, backprop_depth=0), "backprop_depth must be >= 1"),
-    (lambda: loops.Uniform(lo=3, hi=2), "1 <= lo <= hi"),
-    (lambda: loops.Curriculum(loops.Poisson(4.0), start_mean=0.0), "start_mean must be positive"),
+    (lambda: schedules.Poisson(0.0), "mean loop count must be positive"),
+    (lambda: schedules.LogNormalPoisson(-1.0), "mean loop count must be positive"),
+    (lambda: schedules.Fixed(2, backprop_depth=0), "backprop_depth must be an int >= 1"),
+    (lambda: schedules.Uniform(lo=3, hi=2), "1 <= lo <= hi"),
+    (lambda: schedules.Curriculum(schedules.Poisson(4.0), start_mean=0.0), "start_mean must be positive"),
 ])
 def test_bad_schedules_raise(make, match):
     with pytest.raises(ValueError, match=match):

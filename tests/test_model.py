@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mythos_jax import OpenMythos, variants
+from mythos_jax import LoopSpec, OpenMythos, variants
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +21,11 @@ def test_forward_shape_and_loops_matter(make):
     cfg = make(act_threshold=50.0)  # no position halts: every loop contributes
     model = OpenMythos(cfg, rngs=nnx.Rngs(0))
     ids = _ids(cfg)
-    one, three = model(ids, n_loops=1), model(ids, n_loops=3)
+    one, three = model(ids, 1), model(ids, 3)
     assert one.shape == (2, 8, cfg.vocab_size) and one.dtype == jnp.float32
     assert np.isfinite(np.asarray(three)).all()
     assert not np.allclose(one, three)
-    beyond = model(ids, n_loops=cfg.max_loop_iters + 3)  # LoRA index clamps, no error
+    beyond = model(ids, cfg.max_loop_iters + 3)  # LoRA index clamps, no error
     assert np.isfinite(np.asarray(beyond)).all()
 
 
@@ -57,7 +57,7 @@ def test_recurrence_is_one_scan_with_shared_weights(mla_model):
     graphdef, state = nnx.split(mla_model)
 
     def forward(state, ids, n_loops):
-        return nnx.merge(graphdef, state)(ids, n_loops=n_loops)
+        return nnx.merge(graphdef, state)(ids, n_loops)
 
     ids = _ids(mla_model.cfg)
     jaxpr = jax.make_jaxpr(lambda s, i: forward(s, i, 11))(state, ids)
@@ -82,7 +82,7 @@ def test_loop_memory_is_constant():
     ids = _ids(model.cfg, batch=4, seq=64)
 
     def temp_bytes(n_loops):
-        fn = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i, n_loops=n_loops))
+        fn = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i, n_loops))
         return fn.lower(state, ids).compile().memory_analysis().temp_size_in_bytes
 
     at4, at32 = temp_bytes(4), temp_bytes(32)
@@ -129,7 +129,7 @@ def test_gradients_reach_every_parameter(mla_model):
     model = OpenMythos(cfg, rngs=nnx.Rngs(0))
 
     def loss(m):
-        logits = m(ids[:, :-1], n_loops=2)
+        logits = m(ids[:, :-1], 2)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
 
     grads = nnx.grad(loss)(model)
@@ -147,12 +147,29 @@ def test_out_of_vocab_ids_raise(mla_model):
         mla_model(np.array([[-1, 3]]))
 
 
-def test_out_of_vocab_ids_raise_under_jit(mla_model):
-    forward = nnx.jit(lambda m, ids: m(ids))
+def test_out_of_vocab_ids_raise_under_jit_with_host_checks(mla_model):
+    forward = nnx.jit(lambda m, ids: m(ids, host_checks=True))
     good = forward(mla_model, jnp.array([[1, 2]]))
     assert np.isfinite(np.asarray(good)).all()
     with pytest.raises(Exception, match="vocab_size=256"):
         jax.block_until_ready(forward(mla_model, jnp.array([[1, 999]])))
+
+
+def test_a_jitted_training_step_holds_no_host_callback():
+    """Traced ids, traced per-sequence counts, truncated backprop: the default forward and
+    backward hold no host callback; ``host_checks=True`` adds the id and count checks."""
+    model = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def jaxpr(host_checks):
+        def loss(s, ids, counts):
+            spec = LoopSpec(counts, backprop_depth=2)
+            return jnp.mean(nnx.merge(graphdef, s)(ids, spec, host_checks=host_checks) ** 2)
+        return str(jax.make_jaxpr(jax.grad(loss))(state, jnp.zeros((2, 8), jnp.int32),
+                                                  jnp.array([3, 5], jnp.int32)))
+
+    assert "callback" not in jaxpr(False)
+    assert jaxpr(True).count("debug_callback") == 2
 
 
 def test_bad_shapes_and_types_raise(mla_model):
@@ -163,8 +180,8 @@ def test_bad_shapes_and_types_raise(mla_model):
     with pytest.raises(ValueError, match="integer token ids"):
         mla_model(jnp.zeros((1, 4), jnp.float32))
     with pytest.raises(ValueError, match="n_loops must be >= 1"):
-        mla_model(jnp.zeros((1, 4), jnp.int32), n_loops=0)
+        mla_model(jnp.zeros((1, 4), jnp.int32), 0)
     with pytest.raises(TypeError, match="n_loops"):
-        mla_model(jnp.zeros((1, 4), jnp.int32), n_loops=2.5)
+        mla_model(jnp.zeros((1, 4), jnp.int32), 2.5)
     with pytest.raises(TypeError, match="MythosConfig"):
         OpenMythos({"dim": 64}, rngs=nnx.Rngs(0))

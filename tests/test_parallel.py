@@ -148,7 +148,7 @@ def test_activation_constraints():
 # ---------------------------------------------------------------- sharded == one device
 def _loss(graphdef, params, rest, ids):
     """Next-token cross entropy + balance losses, and what the test compares."""
-    logits, info = nnx.merge(graphdef, params, rest)(ids[:, :-1], N_LOOPS, return_info=True)
+    logits, info, _ = nnx.merge(graphdef, params, rest)(ids[:, :-1], N_LOOPS, return_info=True)
     log_probs = jax.nn.log_softmax(logits)
     ce = -jnp.mean(jnp.take_along_axis(log_probs, ids[:, 1:, None], axis=-1))
     return ce + 0.01 * info.moe.aux_loss + 0.001 * info.moe.z_loss, (logits, info.moe)

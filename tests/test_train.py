@@ -17,7 +17,7 @@ from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train.checkpointing import Checkpointer
 from mythos_jax.train.config import TrainConfig, load_train_config
 from mythos_jax.train.optim import decay_mask
-from mythos_jax.train.step import build_plan, init_train_state
+from mythos_jax.train.step import build_plan, init_train_state, make_train_step
 from mythos_jax.train.trainer import read_metrics, train
 
 # A few seconds per run: the tiny preset, short sequences, every loop count 1..3.
@@ -104,6 +104,21 @@ def test_weight_decay_skips_norms_injection_and_vectors():
     assert not any(jax.tree.leaves(mask["recurrent"]["injection"]))
     assert not mask["recurrent"]["act"]["halt"]["bias"]
     assert "router_bias" not in str(jax.tree_util.tree_structure(plan.abstract_state.params))
+
+
+@pytest.mark.parametrize("loops", [["loops.per_sequence=true", "loops.backprop_depth=2"],
+                                   ["loops.max_loops=4"]], ids=["truncated", "full"])
+def test_the_jitted_training_step_holds_no_host_callback(loops):
+    """Token ids and loop counts are traced inside the step: no host round trip per step."""
+    cfg = load_train_config("tiny", loops)
+    plan = build_plan(cfg, make_mesh("data=1", jax.devices()[:1]))
+    batch = {name: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), dtype)
+             for name, dtype in (("inputs", "int32"), ("targets", "int32"),
+                                 ("loss_mask", "float32"))}
+    with plan.context():
+        jaxpr = str(jax.make_jaxpr(make_train_step(plan).jitted)(plan.abstract_state, batch))
+    assert "while" in jaxpr or "scan" in jaxpr
+    assert "callback" not in jaxpr
 
 
 # ---------------------------------------------------------------------------- a short run

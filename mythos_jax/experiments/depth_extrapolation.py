@@ -27,6 +27,7 @@ from flax import nnx
 from mythos_jax.experiments import plots
 from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, mean_training_loops,
                                             report_head)
+from mythos_jax.loops import LoopSpec
 from mythos_jax.train import data as data_lib
 from mythos_jax.train.step import model_from_state
 
@@ -87,9 +88,10 @@ def _exit_sweep(run: ArmRun, max_loops: int) -> dict:
     model = model_from_state(run.plan, run.state)
     model.eval()
     fixed = nnx.jit(lambda m, ids: m(ids, max_loops))
-    adaptive = {rule: nnx.jit(lambda m, ids, rule=rule, threshold=threshold: m(
-        ids, jnp.int32(max_loops), exit=rule, exit_threshold=threshold, return_info=True))
-        for rule, threshold in EXIT_RULES.items()}
+    adaptive = {rule: nnx.jit(lambda m, ids, spec=LoopSpec(jnp.int32(max_loops), exit=rule,
+                                                          threshold=threshold):
+                              m(ids, spec, return_info=True))
+                for rule, threshold in EXIT_RULES.items()}
     per_rule = {rule: {} for rule in EXIT_RULES}
     for split in data_lib.eval_splits(run.cfg.data):
         hops = int(split.split("=")[1])

@@ -16,10 +16,10 @@ import os
 
 from mythos_jax.experiments import plots
 from mythos_jax.experiments.harness import Arm, ArmRun, Experiment, report_head
+from mythos_jax.modes import Injection
 
 BASE_LR = 3e-3
 MULTIPLIERS = (1, 3, 10, 30)
-INJECTIONS = ("openmythos", "parcae", "additive")
 
 BASE = ("steps=300", "model.variant=tiny_mla", "model.act=off", "data.source=stdlib",
         "data.seq_len=64", "data.batch_size=16", "loops.schedule=poisson", "loops.mean=4",
@@ -37,7 +37,7 @@ def _arm(injection: str, multiplier: int) -> Arm:
                f"injection {injection}, lr {BASE_LR * multiplier:g}")
 
 
-ARMS = tuple(_arm(injection, m) for injection in INJECTIONS for m in MULTIPLIERS)
+ARMS = tuple(_arm(injection, m) for injection in Injection.names() for m in MULTIPLIERS)
 
 
 def evaluate(run: ArmRun) -> dict:

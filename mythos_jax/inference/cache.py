@@ -6,27 +6,32 @@ position 0). Layer caches:
   MLA  {"c_kv": (B, S, kv_lora), "k_rope": (B, S, rope)}   the normalised latent and ONE
        shared rotated RoPE key per token: kv_lora + rope values per token per layer-depth;
   GQA  {"k": (B, S, KV, hd), "v": (B, S, KV, hd)}          post-RoPE keys and values.
-The recurrent block has one cache per loop depth, stacked on a leading axis (n_loops, ...).
-Caches are plain pytrees (NamedTuple of dicts of arrays): they jit, donate and shard like
-activations.
+The recurrent block has one cache per loop depth, stacked on a leading axis (depths, ...);
+with ``shares_depths`` it holds fewer depth slots than loops and depth t uses slot
+``t mod slots`` (Huginn's KV sharing). Caches are pytrees of arrays (``shares_depths`` is
+static): they jit, donate and shard like activations.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from mythos_jax.config import MythosConfig
+from mythos_jax.kernels.masks import KeySpan
 
 
-class KVCache(NamedTuple):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
     prelude: tuple[dict[str, jax.Array], ...]
     recurrent: dict[str, jax.Array]          # leading axis: loop depth
     coda: tuple[dict[str, jax.Array], ...]
     index: jax.Array                          # int32 (): slots written so far
     start: jax.Array                          # int32 (B,): first real slot of each sequence
+    shares_depths: bool = dataclasses.field(default=False, metadata={"static": True})
 
     @property
     def max_len(self) -> int:
@@ -34,7 +39,16 @@ class KVCache(NamedTuple):
 
     @property
     def n_loops(self) -> int:
+        """Depth slots of the recurrent cache."""
         return next(iter(self.recurrent.values())).shape[0]
+
+    def span(self) -> KeySpan:
+        """The attention span of the next call: from each sequence's first real slot, the
+        queries at slots ``index ..``."""
+        return KeySpan(self.start, self.index)
+
+    def replace(self, **changes) -> "KVCache":
+        return dataclasses.replace(self, **changes)
 
 
 def layer_cache_shapes(cfg: MythosConfig, batch: int, max_len: int) -> dict[str, tuple]:
@@ -46,8 +60,10 @@ def layer_cache_shapes(cfg: MythosConfig, batch: int, max_len: int) -> dict[str,
 
 
 def init_cache(cfg: MythosConfig, batch: int, max_len: int, n_loops: int,
-               start: jax.Array | None = None, dtype=jnp.float32) -> KVCache:
-    """Zeroed caches for ``batch`` sequences of up to ``max_len`` tokens, ``n_loops`` depths."""
+               start: jax.Array | None = None, dtype=jnp.float32,
+               shares_depths: bool = False) -> KVCache:
+    """Zeroed caches for ``batch`` sequences of up to ``max_len`` tokens, ``n_loops`` depth
+    slots (``shares_depths``: shared by more loops than slots)."""
     if max_len > cfg.max_seq_len:
         raise ValueError(f"cache length {max_len} > max_seq_len {cfg.max_seq_len} "
                          "(MythosConfig.max_seq_len)")
@@ -58,7 +74,8 @@ def init_cache(cfg: MythosConfig, batch: int, max_len: int, n_loops: int,
 
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
     return KVCache(tuple(layer() for _ in range(cfg.prelude_layers)), layer((n_loops,)),
-                   tuple(layer() for _ in range(cfg.coda_layers)), jnp.int32(0), start)
+                   tuple(layer() for _ in range(cfg.coda_layers)), jnp.int32(0), start,
+                   shares_depths)
 
 
 def cache_values_per_token(cfg: MythosConfig, n_loops: int) -> int:

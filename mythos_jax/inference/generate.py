@@ -24,6 +24,7 @@ from flax import nnx
 from mythos_jax.budget import check_fits, tree_bytes
 from mythos_jax.inference.cache import init_cache
 from mythos_jax.inference.sampling import check_sampling_args, sample_next
+from mythos_jax.loops import LoopSpec
 from mythos_jax.model import raise_if_out_of_vocab
 
 
@@ -69,16 +70,17 @@ class Decoder(NamedTuple):
 @functools.lru_cache(maxsize=32)
 def compiled_decoder(graphdef, n_loops: int, temperature: float = 0.0,
                      top_k: int | None = None, top_p: float | None = None,
-                     exit: str | None = None, exit_threshold: float = 1e-3,
-                     share_depths: bool = False) -> Decoder:
+                     exit: str | None = None, exit_threshold: float = 1e-3) -> Decoder:
     """The :class:`Decoder` for these settings; built once (the graphdef is hashed here, once
     per ``generate`` call, not per token), compiled once per (batch, cache length)."""
+    spec = LoopSpec(n_loops, exit=exit, threshold=exit_threshold)
+
     def forward(state, ids, cache, key):
-        logits, cache, loops_run = nnx.merge(graphdef, state).forward_cached(
-            ids, cache, n_loops, last_only=True, exit=exit, exit_threshold=exit_threshold,
-            return_loops=True, share_depths=share_depths)
-        logits = logits[:, -1]
-        return sample_next(logits, key, temperature, top_k, top_p), logits, cache, loops_run
+        out = nnx.merge(graphdef, state)(ids, spec, cache=cache, last_only=True,
+                                         return_info=True)
+        logits = out.logits[:, -1]
+        return (sample_next(logits, key, temperature, top_k, top_p), logits, out.cache,
+                out.info.loops_run)
 
     def step(state, token, cache, key):
         return forward(state, token[:, None], cache, key)
@@ -121,7 +123,7 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
     ``exit`` ("act" | "kl" | "delta", off by default): per-sequence early exit of the loop
     for every token (continuous depth-wise batching: a sequence that stopped is masked while
     the batch goes on); ``Generation.loops`` reports the loops run per token. It trades
-    exactness against the full-depth model for fewer loops (see ``forward_cached``).
+    exactness against the full-depth model for fewer loops (see ``OpenMythos.__call__``).
     ``depth_slots`` (off by default): a recurrent cache of that many depth slots shared by
     all loops (slot t mod depth_slots; 1 = one slot per token, Huginn-style), trading cache
     memory for a change in the next-token distribution."""
@@ -139,13 +141,13 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
     if depth_slots is not None and not 1 <= depth_slots <= n_loops:
         raise ValueError(f"depth_slots must be in [1, n_loops={n_loops}], got {depth_slots}")
     decoder = compiled_decoder(graphdef, n_loops, float(temperature), top_k, top_p, exit,
-                               float(exit_threshold), depth_slots is not None)
-    slots = depth_slots or n_loops
+                               float(exit_threshold))
+    slots, shared = depth_slots or n_loops, depth_slots is not None
     check_fits("the KV cache", tree_bytes(jax.eval_shape(
-        lambda: init_cache(cfg, batch, max_len, slots, start))),
+        lambda: init_cache(cfg, batch, max_len, slots, start, shares_depths=shared))),
         f"lower n_loops={n_loops} (or set depth_slots), the batch {batch} or max_len={max_len}")
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    cache = init_cache(cfg, batch, max_len, slots, start)
+    cache = init_cache(cfg, batch, max_len, slots, start, shares_depths=shared)
     token, _, cache, loops_run = decoder.prefill(state, jnp.asarray(ids), cache, keys[0])
 
     fill = 0 if eos_id is None else eos_id

@@ -96,7 +96,7 @@ def compare_logits(pairs, batch: int = 3) -> list[dict[str, Any]]:
                                     generator=torch.Generator().manual_seed(n_loops + seq_len))
                 with torch.no_grad():
                     expected = torch_model(ids, n_loops=n_loops).numpy()
-                got = np.asarray(jax_model(jnp.asarray(ids.numpy()), n_loops=n_loops))
+                got = np.asarray(jax_model(jnp.asarray(ids.numpy()), n_loops))
                 diff = float(np.abs(got - expected).max())
                 rows.append({"attn_type": cfg.attn_type, "n_loops": n_loops, "seq_len": seq_len,
                              "batch": batch, "max_abs_diff": diff,

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mythos_jax.config import ATTENTION_IMPLS
+from mythos_jax.modes import AttentionImpl
 
 KERNEL_BACKENDS = ("gpu", "tpu")
 INTERPRET_BACKEND_ENV = "MYTHOS_JAX_INTERPRET_BACKEND"
@@ -53,10 +53,9 @@ def mesh_platform(mesh=None) -> str:
 
 def resolve_attention_impl(impl: str, mesh=None) -> str:
     """"auto" | "xla" | "pallas" -> "xla" | "pallas" for the platform of ``mesh``."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "pallas" if mesh_platform(mesh) in KERNEL_BACKENDS else "xla"
+    impl = AttentionImpl.parse(impl, "attention_impl")
+    if impl == AttentionImpl.AUTO:
+        return AttentionImpl.PALLAS if mesh_platform(mesh) in KERNEL_BACKENDS else AttentionImpl.XLA
     return impl
 
 

@@ -2,7 +2,8 @@
 
 Both follow OpenMythos's numerics: scores ``(q . k) * scale`` with the scale applied after the
 dot product, -inf where masked, softmax in fp32, dropout on the probabilities.
-``mask`` is boolean, True where a query may attend a key, shape (B|1, T, S).
+``span`` (``kernels.masks.KeySpan``) says which keys each query sees, as offsets; the einsum
+path turns it into a dense (B, T, S) mask, the kernels take the offsets.
 
 With a layer cache (see ``mythos_jax.inference.cache``) the new keys are written at slot
 ``index`` and returned; one-token calls (decode) attend over the whole cache, longer calls
@@ -17,22 +18,20 @@ from flax import nnx
 
 from mythos_jax.config import MythosConfig
 from mythos_jax.kernels.dispatch import log_once, resolve_attention_impl
-from mythos_jax.kernels.masks import causal_starts, key_ranges
+from mythos_jax.kernels.masks import KeySpan
 from mythos_jax.kernels.mla_decode import mla_decode_attention
 from mythos_jax.kernels.mla_flash import mla_flash_attention
 from mythos_jax.layers.common import compute_dtype, dropout, linear
 from mythos_jax.layers.norm import RMSNorm
 from mythos_jax.layers.rope import apply_rope
+from mythos_jax.modes import AttentionImpl, AttentionType
 
 
-def causal_mask(length: int) -> jax.Array:
-    """(1, T, T) boolean lower-triangular mask."""
-    return jnp.tril(jnp.ones((length, length), dtype=bool))[None]
-
-
-def masked_softmax(scores: jax.Array, mask: jax.Array, rate: float,
+def masked_softmax(scores: jax.Array, span: KeySpan, rate: float,
                    key: jax.Array | None) -> jax.Array:
-    """scores (B, ..., T, S) fp32, mask (B|1, T, S) -> probabilities, dropout applied."""
+    """scores (B, ..., T, S) fp32 -> probabilities over the keys ``span`` allows, dropout
+    applied."""
+    mask = span.dense(*scores.shape[-2:])
     mask = mask.reshape(mask.shape[0], *([1] * (scores.ndim - 3)), *mask.shape[-2:])
     probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
     return dropout(probs, rate, key)
@@ -52,7 +51,7 @@ class GQAttention(nnx.Module):
                          dtype=dt)
         self.wo = linear(cfg.n_heads * cfg.head_dim, cfg.dim, ("heads", "embed"), rngs=rngs, dtype=dt)
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], span: KeySpan,
                  key: jax.Array | None = None, cache: dict | None = None, index=None):
         """x (B, T, D), rope = cos/sin (T|B,T, head_dim/2) -> ((B, T, D), new cache or None)."""
         B, T, _ = x.shape
@@ -65,7 +64,7 @@ class GQAttention(nnx.Module):
             k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
         q = q.reshape(B, T, self.n_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        probs = masked_softmax(scores * self.head_dim ** -0.5, mask, self.dropout_rate, key)
+        probs = masked_softmax(scores * self.head_dim ** -0.5, span, self.dropout_rate, key)
         out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim)), new_cache
 
@@ -102,7 +101,7 @@ class MLAttention(nnx.Module):
                             rngs=rngs, dtype=dt)
         self.wo = linear(H * self.v_dim, cfg.dim, ("heads", "embed"), rngs=rngs, dtype=dt)
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], span: KeySpan,
                  key: jax.Array | None = None, cache: dict | None = None, index=None):
         """x (B, T, D), rope = cos/sin (T|B,T, rope/2) -> ((B, T, D), new cache or None)."""
         B, T, _ = x.shape
@@ -122,7 +121,7 @@ class MLAttention(nnx.Module):
         decode = cache is not None and T == 1
         if self._use_kernels(key):
             out = self._kernel_attention(q_nope, q_rope, c_kv, k_rope, new_cache, k_up, v_up,
-                                         mask, decode)
+                                         span, decode)
             return self.wo(out.reshape(B, T, H * self.v_dim)), new_cache
         if decode:   # attend in latent space over the cache: k_up folded into the query
             c_kv = new_cache["c_kv"].astype(kv_up.dtype)
@@ -137,7 +136,7 @@ class MLAttention(nnx.Module):
                                         preferred_element_type=jnp.float32)
         scores = content_scores + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope,
                                              preferred_element_type=jnp.float32)
-        probs = masked_softmax(scores * (self.nope_dim + self.rope_dim) ** -0.5, mask,
+        probs = masked_softmax(scores * (self.nope_dim + self.rope_dim) ** -0.5, span,
                                self.dropout_rate, key).astype(c_kv.dtype)
         if decode:   # v_up applied after attention
             out = jnp.einsum("bthc,chd->bthd", jnp.einsum("bhts,bsc->bthc", probs, c_kv), v_up)
@@ -148,35 +147,29 @@ class MLAttention(nnx.Module):
     def _use_kernels(self, key) -> bool:
         """Pallas when attention_impl resolves to it (at trace time, by the mesh's platform);
         not for attention dropout in training, which only the einsum path has."""
-        if resolve_attention_impl(self.attention_impl) != "pallas":
+        if resolve_attention_impl(self.attention_impl) != AttentionImpl.PALLAS:
             return False
         if key is not None and self.dropout_rate > 0:
             log_once("MLA attention dropout > 0 in training: XLA attention, not the kernels")
             return False
         return True
 
-    def _kernel_attention(self, q_nope, q_rope, c_kv, k_rope, cache, k_up, v_up, mask, decode):
-        """The kernels' path -> (B, T, H, v_dim). They take the key range from ``mask``
-        (``kernels.masks``: causal with left padding, or a decode range); a mask they cannot
-        express, which the model never builds, makes the output NaN, never silently wrong."""
+    def _kernel_attention(self, q_nope, q_rope, c_kv, k_rope, cache, k_up, v_up, span, decode):
+        """The kernels' path -> (B, T, H, v_dim); they take ``span``'s offsets."""
         scale = (self.nope_dim + self.rope_dim) ** -0.5
         if decode:   # absorbed: k_up folded into the query, v_up applied to the latent output
-            kv_start, kv_end, matches = key_ranges(mask)
             q_latent = jnp.einsum("bthd,chd->bhc", q_nope, k_up)
             latent = mla_decode_attention(
                 q_latent, q_rope[:, 0], cache["c_kv"].astype(k_up.dtype),
-                cache["k_rope"].astype(q_rope.dtype), kv_start, kv_end, scale=scale)
-            out = jnp.einsum("bhc,chd->bhd", latent, v_up)[:, None]
-        else:
-            kv_start, matches = causal_starts(mask, q_nope.shape[0])
-            c_kv = c_kv.astype(k_up.dtype)
-            k_nope = jnp.einsum("bsc,chd->bhsd", c_kv, k_up)     # heads-major (B, H, T, d)
-            v = jnp.einsum("bsc,chd->bhsd", c_kv, v_up)
-            heads_major = lambda x: x.transpose(0, 2, 1, 3)   # (B, T, H, d) <-> (B, H, T, d)
-            out = heads_major(mla_flash_attention(
-                heads_major(q_nope), heads_major(q_rope), k_nope, k_rope.astype(q_rope.dtype), v,
-                kv_start, scale=scale))
-        return jnp.where(matches[:, None, None, None], out, jnp.nan)
+                cache["k_rope"].astype(q_rope.dtype), span.kv_start, span.kv_end(), scale=scale)
+            return jnp.einsum("bhc,chd->bhd", latent, v_up)[:, None]
+        c_kv = c_kv.astype(k_up.dtype)
+        k_nope = jnp.einsum("bsc,chd->bhsd", c_kv, k_up)         # heads-major (B, H, T, d)
+        v = jnp.einsum("bsc,chd->bhsd", c_kv, v_up)
+        heads_major = lambda x: x.transpose(0, 2, 1, 3)       # (B, T, H, d) <-> (B, H, T, d)
+        return heads_major(mla_flash_attention(
+            heads_major(q_nope), heads_major(q_rope), k_nope, k_rope.astype(q_rope.dtype), v,
+            span.kv_start, scale=scale))
 
 
 def write_cache(cache: dict, entries: dict, index) -> dict:
@@ -188,4 +181,6 @@ def write_cache(cache: dict, entries: dict, index) -> dict:
 
 
 def make_attention(cfg: MythosConfig, *, rngs: nnx.Rngs) -> GQAttention | MLAttention:
-    return MLAttention(cfg, rngs=rngs) if cfg.attn_type == "mla" else GQAttention(cfg, rngs=rngs)
+    if cfg.attn_type == AttentionType.MLA:
+        return MLAttention(cfg, rngs=rngs)
+    return GQAttention(cfg, rngs=rngs)

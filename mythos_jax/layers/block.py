@@ -6,6 +6,7 @@ import jax
 from flax import nnx
 
 from mythos_jax.config import MythosConfig
+from mythos_jax.kernels.masks import KeySpan
 from mythos_jax.layers.attention import make_attention
 from mythos_jax.layers.common import compute_dtype, dropout, split_key
 from mythos_jax.layers.ffn import SwiGLU
@@ -27,15 +28,15 @@ class TransformerBlock(nnx.Module):
         self.ffn = (MoE(cfg, rngs=rngs) if use_moe
                     else SwiGLU(cfg.dim, cfg.dense_hidden, rngs=rngs, dtype=compute_dtype(cfg)))
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], span: KeySpan,
                  key: jax.Array | None = None, cache: dict | None = None, index=None
                  ) -> tuple[jax.Array, dict | None, RouterStats | None]:
         """x (B, T, D) fp32 residual stream -> ((B, T, D), new layer cache or None, the MoE's
         RouterStats or None for a dense block); ``key`` drives dropout (None: off),
-        ``cache``/``index`` as in attention."""
+        ``span``, ``cache`` and ``index`` as in attention."""
         attn_key, attn_out_key, ffn_out_key = split_key(key, 3)
         x = constrain(x, HIDDEN_AXES)
-        attn_out, cache = self.attn(self.attn_norm(x), rope, mask, attn_key, cache, index)
+        attn_out, cache = self.attn(self.attn_norm(x), rope, span, attn_key, cache, index)
         x = x + dropout(attn_out, self.dropout_rate, attn_out_key)
         ffn_out, stats = (self.ffn(self.ffn_norm(x)) if isinstance(self.ffn, MoE)
                           else (self.ffn(self.ffn_norm(x)), None))

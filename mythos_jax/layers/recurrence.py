@@ -28,6 +28,7 @@ from mythos_jax.layers.block import TransformerBlock
 from mythos_jax.layers.common import compute_dtype, linear, normal_init
 from mythos_jax.layers.moe import MoEStats, RouterStats
 from mythos_jax.layers.norm import RMSNorm
+from mythos_jax.modes import ACTMode, Injection
 
 LOOP_EMBED_THETA = 10000.0  # hard-coded in OpenMythos
 
@@ -129,8 +130,8 @@ class ParcaeInjection(nnx.Module):
         return self.get_A() * h + dt * (e @ self.B[...].T)
 
 
-INJECTION_CLASSES = {"openmythos": LTIInjection, "parcae": ParcaeInjection,
-                     "additive": AdditiveInjection}
+INJECTION_CLASSES = {Injection.OPENMYTHOS: LTIInjection, Injection.PARCAE: ParcaeInjection,
+                     Injection.ADDITIVE: AdditiveInjection}
 
 
 class ACTHalting(nnx.Module):
@@ -244,22 +245,23 @@ class RecurrentBlock(nnx.Module):
         return LoopState(e, jnp.zeros_like(e), zeros, jnp.zeros((B, T), bool), zeros,
                          MoEAccum.zeros(rows, self.n_experts))
 
-    def step(self, state: LoopState, e: jax.Array, t: jax.Array, rope, mask,
+    def step(self, state: LoopState, e: jax.Array, t: jax.Array, rope, span,
              key: jax.Array | None, cache: dict | None = None, index=None,
              active: jax.Array | None = None) -> tuple[LoopState, dict | None]:
         """One loop iteration; ``t`` is the loop index, a scalar or one per sequence (B,).
-        ``cache`` is this depth's attention cache (decode), returned updated. ``active`` (B,):
+        ``rope``, ``span`` as in attention; ``cache`` is this depth's attention cache
+        (prefill / decode), returned updated. ``active`` (B,):
         the sequences whose router statistics count (None: all); the caller freezes the
         others' per-sequence state."""
-        if self.injection_type != "parcae":           # OpenMythos order (LTI or additive)
+        if self.injection_type != Injection.PARCAE:   # OpenMythos order (LTI or additive)
             h_loop = loop_index_embedding(state.h, t, self.loop_dim, self.loop_embed_scale)
-            u, cache, stats = self.block(self.norm(h_loop + e), rope, mask, key, cache, index)
+            u, cache, stats = self.block(self.norm(h_loop + e), rope, span, key, cache, index)
             u = u + self.lora(u, t).astype(u.dtype)
             h = self.injection(state.h, e, u)
         else:
             u = loop_index_embedding(self.injection(state.h, e), t, self.loop_dim,
                                      self.loop_embed_scale)
-            h, cache, stats = self.block(u, rope, mask, key, cache, index)
+            h, cache, stats = self.block(u, rope, span, key, cache, index)
             h = h + self.lora(h, t).astype(h.dtype)
         state = state._replace(moe=state.moe.add(stats, t, active))
         return act_accumulate(state, h, self.act(h), t, self.act_threshold), cache
@@ -268,9 +270,9 @@ class RecurrentBlock(nnx.Module):
         """(B, T, D) output of the recurrence: ``cfg.act`` = "openmythos" the ACT sum as is;
         "flush" the ACT sum with the unspent mass ``1 - cum`` of never-halted positions put on
         the last h (weights sum to 1); "off" the last h."""
-        if self.act_mode == "off":
+        if self.act_mode == ACTMode.OFF:
             return state.h
-        if self.act_mode == "flush":
+        if self.act_mode == ACTMode.FLUSH:
             leftover = jnp.where(state.halted, 0.0, jnp.maximum(1.0 - state.cumulative_p, 0.0))
             return state.h_out + leftover[..., None] * state.h
         return state.h_out

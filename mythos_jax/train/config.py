@@ -28,7 +28,7 @@ import types
 import typing
 from typing import Any
 
-from mythos_jax import loops, variants
+from mythos_jax import schedules, variants
 from mythos_jax.config import MythosConfig
 from mythos_jax.parallel.rules import RULE_PRESETS
 from mythos_jax.train.config_file import load_yaml, read_mapping
@@ -68,19 +68,19 @@ class LoopsConfig:
         if self.backprop_depth is not None and self.backprop_depth < 1:
             _fail("loops.backprop_depth", f"must be >= 1 or null, got {self.backprop_depth}")
 
-    def build(self) -> loops.Schedule:
-        """The :class:`mythos_jax.loops.Schedule` these fields describe."""
+    def build(self) -> schedules.Schedule:
+        """The :class:`mythos_jax.schedules.Schedule` these fields describe."""
         common = dict(backprop_depth=self.backprop_depth, per_sequence=self.per_sequence,
                       max_loops=self.max_loops)
         if self.schedule == "fixed":
-            return loops.Fixed(n=self.n, **common)
+            return schedules.Fixed(n=self.n, **common)
         if self.schedule == "uniform":
-            return loops.Uniform(lo=self.lo, hi=self.hi, **common)
+            return schedules.Uniform(lo=self.lo, hi=self.hi, **common)
         if self.schedule == "poisson":
-            return loops.Poisson(mean_loops=self.mean, **common)
+            return schedules.Poisson(mean_loops=self.mean, **common)
         if self.schedule == "lognormal_poisson":
-            return loops.LogNormalPoisson(mean_loops=self.mean, sigma=self.sigma, **common)
-        return loops.Curriculum(target=loops.Poisson(mean_loops=self.mean, **common),
+            return schedules.LogNormalPoisson(mean_loops=self.mean, sigma=self.sigma, **common)
+        return schedules.Curriculum(target=schedules.Poisson(mean_loops=self.mean, **common),
                                 start_mean=self.start_mean, ramp_steps=self.ramp_steps)
 
     @property

@@ -25,11 +25,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mythos_jax import loops
 from mythos_jax.config import MythosConfig
 from mythos_jax.layers.moe import load_ratio, update_router_bias
 from mythos_jax.model import OpenMythos
 from mythos_jax.parallel import rules as rules_lib
+from mythos_jax.schedules import sample_loops
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.optim import build_optimizer, learning_rate
 
@@ -135,16 +135,6 @@ def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array):
     return jnp.sum(nll * weight) / total, jnp.sum(correct * weight) / total
 
 
-def _forward(model: OpenMythos, schedule: loops.Schedule, static_count: int | None,
-             inputs: jax.Array, counts: jax.Array):
-    """Training forward for this schedule: logits and LoopInfo."""
-    if static_count is not None and schedule.backprop_depth is None:
-        return model(inputs, static_count, return_info=True)
-    if schedule.backprop_depth is not None:
-        return model(inputs, counts, backprop_depth=schedule.backprop_depth, return_info=True)
-    return model(inputs, counts, max_loops=schedule.max_loops, return_info=True)
-
-
 def _moe_terms(info) -> dict[str, jax.Array]:
     """The step's router statistics (``loops.LoopInfo.moe``)."""
     moe = info.moe
@@ -155,11 +145,11 @@ def _moe_terms(info) -> dict[str, jax.Array]:
 def make_loss_fn(plan: TrainPlan):
     """loss(params, buffers, batch, counts) -> (total, (metrics, new buffers))."""
     cfg = plan.cfg
-    schedule, static_count = cfg.loops.build(), cfg.loops.static_count
+    schedule = cfg.loops.build()
 
     def loss_fn(params, buffers, batch, counts):
         model = nnx.merge(plan.graphdef, params, buffers)
-        logits, info = _forward(model, schedule, static_count, batch["inputs"], counts)
+        logits, info, _ = model(batch["inputs"], schedule.loop_spec(counts), return_info=True)
         ce, accuracy = token_loss(logits, batch["targets"], batch["loss_mask"])
         terms = _moe_terms(info)
         total = (ce + cfg.optim.aux_loss_weight * terms["aux_loss"]
@@ -231,7 +221,7 @@ def make_train_step(plan: TrainPlan):
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         batch_size = batch["inputs"].shape[0]
         key = jax.random.fold_in(base_key, state.step)
-        counts = loops.sample_loops(schedule, state.step, key, batch_size)
+        counts = sample_loops(schedule, state.step, key, batch_size)
         grads, metrics, buffers = _accumulated_grads(loss_fn, state.params, state.buffers,
                                                      batch, counts, cfg.optim.grad_accum)
         updates, opt_state = plan.optimizer.update(grads, state.opt_state, state.params)

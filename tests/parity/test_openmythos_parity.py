@@ -57,7 +57,7 @@ def test_logits_match(models, n_loops, seq_len):
     ids = torch.randint(0, cfg.vocab_size, (BATCH, seq_len),
                         generator=torch.Generator().manual_seed(n_loops * 100 + seq_len))
     expected, trace = _torch_logits_and_trace(torch_model, ids, n_loops)
-    got = np.asarray(jax_model(jnp.asarray(ids.numpy()), n_loops=n_loops))
+    got = np.asarray(jax_model(jnp.asarray(ids.numpy()), n_loops))
     assert got.shape == (BATCH, seq_len, cfg.vocab_size)
     assert np.abs(got - expected).max() <= TOLERANCE
 
