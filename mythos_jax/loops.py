@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mythos_jax.layers.moe import MoEStats
+from mythos_jax.moe.stats import MoEStats
 from mythos_jax.layers.recurrence import LoopState, RecurrentBlock
 from mythos_jax.schedules import (  # noqa: F401  (re-exported: loops.Fixed, ...)
     Curriculum, Fixed, LogNormalPoisson, Poisson, Schedule, Uniform)
