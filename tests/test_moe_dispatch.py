@@ -277,7 +277,8 @@ def test_model_forward_and_gradient_equal_single_device(spec, impl):
     ids, ref_loss, ref_grads = _single_device_dense()
     cfg = variants.tiny_mla(n_experts=8, moe_impl=impl, capacity_factor=4.0)  # E/K: no drops
     mesh = make_mesh(spec)
-    graphdef, params, rest = nnx.split(init_sharded(cfg, mesh), nnx.Param, ...)
+    model = init_sharded(lambda: OpenMythos(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ids = jax.device_put(ids, NamedSharding(mesh, P(("data", "fsdp"))))
     step = jax.jit(_step(graphdef), in_shardings=(state_shardings(params, mesh),
                                                   state_shardings(rest, mesh), ids.sharding))

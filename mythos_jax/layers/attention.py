@@ -23,6 +23,7 @@ from mythos_jax.kernels.mla_flash import mla_flash_attention
 from mythos_jax.layers.common import compute_dtype, dropout, linear
 from mythos_jax.layers.norm import RMSNorm
 from mythos_jax.layers.rope import apply_rope
+from mythos_jax.parallel.rules import activation_spec
 
 
 def causal_mask(length: int) -> jax.Array:
@@ -165,7 +166,8 @@ class MLAttention(nnx.Module):
             q_latent = jnp.einsum("bthd,chd->bhc", q_nope, k_up)
             latent = mla_decode_attention(
                 q_latent, q_rope[:, 0], cache["c_kv"].astype(k_up.dtype),
-                cache["k_rope"].astype(q_rope.dtype), kv_start, kv_end, scale=scale)
+                cache["k_rope"].astype(q_rope.dtype), kv_start, kv_end, scale=scale,
+                spec=activation_spec(("batch", "heads"), q_latent.shape[:2]))
             out = jnp.einsum("bhc,chd->bhd", latent, v_up)[:, None]
         else:
             kv_start, matches = causal_starts(mask, q_nope.shape[0])
@@ -175,7 +177,8 @@ class MLAttention(nnx.Module):
             heads_major = lambda x: x.transpose(0, 2, 1, 3)   # (B, T, H, d) <-> (B, H, T, d)
             out = heads_major(mla_flash_attention(
                 heads_major(q_nope), heads_major(q_rope), k_nope, k_rope.astype(q_rope.dtype), v,
-                kv_start, scale=scale))
+                kv_start, scale=scale,
+                spec=activation_spec(("batch", "heads"), k_nope.shape[:2])))
         return jnp.where(matches[:, None, None, None], out, jnp.nan)
 
 
