@@ -45,7 +45,7 @@ from mythos_jax.benchmark import (PRESET_SHAPES, PRESETS, CpuMonitor,  # noqa: E
 from mythos_jax.config import MOE_IMPLS  # noqa: E402
 from mythos_jax.interop.openmythos import (config_to_torch, import_reference,  # noqa: E402
                                            load_state_dict)
-from mythos_jax.layers.moe_dispatch import expert_capacity  # noqa: E402
+from mythos_jax.moe.slots import expert_capacity  # noqa: E402
 from mythos_jax.parallel.mesh import make_mesh  # noqa: E402
 from mythos_jax.train.config import load_train_config  # noqa: E402
 from mythos_jax.train.data import train_iterator  # noqa: E402

@@ -5,7 +5,8 @@ the single-device "xla" step, and the compiled program runs every kernel on its 
 and gathers none of their inputs (without the shard_map, XLA gathers them to the global
 batch on every device). The kernel-level tests check k_rope's gradient with heads split over
 "tensor" (Auto and Explicit meshes), the decode kernel, and that the real Triton / Mosaic
-kernels lower per shard for an 8-device GPU / TPU mesh."""
+kernels lower per shard for an 8-device GPU / TPU mesh, each split by the ``spec`` it is
+given (on the (2, 2, 2, 1) meshes: batch over data x fsdp, heads over tensor)."""
 
 import re
 
@@ -23,6 +24,7 @@ from mythos_jax.parallel import MESH_AXES, make_mesh, state_shardings
 
 N_LOOPS = 2
 BATCH, LENGTH = 8, 11
+BATCH_HEADS = P(("data", "fsdp"), "tensor")       # the (B, H) split the kernel tests give
 _COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|"
                          r"reduce-scatter)(-start)?\(")
 
@@ -111,16 +113,16 @@ def test_flash_gradients_with_heads_over_tensor(axis_type):
                      (4, 4, 9, 16))                  # q_nope, q_rope, k_nope, k_rope, v
     kv_start = jnp.asarray([0, 3, 5, 0], jnp.int32)
 
-    def value_and_grads(attention):
+    def value_and_grads(attention, **spec):
         def loss(*inputs):
-            return jnp.sum(jnp.sin(attention(*inputs, kv_start, scale=0.25)))
+            return jnp.sum(jnp.sin(attention(*inputs, kv_start, scale=0.25, **spec)))
         return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(arrays)))))
 
     expected = value_and_grads(mla_flash_reference)(*arrays)
     mesh = jax.make_mesh((2, 2, 2, 1), MESH_AXES, axis_types=(axis_type,) * len(MESH_AXES))
     with jax.set_mesh(mesh):
         arrays = jax.device_put(arrays, NamedSharding(mesh, P("data")))
-        compiled = value_and_grads(mla_flash_attention).lower(*arrays).compile()
+        compiled = value_and_grads(mla_flash_attention, spec=BATCH_HEADS).lower(*arrays).compile()
         value, grads = compiled(*arrays)
     np.testing.assert_allclose(value, expected[0], rtol=1e-5)
     for ours, theirs in zip(grads, expected[1], strict=True):
@@ -138,7 +140,7 @@ def test_decode_per_shard_equals_reference():
     arrays = (q_latent, q_rope, c_kv, k_rope, kv_start, kv_end)
     expected = mla_decode_reference(*arrays, scale=0.25)
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
-    decode = jax.jit(lambda *a: mla_decode_attention(*a, scale=0.25))
+    decode = jax.jit(lambda *a: mla_decode_attention(*a, scale=0.25, spec=BATCH_HEADS))
     with jax.set_mesh(mesh):
         compiled = decode.lower(*arrays).compile()
         out = compiled(*arrays)
@@ -161,7 +163,7 @@ def test_real_backends_lower_per_shard(platform, device_kind, custom_call):
     target = KernelTarget("gpu" if platform == "cuda" else "tpu", False)
 
     def loss(*inputs):
-        return jnp.sum(mla_flash_attention(*inputs, scale=0.1, target=target))
+        return jnp.sum(mla_flash_attention(*inputs, scale=0.1, spec=BATCH_HEADS, target=target))
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.export.export(
             jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))), platforms=[platform],

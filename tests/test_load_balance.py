@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 from mythos_jax import LoopSpec, OpenMythos, variants
-from mythos_jax.layers.moe import (MoE, RouterBias, load_ratio, update_router_bias,
-                                   update_router_biases)
+from mythos_jax.moe.layer import MoE
+from mythos_jax.moe.router import RouterBias, update_router_biases
+from mythos_jax.moe.stats import load_ratio
 
 B, T = 3, 8
 
@@ -101,9 +102,11 @@ def test_losses_are_differentiable_and_the_bias_is_not_a_param(model, ids):
 
 
 def test_update_router_bias():
-    bias = jnp.array([0.5, 0.0, -0.5, 0.0], jnp.float32)
+    moe = MoE(variants.tiny_mla(n_experts=4), rngs=nnx.Rngs(0))
+    moe.router_bias[...] = jnp.array([0.5, 0.0, -0.5, 0.0], jnp.float32)
     load = jnp.array([10.0, 2.0, 4.0, 4.0])                           # mean 5
-    np.testing.assert_allclose(update_router_bias(bias, load, 0.1), [0.4, 0.1, -0.4, 0.1])
+    update_router_biases(moe, load, 0.1)
+    np.testing.assert_allclose(moe.router_bias[...], [0.4, 0.1, -0.4, 0.1])
     assert float(load_ratio(load)) == 2.0
 
 

@@ -17,6 +17,11 @@ CFG = variants.tiny_mla()
 N_LOOPS = 2
 
 
+def sharded_model(cfg, mesh, *rules):
+    """OpenMythos(cfg, rngs=nnx.Rngs(0)) created directly in its shards."""
+    return init_sharded(lambda: OpenMythos(cfg, rngs=nnx.Rngs(0)), mesh, *rules)
+
+
 def test_eight_fake_devices():
     assert jax.device_count() == 8
 
@@ -114,7 +119,7 @@ def test_bad_rules_raise(rules, match):
     with pytest.raises(ValueError, match=match):
         validate_rules(rules)
     with pytest.raises(ValueError, match=match):
-        init_sharded(CFG, make_mesh("data=8"), rules)
+        sharded_model(CFG, make_mesh("data=8"), rules)
 
 
 def test_unknown_preset_and_indivisible_experts_raise():
@@ -123,9 +128,9 @@ def test_unknown_preset_and_indivisible_experts_raise():
     cfg = variants.tiny_mla(n_experts=6, n_experts_per_tok=2)       # 6 experts over 4 devices
     with pytest.raises(ValueError, match="n_experts=6 is not divisible by the mesh axis "
                                          "'expert' of size 4"):
-        init_sharded(cfg, make_mesh("data=2,expert=4"))
+        sharded_model(cfg, make_mesh("data=2,expert=4"))
     # ... unless the rules do not shard experts
-    init_sharded(cfg, make_mesh("data=2,expert=4"), rules_preset("fsdp"))
+    sharded_model(cfg, make_mesh("data=2,expert=4"), rules_preset("fsdp"))
 
 
 def test_activation_constraints():
@@ -192,7 +197,7 @@ def test_sharded_step_equals_single_device(single_device, spec):
 
 def test_sharded_init_equals_eager_init():
     mesh = make_mesh("fsdp=4,expert=2")
-    model = init_sharded(CFG, mesh)
+    model = sharded_model(CFG, mesh)
     gate = model.recurrent.block.ffn.gate[...]
     assert gate.sharding.spec == P("expert", "fsdp", None)
     assert len(gate.addressable_shards) == 8

@@ -29,8 +29,8 @@ import numpy as np
 from flax import nnx
 
 from mythos_jax.config import MythosConfig
-from mythos_jax.layers.moe import RouterBias
 from mythos_jax.model import OpenMythos
+from mythos_jax.moe.router import RouterBias
 
 OPENMYTHOS_FIELDS = tuple(f.name for f in dataclasses.fields(MythosConfig))[
     : [f.name for f in dataclasses.fields(MythosConfig)].index("dropout") + 1]

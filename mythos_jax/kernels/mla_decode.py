@@ -12,8 +12,9 @@ scores ``(q . k) * scale`` and softmax in fp32. A sequence with no valid slot gi
 Flash-decoding: the slots are cut into ``num_splits`` ranges attended in parallel (partial
 output and log-sum-exp each), then combined here. Backends: ``mla_decode_gpu`` (Triton),
 ``mla_decode_tpu`` (Mosaic); shapes a backend cannot tile fall back to XLA, logged once.
-Under a mesh (``jax.set_mesh``) the kernel runs per shard: batch over the data-like axes,
-heads over "tensor" (``sharding.per_shard``); the splits are planned for the local shard.
+Under a mesh (``jax.set_mesh``) the kernel runs per shard as ``spec`` says: the
+PartitionSpec of the (B, H) dimensions, computed by the caller from its sharding rules
+(``sharding.per_shard``; None: whole arrays); the splits are planned for the local shard.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from mythos_jax.kernels import mla_decode_gpu, mla_decode_tpu
 from mythos_jax.kernels.tiles import check_block_sizes
@@ -32,8 +34,8 @@ from mythos_jax.kernels.reference import mla_decode_reference
 from mythos_jax.kernels.sharding import per_shard
 
 _BACKENDS = {"gpu": mla_decode_gpu, "tpu": mla_decode_tpu}
-# Logical axes of (q_latent, q_rope, c_kv, k_rope, kv_start, kv_end), by which
-# ``sharding.per_shard`` splits them (and the output, like q_latent) over the mesh in force.
+# Roles of the dimensions of (q_latent, q_rope, c_kv, k_rope, kv_start, kv_end), by which
+# ``sharding.per_shard`` splits them (and the output, like q_latent) as ``spec`` says.
 _PER_HEAD = ("batch", "heads", None)
 _IN_AXES = (_PER_HEAD, _PER_HEAD, ("batch", None, None), ("batch", None, None), ("batch",),
             ("batch",))
@@ -90,9 +92,11 @@ def combine_splits(out_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
 
 
 def mla_decode_attention(q_latent, q_rope, c_kv, k_rope, kv_start, kv_end, *, scale: float,
-                         blocks: DecodeBlocks | None = None,
+                         spec: PartitionSpec | None = None, blocks: DecodeBlocks | None = None,
                          target: KernelTarget | None = None) -> jax.Array:
-    """Latent attention of one token per sequence over the cache (module docstring)."""
+    """Latent attention of one token per sequence over the cache (module docstring).
+    ``spec``: the split of (B, H) over the mesh in force, e.g. ``P(("data", "fsdp"),
+    "tensor")``."""
     _check_shapes(q_latent, q_rope, c_kv, k_rope, kv_start, kv_end)
     target = kernel_target() if target is None else target
     kv_start = jnp.asarray(kv_start, jnp.int32)
@@ -105,7 +109,7 @@ def mla_decode_attention(q_latent, q_rope, c_kv, k_rope, kv_start, kv_end, *, sc
                                     scale=scale)
     blocks = DEFAULT_BLOCKS[target.backend] if blocks is None else blocks
     kernel = per_shard(lambda *arrays: _decode(*arrays, float(scale), blocks, target),
-                       _IN_AXES)
+                       _IN_AXES, spec)
     return kernel(q_latent, q_rope, c_kv, k_rope, kv_start, kv_end)
 
 

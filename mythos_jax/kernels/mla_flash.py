@@ -12,8 +12,9 @@ the fp32 log-sum-exp of the forward as residual; k_rope's gradient sums over hea
 ``mla_flash_gpu`` (Triton) and ``mla_flash_tpu`` (Mosaic), picked by
 ``dispatch.kernel_target`` unless ``target`` is given; interpreted off GPU/TPU. A shape the
 backend cannot tile falls back to ``reference.mla_flash_reference`` (XLA), logged once.
-Under a mesh (``jax.set_mesh``) the kernels run per shard: batch over the data-like axes,
-heads over "tensor" (``sharding.per_shard``).
+Under a mesh (``jax.set_mesh``) the kernels run per shard as ``spec`` says: the
+PartitionSpec of the (B, H) dimensions, computed by the caller from its sharding rules
+(``sharding.per_shard``); None runs them on the whole arrays.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from mythos_jax.kernels import mla_flash_gpu, mla_flash_tpu
 from mythos_jax.kernels.tiles import check_block_sizes
@@ -32,8 +34,8 @@ from mythos_jax.kernels.reference import mla_flash_reference
 from mythos_jax.kernels.sharding import per_shard
 
 _BACKENDS = {"gpu": mla_flash_gpu, "tpu": mla_flash_tpu}
-# Logical axes of (q_nope, q_rope, k_nope, k_rope, v, kv_start), by which
-# ``sharding.per_shard`` splits them (and the output, like q_nope) over the mesh in force.
+# Roles of the dimensions of (q_nope, q_rope, k_nope, k_rope, v, kv_start), by which
+# ``sharding.per_shard`` splits them (and the output, like q_nope) as ``spec`` says.
 _PER_HEAD = ("batch", "heads", None, None)
 _IN_AXES = (_PER_HEAD, _PER_HEAD, _PER_HEAD, ("batch", None, None), _PER_HEAD, ("batch",))
 
@@ -58,8 +60,10 @@ DEFAULT_BLOCKS = {"gpu": FlashBlocks(), "tpu": FlashBlocks(128, 128, 128, 128)}
 
 
 def mla_flash_attention(q_nope, q_rope, k_nope, k_rope, v, kv_start=None, *, scale: float,
-                        blocks: FlashBlocks | None = None, target: KernelTarget | None = None):
-    """Causal MLA attention (shapes in the module docstring); differentiable."""
+                        spec: PartitionSpec | None = None, blocks: FlashBlocks | None = None,
+                        target: KernelTarget | None = None):
+    """Causal MLA attention (shapes in the module docstring); differentiable. ``spec``: the
+    split of (B, H) over the mesh in force, e.g. ``P(("data", "fsdp"), "tensor")``."""
     _check_shapes(q_nope, q_rope, k_nope, k_rope, v, kv_start)
     target = kernel_target() if target is None else target
     batch = q_nope.shape[0]
@@ -72,7 +76,7 @@ def mla_flash_attention(q_nope, q_rope, k_nope, k_rope, v, kv_start=None, *, sca
         return mla_flash_reference(q_nope, q_rope, k_nope, k_rope, v, kv_start, scale=scale)
     blocks = DEFAULT_BLOCKS[target.backend] if blocks is None else blocks
     kernel = per_shard(lambda *arrays: _flash(*arrays, float(scale), blocks, target),
-                       _IN_AXES)
+                       _IN_AXES, spec)
     return kernel(q_nope, q_rope, k_nope, k_rope, v, kv_start)
 
 

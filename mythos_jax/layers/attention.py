@@ -25,6 +25,7 @@ from mythos_jax.layers.common import compute_dtype, dropout, linear
 from mythos_jax.layers.norm import RMSNorm
 from mythos_jax.layers.rope import apply_rope
 from mythos_jax.modes import AttentionImpl, AttentionType
+from mythos_jax.parallel.rules import activation_spec
 
 
 def masked_softmax(scores: jax.Array, span: KeySpan, rate: float,
@@ -161,7 +162,8 @@ class MLAttention(nnx.Module):
             q_latent = jnp.einsum("bthd,chd->bhc", q_nope, k_up)
             latent = mla_decode_attention(
                 q_latent, q_rope[:, 0], cache["c_kv"].astype(k_up.dtype),
-                cache["k_rope"].astype(q_rope.dtype), span.kv_start, span.kv_end(), scale=scale)
+                cache["k_rope"].astype(q_rope.dtype), span.kv_start, span.kv_end(), scale=scale,
+                spec=activation_spec(("batch", "heads"), q_latent.shape[:2]))
             return jnp.einsum("bhc,chd->bhd", latent, v_up)[:, None]
         c_kv = c_kv.astype(k_up.dtype)
         k_nope = jnp.einsum("bsc,chd->bhsd", c_kv, k_up)         # heads-major (B, H, T, d)
@@ -169,7 +171,8 @@ class MLAttention(nnx.Module):
         heads_major = lambda x: x.transpose(0, 2, 1, 3)       # (B, T, H, d) <-> (B, H, T, d)
         return heads_major(mla_flash_attention(
             heads_major(q_nope), heads_major(q_rope), k_nope, k_rope.astype(q_rope.dtype), v,
-            span.kv_start, scale=scale))
+            span.kv_start, scale=scale,
+            spec=activation_spec(("batch", "heads"), k_nope.shape[:2])))
 
 
 def write_cache(cache: dict, entries: dict, index) -> dict:

@@ -10,8 +10,9 @@ from mythos_jax.kernels.masks import KeySpan
 from mythos_jax.layers.attention import make_attention
 from mythos_jax.layers.common import compute_dtype, dropout, split_key
 from mythos_jax.layers.ffn import SwiGLU
-from mythos_jax.layers.moe import MoE, RouterStats
 from mythos_jax.layers.norm import RMSNorm
+from mythos_jax.moe.layer import MoE
+from mythos_jax.moe.stats import RouterStats
 from mythos_jax.parallel.rules import constrain
 
 HIDDEN_AXES = ("batch", "seq", "act_embed")   # logical axes of the residual stream (B, T, D)

@@ -26,9 +26,9 @@ from flax import nnx
 from mythos_jax.config import MythosConfig
 from mythos_jax.layers.block import TransformerBlock
 from mythos_jax.layers.common import compute_dtype, linear, normal_init
-from mythos_jax.layers.moe import MoEStats, RouterStats
 from mythos_jax.layers.norm import RMSNorm
 from mythos_jax.modes import ACTMode, Injection
+from mythos_jax.moe.stats import MoEStats, RouterStats
 
 LOOP_EMBED_THETA = 10000.0  # hard-coded in OpenMythos
 

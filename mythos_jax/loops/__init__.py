@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 
 import jax
 
-from mythos_jax.layers.moe import MoEStats
+from mythos_jax.moe.stats import MoEStats
 from mythos_jax.layers.recurrence import RecurrentBlock
 from mythos_jax.loops.drivers import (KL_ENTROPY_BOUND, LoopContext, LoopResult, run_dynamic,
                                       run_static, run_training)

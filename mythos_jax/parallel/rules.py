@@ -1,5 +1,6 @@
 """Logical axes -> mesh axes: rule presets, their validation, parameter shardings, activation
-constraints, and a model initialised directly sharded.
+constraints and specs, and a module initialised directly sharded. Imports nothing of the
+model: callers pass the module or state they shard.
 
 Parameters carry ``logical_axes`` metadata (``PARAM_AXES``); the residual stream and the
 logits are constrained with ``ACTIVATION_AXES`` through :func:`constrain`. A rules table maps
@@ -21,13 +22,12 @@ from __future__ import annotations
 
 import math
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mythos_jax.config import MythosConfig
 from mythos_jax.parallel.mesh import MESH_AXES
 
 PARAM_AXES = ("embed", "embed_out", "vocab", "heads", "kv_heads", "q_lora", "kv_lora", "mlp",
@@ -126,14 +126,17 @@ def activation_rules(rules: Rules):
     return _ACTIVATION_RULES(tuple(sorted(rules.items())))
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """``x`` constrained to the sharding its logical ``axes`` get on the current mesh
-    (``jax.set_mesh``) under the active rules; ``x`` itself when no mesh is set."""
+def activation_spec(axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """The spec of an array of ``shape`` with logical ``axes`` on the current mesh
+    (``jax.set_mesh``) under the active rules; None when no mesh is set."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, partition_spec(axes, x.shape, mesh,
-                                                              active_rules()))
+    return None if mesh.empty else partition_spec(axes, shape, mesh, active_rules())
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """``x`` constrained to its :func:`activation_spec`; ``x`` itself when no mesh is set."""
+    spec = activation_spec(axes, x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def active_rules() -> Rules:
@@ -158,16 +161,11 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def init_sharded(cfg: MythosConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES, seed: int = 0):
-    """OpenMythos(cfg, rngs=nnx.Rngs(seed)) with every parameter created directly in its
-    shards (the full model never exists on one device)."""
-    from mythos_jax.model import OpenMythos  # here: the layers import this module
-
-    abstract = nnx.eval_shape(lambda: OpenMythos(cfg, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
+def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """The module ``create()`` builds (e.g. ``lambda: OpenMythos(cfg, rngs=nnx.Rngs(0))``)
+    with every variable created directly in its shards (the whole never exists on one
+    device): traced once abstractly for the shardings, then run under jit."""
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
     shardings = state_shardings(abstract_state, mesh, rules)
-
-    def create():
-        return nnx.split(OpenMythos(cfg, rngs=nnx.Rngs(seed)))[1]
-
-    return nnx.merge(graphdef, jax.jit(create, out_shardings=shardings)())
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.split(create())[1],
+                                       out_shardings=shardings)())

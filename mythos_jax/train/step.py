@@ -26,8 +26,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mythos_jax.config import MythosConfig
-from mythos_jax.layers.moe import load_ratio, update_router_bias
 from mythos_jax.model import OpenMythos
+from mythos_jax.moe.router import update_router_biases
+from mythos_jax.moe.stats import load_ratio
 from mythos_jax.parallel import rules as rules_lib
 from mythos_jax.schedules import sample_loops
 from mythos_jax.train.config import TrainConfig
@@ -189,13 +190,11 @@ def _accumulated_grads(loss_fn, params, buffers, batch, counts, accum: int):
             jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics), buffers)
 
 
-def _update_router_bias(buffers: dict, load: jax.Array, rate: float) -> dict:
-    """The aux-loss-free balancing step on every ``router_bias`` buffer."""
-    def update(path, leaf):
-        names = [str(getattr(key, "key", key)) for key in path]
-        return update_router_bias(leaf, load, rate) if "router_bias" in names else leaf
-
-    return jax.tree_util.tree_map_with_path(update, buffers)
+def _update_router_bias(plan: TrainPlan, params: dict, buffers: dict, load: jax.Array,
+                        rate: float) -> dict:
+    """The buffers after the aux-loss-free balancing step on every ``RouterBias``."""
+    model = update_router_biases(nnx.merge(plan.graphdef, params, buffers), load, rate)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -227,7 +226,7 @@ def make_train_step(plan: TrainPlan):
         updates, opt_state = plan.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if cfg.optim.router_bias_rate > 0:
-            buffers = _update_router_bias(buffers, metrics["expert_load"],
+            buffers = _update_router_bias(plan, params, buffers, metrics["expert_load"],
                                           cfg.optim.router_bias_rate)
         finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

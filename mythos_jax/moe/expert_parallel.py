@@ -28,9 +28,10 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from mythos_jax.kernels.dispatch import mesh_platform
-from mythos_jax.layers.moe_dispatch import (
-    batched_swiglu, blocked_swiglu, capacity_slots, combine_buffers, combine_sorted,
-    expert_capacity, fill_buffers, ragged_swiglu, sort_by_expert, uses_megablox)
+from mythos_jax.modes import GroupedMatmul, MoEImpl
+from mythos_jax.moe.expert_ffn import batched_swiglu, blocked_swiglu, ragged_swiglu, uses_megablox
+from mythos_jax.moe.slots import (capacity_slots, combine_buffers, combine_sorted,
+                                  expert_capacity, fill_buffers, sort_by_expert)
 
 EXPERT_AXIS = "expert"
 
@@ -38,14 +39,15 @@ logger = logging.getLogger(__name__)
 
 
 def expert_parallel_dispatch(impl: str, mesh, x, expert_ids, weights, gate, up, down, *,
-                             capacity_factor: float | None = None, grouped_matmul: str = "auto",
+                             capacity_factor: float | None = None,
+                             grouped_matmul: str = GroupedMatmul.AUTO,
                              emulate_ragged: bool | None = None) -> tuple[jax.Array, jax.Array]:
-    """``moe_dispatch.dispatch`` with experts sharded over ``mesh``'s expert axis: x (N, D),
+    """``moe.dispatch.dispatch`` with experts sharded over ``mesh``'s expert axis: x (N, D),
     expert_ids/weights (N, K), kernels (E, ...) -> (out (N, D), rows dropped (int32)).
 
     ``emulate_ragged``: use the all_gather emulation of ``ragged_all_to_all`` (None: on CPU).
     """
-    if impl not in ("capacity", "dropless", "grouped"):
+    if impl not in (MoEImpl.CAPACITY, MoEImpl.DROPLESS, MoEImpl.GROUPED):
         raise ValueError(f"expert-parallel moe_impl must be capacity, dropless or grouped, "
                          f"got {impl!r}")
     n_shards, n_experts = mesh.shape[EXPERT_AXIS], gate.shape[0]
@@ -59,14 +61,14 @@ def expert_parallel_dispatch(impl: str, mesh, x, expert_ids, weights, gate, up, 
     expert_ids = jnp.pad(expert_ids, ((0, pad), (0, 0)), constant_values=n_experts)
     weights = jnp.pad(weights, ((0, pad), (0, 0)))
 
-    if impl == "capacity":
+    if impl == MoEImpl.CAPACITY:
         body = functools.partial(_capacity_exchange, capacity_factor=capacity_factor)
     else:
         if emulate_ragged is None:
             emulate_ragged = mesh_platform(mesh) == "cpu"
         if emulate_ragged:
             _log_emulation_once()
-        expert_ffn = (blocked_swiglu if impl == "grouped" else
+        expert_ffn = (blocked_swiglu if impl == MoEImpl.GROUPED else
                       functools.partial(ragged_swiglu, grouped_matmul=grouped_matmul))
         body = functools.partial(
             _dropless_exchange, expert_ffn=expert_ffn,
@@ -78,7 +80,7 @@ def expert_parallel_dispatch(impl: str, mesh, x, expert_ids, weights, gate, up, 
         return out, lax.psum(dropped, token_axes)
 
     tokens, experts = P(token_axes), P(EXPERT_AXIS)
-    pallas_inside = impl == "dropless" and uses_megablox(grouped_matmul)  # needs check_vma off
+    pallas_inside = impl == MoEImpl.DROPLESS and uses_megablox(grouped_matmul)  # no check_vma
     out, dropped = jax.shard_map(
         counted, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts, experts),
         out_specs=(tokens, P()), check_vma=not pallas_inside)(x, expert_ids, weights, gate,
