@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mythos_jax.parallel.mesh import make_mesh
-from mythos_jax.train.checkpointing import Checkpointer
+from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.train.config import TrainConfig, load_train_config
 from mythos_jax.train.optim import decay_mask
 from mythos_jax.train.step import build_plan, init_train_state
