@@ -28,8 +28,8 @@ loops:
   target: {schedule: lognormal_poisson, mean: 6, sigma: 0.3, max_loops: 12, backprop_depth: 4}
 """
 CURRICULUM_SET = ["data.seq_len=32", "loops.schedule=curriculum", "loops.start_mean=2",
-                  "loops.ramp_steps=500", "loops.shape=sqrt", "loops.target.schedule=lognormal_poisson",
-                  "loops.target.mean=6", "loops.target.sigma=0.3", "loops.target.max_loops=12",
+                  "loops.ramp_steps=500", "loops.shape=sqrt",
+                  "loops.target.schedule=lognormal_poisson", "loops.target.mean=6", "loops.target.sigma=0.3", "loops.target.max_loops=12",
                   "loops.target.backprop_depth=4"]
 
 
