@@ -29,7 +29,8 @@ loops:
 """
 CURRICULUM_SET = ["data.seq_len=32", "loops.schedule=curriculum", "loops.start_mean=2",
                   "loops.ramp_steps=500", "loops.shape=sqrt",
-                  "loops.target.schedule=lognormal_poisson", "loops.target.mean=6", "loops.target.sigma=0.3", "loops.target.max_loops=12",
+                  "loops.target.schedule=lognormal_poisson", "loops.target.mean=6",
+                  "loops.target.sigma=0.3", "loops.target.max_loops=12",
                   "loops.target.backprop_depth=4"]
 
 
