@@ -220,11 +220,11 @@ def _generation_model(args: argparse.Namespace):
 
 def _checkpoint_model(path: str, step: int | None):
     """The model at ``path`` (any form ``load_model`` reads); what it is goes to stderr."""
-    from mythos_jax import checkpoint
+    from mythos_jax.checkpoints.load import load_model_and_source
 
     if not os.path.exists(path):
         raise CommandError(f"{path}: no such file or directory")
-    model, source = checkpoint.load_model_and_source(path, step=step)
+    model, source = load_model_and_source(path, step=step)
     print(f"model: {source}", file=sys.stderr, flush=True)
     return model
 

@@ -10,7 +10,8 @@ from flax import nnx
 
 from mythos_jax import OpenMythos, variants
 from mythos_jax.budget import LIMIT_VARIABLE, check_fits, memory_limit, tree_bytes
-from mythos_jax.checkpoint import load_model, save_model
+from mythos_jax.checkpoints.load import load_model
+from mythos_jax.checkpoints.model import save_model
 from mythos_jax.cli import main
 from mythos_jax.inference.generate import generate
 

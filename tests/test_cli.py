@@ -9,7 +9,8 @@ import torch
 from flax import nnx
 
 from mythos_jax import variants
-from mythos_jax.checkpoint import is_checkpoint, load_model
+from mythos_jax.checkpoints.load import load_model
+from mythos_jax.checkpoints.model import is_checkpoint
 from mythos_jax.cli import build_parser, main
 from mythos_jax.interop.openmythos import config_to_torch, import_reference
 
@@ -178,7 +179,7 @@ def test_generate_errors(capsys, extra, message):
 
 
 def test_generate_needs_a_byte_vocabulary(tmp_path, capsys):
-    from mythos_jax.checkpoint import save_model
+    from mythos_jax.checkpoints.model import save_model
     from mythos_jax.model import OpenMythos
 
     ckpt = tmp_path / "small_vocab"

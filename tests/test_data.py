@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from mythos_jax.train import corpus, data, tasks
-from mythos_jax.train.data import DataConfig
+from mythos_jax.train.config import load_train_config
+from mythos_jax.train.data_config import (AdditionData, DataConfig, JsonlData, KhopData,
+                                         KhopGraphData, StdlibData, TextData)
 from mythos_jax.train.tokenizer import BYTE_EOS, BYTE_PAD, load_vocab
 
 DOCS = [b"alpha beta\n", b"", b"gamma\n" * 7, b"delta", b"epsilon zeta eta\n" * 3]
@@ -36,7 +38,7 @@ def assert_same_batches(a, b):
 
 # ---------------------------------------------------------------------------- LM sources
 def test_stdlib_batch_format_and_first_batch_fast():
-    cfg = DataConfig(seq_len=64, batch_size=8)
+    cfg = StdlibData(seq_len=64, batch_size=8)
     batch = next(data.train_iterator(cfg))
     assert batch["inputs"].shape == batch["targets"].shape == batch["loss_mask"].shape == (8, 64)
     assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
@@ -53,8 +55,8 @@ def test_stdlib_batch_format_and_first_batch_fast():
 
 
 def test_packing_eos_between_documents_and_padding(text_files):
-    cfg = DataConfig(source="text", paths=tuple(text_files), seq_len=10, batch_size=1,
-                     eval_fraction=0.0, prefetch=0)
+    cfg = TextData(paths=tuple(text_files), seq_len=10, batch_size=1,
+                   eval_fraction=0.0, prefetch=0)
     stream = data.lm_streams(cfg)[0]
     expected = np.concatenate([np.append(np.frombuffer(d, np.uint8), BYTE_EOS)
                                for d in DOCS if d])
@@ -74,22 +76,22 @@ def test_packing_eos_between_documents_and_padding(text_files):
 
 
 def test_epochs_are_reshuffled_and_seeded(text_files):
-    cfg = DataConfig(source="text", paths=tuple(text_files), seq_len=8, batch_size=1,
-                     eval_fraction=0.0)
+    cfg = TextData(paths=tuple(text_files), seq_len=8, batch_size=1,
+                   eval_fraction=0.0)
     n = data.lm_streams(cfg)[0].num_windows
     order = [tuple(b["inputs"][0]) for b in take(data.train_iterator(cfg), 2 * n)]
     assert sorted(order[:n]) == sorted(order[n:]) and order[:n] != order[n:]
     other = [tuple(b["inputs"][0]) for b in take(data.train_iterator(
-        DataConfig(source="text", paths=tuple(text_files), seq_len=8, batch_size=1,
-                   eval_fraction=0.0, seed=1)), n)]
+        TextData(paths=tuple(text_files), seq_len=8, batch_size=1,
+                 eval_fraction=0.0, seed=1)), n)]
     assert other != order[:n]
 
 
 def test_single_document_holds_out_its_tail(tmp_path):
     path = tmp_path / "one.txt"
     path.write_bytes(bytes(range(32, 127)) * 3)
-    cfg = DataConfig(source="text", paths=(str(path),), seq_len=16, batch_size=4,
-                     eval_fraction=0.2, eval_examples=8)
+    cfg = TextData(paths=(str(path),), seq_len=16, batch_size=4,
+                   eval_fraction=0.2, eval_examples=8)
     train, held = data.lm_streams(cfg)
     assert train.num_tokens + held.num_tokens == 3 * 95 + 2
     assert held.num_tokens - 1 == round(0.2 * 3 * 95)
@@ -98,7 +100,7 @@ def test_single_document_holds_out_its_tail(tmp_path):
 
 
 def test_eval_batches_rounded_to_global_batches_and_padded():
-    cfg = DataConfig(seq_len=32, batch_size=6, eval_examples=10)
+    cfg = StdlibData(seq_len=32, batch_size=6, eval_examples=10)
     batches = data.eval_batches(cfg, "heldout")
     assert len(batches) == 2 and all(b["inputs"].shape == (6, 32) for b in batches)
     assert_same_batches(batches, data.eval_batches(cfg, "heldout"))
@@ -127,8 +129,8 @@ def answer_rows(batch):
 
 
 def test_khop_answers_follow_the_listed_facts():
-    cfg = DataConfig(source="khop", seq_len=64, batch_size=16, khop_entities=20,
-                     khop_facts=10, khop_eval_hops=(3, 9))
+    cfg = KhopData(seq_len=64, batch_size=16, khop_entities=20,
+                   khop_facts=10, khop_eval_hops=(3, 9))
     train_hops = []
     for prompt, answer in answer_rows(next(data.train_iterator(cfg))):
         expected, hops = solve_khop(prompt)
@@ -142,11 +144,11 @@ def test_khop_answers_follow_the_listed_facts():
         assert hops == 9 and answer.tolist() == [expected, BYTE_EOS]
 
 
-def graph_config(**overrides) -> DataConfig:
-    fields = dict(source="khop_graph", seq_len=16, batch_size=64, khop_entities=12,
+def graph_config(**overrides) -> KhopGraphData:
+    fields = dict(seq_len=16, batch_size=64, khop_entities=12,
                   khop_relations=3, khop_train_max_hops=3, khop_eval_hops=(1, 2, 3, 7),
                   khop_heldout=0.25)
-    return DataConfig(**{**fields, **overrides})
+    return KhopGraphData(**{**fields, **overrides})
 
 
 def compose(graph: np.ndarray, query: np.ndarray) -> list[int]:
@@ -226,8 +228,8 @@ def test_graph_config_errors():
 
 @pytest.mark.parametrize("reverse", [True, False])
 def test_addition_answers(reverse):
-    cfg = DataConfig(source="addition", seq_len=48, batch_size=16, addition_train_max_digits=3,
-                     addition_eval_digits=(5,), addition_reverse_answer=reverse)
+    cfg = AdditionData(seq_len=48, batch_size=16, addition_train_max_digits=3,
+                       addition_eval_digits=(5,), addition_reverse_answer=reverse)
     for batch, digits in ((next(data.train_iterator(cfg)), {1, 2, 3}),
                           (data.eval_batches(cfg, "digits=5")[0], {5})):
         for prompt, answer in answer_rows(batch):
@@ -239,15 +241,15 @@ def test_addition_answers(reverse):
 
 
 def test_task_examples_are_deterministic_and_seeded():
-    cfg = DataConfig(source="khop", seq_len=64, batch_size=4)
+    cfg = KhopData(seq_len=64, batch_size=4)
     assert_same_batches(take(data.train_iterator(cfg), 2), take(data.train_iterator(cfg), 2))
-    other = next(data.train_iterator(DataConfig(source="khop", seq_len=64, batch_size=4,
-                                                seed=5)))
+    other = next(data.train_iterator(KhopData(seq_len=64, batch_size=4,
+                                              seed=5)))
     assert not np.array_equal(other["inputs"], next(data.train_iterator(cfg))["inputs"])
 
 
 def test_answer_accuracy():
-    cfg = DataConfig(source="addition", seq_len=40, batch_size=4, addition_eval_digits=(4,))
+    cfg = AdditionData(seq_len=40, batch_size=4, addition_eval_digits=(4,))
     batch = data.eval_batches(cfg, "digits=4")[0]
     assert data.answer_accuracy(batch["targets"], batch) == (1.0, 1.0)
     pred = batch["targets"].copy()
@@ -262,7 +264,7 @@ def test_answer_accuracy():
 # ---------------------------------------------------------------------------- sharding, resume
 @pytest.mark.parametrize("source", ["stdlib", "khop"])
 def test_processes_split_the_global_batch(source):
-    cfg = DataConfig(source=source, seq_len=64, batch_size=6)
+    cfg = DataConfig.kinds[source](seq_len=64, batch_size=6)
     whole = take(data.train_iterator(cfg), 3)
     parts = [take(data.train_iterator(cfg, p, 3), 3) for p in range(3)]
     for step, batch in enumerate(whole):
@@ -286,8 +288,8 @@ def test_processes_split_the_global_batch(source):
 
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_state_resumes_exactly_across_epochs(text_files, prefetch):
-    cfg = DataConfig(source="text", paths=tuple(text_files), seq_len=8, batch_size=2,
-                     eval_fraction=0.0, prefetch=prefetch)
+    cfg = TextData(paths=tuple(text_files), seq_len=8, batch_size=2,
+                   eval_fraction=0.0, prefetch=prefetch)
     n_windows = data.lm_streams(cfg)[0].num_windows
     steps_per_epoch = n_windows // cfg.batch_size
     iterator = data.train_iterator(cfg, 1, 2)
@@ -303,7 +305,7 @@ def test_state_in_an_orbax_checkpoint(tmp_path):
     import grain
     import orbax.checkpoint as ocp
 
-    cfg = DataConfig(source="addition", seq_len=40, batch_size=4)
+    cfg = AdditionData(seq_len=40, batch_size=4)
     iterator = data.train_iterator(cfg)
     take(iterator, 3)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
@@ -333,8 +335,8 @@ def test_jsonl_with_tokenizer_json(tmp_path, tokenizer_json):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": d.decode(), "id": i})
                               for i, d in enumerate(DOCS)) + "\n\n")
-    cfg = DataConfig(source="jsonl", paths=(str(tmp_path / "*.jsonl"),), tokenizer=tokenizer_json,
-                     seq_len=4, batch_size=2, eval_fraction=0.0)
+    cfg = JsonlData(paths=(str(tmp_path / "*.jsonl"),), tokenizer=tokenizer_json,
+                    seq_len=4, batch_size=2, eval_fraction=0.0)
     vocab = data.get_vocab(cfg)
     assert (vocab.size, vocab.eos_id, vocab.pad_id) == (10, 9, 1)    # 9 words + appended EOS
     assert data.vocab_size(cfg) == 10
@@ -346,34 +348,35 @@ def test_jsonl_with_tokenizer_json(tmp_path, tokenizer_json):
 
 
 def test_bad_input_errors(tmp_path, text_files):
-    with pytest.raises(ValueError, match="DataConfig.source"):
-        DataConfig(source="web")
+    with pytest.raises(ValueError, match="data.source: must be one of"):
+        load_train_config("tiny", ["data.source=web"])
     with pytest.raises(ValueError, match="DataConfig.seq_len: must be >= 2"):
-        DataConfig(seq_len=1)
+        StdlibData(seq_len=1)
     with pytest.raises(ValueError, match="DataConfig.paths: source='text' needs"):
-        DataConfig(source="text")
+        TextData()
     with pytest.raises(ValueError, match="DataConfig.seq_len: the longest khop example"):
-        DataConfig(source="khop", seq_len=32)
+        KhopData(seq_len=32)
     with pytest.raises(ValueError, match="DataConfig.khop_facts: must exceed"):
-        DataConfig(source="khop", khop_facts=8, khop_eval_hops=(8,))
-    with pytest.raises(ValueError, match="DataConfig.tokenizer"):
-        DataConfig(source="addition", tokenizer="tok.json")
-    assert DataConfig(source="khop", khop_eval_hops=[2, 3]).khop_eval_hops == (2, 3)
+        KhopData(khop_facts=8, khop_eval_hops=(8,))
+    with pytest.raises(ValueError, match="^data.tokenizer: not a field of the 'addition' source"):
+        load_train_config("tiny", ["data.source=addition", "data.tokenizer=tok.json",
+                                   "model.max_seq_len=64", "data.seq_len=64"])
+    assert KhopData(khop_eval_hops=[2, 3]).khop_eval_hops == (2, 3)
     with pytest.raises(FileNotFoundError, match="no file matches"):
-        data.train_iterator(DataConfig(source="text", paths=(str(tmp_path / "*.none"),)))
+        data.train_iterator(TextData(paths=(str(tmp_path / "*.none"),)))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.train_iterator(DataConfig(source="text", paths=(str(tmp_path / "missing.txt"),)))
+        data.train_iterator(TextData(paths=(str(tmp_path / "missing.txt"),)))
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        data.vocab_size(DataConfig(source="text", paths=tuple(text_files),
-                                   tokenizer=str(tmp_path / "nope.json")))
+        data.vocab_size(TextData(paths=tuple(text_files),
+                                 tokenizer=str(tmp_path / "nope.json")))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: no field 'text'"):
-        data.train_iterator(DataConfig(source="jsonl", paths=(str(bad),)))
+        data.train_iterator(JsonlData(paths=(str(bad),)))
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="corpus is empty"):
-        data.train_iterator(DataConfig(source="text", paths=(str(empty),)))
+        data.train_iterator(TextData(paths=(str(empty),)))
 
 
 def test_tokenizer_file_errors(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train import data
-from mythos_jax.train.checkpointing import Checkpointer
+from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.train.config import load_train_config
 from mythos_jax.train.fingerprint import data_changes, data_fingerprint
 from mythos_jax.train.step import build_plan, init_train_state

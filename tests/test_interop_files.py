@@ -105,7 +105,7 @@ def test_safetensors_without_a_config_is_named(tmp_path):
 @pytest.mark.parametrize("option, named", [({"injection": "parcae"}, "injection='parcae'"),
                                            ({"act": "off"}, "act='off'")])
 def test_options_openmythos_lacks_are_refused_by_name(tmp_path, capsys, option, named):
-    from mythos_jax.checkpoint import save_model
+    from mythos_jax.checkpoints.model import save_model
 
     ckpt = tmp_path / "model"
     save_model(OpenMythos(variants.tiny_mla(**option), rngs=nnx.Rngs(0)), ckpt)

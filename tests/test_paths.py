@@ -106,7 +106,8 @@ def test_model_checkpoint_saves_and_loads_in_a_bucket(fake_bucket, tmp_path):
     from flax import nnx
 
     from mythos_jax import OpenMythos, variants
-    from mythos_jax.checkpoint import is_checkpoint, load_model, save_model
+    from mythos_jax.checkpoints.load import load_model
+    from mythos_jax.checkpoints.model import is_checkpoint, save_model
     model = OpenMythos(variants.tiny_gqa(), rngs=nnx.Rngs(0))
     save_model(model, "gs://bucket/model")
     save_model(model, "gs://bucket/model", overwrite=True)

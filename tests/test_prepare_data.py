@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mythos_jax.train import data, prepare_data
-from mythos_jax.train.data import DataConfig
+from mythos_jax.train.data_config import ArrayRecordData, JsonlData, TextData
 
 DOCS = ["alpha beta", "", "gamma " * 9, "delta", "epsilon zeta eta " * 3, "beta alpha"]
 
@@ -41,8 +41,8 @@ def test_text_files_round_trip_through_shards(tmp_path, capsys):
     assert [s["records"] for s in meta["shards"]] == [2, 2, 1] and meta["skipped_empty"] == 1
     assert (meta["vocab_size"], meta["eos_id"], meta["dtype"]) == (258, 256, "|u1")
     common = dict(seq_len=8, batch_size=2, eval_fraction=0.25, eval_examples=4)
-    from_text = DataConfig(source="text", paths=(str(tmp_path / "*.txt"),), **common)
-    from_shards = DataConfig(source="arrayrecord", paths=(str(out),), **common)
+    from_text = TextData(paths=(str(tmp_path / "*.txt"),), **common)
+    from_shards = ArrayRecordData(paths=(str(out),), **common)
     assert data.vocab_size(from_shards) == 258
     assert_same(batches(from_shards), batches(from_text))
 
@@ -69,9 +69,9 @@ def test_jsonl_with_tokenizer_round_trip(tmp_path):
     assert (meta["vocab_size"], meta["eos_id"], meta["pad_id"], meta["dtype"]) == (
         9, 1, 1, "<u2")                                  # EOS found in the vocabulary
     common = dict(seq_len=4, batch_size=2, eval_fraction=0.2, eval_examples=2)
-    from_jsonl = DataConfig(source="jsonl", paths=(str(source),), jsonl_field="body",
-                            tokenizer=tok_path, **common)
-    from_shards = DataConfig(source="arrayrecord", paths=(out,), **common)
+    from_jsonl = JsonlData(paths=(str(source),), jsonl_field="body",
+                           tokenizer=tok_path, **common)
+    from_shards = ArrayRecordData(paths=(out,), **common)
     assert data.vocab_size(from_shards) == data.vocab_size(from_jsonl) == 9
     assert_same(batches(from_shards), batches(from_jsonl))
 
@@ -84,7 +84,7 @@ def test_bad_inputs(tmp_path):
         prepare_data.prepare([str(tmp_path / "empty.txt")], str(tmp_path / "out"))
     os.makedirs(tmp_path / "half")
     with pytest.raises(FileNotFoundError, match="no metadata.json"):
-        data.train_iterator(DataConfig(source="arrayrecord", paths=(str(tmp_path / "half"),)))
+        data.train_iterator(ArrayRecordData(paths=(str(tmp_path / "half"),)))
 
 
 # ---------------------------------------------------------------------------- ids and metadata
@@ -110,8 +110,8 @@ def test_vocab_size_is_the_largest_id_plus_one(tmp_path):
     meta = prepare_data.prepare([str(tmp_path / "doc.txt")], str(tmp_path / "out"),
                                 tokenizer=str(tmp_path / "tokenizer.json"))
     assert (meta["vocab_size"], meta["eos_id"], meta["dtype"]) == (70002, 70001, "<u4")
-    cfg = DataConfig(source="arrayrecord", paths=(str(tmp_path / "out"),), seq_len=3,
-                     batch_size=1, eval_fraction=0.0)
+    cfg = ArrayRecordData(paths=(str(tmp_path / "out"),), seq_len=3,
+                          batch_size=1, eval_fraction=0.0)
     assert data.lm_streams(cfg)[0].window(0)[0].tolist() == [1, 70000, 1, 70001]
 
 
@@ -141,17 +141,17 @@ def rewrite_metadata(directory, **changes):
 def test_bad_metadata_is_refused_naming_the_field(prepared, changes, message):
     rewrite_metadata(prepared, **changes)
     with pytest.raises(ValueError, match=message):
-        data.train_iterator(DataConfig(source="arrayrecord", paths=(str(prepared),)))
+        data.train_iterator(ArrayRecordData(paths=(str(prepared),)))
 
 
 def test_record_lengths_are_checked(prepared):
     np.save(prepared / "lengths.npy", np.array([15]))
     rewrite_metadata(prepared, num_tokens=15)
-    cfg = DataConfig(source="arrayrecord", paths=(str(prepared),), seq_len=4, batch_size=1,
-                     eval_fraction=0.0)
+    cfg = ArrayRecordData(paths=(str(prepared),), seq_len=4, batch_size=1,
+                          eval_fraction=0.0)
     with pytest.raises(ValueError, match=r"record 0 .* has 16 bytes, but lengths.npy says 15"):
         data.lm_streams(cfg)[0].window(0)
     np.save(prepared / "lengths.npy", np.array([[16]]))
     data._store.cache_clear()                  # the store of the same paths is cached
     with pytest.raises(ValueError, match="must be a 1-D array"):
-        data.train_iterator(DataConfig(source="arrayrecord", paths=(str(prepared),)))
+        data.train_iterator(ArrayRecordData(paths=(str(prepared),)))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mythos_jax.parallel.mesh import make_mesh
-from mythos_jax.train.checkpointing import Checkpointer
+from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.train.config import TrainConfig, load_train_config
 from mythos_jax.train.optim import decay_mask
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
@@ -40,7 +40,7 @@ def test_presets_overrides_and_files(tmp_path):
                     "data: {seq_len: 32}\n")
     from_file = load_train_config(str(path), ["loops.backprop_depth=null"])
     assert from_file.steps == 5 and from_file.model_config().attn_type == "gqa"
-    assert from_file.loops.static_count == 2 and from_file.loops.backprop_depth is None
+    assert from_file.loops.build().loop_spec(None).count == 2 and from_file.loops.backprop_depth is None
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
     # YAML 1.2 booleans: "off" / "on" are the mode names they look like, not False / True.
     path.write_text("model: {act: off}\nlog: {progress: false}\ndata: {seq_len: 32}\n")

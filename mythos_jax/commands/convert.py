@@ -30,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read SRC (any form), write DST (form from its suffix)."""
-    from mythos_jax import checkpoint, paths
+    from mythos_jax import paths
+    from mythos_jax.checkpoints.load import load_model_and_source
+    from mythos_jax.checkpoints.model import parameter_count, save_model
     from mythos_jax.interop.files import is_openmythos_file
 
     src, dst = args.src, args.dst
@@ -45,15 +47,15 @@ def run(args: argparse.Namespace) -> int:
     to_file = is_openmythos_file(dst)
     if to_file and os.path.isdir(dst):
         raise CommandError(f"{dst} is a directory; refusing to replace it with a file")
-    model, source = checkpoint.load_model_and_source(src, step=args.step)
+    model, source = load_model_and_source(src, step=args.step)
     if to_file:
         _write_file(model, dst)
         kind = "OpenMythos checkpoint"
     else:
-        checkpoint.save_model(model, dst, overwrite=args.overwrite)
+        save_model(model, dst, overwrite=args.overwrite)
         kind = "mythos-jax checkpoint"
     cfg = model.cfg
-    print(f"wrote {kind} {dst} ({checkpoint.parameter_count(model):,} parameters, "
+    print(f"wrote {kind} {dst} ({parameter_count(model):,} parameters, "
           f"attn_type={cfg.attn_type}, dim={cfg.dim}) from {src} ({source})")
     return 0
 

@@ -31,7 +31,7 @@ from mythos_jax import paths
 from mythos_jax.runtime import release_compiled_programs
 from mythos_jax.train import trainer
 from mythos_jax.parallel.mesh import make_mesh
-from mythos_jax.train.checkpointing import Checkpointer
+from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.train.config import TrainConfig, load_train_config
 from mythos_jax.train.step import TrainPlan, TrainState, build_plan
 

@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                            local_device_count=args.local_devices)
     use_compilation_cache()
-    from mythos_jax.train.checkpointing import CheckpointSaveError
+    from mythos_jax.checkpoints.training import CheckpointSaveError
     from mythos_jax.train.trainer import TrainingDiverged, train
     from mythos_jax.train.workdir_lock import WorkdirBusy
     try:
@@ -89,11 +89,11 @@ def add_eval(subparsers) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from mythos_jax import paths
     from mythos_jax.budget import check_fits, per_device_bytes
-    from mythos_jax.checkpoint import is_checkpoint
+    from mythos_jax.checkpoints.model import is_checkpoint
     from mythos_jax.parallel.mesh import make_mesh
-    from mythos_jax.train.checkpointing import Checkpointer
+    from mythos_jax.checkpoints.training import Checkpointer
     from mythos_jax.train.evaluate import depth_curve_table, evaluate, plot_depth_curve
-    from mythos_jax.train.export import read_train_config, training_source
+    from mythos_jax.checkpoints.load import read_train_config, training_source
     from mythos_jax.train.step import build_plan
     from mythos_jax.train.trainer import CONFIG_FILE
 

@@ -8,15 +8,17 @@ overrides, e.g. ``optim.lr=1e-3 loops.mean=6 model.dim=128 data.source=khop``::
     mesh: data=-1                   # device mesh spec (mythos_jax.parallel.mesh)
     rules: default                  # logical-axis -> mesh-axis rules preset
     model: {variant: tiny_mla, dim: 128}     # a variant + MythosConfig field overrides
-    data: {source: stdlib, seq_len: 128, batch_size: 16}   # mythos_jax.train.data.DataConfig
-    loops: {schedule: poisson, mean: 4, max_loops: 8, backprop_depth: null}
+    data: {source: stdlib, seq_len: 128, batch_size: 16}   # train/data_config.py, per source
+    loops: {schedule: poisson, mean: 4, max_loops: 8, backprop_depth: null}   # loop_config.py
     optim: {lr: 3e-3, warmup_steps: 100, ...}
     checkpoint: {every: 200, keep: 3}
     log: {every: 10}
     eval: {every: 500, batches: 8, loops: [1, 2, 4, 8]}
 
-The model's ``vocab_size`` follows the data's tokenizer unless set explicitly, and its
-``max_seq_len`` must cover ``data.seq_len``. Every field is documented on its dataclass.
+The ``data`` and ``loops`` sections are tagged choices (``config_parse.Choice``): ``source`` and
+``schedule`` pick the section's class, and an override that changes them drops the fields the
+new kind lacks. The model's ``vocab_size`` follows the data's tokenizer unless set explicitly,
+and its ``max_seq_len`` must cover ``data.seq_len``. Every field is documented on its dataclass.
 """
 
 from __future__ import annotations
@@ -24,69 +26,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import types
-import typing
 from typing import Any
 
-from mythos_jax import schedules, variants
+from mythos_jax import variants
 from mythos_jax.config import MythosConfig
 from mythos_jax.parallel.rules import RULE_PRESETS
 from mythos_jax.train.config_file import load_yaml, read_mapping
-from mythos_jax.train.data import DataConfig, vocab_size
-
-SCHEDULES = ("fixed", "uniform", "poisson", "lognormal_poisson", "curriculum")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopsConfig:
-    """Loop count per training step (``mythos_jax.loops`` samplers).
-
-    ``schedule``: "fixed" (``n`` loops), "uniform" (``lo..hi``), "poisson" (Parcae,
-    ``max(1, Poisson(mean))``), "lognormal_poisson" (Huginn, ``sigma``), "curriculum" (a
-    Poisson whose mean ramps from ``start_mean`` to ``mean`` over ``ramp_steps``).
-    ``per_sequence``: one count per sequence instead of per step. ``max_loops``: counts are
-    clipped to it (and it bounds the masked full-backprop scan). ``backprop_depth``: gradient
-    through the last k loops only (truncated backprop; None = through all).
-    """
-    schedule: str = "poisson"
-    n: int = 4
-    lo: int = 1
-    hi: int = 8
-    mean: float = 4.0
-    sigma: float = 0.5
-    start_mean: float = 1.0
-    ramp_steps: int = 1000
-    per_sequence: bool = False
-    max_loops: int = 8
-    backprop_depth: int | None = None
-
-    def validate(self) -> None:
-        if self.schedule not in SCHEDULES:
-            _fail("loops.schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.max_loops < 1:
-            _fail("loops.max_loops", f"must be >= 1, got {self.max_loops}")
-        if self.backprop_depth is not None and self.backprop_depth < 1:
-            _fail("loops.backprop_depth", f"must be >= 1 or null, got {self.backprop_depth}")
-
-    def build(self) -> schedules.Schedule:
-        """The :class:`mythos_jax.schedules.Schedule` these fields describe."""
-        common = dict(backprop_depth=self.backprop_depth, per_sequence=self.per_sequence,
-                      max_loops=self.max_loops)
-        if self.schedule == "fixed":
-            return schedules.Fixed(n=self.n, **common)
-        if self.schedule == "uniform":
-            return schedules.Uniform(lo=self.lo, hi=self.hi, **common)
-        if self.schedule == "poisson":
-            return schedules.Poisson(mean_loops=self.mean, **common)
-        if self.schedule == "lognormal_poisson":
-            return schedules.LogNormalPoisson(mean_loops=self.mean, sigma=self.sigma, **common)
-        return schedules.Curriculum(target=schedules.Poisson(mean_loops=self.mean, **common),
-                                start_mean=self.start_mean, ramp_steps=self.ramp_steps)
-
-    @property
-    def static_count(self) -> int | None:
-        """The loop count when it never varies (fixed schedule, per step), else None."""
-        return min(self.n, self.max_loops) if self.schedule == "fixed" else None
+from mythos_jax.train.config_parse import build, coerce_scalar, fail, merge, to_plain
+from mythos_jax.train.data import vocab_size
+from mythos_jax.train.data_config import DataConfig, StdlibData
+from mythos_jax.train.loop_config import LoopsConfig, PoissonLoops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,15 +68,15 @@ class OptimConfig:
 
     def validate(self) -> None:
         if not self.lr > 0:
-            _fail("optim.lr", f"must be > 0, got {self.lr}")
+            fail("optim.lr", f"must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
-            _fail("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+            fail("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
-            _fail("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+            fail("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_accum < 1:
-            _fail("optim.grad_accum", f"must be >= 1, got {self.grad_accum}")
+            fail("optim.grad_accum", f"must be >= 1, got {self.grad_accum}")
         if self.max_nonfinite < 1:
-            _fail("optim.max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
+            fail("optim.max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +89,9 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         if self.every < 1:
-            _fail("checkpoint.every", f"must be >= 1, got {self.every}")
+            fail("checkpoint.every", f"must be >= 1, got {self.every}")
         if self.keep < 1:
-            _fail("checkpoint.keep", f"must be >= 1, got {self.keep}")
+            fail("checkpoint.keep", f"must be >= 1, got {self.keep}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +106,7 @@ class LogConfig:
 
     def validate(self) -> None:
         if self.every < 1:
-            _fail("log.every", f"must be >= 1, got {self.every}")
+            fail("log.every", f"must be >= 1, got {self.every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,11 +119,11 @@ class EvalConfig:
 
     def validate(self) -> None:
         if self.every < 0:
-            _fail("eval.every", f"must be >= 0, got {self.every}")
+            fail("eval.every", f"must be >= 0, got {self.every}")
         if self.batches < 1:
-            _fail("eval.batches", f"must be >= 1, got {self.batches}")
+            fail("eval.batches", f"must be >= 1, got {self.batches}")
         if not self.loops or min(self.loops) < 1:
-            _fail("eval.loops", f"must be loop counts >= 1, got {self.loops}")
+            fail("eval.loops", f"must be loop counts >= 1, got {self.loops}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +134,8 @@ class TrainConfig:
     mesh: str = "data=-1"
     rules: str = "default"
     model: dict = dataclasses.field(default_factory=lambda: {"variant": "tiny_mla"})
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    loops: LoopsConfig = dataclasses.field(default_factory=LoopsConfig)
+    data: DataConfig = dataclasses.field(default_factory=StdlibData)
+    loops: LoopsConfig = dataclasses.field(default_factory=PoissonLoops)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
@@ -194,13 +143,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            _fail("steps", f"must be >= 1, got {self.steps}")
+            fail("steps", f"must be >= 1, got {self.steps}")
         if self.rules not in RULE_PRESETS:
-            _fail("rules", f"must be one of {sorted(RULE_PRESETS)}, got {self.rules!r}")
-        for section in (self.data, self.loops, self.optim, self.checkpoint, self.log, self.eval):
-            section.validate()
+            fail("rules", f"must be one of {sorted(RULE_PRESETS)}, got {self.rules!r}")
+        for section in (self.loops, self.optim, self.checkpoint, self.log, self.eval):
+            section.validate()      # data validates itself when built
         if self.data.batch_size % self.optim.grad_accum:
-            _fail("optim.grad_accum", f"must divide data.batch_size={self.data.batch_size}, "
+            fail("optim.grad_accum", f"must divide data.batch_size={self.data.batch_size}, "
                                       f"got {self.optim.grad_accum}")
         self.model_config()     # the model section must build
 
@@ -216,22 +165,22 @@ class TrainConfig:
         fields.setdefault("vocab_size", vocab_size(self.data))
         cfg = base.replace(**{k: _coerce_model_field(k, v) for k, v in fields.items()})
         if cfg.vocab_size < vocab_size(self.data):
-            _fail("model.vocab_size", f"{cfg.vocab_size} is smaller than the data's vocabulary "
+            fail("model.vocab_size", f"{cfg.vocab_size} is smaller than the data's vocabulary "
                                       f"({vocab_size(self.data)})")
         if cfg.max_seq_len < self.data.seq_len:
-            _fail("model.max_seq_len", f"{cfg.max_seq_len} is shorter than data.seq_len="
+            fail("model.max_seq_len", f"{cfg.max_seq_len} is shorter than data.seq_len="
                                        f"{self.data.seq_len}")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_plain(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, fields, "")
+        return build(cls, fields)
 
 
 # ---------------------------------------------------------------------------- presets
@@ -304,18 +253,19 @@ def load_train_config(source: str | None, overrides: list[str] = ()) -> TrainCon
         fields = read_mapping(source)
     else:
         raise ValueError(f"config {source!r} is neither a preset {sorted(PRESETS)} nor a file")
+    changes: dict[str, Any] = {}
     for text in overrides:
         key, sep, raw = text.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {text!r}: expected section.field=value")
         *sections, name = key.strip().split(".")
-        target = fields
+        target = changes
         for section in sections:
             target = target.setdefault(section, {})
             if not isinstance(target, dict):
                 raise ValueError(f"override {text!r}: {section!r} is not a section")
         target[name] = _parse_scalar(raw)
-    return TrainConfig.from_dict(fields)
+    return TrainConfig.from_dict(merge(TrainConfig, fields, changes))
 
 
 def _parse_scalar(raw: str) -> Any:
@@ -326,69 +276,8 @@ def _parse_scalar(raw: str) -> Any:
         return raw
 
 
-# ---------------------------------------------------------------------------- typed building
-def _build(cls, fields: Any, path: str):
-    """Instantiate dataclass ``cls`` from a mapping, coercing values to the field types;
-    unknown keys and bad values raise ValueError naming ``path.field``."""
-    if isinstance(fields, cls):
-        return fields
-    if not isinstance(fields, dict):
-        raise ValueError(f"{path or 'config'}: expected a mapping, got {fields!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"{path or 'config'}: unknown field(s) {unknown}; known: "
-                         f"{sorted(known)}")
-    values = {name: _coerce(hints[name], value, f"{path}{name}")
-              for name, value in fields.items()}
-    return cls(**values)
-
-
-def _coerce(kind, value: Any, path: str) -> Any:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if dataclasses.is_dataclass(kind):
-        return _build(kind, value, path + ".")
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        return _coerce(next(a for a in args if a is not type(None)), value, path)
-    if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise ValueError(f"{path}: expected a list, got {value!r}")
-        return tuple(_coerce(args[0], item, path) for item in items)
-    if kind is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {value!r}")
-        return value
-    return _coerce_scalar(kind, value, path)
-
-
-def _coerce_scalar(kind, value: Any, path: str) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif kind in (int, float) and not isinstance(value, bool):
-        try:
-            number = float(value) if kind is float else int(str(value), 10)
-            return number
-        except (TypeError, ValueError):
-            pass
-    elif kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise ValueError(f"{path}: expected {kind.__name__}, got {value!r}")
-
-
 def _coerce_model_field(name: str, value: Any) -> Any:
     fields = {f.name: f for f in dataclasses.fields(MythosConfig)}
     if name not in fields:
         raise ValueError(f"model.{name}: not a MythosConfig field")
-    return _coerce_scalar(type(fields[name].default), value, f"model.{name}")
-
-
-def _fail(field: str, rule: str) -> None:
-    raise ValueError(f"TrainConfig.{field}: {rule}")
+    return coerce_scalar(type(fields[name].default), value, f"model.{name}")

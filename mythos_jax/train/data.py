@@ -1,17 +1,6 @@
 """Training and evaluation data through Grain: packed language-model windows or synthetic tasks.
 
-Sources (``DataConfig.source``):
-  "stdlib"       byte-level LM over the Python standard library's own ``.py`` files (no download;
-                 the corpus depends on the Python version that runs it)
-  "text"         files named by ``paths`` (globs allowed), one document per file (byte-level:
-                 read lazily from disk)
-  "jsonl"        JSON lines, one document per line, text in ``jsonl_field``
-                 (text with a tokenizer.json, and jsonl, are tokenised into memory at start;
-                 corpora that do not fit go through prepare-data and "arrayrecord")
-  "arrayrecord"  directories written by ``mythos-jax prepare-data``, with the tokenizer
-                 recorded in their metadata
-  "khop", "khop_graph", "addition"   synthetic tasks of ``tasks.py``, byte-level tokens, scored
-                 on the answer
+Sources: the classes of :mod:`mythos_jax.train.data_config` (``data.source``).
 
 Every batch is a dict of numpy arrays for one process, ``B = batch_size // process_count``:
   ``inputs`` int32 (B, seq_len), ``targets`` int32 (B, seq_len) (inputs shifted left by one),
@@ -30,152 +19,24 @@ and valid for any process count) and ``set_state`` resumes exactly.
 Held-out data: LM sources hold out a seeded ``eval_fraction`` of their documents (a single
 document: its tail) as split "heldout"; its rows are ``eval_examples`` windows drawn at random
 without replacement. Task splits ("hops=k", "digits=d") use their own seed stream, so they never
-share a generator with training examples (``eval_fraction`` is for LM sources only). Eval sets are rounded up to whole global batches;
-rows past the data (LM only) are all PAD with a zero mask.
+share a generator with training examples. Eval sets are rounded up to whole global batches; rows
+past the data (LM only) are all PAD with a zero mask.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import numpy as np
 
 from mythos_jax.train import corpus, tasks
+from mythos_jax.train.data_config import TASK_SOURCES, DataConfig
 from mythos_jax.train.tokenizer import BYTES, Vocab, load_vocab
 
-LM_SOURCES = ("stdlib", "text", "jsonl", "arrayrecord")
-TASK_SOURCES = ("khop", "khop_graph", "addition")
-SOURCES = LM_SOURCES + TASK_SOURCES
-KHOP_SUPERVISION = ("answer", "every_hop")
 TASK_STREAM_LENGTH = 2**62      # "infinite" train stream of task examples
 Batch = dict[str, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where batches come from and how they are cut.
-
-    ``source``: one of ``SOURCES`` (see the module docstring). ``paths``: files or globs for
-    "text"/"jsonl", prepare-data directories (or globs) for "arrayrecord"; empty otherwise.
-    ``jsonl_field``: the text field of each JSON line. ``tokenizer``: "bytes" (ids 0-255, EOS
-    256, PAD 257) or a HuggingFace tokenizer.json path (text/jsonl only).
-    ``seq_len``: tokens per row (>= 2). ``batch_size``: GLOBAL rows per step, over all
-    processes. ``seed``: shuffle order, held-out choice and task examples (0 <= seed < 2**32).
-    ``eval_fraction``: share of LM documents held out (0 = no "heldout" split).
-    ``eval_examples``: rows per eval split (rounded up to whole global batches).
-    ``prefetch``: batches prepared ahead in a background thread (0 = synchronous).
-    k-hop: ``khop_entities`` (<= 128) entities, ``khop_facts`` facts per prompt (one cycle; more
-    than any hop count), train hops uniform in [1, ``khop_train_max_hops``], eval splits
-    "hops=k" for k in ``khop_eval_hops``.
-    k-hop over a knowledge graph ("khop_graph"): ``khop_entities`` entities, ``khop_relations``
-    relations (permutations fixed by ``seed``), train hops uniform in [1,
-    ``khop_train_max_hops``]; a ``khop_heldout`` share of the multi-hop tuples never appears in
-    training and is what splits "hops=k" with k <= khop_train_max_hops evaluate (longer splits:
-    any tuple, no training example has that many hops). ``khop_supervision``: "answer" scores
-    training rows on the answer only; "every_hop" also scores relation i's position on the
-    entity reached after i hops (never an input token: the hops stay implicit). Eval rows are
-    always scored on the answer only.
-    Addition: train operands of 1..``addition_train_max_digits`` digits each (uniform), eval
-    splits "digits=d" (both operands d digits) for d in ``addition_eval_digits``;
-    ``addition_reverse_answer``: answer digits least significant first.
-    """
-
-    source: str = "stdlib"
-    paths: tuple[str, ...] = ()
-    jsonl_field: str = "text"
-    tokenizer: str = "bytes"
-    seq_len: int = 128
-    batch_size: int = 16
-    seed: int = 0
-    eval_fraction: float = 0.05
-    eval_examples: int = 256
-    prefetch: int = 2
-    khop_entities: int = 64
-    khop_facts: int = 16
-    khop_train_max_hops: int = 4
-    khop_eval_hops: tuple[int, ...] = (2, 4, 6, 8)
-    khop_relations: int = 4
-    khop_heldout: float = 0.1
-    khop_supervision: str = "answer"
-    addition_train_max_digits: int = 8
-    addition_eval_digits: tuple[int, ...] = (4, 8, 12)
-    addition_reverse_answer: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.paths, str):
-            object.__setattr__(self, "paths", (self.paths,))
-        for name in ("paths", "khop_eval_hops", "addition_eval_digits"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field that breaks a rule."""
-        if self.source not in SOURCES:
-            _fail("source", f"must be one of {SOURCES}, got {self.source!r}")
-        needs_paths = self.source in ("text", "jsonl", "arrayrecord")
-        if needs_paths and not self.paths:
-            _fail("paths", f"source={self.source!r} needs at least one file, glob or directory")
-        if not needs_paths and self.paths:
-            _fail("paths", f"source={self.source!r} reads no files, got {self.paths!r}")
-        if not all(isinstance(p, str) and p for p in self.paths):
-            _fail("paths", f"must be non-empty strings, got {self.paths!r}")
-        if not isinstance(self.jsonl_field, str) or not self.jsonl_field:
-            _fail("jsonl_field", f"must be a non-empty string, got {self.jsonl_field!r}")
-        if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            _fail("tokenizer", f"must be 'bytes' or a tokenizer.json path, got "
-                               f"{self.tokenizer!r}")
-        if self.tokenizer != "bytes" and self.source not in ("text", "jsonl"):
-            _fail("tokenizer", f"source={self.source!r} sets its own tokenizer (tasks: bytes; "
-                               "arrayrecord: the one prepare-data used); leave it 'bytes', got "
-                               f"{self.tokenizer!r}")
-        _require_int(self, "seq_len", 2)
-        _require_int(self, "batch_size", 1)
-        _require_int(self, "seed", 0, 2**32 - 1)
-        _require_int(self, "eval_examples", 1)
-        _require_int(self, "prefetch", 0)
-        if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction,
-                                                                  (int, float)):
-            _fail("eval_fraction", f"must be a number, got {self.eval_fraction!r}")
-        if not 0 <= self.eval_fraction < 1:
-            _fail("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
-        _require_int(self, "khop_entities", 2, tasks.MAX_ENTITIES)
-        _require_int(self, "khop_train_max_hops", 1)
-        _require_int(self, "khop_facts", 2, self.khop_entities if self.source == "khop" else None)
-        _require_ints(self, "khop_eval_hops", 1)
-        _require_int(self, "khop_relations", 1, tasks.MAX_RELATIONS)
-        if self.khop_supervision not in KHOP_SUPERVISION:
-            _fail("khop_supervision", f"must be one of {KHOP_SUPERVISION}, got "
-                                      f"{self.khop_supervision!r}")
-        if isinstance(self.khop_heldout, bool) or not isinstance(self.khop_heldout, (int, float)):
-            _fail("khop_heldout", f"must be a number, got {self.khop_heldout!r}")
-        if not 0 <= self.khop_heldout < 1:
-            _fail("khop_heldout", f"must be in [0, 1), got {self.khop_heldout}")
-        _require_int(self, "addition_train_max_digits", 1)
-        _require_ints(self, "addition_eval_digits", 1)
-        if not isinstance(self.addition_reverse_answer, bool):
-            _fail("addition_reverse_answer", f"must be a bool, got "
-                                             f"{self.addition_reverse_answer!r}")
-        if self.source == "khop":
-            most = max(self.khop_train_max_hops, *self.khop_eval_hops)
-            if self.khop_facts <= most:
-                _fail("khop_facts", f"must exceed every hop count ({most}), got "
-                                    f"{self.khop_facts}")
-            longest = max(tasks.khop_length(self.khop_facts, k)
-                          for k in (self.khop_train_max_hops, *self.khop_eval_hops))
-        elif self.source == "khop_graph":
-            longest = tasks.graph_length(max(self.khop_train_max_hops, *self.khop_eval_hops))
-        elif self.source == "addition":
-            longest = tasks.addition_length(max(self.addition_train_max_digits,
-                                                *self.addition_eval_digits))
-        else:
-            longest = 0
-        if longest > self.seq_len + 1:
-            _fail("seq_len", f"the longest {self.source} example has {longest} tokens; "
-                             f"seq_len must be >= {longest - 1}, got {self.seq_len}")
 
 
 # ---------------------------------------------------------------------------- public API
@@ -355,7 +216,7 @@ def lm_streams(cfg: DataConfig) -> tuple[corpus.PackedStream, corpus.PackedStrea
 
 
 @functools.lru_cache(maxsize=4)
-def _store(source: str, paths: tuple[str, ...], jsonl_field: str, tokenizer: str):
+def _store(source: str, paths: tuple[str, ...], jsonl_field: str | None, tokenizer: str):
     """The documents of an LM source, built once per process (tokenising may take a while)."""
     if source == "stdlib":
         return corpus.FileStore(corpus.stdlib_files())
@@ -364,7 +225,7 @@ def _store(source: str, paths: tuple[str, ...], jsonl_field: str, tokenizer: str
     files = corpus.expand_paths(paths)
     if source == "text" and tokenizer == "bytes":
         return corpus.FileStore(files)
-    docs = corpus.iter_documents(files, jsonl_field if source == "jsonl" else None)
+    docs = corpus.iter_documents(files, jsonl_field)
     return corpus.ArrayStore(load_vocab(tokenizer).encode_batch(list(docs)))
 
 
@@ -376,23 +237,3 @@ def _local_batch_size(cfg: DataConfig, process_index: int, process_count: int) -
         raise ValueError(f"DataConfig.batch_size={cfg.batch_size} must be divisible by the "
                          f"process count {process_count}")
     return cfg.batch_size // process_count
-
-
-def _fail(field: str, rule: str) -> None:
-    raise ValueError(f"DataConfig.{field}: {rule}")
-
-
-def _require_int(cfg: DataConfig, name: str, minimum: int, maximum: int | None = None) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(name, f"must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        _fail(name, f"must be {bound}, got {value}")
-
-
-def _require_ints(cfg: DataConfig, name: str, minimum: int) -> None:
-    values: Sequence[Any] = getattr(cfg, name)
-    if not isinstance(values, tuple) or not values or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values):
-        _fail(name, f"must be a non-empty tuple of ints >= {minimum}, got {values!r}")

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from mythos_jax.train import corpus
-from mythos_jax.train.data import TASK_SOURCES, DataConfig, lm_streams
+from mythos_jax.train.data import lm_streams
+from mythos_jax.train.data_config import TASK_SOURCES, DataConfig
 
 SPLIT_FIELDS = ("documents", "tokens", "windows", "digest")
 

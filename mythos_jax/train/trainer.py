@@ -21,7 +21,7 @@ import jax
 from mythos_jax import paths
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train import data as data_lib
-from mythos_jax.train.checkpointing import Checkpointer
+from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.evaluate import (depth_curve_table, evaluate, global_batch,
                                        plot_depth_curve)

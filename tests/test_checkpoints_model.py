@@ -1,4 +1,4 @@
-"""mythos_jax.checkpoint: save/load round trip, overwrite rules, bad paths, atomicity."""
+"""mythos_jax.checkpoints.model: save/load round trip, overwrite rules, bad paths, atomicity."""
 
 import os
 
@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from mythos_jax import OpenMythos, variants
-from mythos_jax.checkpoint import is_checkpoint, load_config, load_model, save_model
+from mythos_jax.checkpoints.load import load_model
+from mythos_jax.checkpoints.model import is_checkpoint, load_config, save_model
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 256, size=(2, 8)), jnp.int32)
 

@@ -12,11 +12,12 @@ import torch
 from flax import nnx
 from safetensors.torch import load_file
 
-from mythos_jax.checkpoint import is_checkpoint, load_model, load_model_and_source
+from mythos_jax.checkpoints.load import load_model, load_model_and_source
+from mythos_jax.checkpoints.model import is_checkpoint
 from mythos_jax.cli import main
 from mythos_jax.interop.openmythos import config_to_torch, import_reference
 from mythos_jax.train.config import load_train_config
-from mythos_jax.train.export import training_source
+from mythos_jax.checkpoints.load import training_source
 from mythos_jax.train.trainer import train
 
 QUICK = ["steps=4", "checkpoint.every=2", "log.every=2", "log.tensorboard=false",

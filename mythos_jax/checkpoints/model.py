@@ -1,8 +1,9 @@
-"""Save and load a whole OpenMythos (JAX) model as a mythos-jax checkpoint directory.
+"""A whole OpenMythos (JAX) model as a mythos-jax checkpoint directory.
 
     save_model(model, "ckpt/run1")            # ckpt/run1/config.json + ckpt/run1/state/ (Orbax)
-    model = load_model("ckpt/run1")           # a fresh OpenMythos with the same weights
-    model = load_model("runs/small")          # a training workdir: its newest readable step
+    model = load_model_dir("ckpt/run1")       # a fresh OpenMythos with the same weights
+
+(``mythos_jax.checkpoints.load.load_model`` reads this and every other form of a model.)
 
 ``state/`` holds all of ``nnx.state(model)``: the parameters, the ``RouterBias`` buffers and,
 when ``cfg.dropout > 0``, the dropout RNG stream (key and count), so a reloaded model draws the
@@ -60,45 +61,9 @@ def save_model(model: OpenMythos, path: str | os.PathLike, *, overwrite: bool = 
         raise
 
 
-def load_model(path: str | os.PathLike, *, step: int | None = None) -> OpenMythos:
-    """The model at ``path``, onto the default device: a checkpoint written by
-    :func:`save_model`, a training workdir (its newest readable checkpoint, or ``step``), one
-    training checkpoint ``WORKDIR/checkpoints/N``, or an OpenMythos ``.pt``/``.safetensors``.
-
-    Raises ``ValueError`` naming the path when it is none of these.
-    """
-    return load_model_and_source(path, step=step)[0]
-
-
-def load_model_and_source(path: str | os.PathLike, *,
-                          step: int | None = None) -> tuple[OpenMythos, str]:
-    """:func:`load_model` and a description of what was read (e.g. "training step 2400")."""
-    path = paths.resolve(path)
-    single = is_checkpoint(path) or path.is_file()
-    if single and step is not None:
-        raise ValueError(f"{path} holds one model: a step (got {step}) only selects a "
-                         "checkpoint of a training workdir")
-    if is_checkpoint(path):
-        return _load_model_dir(path), "model checkpoint"
-    if path.is_file():
-        from mythos_jax.interop.files import is_openmythos_file, load_openmythos_file
-        if not is_openmythos_file(os.fspath(path)):
-            raise ValueError(f"{path}: expected an OpenMythos .pt/.pth/.safetensors file, a "
-                             "model checkpoint directory or a training workdir")
-        return load_openmythos_file(os.fspath(path)), "OpenMythos weights"
-    from mythos_jax.train.export import load_trained_model, training_source
-
-    source = training_source(path, step)
-    if source is None:
-        raise ValueError(f"{path} is not a mythos-jax checkpoint: {_checkpoint_problem(path)}; "
-                         "nor a training workdir (no checkpoints/), a training checkpoint "
-                         "(WORKDIR/checkpoints/N) or a .pt/.pth/.safetensors file")
-    model, restored = load_trained_model(*source)
-    return model, f"training step {restored} of {source[0]}"
-
-
-def _load_model_dir(path) -> OpenMythos:
+def load_model_dir(path: str | os.PathLike) -> OpenMythos:
     """Read a checkpoint written by :func:`save_model`."""
+    path = paths.resolve(path)
     cfg = load_config(path)
     abstract = nnx.eval_shape(lambda: OpenMythos(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
@@ -117,7 +82,7 @@ def _load_model_dir(path) -> OpenMythos:
 def load_config(path: str | os.PathLike) -> MythosConfig:
     """The ``MythosConfig`` of the checkpoint at ``path`` (no weights read)."""
     path = paths.resolve(path)
-    missing = _checkpoint_problem(path)
+    missing = checkpoint_problem(path)
     if missing:
         raise ValueError(f"{path} is not a mythos-jax checkpoint: {missing}")
     text = (path / CONFIG_FILE).read_text()
@@ -129,10 +94,10 @@ def load_config(path: str | os.PathLike) -> MythosConfig:
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` looks like a mythos-jax checkpoint directory (cheap; reads nothing)."""
-    return _checkpoint_problem(paths.resolve(path)) is None
+    return checkpoint_problem(paths.resolve(path)) is None
 
 
-def _checkpoint_problem(path) -> str | None:
+def checkpoint_problem(path) -> str | None:
     """None for a checkpoint directory, else what is missing, e.g. "missing config.json"."""
     if not path.exists():
         return "no such file or directory"
