@@ -2,6 +2,7 @@
 source, from YAML and ``--set``, with one-line errors and exact ``to_dict`` round trips."""
 
 import json
+
 import jax.numpy as jnp
 import pytest
 
