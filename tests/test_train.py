@@ -121,6 +121,21 @@ def test_the_jitted_training_step_holds_no_host_callback(loops):
     assert "callback" not in jaxpr
 
 
+def test_batches_with_out_of_vocab_ids_are_refused_on_the_host():
+    from mythos_jax.train.evaluate import global_batch
+
+    cfg = load_train_config("tiny")
+    plan = build_plan(cfg, make_mesh("data=1", jax.devices()[:1]))
+    shape = (cfg.data.batch_size, cfg.data.seq_len)
+    batch = {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32),
+             "loss_mask": np.ones(shape, np.float32)}
+    assert global_batch(plan, batch)["inputs"].shape == shape
+    batch["targets"][0, 3] = plan.model_cfg.vocab_size
+    with pytest.raises(ValueError, match=r"batch 'targets' holds token ids outside \[0, "
+                                         r"vocab_size=258\): min 0, max 258"):
+        global_batch(plan, batch)
+
+
 # ---------------------------------------------------------------------------- a short run
 # Every in-process run below uses the QUICK config (one compiled step, shared through the
 # persistent compilation cache).

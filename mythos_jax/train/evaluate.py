@@ -38,8 +38,17 @@ def eval_fn(plan: TrainPlan, n_loops: int):
 
 
 def global_batch(plan: TrainPlan, local: dict) -> dict:
-    """This process's rows -> global arrays sharded over the batch axes."""
-    return {name: jax.make_array_from_process_local_data(plan.batch_sharding, np.asarray(v))
+    """This process's rows -> global arrays sharded over the batch axes. Token ids are
+    range-checked here, on the host (the jitted step does not check them)."""
+    local = {name: np.asarray(v) for name, v in local.items()}
+    vocab = plan.model_cfg.vocab_size
+    for name in ("inputs", "targets"):
+        ids = local[name]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"batch {name!r} holds token ids outside [0, vocab_size={vocab}): "
+                             f"min {int(ids.min())}, max {int(ids.max())} (does the data "
+                             f"match the model's vocabulary?)")
+    return {name: jax.make_array_from_process_local_data(plan.batch_sharding, v)
             for name, v in local.items()}
 
 
