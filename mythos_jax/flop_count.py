@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from mythos_jax.config import MythosConfig
+from mythos_jax.modes import AttentionType, Injection
 
 def attention_flops_per_token(cfg: MythosConfig, seq_len: int) -> dict[str, int]:
     """FLOPs (2 x multiply-adds) of one attention layer for one query token.
@@ -34,7 +35,7 @@ def attention_flops_per_token(cfg: MythosConfig, seq_len: int) -> dict[str, int]
     Not counted: norms, RoPE, softmax, masking (elementwise).
     """
     D, H, T = cfg.dim, cfg.n_heads, seq_len
-    if cfg.attn_type == "mla":
+    if cfg.attn_type == AttentionType.MLA:
         nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         macs_proj = (D * cfg.q_lora_rank + cfg.q_lora_rank * H * nope
                      + cfg.q_lora_rank * H * rope + D * (cfg.kv_lora_rank + rope)
@@ -94,7 +95,7 @@ def forward_flops_per_token(cfg: MythosConfig, seq_len: int,
     moe = moe_flops_per_token(cfg)
     lora = 2 * (D * cfg.lora_rank + cfg.lora_rank * D)
     halt = 2 * D
-    injection = 2 * D * D if cfg.injection == "parcae" else 0   # LTI: elementwise only
+    injection = 2 * D * D if cfg.injection == Injection.PARCAE else 0   # LTI: elementwise only
     per_loop = attn_total + sum(moe.values()) + lora + halt + injection
     prelude = cfg.prelude_layers * (attn_total + dense_ffn)
     coda = cfg.coda_layers * (attn_total + dense_ffn)

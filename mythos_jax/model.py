@@ -126,7 +126,7 @@ class OpenMythos(nnx.Module):
 
         loop = loops_lib.run_loops(self.recurrent, x, loops_lib.LoopContext(rope, span, loop_key),
                                    spec, decode, recurrent_in, index)
-        x, coda_caches = self._coda(self.recurrent.readout(loop.state), rope, span, coda_keys,
+        x, coda_caches = self._coda(self.recurrent.output(loop.state), rope, span, coda_keys,
                                     coda_in, index)
         logits = self._head(x[:, -1:] if last_only else x)
         if cache is None and not return_info:

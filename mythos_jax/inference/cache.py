@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from mythos_jax.config import MythosConfig
 from mythos_jax.kernels.masks import KeySpan
+from mythos_jax.modes import AttentionType
 
 
 @jax.tree_util.register_dataclass
@@ -52,7 +53,7 @@ class KVCache:
 
 
 def layer_cache_shapes(cfg: MythosConfig, batch: int, max_len: int) -> dict[str, tuple]:
-    if cfg.attn_type == "mla":
+    if cfg.attn_type == AttentionType.MLA:
         return {"c_kv": (batch, max_len, cfg.kv_lora_rank),
                 "k_rope": (batch, max_len, cfg.qk_rope_head_dim)}
     kv = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
@@ -80,7 +81,7 @@ def init_cache(cfg: MythosConfig, batch: int, max_len: int, n_loops: int,
 
 def cache_values_per_token(cfg: MythosConfig, n_loops: int) -> int:
     """Cached numbers per token over all layers and loop depths (analytic)."""
-    per_layer = (cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.attn_type == "mla"
+    per_layer = (cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.attn_type == AttentionType.MLA
                  else 2 * cfg.n_kv_heads * cfg.head_dim)
     return per_layer * (cfg.prelude_layers + n_loops + cfg.coda_layers)
 
@@ -88,5 +89,5 @@ def cache_values_per_token(cfg: MythosConfig, n_loops: int) -> int:
 def openmythos_cache_values_per_token(cfg: MythosConfig, n_loops: int) -> int:
     """The same for OpenMythos's cache, which keeps k_rope once per head (MLA)."""
     per_layer = (cfg.kv_lora_rank + cfg.n_heads * cfg.qk_rope_head_dim
-                 if cfg.attn_type == "mla" else 2 * cfg.n_kv_heads * cfg.head_dim)
+                 if cfg.attn_type == AttentionType.MLA else 2 * cfg.n_kv_heads * cfg.head_dim)
     return per_layer * (cfg.prelude_layers + n_loops + cfg.coda_layers)

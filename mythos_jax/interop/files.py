@@ -21,6 +21,7 @@ from mythos_jax.interop.openmythos import (config_from_torch, config_to_torch,
                                            openmythos_fields, to_torch_state_dict)
 from mythos_jax.config import MythosConfig
 from mythos_jax.model import OpenMythos
+from mythos_jax.modes import ACTMode
 
 TORCH_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -70,7 +71,7 @@ def save_openmythos_file(model: OpenMythos, path: str) -> None:
 def require_openmythos_numerics(cfg: MythosConfig) -> None:
     """``ValueError`` naming what makes OpenMythos compute other logits from these weights
     (parameters it lacks: ``to_torch_state_dict`` names those)."""
-    if cfg.act != "openmythos":
+    if cfg.act != ACTMode.OPENMYTHOS:
         raise ValueError(f"this model reads out the loop with act={cfg.act!r}, OpenMythos with "
                          "its ACT-weighted sum: PyTorch would compute other logits (train "
                          "with model.act=openmythos, or take the weights alone from "

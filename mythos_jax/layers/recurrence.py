@@ -266,7 +266,7 @@ class RecurrentBlock(nnx.Module):
         state = state._replace(moe=state.moe.add(stats, t, active))
         return act_accumulate(state, h, self.act(h), t, self.act_threshold), cache
 
-    def readout(self, state: LoopState) -> jax.Array:
+    def output(self, state: LoopState) -> jax.Array:
         """(B, T, D) output of the recurrence: ``cfg.act`` = "openmythos" the ACT sum as is;
         "flush" the ACT sum with the unspent mass ``1 - cum`` of never-halted positions put on
         the last h (weights sum to 1); "off" the last h."""

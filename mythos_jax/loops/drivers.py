@@ -127,7 +127,7 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: Loo
     exit, threshold = spec.exit, spec.threshold
     start = block.start(e)
     uses_kl = exit is not None and exit.decodes
-    previous = (decode(block.readout(start)) if uses_kl
+    previous = (decode(block.output(start)) if uses_kl
                 else jnp.zeros(start.h.shape[:2] + (0,)))
 
     def cond(carry):
@@ -146,7 +146,7 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: Loo
             change = jnp.sqrt(jnp.sum(jnp.square(new.h - state.h), axis=(1, 2)))
             converged = change < threshold * jnp.sqrt(jnp.sum(jnp.square(new.h), axis=(1, 2)))
         elif uses_kl:
-            log_p = decode(block.readout(new))
+            log_p = decode(block.output(new))
             kl = jnp.sum(jnp.exp(log_p) * (log_p - previous), axis=-1)      # (B, T)
             converged = (jnp.max(kl, axis=1) < threshold) & (t > 0)
             if exit == ExitRule.KL_ENTROPY:
