@@ -91,7 +91,8 @@ def _add_parity(subparsers) -> None:
 
 def cmd_parity(args: argparse.Namespace) -> int:
     """Parity table (exit 1 if any row is off), then the speed table."""
-    from mythos_jax.benchmark import format_table, run_benchmark, write_json
+    from mythos_jax.bench.timing import write_json
+    from mythos_jax.bench.torch_compare import format_table, run_benchmark
     from mythos_jax.interop.parity import format_parity, model_parity, parity_report
 
     if args.checkpoint is None:
