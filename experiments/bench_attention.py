@@ -25,21 +25,17 @@ included). See experiments/README.md.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from mythos_jax.benchmark import write_json  # noqa: E402
-from mythos_jax.kernels import (FlashBlocks, KernelTarget, kernel_target,  # noqa: E402
+from mythos_jax.bench.timing import timed, write_json
+from mythos_jax.kernels import (FlashBlocks, KernelTarget, kernel_target,
                                 mla_decode_reference, mla_flash_attention, mla_flash_reference)
-from mythos_jax.kernels.mla_decode import DecodeBlocks, mla_decode_attention  # noqa: E402
+from mythos_jax.kernels.mla_decode import DecodeBlocks, mla_decode_attention
 
 FLASH_DIMS = {"mythos_1b": (64, 32, 64), "deepseek_v3": (128, 64, 128)}   # nope, rope, v
 DECODE_DIMS = {"mythos_1b": (16, 256, 32), "deepseek_v3": (128, 512, 64)}  # heads, kv_lora, rope
@@ -109,13 +105,7 @@ def forward_backward(attention):
 
 def median_seconds(fn, args, iters: int) -> float:
     compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(lambda: jax.block_until_ready(compiled(*args)), iters, 1))
 
 
 def max_error(got, want) -> float:

@@ -22,19 +22,17 @@ Measured (see experiments/README.md, section "bench_generate.py"):
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from mythos_jax.benchmark import (NO_HALT_THRESHOLD, CpuMonitor, build_models,  # noqa: E402
-                                  machine_info, wait_for_idle, write_json)
-from mythos_jax.config import MythosConfig  # noqa: E402
+from mythos_jax.bench.presets import NO_HALT_THRESHOLD
+from mythos_jax.bench.timing import CpuMonitor, machine_info, settle, wait_for_idle, write_json
+from mythos_jax.bench.torch_compare import build_models
+from mythos_jax.config import MythosConfig
 
 _KEY = None  # greedy decoding: the sampling key is unused
 
@@ -65,14 +63,6 @@ AIM_POSITION_RATIO = 1.5    # step time at the long position <= 1.5x that at the
 
 def _log(msg: str) -> None:
     print(f"[bench_generate] {msg}", file=sys.stderr, flush=True)
-
-
-def _settle() -> None:
-    time.sleep(0.1)
-
-
-def _median(xs) -> float:
-    return float(statistics.median(xs))
 
 
 # ============================================================================ OpenMythos
@@ -331,15 +321,15 @@ def run(quick: bool = False, seed: int = 0, spread_routing: bool = False,
     monitor = CpuMonitor()
     try:
         for r in range(shape["reps"]):
-            _settle()
+            settle()
             runs["mythos_jax"].append(jax_generate_run(jax_model, prompts, N, L, 1.0, top_k,
                                                        seed + r))
             for threads in thread_counts:
                 torch.set_num_threads(threads)
-                _settle()
+                settle()
                 runs[f"openmythos_{threads}_threads"].append(torch_generate_run(
                     torch_model, ids_torch, N, L, top_k, seed + r))
-            _settle()
+            settle()
             runs["mythos_jax_greedy"].append(jax_generate_run(jax_model, prompts, N, L, 0.0,
                                                               None, seed + r))
     finally:
@@ -347,15 +337,15 @@ def run(quick: bool = False, seed: int = 0, spread_routing: bool = False,
     contention = {"generate": monitor.other_share()}
 
     def summary(rs: list[dict]) -> dict[str, Any]:
-        total = _median([r["total_s"] for r in rs])
-        decode = _median([r["decode_s"] for r in rs])
+        total = statistics.median([r["total_s"] for r in rs])
+        decode = statistics.median([r["decode_s"] for r in rs])
         steps = rs[0]["decode_steps"]
-        out = {"total_s": total, "prefill_s": _median([r["prefill_s"] for r in rs]),
+        out = {"total_s": total, "prefill_s": statistics.median([r["prefill_s"] for r in rs]),
                "decode_s": decode, "decode_s_per_step": decode / steps,
                "tokens_per_s": B * N / total, "decode_tokens_per_s": B * steps / decode,
                "times_s": [r["total_s"] for r in rs]}
         if "decode_forward_s" in rs[0]:
-            out["decode_forward_s_per_step"] = _median(
+            out["decode_forward_s_per_step"] = statistics.median(
                 [r["decode_forward_s"] / r["decode_steps"] for r in rs])
         return out
 
@@ -381,7 +371,7 @@ def run(quick: bool = False, seed: int = 0, spread_routing: bool = False,
     monitor = CpuMonitor()
     step_times = jax_decode_steps(jax_model, B, P, P + N, L, shape["decode_steps"], seed)
     contention["decode_only"] = monitor.other_share()
-    step_s = _median(step_times)
+    step_s = statistics.median(step_times)
     decode_only = {
         "mythos_jax": {"step_s": step_s, "min_s": min(step_times), "tokens_per_s": B / step_s,
                        "max_len": P + N, "steps": len(step_times)},
@@ -439,8 +429,8 @@ def run(quick: bool = False, seed: int = 0, spread_routing: bool = False,
                 "steps": shape["position_steps"]}
     for name, (s, l) in (("mythos_jax", (jax_short, jax_long)),
                          ("openmythos", (om_short, om_long))):
-        position[name] = {"step_s_short": _median(s), "step_s_long": _median(l),
-                          "ratio": _median(l) / _median(s)}
+        position[name] = {"step_s_short": statistics.median(s), "step_s_long": statistics.median(l),
+                          "ratio": statistics.median(l) / statistics.median(s)}
 
     log("per-sequence early exit in decode ...")
     exits = early_exit_tradeoff(jax_model, prompts, N, L)

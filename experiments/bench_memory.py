@@ -30,17 +30,15 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from mythos_jax import OpenMythos  # noqa: E402
-from mythos_jax.benchmark import (PRESETS, benchmark_config, config_override_arg,  # noqa: E402
-                                  write_json)
-from mythos_jax.loops import LoopSpec  # noqa: E402
-from mythos_jax.schedules import Fixed  # noqa: E402
+from mythos_jax import OpenMythos
+from mythos_jax.bench.presets import PRESETS, benchmark_config
+from mythos_jax.bench.timing import config_override_arg, write_json
+from mythos_jax.loops import LoopSpec
+from mythos_jax.schedules import Fixed
 
 REMATS = ("full", "dots", "none")
 # LLVM at -O0 halves the compile time. Buffer assignment (every figure here) is done on the

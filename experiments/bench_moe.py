@@ -27,30 +27,27 @@ collapsed, 1 when balanced). See experiments/README.md.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from mythos_jax.benchmark import (PRESET_SHAPES, PRESETS, CpuMonitor,  # noqa: E402
-                                  benchmark_config, config_override_arg, machine_info,
-                                  wait_for_idle, write_json)
-from mythos_jax.config import MOE_IMPLS  # noqa: E402
-from mythos_jax.interop.openmythos import (config_to_torch, import_reference,  # noqa: E402
+from mythos_jax.bench.presets import PRESET_SHAPES, PRESETS, benchmark_config
+from mythos_jax.bench.timing import (CpuMonitor, config_override_arg, interleaved, machine_info,
+                                     wait_for_idle, write_json)
+from mythos_jax.config import MOE_IMPLS
+from mythos_jax.interop.openmythos import (config_to_torch, import_reference,
                                            load_state_dict)
-from mythos_jax.moe.slots import expert_capacity  # noqa: E402
-from mythos_jax.parallel.mesh import make_mesh  # noqa: E402
-from mythos_jax.train.config import load_train_config  # noqa: E402
-from mythos_jax.train.data import train_iterator  # noqa: E402
-from mythos_jax.train.evaluate import global_batch  # noqa: E402
-from mythos_jax.train.step import build_plan, init_train_state, make_train_step  # noqa: E402
+from mythos_jax.moe.slots import expert_capacity
+from mythos_jax.parallel.mesh import make_mesh
+from mythos_jax.train.config import load_train_config
+from mythos_jax.train.data import train_iterator
+from mythos_jax.train.evaluate import global_batch
+from mythos_jax.train.step import build_plan, init_train_state, make_train_step
 
 STRATEGIES = ("dense", *(impl for impl in MOE_IMPLS if impl != "dense"))   # reference first
 
@@ -147,22 +144,6 @@ def routing_summary(torch_moe, x_np: np.ndarray, k: int, capacity_factor: float)
             "rows": int(loads.sum())}
 
 
-# ============================================================================ timing
-def interleaved_medians(fns: dict, iters: int, rounds: int = 4) -> dict[str, float]:
-    """Median seconds per call of each blocking callable, after a warm-up call, taken in
-    ``rounds`` alternating chunks so that drifts of the machine hit every side alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for chunk in np.array_split(np.arange(iters), min(rounds, iters)):
-        for name, fn in fns.items():
-            for _ in chunk:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def speed_run(args, log) -> dict:
     """Tokens/s of every strategy and of OpenMythos's MoEFFN, and the routing summary."""
     preset = args.preset or ("tiny" if args.quick else "default")
@@ -192,7 +173,8 @@ def speed_run(args, log) -> dict:
     monitor = CpuMonitor()
     for name, fns in (("forward", forward), ("fwd+bwd", backward)):
         log(f"timing {name}: {iters} calls per side")
-        for side, median_s in interleaved_medians(fns, iters).items():
+        for side, times in interleaved(fns, iters, warmup=1, rounds=4).items():
+            median_s = statistics.median(times)
             rows[side][name] = {"median_s": median_s, "tokens_per_s": batch * seq_len / median_s}
     for side in rows:
         for name in ("forward", "fwd+bwd"):

@@ -6,20 +6,18 @@ tokens/s, each as a fraction of this machine's fp32 matmul peak measured in the 
     python experiments/bench_vs_torch.py --quick --json out.json
     python experiments/bench_vs_torch.py --set moe_impl=dense --set lora_rank=16
 
-See experiments/README.md for what is measured; the library is ``mythos_jax.benchmark``.
+See experiments/README.md for what is measured; the library is ``mythos_jax.bench``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mythos_jax.benchmark import (PRESETS, config_override_arg, format_table,  # noqa: E402
-                                  run_benchmark, wait_for_idle, write_json)
-from mythos_jax.config import ATTN_TYPES, MOE_IMPLS  # noqa: E402
+from mythos_jax.bench.presets import PRESETS
+from mythos_jax.bench.timing import config_override_arg, wait_for_idle, write_json
+from mythos_jax.bench.torch_compare import format_table, run_benchmark
+from mythos_jax.config import ATTN_TYPES, MOE_IMPLS
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from mythos_jax import OpenMythos, variants  # noqa: E402
-from mythos_jax.benchmark import write_json  # noqa: E402
-from mythos_jax.inference.cache import cache_values_per_token, init_cache  # noqa: E402
-from mythos_jax.inference.generate import compiled_decoder  # noqa: E402
+from mythos_jax import OpenMythos, variants
+from mythos_jax.bench.timing import write_json
+from mythos_jax.inference.cache import cache_values_per_token, init_cache
+from mythos_jax.inference.generate import compiled_decoder
 
 
 def stdlib_bytes(limit: int = 2_000_000) -> np.ndarray:

@@ -17,6 +17,7 @@ Benchmarks divide achieved FLOP/s by a measured peak with these figures (MFU-sty
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from mythos_jax.config import MythosConfig
@@ -111,11 +112,18 @@ def forward_flops_per_token(cfg: MythosConfig, seq_len: int,
     }
 
 
-def train_flops_per_token(cfg: MythosConfig, seq_len: int, n_loops: int | None = None,
-                          backprop_depth: int | None = None) -> int:
+def train_flops_per_token(cfg: MythosConfig, seq_len: int, n_loops: float | None = None,
+                          backprop_depth: int | None = None) -> float:
     """Forward + backward FLOPs per token; see :func:`flops` (``"train"``). Without
-    ``backprop_depth`` this is 3 x the forward (the usual convention; optimizer not counted)."""
-    return flops(cfg, seq_len, n_loops, backprop_depth)["train"]
+    ``backprop_depth`` this is 3 x the forward (the usual convention; optimizer not counted).
+    A fractional ``n_loops`` (a step's mean loop count) interpolates linearly between the
+    neighbouring whole counts (the lower one at least 1)."""
+    if n_loops is None or isinstance(n_loops, int):
+        return flops(cfg, seq_len, n_loops, backprop_depth)["train"]
+    low = max(1, math.floor(n_loops))
+    low_flops = flops(cfg, seq_len, low, backprop_depth)["train"]
+    high_flops = flops(cfg, seq_len, low + 1, backprop_depth)["train"]
+    return low_flops + (n_loops - low) * (high_flops - low_flops)
 
 
 def flops(cfg: MythosConfig, seq_len: int, n_loops: int | None = None,

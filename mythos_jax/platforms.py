@@ -1,6 +1,7 @@
-"""Keep JAX off an absent TPU: with the ``libtpu`` wheel installed, JAX initialises it on
-every machine, which prints libtpu's ``E0000 ... unexpected worker hostname`` and two
-WARNING lines on a CPU host."""
+"""How a command sets JAX up for its process: off an absent TPU (with the ``libtpu`` wheel
+installed, JAX initialises it on every machine, which prints libtpu's ``E0000 ... unexpected
+worker hostname`` and two WARNING lines on a CPU host), and the persistent compilation cache
+(``use_compilation_cache``)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,14 @@ def skip_absent_tpu() -> None:
             or tpu_present() or any(glob.glob(p) for p in GPU_DEVICE_GLOBS)):
         return
     jax.config.update("jax_platforms", "cpu")
+
+
+def use_compilation_cache() -> None:
+    """With ``$MYTHOS_JAX_CACHE`` set, persist compiled programs there across runs (a resumed
+    run skips compiling). Off by default: JAX writes cache entries non-atomically, so a run
+    killed mid-write can leave a truncated entry that crashes the next start."""
+    import jax
+    directory = os.environ.get("MYTHOS_JAX_CACHE")
+    if directory and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

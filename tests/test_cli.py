@@ -118,7 +118,7 @@ def test_parity_command_prints_a_passing_table(tmp_path, capsys):
 # ---------------------------------------------------------------------------- generate
 def _greedy_text(prompt: str, n: int, eos_id=None) -> str:
     """What ``generate --variant tiny_mla --seed 0 --temperature 0`` should print."""
-    from mythos_jax.cli import _decode_tokens
+    from mythos_jax.commands.generate import _decode_tokens
     from mythos_jax.inference.generate import generate
     from mythos_jax.model import OpenMythos
 
@@ -131,7 +131,7 @@ def _greedy_text(prompt: str, n: int, eos_id=None) -> str:
 
 
 def test_generate_greedy_streams_the_continuation(capsys):
-    from mythos_jax.cli import _escape
+    from mythos_jax.commands.generate import _escape
 
     assert main(["generate", "--variant", "tiny_mla", "--prompt", "hi", "--max-new-tokens", "5",
                  "--temperature", "0"]) == 0
@@ -195,7 +195,7 @@ def test_generate_needs_a_byte_vocabulary(tmp_path, capsys):
 def test_generate_byte_stream_decodes_incrementally():
     import io
 
-    from mythos_jax.cli import _ByteStream, _decode_tokens
+    from mythos_jax.commands.generate import _ByteStream, _decode_tokens
 
     out = io.StringIO()
     stream = _ByteStream(out, eos_id=0)

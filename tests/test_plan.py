@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from mythos_jax import plan, tpu_topology, variants
+from mythos_jax.plan import memory, report, topology
 from mythos_jax.cli import main
 
 
@@ -26,7 +26,7 @@ def _restore_environment():
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
-@pytest.mark.parametrize("name, chips, topology, hosts, bounds", [
+@pytest.mark.parametrize("name, chips, topology_name, hosts, bounds", [
     ("v4-8", 4, "v4:2x2x1", 1, (2, 2, 1)),
     ("v4-32", 16, "v4:2x2x4", 4, (2, 2, 1)),
     ("v5p-64", 32, "v5:2x4x4", 8, (2, 2, 1)),
@@ -35,17 +35,17 @@ HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
     ("v6e-1", 1, "v6e:1x1", 1, (1, 1, 1)),
     ("v6e-256", 256, "v6e:16x16", 64, (2, 2, 1)),
 ])
-def test_accelerator_table(name, chips, topology, hosts, bounds):
-    acc = tpu_topology.accelerator(name)
+def test_accelerator_table(name, chips, topology_name, hosts, bounds):
+    acc = topology.accelerator(name)
     assert (acc.chips, acc.topology, acc.hosts, acc.chips_per_host_bounds) == (
-        chips, topology, hosts, bounds)
-    assert name in tpu_topology.accelerator_types()
+        chips, topology_name, hosts, bounds)
+    assert name in topology.accelerator_types()
 
 
 @pytest.mark.parametrize("name", ["v4-6", "v5p-63", "v6e-2", "v7-8", "v5e-16", "v4", "v4-08"])
 def test_unknown_accelerator_lists_the_known_ones(name):
     with pytest.raises(ValueError, match=f"unknown TPU accelerator type '{name}'.*v5p-64"):
-        tpu_topology.accelerator(name)
+        topology.accelerator(name)
 
 
 def run_plan(capsys, *args):
@@ -93,10 +93,9 @@ def test_analytic_estimate_is_labelled_and_counts_the_shards(capsys, tmp_path):
 
 
 def test_fsdp_splits_the_parameters(capsys):
-    cfg = variants.tiny_mla()
-    replicated, sharded = (plan.plan_memory(
-        "tiny_mla", plan.PlanSpec(cfg, batch=4, seq_len=16, loops=2),
-        tpu_topology.accelerator("v4-8"), mesh, analytic=True) for mesh in ("data=4", "fsdp=4"))
+    replicated, sharded = (memory.plan_memory(
+        memory.PlanSpec("tiny_mla", {}, batch=4, seq_len=16, loops=2),
+        topology.accelerator("v4-8"), mesh, analytic=True) for mesh in ("data=4", "fsdp=4"))
     assert 0 <= replicated.parameters - 4 * replicated.n_params < 1024   # + router bias
     assert sharded.parameters < 0.5 * replicated.parameters
 
@@ -105,7 +104,7 @@ def test_without_a_tpu_compiler_it_falls_back_to_the_estimate(capsys, monkeypatc
     def no_libtpu(acc):
         raise RuntimeError("Unable to initialize backend 'tpu': no libtpu\nmore detail")
 
-    monkeypatch.setattr(plan, "topology_devices", no_libtpu)
+    monkeypatch.setattr(memory, "topology_devices", no_libtpu)
     code, out, _ = run_plan(capsys, "--variant", "tiny_mla", "--topology", "v4-8")
     assert code == 0
     assert out.splitlines()[0] == ("analytic estimate, not compiled: no TPU compiler on this "
@@ -117,12 +116,12 @@ def test_compile_time_out_of_memory_message_is_parsed():
     message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the "
                "total memory required for HLO temporaries (51.23G) exceeds available HBM "
                "(30.75G). HLO module: jit_step.")
-    match = plan._OOM.search(message)
-    assert plan._human_bytes(*match.group(1, 2)) == int(51.23 * 2 ** 30)
+    match = memory._OOM.search(message)
+    assert memory._human_bytes(*match.group(1, 2)) == int(51.23 * 2 ** 30)
 
 
 def test_report_says_when_it_does_not_fit():
-    report = plan.MemoryPlan(
+    plan = memory.MemoryPlan(
         variant="mythos_1b", accelerator="v4-8", topology="v4:2x2x1", chips=4, hosts=1,
         mesh={"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}, rules="default", batch=4,
         seq_len=4096, loops=16, backprop_depth=None, dtype="bfloat16", loop_remat="full",
@@ -131,8 +130,8 @@ def test_report_says_when_it_does_not_fit():
         temporaries=int(51.23 * 2 ** 30), generated_code=0, hbm_usable=int(30.75 * 2 ** 30),
         hbm_nominal=32 * 2 ** 30, compiler_message="RESOURCE_EXHAUSTED: ...",
         compile_seconds=3.0, libtpu="0.0.50.1")
-    text = plan.format_plan(report)
-    assert not report.fits and "DOES NOT FIT" in text and "compiler: RESOURCE_EXHAUSTED" in text
+    text = report.format_plan(plan)
+    assert not plan.fits and "DOES NOT FIT" in text and "compiler: RESOURCE_EXHAUSTED" in text
     assert re.search(r"temporaries +51\.23\n", text) and re.search(r"total +54\.23\n", text)
 
 
@@ -145,11 +144,10 @@ def test_compiles_for_a_tpu_topology_on_this_host(capsys, tmp_path):
     assert code == 0, err
     assert out.startswith("compiled for v4:2x2x1 by libtpu ")
     result = json.loads(out_json.read_text())
-    analytic = plan.plan_memory(
-        "tiny_mla", plan.PlanSpec(variants.tiny_mla(dtype="bfloat16", loop_remat="full",
-                                                    attention_impl="xla"),
-                                  batch=4, seq_len=32, loops=2),
-        tpu_topology.accelerator("v4-8"), "data=2,fsdp=2", analytic=True)
+    analytic = memory.plan_memory(
+        memory.PlanSpec("tiny_mla", {"dtype": "bfloat16", "loop_remat": "full",
+                                     "attention_impl": "xla"}, batch=4, seq_len=32, loops=2),
+        topology.accelerator("v4-8"), "data=2,fsdp=2", analytic=True)
     assert result["method"] == "compiled" and result["fits"]
     assert result["parameters"] == analytic.parameters     # both from the same shardings
     assert result["temporaries"] > 0 and result["generated_code"] > 0

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from mythos_jax.train import data, prepare_data
+from mythos_jax.commands import prepare_data
+from mythos_jax.train import data
 from mythos_jax.train.data_config import ArrayRecordData, JsonlData, TextData
 
 DOCS = ["alpha beta", "", "gamma " * 9, "delta", "epsilon zeta eta " * 3, "beta alpha"]

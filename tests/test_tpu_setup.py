@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mythos_jax.parallel.mesh import parse_mesh_spec
-from mythos_jax.tpu_topology import accelerator
+from mythos_jax.plan.topology import accelerator
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / "tpu_setup"

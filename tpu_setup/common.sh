@@ -125,7 +125,7 @@ set_location_flags() {
 
 # ---------------------------------------------------------------------------- accelerators
 # accelerator_chips TYPE: chips in a slice of gcloud accelerator type TYPE, or die. The same
-# table as mythos_jax/tpu_topology.py (tests/test_tpu_setup.py checks that they agree):
+# table as mythos_jax/plan/topology.py (tests/test_tpu_setup.py checks that they agree):
 # v4-N and v5p-N count TensorCores (2 per chip) and need 4 to 2048 / 4096 chips; v5litepod-N
 # and v6e-N count chips, 1 or 4 to 256. Chip counts are powers of two.
 accelerator_chips() {

@@ -19,8 +19,6 @@ import jax
 import numpy as np
 
 from mythos_jax import paths
-from mythos_jax.config import MythosConfig
-from mythos_jax.flop_count import flops
 
 # bf16 dense peak FLOP/s per chip, by device_kind prefix (vendor datasheets).
 PEAK_FLOPS = {
@@ -58,16 +56,6 @@ def _cpu_matmul_flops(n: int = 1024, repeats: int = 3) -> float:
         matmul(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2.0 * n ** 3 / best
-
-
-def train_flops_per_token(cfg: MythosConfig, seq_len: int, mean_loops: float,
-                          backprop_depth: int | None) -> float:
-    """Training FLOPs per token at a (possibly fractional) mean loop count: linear
-    interpolation between the neighbouring whole counts."""
-    low = max(1, math.floor(mean_loops))
-    low_flops = flops(cfg, seq_len, low, backprop_depth)["train"]
-    high_flops = flops(cfg, seq_len, low + 1, backprop_depth)["train"]
-    return low_flops + (mean_loops - low) * (high_flops - low_flops)
 
 
 class MetricsLogger:

@@ -96,12 +96,17 @@ def build_plan(cfg: TrainConfig, mesh: Mesh) -> TrainPlan:
                      NamedSharding(mesh, batch_spec(mesh, cfg.data.batch_size)), rules)
 
 
+def batch_axes(mesh_shape) -> tuple[str, ...]:
+    """The data-like mesh axes of size > 1 (``BATCH_MESH_AXES`` present in ``mesh_shape``)."""
+    return tuple(axis for axis in BATCH_MESH_AXES if mesh_shape.get(axis, 1) > 1)
+
+
 def batch_spec(mesh: Mesh, batch_size: int) -> PartitionSpec:
     """Batch rows split over the data-like mesh axes (those of size > 1 that divide it)."""
     axes, ways = [], 1
-    for axis in BATCH_MESH_AXES:
-        size = mesh.shape.get(axis, 1)
-        if size > 1 and batch_size % (ways * size) == 0:
+    for axis in batch_axes(mesh.shape):
+        size = mesh.shape[axis]
+        if batch_size % (ways * size) == 0:
             axes.append(axis)
             ways *= size
     return PartitionSpec(tuple(axes) if axes else None, None)

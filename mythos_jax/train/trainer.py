@@ -19,14 +19,15 @@ from typing import Any
 import jax
 
 from mythos_jax import paths
+from mythos_jax.checkpoints.training import Checkpointer
+from mythos_jax.flop_count import train_flops_per_token
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train import data as data_lib
-from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.evaluate import (depth_curve_table, evaluate, global_batch,
                                        plot_depth_curve)
 from mythos_jax.train.metrics import (METRICS_FILE, MetricsLogger, peak_flops_per_device,
-                                      print_message, read_metrics_file, train_flops_per_token)
+                                      print_message, read_metrics_file)
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
 from mythos_jax.train.workdir_lock import WorkdirLock
 

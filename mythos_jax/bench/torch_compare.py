@@ -11,7 +11,7 @@ exit (``if halted.all(): break``) never fires. Measured:
   hyper-parameters); open-mythos in ``train()`` mode (dropout is 0, so deterministic);
 * each as a fraction of this machine's fp32 matmul throughput measured in the same run (the
   larger of a jitted ``jnp.matmul`` and ``torch.matmul`` of large square matrices), using the
-  analytic model FLOPs of :func:`mythos_jax.flop_count.forward_flops_per_token`;
+  analytic model FLOPs of :func:`mythos_jax.flop_count.flops`;
 * the JAX compile time (trace + lower + XLA compile, ``jit(f).lower(...).compile()``);
 * the largest |logit difference| between the two forwards and the difference of the first
   training loss, so a speed figure never comes from a model that computes something else.
@@ -22,28 +22,24 @@ exit (``if halted.all(): break``) never fires. Measured:
 Timings are medians over several calls after warm-up, the two sides taking turns in chunks so
 that drifts of a (shared, virtual) machine hit both alike. torch keeps its default thread
 count. Other processes on the machine spoil any such figure: the share of the CPU they used
-while timing is recorded (:class:`CpuMonitor`) and :func:`format_table` warns about it.
+while timing is recorded (``bench.timing.CpuMonitor``) and :func:`format_table` warns about
+it.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import platform
 import statistics
 import time
 from typing import Any, Callable
 
 import numpy as np
 
+from mythos_jax.bench.presets import PRESET_SHAPES, benchmark_config
+from mythos_jax.bench.timing import (CONTENTION_WARNING, CpuMonitor, interleaved, machine_info,
+                                     measure_matmul_peak)
 from mythos_jax.config import MythosConfig
-from mythos_jax.flop_count import forward_flops_per_token
-
-# An ACT threshold no position can reach: both implementations run every loop iteration.
-NO_HALT_THRESHOLD = 1e9
-
-# Share of the machine's CPU used by other processes above which format_table warns.
-CONTENTION_WARNING = 0.10
+from mythos_jax.flop_count import flops as count_flops
 
 # AdamW hyper-parameters used on both sides: torch.optim.AdamW's defaults except a tiny lr.
 # The timed steps train on one fixed batch; at lr 1e-3 the routing spreads out within a few
@@ -52,203 +48,7 @@ CONTENTION_WARNING = 0.10
 # optimizer's arithmetic does not depend on lr.
 ADAMW = {"lr": 1e-6, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
 
-#: Model presets. "default" is the config of the issue (dim 256, 16 experts, top-2, 8 loops,
-#: vocab 4096); "small" is a narrow, many-expert model where PyTorch's per-expert Python loop
-#: dominates; "tiny" is for tests (seconds). ``max_seq_len`` is set to the benchmark's seq_len
-#: unless given.
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(
-        vocab_size=4096, dim=256, n_heads=8, n_kv_heads=4, max_loop_iters=8,
-        prelude_layers=1, coda_layers=1, attn_type="mla",
-        q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-        v_head_dim=32, n_experts=16, n_shared_experts=1, n_experts_per_tok=2, expert_dim=128,
-        lora_rank=8, rope_theta=500000.0, dropout=0.0),
-    "small": dict(
-        vocab_size=4096, dim=64, n_heads=4, n_kv_heads=2, max_loop_iters=8,
-        prelude_layers=1, coda_layers=1, attn_type="mla",
-        q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=16, n_experts=32, n_shared_experts=1, n_experts_per_tok=2, expert_dim=32,
-        lora_rank=8, rope_theta=500000.0, dropout=0.0),
-    "tiny": dict(
-        vocab_size=128, dim=32, n_heads=2, n_kv_heads=1, max_loop_iters=2,
-        prelude_layers=1, coda_layers=1, attn_type="mla",
-        q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
-        v_head_dim=8, n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=16,
-        lora_rank=4, rope_theta=500000.0, dropout=0.0),
-}
-#: Batch shape and loop count that go with each preset (run_benchmark's defaults).
-PRESET_SHAPES: dict[str, dict[str, int]] = {
-    "default": dict(batch=8, seq_len=128, n_loops=8),
-    "small": dict(batch=8, seq_len=128, n_loops=8),
-    "tiny": dict(batch=2, seq_len=16, n_loops=2),
-}
 
-
-def benchmark_config(preset: str = "default", cfg_overrides: dict | None = None, *,
-                     seq_len: int | None = None) -> MythosConfig:
-    """The MythosConfig of ``preset`` with ``cfg_overrides`` applied.
-
-    ``act_threshold`` is NO_HALT_THRESHOLD and ``max_seq_len`` is ``seq_len`` unless
-    ``cfg_overrides`` sets them.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    fields = dict(PRESETS[preset], act_threshold=NO_HALT_THRESHOLD)
-    fields["max_seq_len"] = seq_len if seq_len is not None else PRESET_SHAPES[preset]["seq_len"]
-    fields.update(cfg_overrides or {})
-    return MythosConfig.from_dict(fields)
-
-
-# ============================================================================ timing helpers
-def _timed(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
-    """Seconds of each of ``iters`` calls of ``fn`` (which must block) after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _interleaved(fns: dict[str, Callable[[], Any]], iters: int, warmup: int,
-                 rounds: int = 5) -> dict[str, list[float]]:
-    """``iters`` timed calls of each of ``fns`` (blocking), taken in up to ``rounds``
-    alternating chunks (A A B B A A B B ...) so that slow drifts of the machine (clock,
-    neighbours) hit every side alike. Each side first gets ``warmup`` untimed calls."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    rounds = max(1, min(rounds, iters))
-    chunks = [iters // rounds + (i < iters % rounds) for i in range(rounds)]
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for chunk in chunks:
-        for name, fn in fns.items():
-            _settle()
-            times[name] += _timed(fn, chunk, 0)
-    return times
-
-
-def _summary(times: list[float], tokens: int, flops_per_token: float,
-             peak_flops: float) -> dict[str, Any]:
-    median = statistics.median(times)
-    tokens_per_s = tokens / median
-    return {"median_s": median, "min_s": min(times), "times_s": times,
-            "tokens_per_s": tokens_per_s,
-            "achieved_flops": tokens_per_s * flops_per_token,
-            "fraction_of_peak": tokens_per_s * flops_per_token / peak_flops}
-
-
-class CpuMonitor:
-    """How much of the machine's CPU *other* processes used while something was timed.
-
-    Reads the machine's busy time from ``/proc/stat`` and this process's own CPU time from
-    ``os.times()``; ``other_share()`` is (machine busy - own) / (wall x cores), 0 = the
-    machine was ours alone, 1 = every core was busy with something else. None where
-    ``/proc/stat`` is unavailable. A benchmark on a shared machine is only as good as this.
-    """
-
-    def __init__(self) -> None:
-        self._start = self._snapshot()
-
-    @staticmethod
-    def _snapshot():
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        # user nice system idle iowait irq softirq steal ...: busy = all but idle, iowait
-        busy = sum(fields[:3]) + sum(fields[5:8])
-        own = os.times()
-        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
-
-    def other_share(self) -> float | None:
-        end = self._snapshot()
-        if self._start is None or end is None:
-            return None
-        busy, own, wall = (b - a for a, b in zip(self._start, end))
-        if wall <= 0:
-            return None
-        return min(1.0, max(0.0, (busy - own) / (wall * (os.cpu_count() or 1))))
-
-
-def wait_for_idle(max_wait_s: float, threshold: float = CONTENTION_WARNING,
-                  window_s: float = 5.0, log: Callable[[str], None] | None = None
-                  ) -> float | None:
-    """Wait (at most ``max_wait_s``) until other processes use under ``threshold`` of the CPU
-    over a ``window_s`` window; returns the last share seen (None: not measurable here)."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        monitor = CpuMonitor()
-        time.sleep(window_s)
-        share = monitor.other_share()
-        if share is None or share < threshold or time.monotonic() >= deadline:
-            return share
-        if log:
-            log(f"machine busy ({100 * share:.0f}% CPU used by other processes), waiting ...")
-
-
-def config_override_arg(text: str) -> tuple[str, Any]:
-    """argparse ``type=`` for ``--set FIELD=VALUE`` (see ``MythosConfig``'s parse_override)."""
-    import argparse
-
-    from mythos_jax.config import parse_override
-
-    try:
-        return parse_override(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def write_json(result: dict[str, Any], path: str | None) -> None:
-    """Write a benchmark's figures to ``path`` (if given) and say so."""
-    if path:
-        import json
-
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        print(f"figures written to {path}")
-
-
-def _settle() -> None:
-    """Let the other library's worker threads go idle before timing (2-core machines)."""
-    time.sleep(0.1)
-
-
-# ============================================================================ matmul peak
-def measure_matmul_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> dict:
-    """fp32 matmul throughput of this machine, FLOP/s: ``n x n @ n x n`` under ``jax.jit`` and
-    with ``torch.matmul``, median of ``repeats`` calls per size, best size per library.
-    ``peak_flops`` is the larger of the two: the physical limit the model fractions refer to."""
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    jax_best, torch_best, per_size = 0.0, 0.0, {}
-    for n in sizes:
-        flops = 2.0 * n ** 3
-        rng = np.random.default_rng(n)
-        a_np = rng.standard_normal((n, n), dtype=np.float32)
-        b_np = rng.standard_normal((n, n), dtype=np.float32)
-
-        a, b = jnp.asarray(a_np), jnp.asarray(b_np)
-        matmul = jax.jit(jnp.matmul)
-        jax_s = statistics.median(_timed(lambda: matmul(a, b).block_until_ready(), repeats, 2))
-        _settle()
-        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
-        with torch.no_grad():
-            torch_s = statistics.median(_timed(lambda: torch.matmul(ta, tb), repeats, 2))
-        _settle()
-        per_size[str(n)] = {"jax_flops": flops / jax_s, "torch_flops": flops / torch_s}
-        jax_best = max(jax_best, flops / jax_s)
-        torch_best = max(torch_best, flops / torch_s)
-    return {"jax_matmul_flops": jax_best, "torch_matmul_flops": torch_best,
-            "peak_flops": max(jax_best, torch_best), "sizes": list(sizes), "per_size": per_size}
-
-
-# ============================================================================ the two models
 def build_models(cfg: MythosConfig, seed: int = 0, spread_routing: bool = False):
     """(open-mythos torch model, mythos-jax model) with the same weights: the torch model is
     built under ``torch.manual_seed(seed)`` and converted. At init every token routes to the
@@ -330,6 +130,16 @@ def jax_train_step_fn(model, n_loops: int):
 
 
 # ============================================================================ the benchmark
+def _summary(times: list[float], tokens: int, flops_per_token: float,
+             peak_flops: float) -> dict[str, Any]:
+    median = statistics.median(times)
+    tokens_per_s = tokens / median
+    return {"median_s": median, "min_s": min(times), "times_s": times,
+            "tokens_per_s": tokens_per_s,
+            "achieved_flops": tokens_per_s * flops_per_token,
+            "fraction_of_peak": tokens_per_s * flops_per_token / peak_flops}
+
+
 def run_benchmark(cfg_overrides: dict | None = None, *, preset: str = "default",
                   batch: int | None = None, seq_len: int | None = None,
                   n_loops: int | None = None, iters: int | None = None,
@@ -339,15 +149,16 @@ def run_benchmark(cfg_overrides: dict | None = None, *, preset: str = "default",
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure mythos-jax against open-mythos at one config; returns a JSON-able dict.
 
-    ``preset`` picks the config and default batch shape (:data:`PRESETS`,
-    :data:`PRESET_SHAPES`); ``cfg_overrides`` changes MythosConfig fields (e.g. ``moe_impl``,
+    ``preset`` picks the config and default batch shape (``bench.presets``: ``PRESETS``,
+    ``PRESET_SHAPES``); ``cfg_overrides`` changes MythosConfig fields (e.g. ``moe_impl``,
     ``attn_type``). ``n_loops`` is the loop count of both sides (default: the preset's).
     ``iters`` / ``train_iters`` are the timed calls per side (defaults 20 / 10, ``quick``: 3 / 2);
     ``quick`` also shrinks the matmul-peak measurement. ``train=False`` skips the training step.
     ``spread_routing``: see :func:`build_models`. ``log`` receives progress lines.
 
-    Keys: ``config``, ``spread_routing``, ``batch``, ``seq_len``, ``n_loops``, ``tokens_per_step``, ``machine``,
-    ``peak`` (:func:`measure_matmul_peak`), ``flops`` (forward/train per token + breakdown),
+    Keys: ``config``, ``spread_routing``, ``batch``, ``seq_len``, ``n_loops``,
+    ``tokens_per_step``, ``machine``, ``peak`` (``timing.measure_matmul_peak``), ``flops``
+    (forward/train per token + breakdown),
     ``parity`` (``max_abs_logit_diff``, ``loss_torch``, ``loss_jax``, ``loss_diff``),
     ``routing`` (open-mythos's expert loads at these weights), ``contention`` (CPU share of
     other processes while timing ``peak``, ``forward``, ``train``), ``forward`` and ``train``
@@ -373,8 +184,8 @@ def run_benchmark(cfg_overrides: dict | None = None, *, preset: str = "default",
         matmul_sizes = (512, 1024) if quick else (1024, 2048)
     tokens = batch * seq_len
 
-    flops = forward_flops_per_token(cfg, seq_len, n_loops)
-    fwd_flops, train_flops = flops["total"], 3 * flops["total"]
+    counts = count_flops(cfg, seq_len, n_loops)
+    fwd_flops, train_flops = counts["forward"], counts["train"]
 
     log("measuring the fp32 matmul peak ...")
     contention: dict[str, float | None] = {}
@@ -407,7 +218,7 @@ def run_benchmark(cfg_overrides: dict | None = None, *, preset: str = "default",
 
     log("forward: timing ...")
     monitor = CpuMonitor()
-    fwd_times = _interleaved(
+    fwd_times = interleaved(
         {"jax": lambda: forward_compiled(state, ids_jax).block_until_ready(),
          "torch": torch_forward}, iters, warmup)
     contention["forward"] = monitor.other_share()
@@ -442,7 +253,7 @@ def run_benchmark(cfg_overrides: dict | None = None, *, preset: str = "default",
         jax_loss, torch_loss = jax_step(), torch_step()   # losses at the initial weights
         log("train step: timing ...")
         monitor = CpuMonitor()
-        train_times = _interleaved({"jax": jax_step, "torch": torch_step}, train_iters,
+        train_times = interleaved({"jax": jax_step, "torch": torch_step}, train_iters,
                                    max(warmup - 1, 0))
         contention["train"] = monitor.other_share()
         del carry
@@ -462,7 +273,7 @@ def run_benchmark(cfg_overrides: dict | None = None, *, preset: str = "default",
         "machine": machine_info(),
         "peak": peak,
         "flops": {"forward_per_token": fwd_flops, "train_per_token": train_flops,
-                  "breakdown": flops,
+                  "breakdown": counts["forward_breakdown"],
                   "note": "useful FLOPs = 2 x MACs of needed matmuls; full T x T attention "
                           "scores; MoE counts top-K routed + shared + router; train = 3 x "
                           "forward"},
@@ -514,27 +325,6 @@ class _RoutingProbe:
         return {"max_load_ratio": max(self.ratios) if self.ratios else None,
                 "per_loop_max_load_ratio": self.ratios,
                 "per_loop_active_experts": self.active, "loops": len(self.ratios)}
-
-
-def machine_info() -> dict[str, Any]:
-    """Where the figures come from: CPU, core count, thread counts, library versions."""
-    import flax
-    import jax
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "jax_backend": jax.default_backend(), "jax": jax.__version__,
-            "flax": flax.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
 
 
 # ============================================================================ the table

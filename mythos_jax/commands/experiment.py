@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mythos_jax.experiments import harness
-    from mythos_jax.train.commands import use_compilation_cache
+    from mythos_jax.platforms import use_compilation_cache
 
     use_compilation_cache()
     experiment = get_experiment(args.name)

@@ -1,4 +1,4 @@
-"""The benchmark against open-mythos (mythos_jax.benchmark, experiments/bench_vs_torch.py),
+"""The benchmark against open-mythos (mythos_jax.bench, experiments/bench_vs_torch.py),
 run in --quick mode on the "tiny" preset: structure and sanity of the figures, the FLOP count,
 and the script's --json output."""
 
@@ -11,22 +11,23 @@ import sys
 
 import pytest
 
-from mythos_jax import benchmark, flop_count
+from mythos_jax import flop_count
+from mythos_jax.bench import presets, torch_compare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def result():
-    return benchmark.run_benchmark(preset="tiny", quick=True, iters=2, train_iters=2,
-                                   matmul_sizes=(256,))
+    return torch_compare.run_benchmark(preset="tiny", quick=True, iters=2, train_iters=2,
+                                       matmul_sizes=(256,))
 
 
 # ---------------------------------------------------------------------------- FLOP count
 def test_flops_of_the_tiny_config_by_hand():
     # tiny: D=32, H=2, q_lora=16, kv_lora=8, nope=8, rope=4, v=8, E=4, K=2, F=16, 1 shared,
     # lora_rank=4, vocab=128, 1 prelude + 1 coda layer; T=16, 2 loops.
-    cfg = benchmark.benchmark_config("tiny")
+    cfg = presets.benchmark_config("tiny")
     f = flop_count.forward_flops_per_token(cfg, seq_len=16, n_loops=2)
     # MLA projections, MACs: q_down 32*16 + q_up_nope 16*2*8 + q_up_rope 16*2*4
     #   + kv_down 32*(8+4) + kv_up 8*2*(8+8) + wo 2*8*32 = 512+256+128+384+256+512 = 2048
@@ -43,26 +44,26 @@ def test_flops_of_the_tiny_config_by_hand():
 
 
 def test_flops_gqa_attention_component():
-    cfg = benchmark.benchmark_config("tiny", {"attn_type": "gqa"})   # head_dim 16, 1 kv head
+    cfg = presets.benchmark_config("tiny", {"attn_type": "gqa"})   # head_dim 16, 1 kv head
     attn = flop_count.attention_flops_per_token(cfg, seq_len=16)
     assert attn["proj"] == 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32)
     assert attn["scores"] == attn["pv"] == 2 * 2 * 16 * 16
 
 
 def test_benchmark_config_never_halts():
-    cfg = benchmark.benchmark_config("default")
-    assert cfg.act_threshold == benchmark.NO_HALT_THRESHOLD
+    cfg = presets.benchmark_config("default")
+    assert cfg.act_threshold == presets.NO_HALT_THRESHOLD
     assert (cfg.dim, cfg.n_experts, cfg.n_experts_per_tok, cfg.max_loop_iters,
             cfg.vocab_size, cfg.max_seq_len) == (256, 16, 2, 8, 4096, 128)
     with pytest.raises(ValueError, match="preset"):
-        benchmark.benchmark_config("nope")
+        presets.benchmark_config("nope")
 
 
 # ---------------------------------------------------------------------------- run_benchmark
 def test_result_structure_and_sanity(result):
     assert result["batch"] == 2 and result["seq_len"] == 16 and result["n_loops"] == 2
     assert result["tokens_per_step"] == 32
-    assert result["config"]["act_threshold"] == benchmark.NO_HALT_THRESHOLD
+    assert result["config"]["act_threshold"] == presets.NO_HALT_THRESHOLD
     assert result["peak"]["peak_flops"] == max(result["peak"]["jax_matmul_flops"],
                                                result["peak"]["torch_matmul_flops"]) > 0
     assert result["flops"]["train_per_token"] == 3 * result["flops"]["forward_per_token"] > 0
@@ -84,7 +85,7 @@ def test_both_sides_compute_the_same(result):
 
 
 def test_format_table(result):
-    text = benchmark.format_table(result)
+    text = torch_compare.format_table(result)
     for needle in ("GFLOP/s", "torch tok/s", "jax tok/s", "speedup", "jax compile s",
                    "forward", "train step", "logit diff", "dim=32"):
         assert needle in text

@@ -1,0 +1,169 @@
+"""Generate text with byte-level tokens: each prompt is its UTF-8 bytes (token id = byte value, so
+the model needs vocab_size >= 256) and generated ids < 256 are decoded back as bytes (invalid UTF-8
+becomes U+FFFD, control characters are escaped, ids >= 256 print as <id>). One prompt: the text is
+streamed to stdout as it is generated. Several prompts: the first is streamed to stderr, then
+stdout gets one line per prompt (prompt + continuation, newlines escaped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from mythos_jax.errors import CommandError
+
+DEFAULT_NEW_TOKENS = 64
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH",
+                        help="a training workdir (its newest readable checkpoint, or --step), "
+                             "a training checkpoint WORKDIR/checkpoints/N, a model checkpoint "
+                             "or OpenMythos weights (.pt/.pth/.safetensors)")
+    source.add_argument("--variant", metavar="NAME",
+                        help="a named config (mythos_jax.variants, e.g. tiny_mla) with "
+                             "random weights drawn from --seed")
+    p.add_argument("--step", type=int, metavar="N", help="checkpoint step of a training workdir")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="tokens to generate per prompt (default 64, fewer if the model's "
+                        "max_seq_len leaves less room after the prompt)")
+    p.add_argument("--n-loops", type=int, metavar="N",
+                   help="recurrent loop depth (default: the config's max_loop_iters)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; 0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, P in (0, 1]")
+    p.add_argument("--eos-id", type=int, metavar="ID",
+                   help="stop a sequence after this token (not printed)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights (--variant) and of the sampling")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Byte-level generation; streams the first sequence (see the module docstring)."""
+    import time
+
+    from mythos_jax.inference.generate import check_generation_args, generate
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.n_loops is not None and args.n_loops < 1:
+        raise CommandError(f"--n-loops must be >= 1, got {args.n_loops}")
+    prompts = [list(text.encode("utf-8")) for text in args.prompt]
+    if any(not p for p in prompts):
+        raise CommandError("--prompt must not be empty")
+
+    model = _generation_model(args)
+    cfg = model.cfg
+    if cfg.vocab_size < 256:
+        raise CommandError(f"byte-level prompts need vocab_size >= 256, this model has "
+                           f"{cfg.vocab_size}")
+    longest = max(len(p) for p in prompts)
+    if longest >= cfg.max_seq_len:
+        raise CommandError(f"prompt of {longest} bytes leaves no room for new tokens: the "
+                           f"model's max_seq_len is {cfg.max_seq_len}")
+    max_new_tokens = (min(DEFAULT_NEW_TOKENS, cfg.max_seq_len - longest)
+                      if args.max_new_tokens is None else args.max_new_tokens)
+    # Every argument error before the first byte of output.
+    check_generation_args(cfg, longest, max_new_tokens, args.temperature, args.top_k,
+                          args.top_p, args.eos_id)
+
+    single = len(prompts) == 1
+    stream = sys.stdout if single else sys.stderr
+    printer = _ByteStream(stream, args.eos_id)
+    if single:
+        printer.write_text(args.prompt[0])
+    else:
+        stream.write("[0] " + _escape(args.prompt[0]))
+    stream.flush()
+
+    start = time.perf_counter()
+    result = generate(model, prompts, max_new_tokens, n_loops=args.n_loops,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      eos_id=args.eos_id, seed=args.seed,
+                      on_token=lambda tokens: printer.push(int(tokens[0])))
+    seconds = time.perf_counter() - start
+    printer.close()
+    stream.write("\n")
+    stream.flush()
+    if not single:
+        for text, row, length in zip(args.prompt, result.tokens, result.lengths):
+            row = [int(t) for t in row[:length]]
+            if args.eos_id is not None and row and row[-1] == args.eos_id:
+                row = row[:-1]
+            print(_escape(text + _decode_tokens(row)))
+    print(f"{int(result.lengths.sum())} tokens in {seconds:.2f} s "
+          f"({len(prompts)} sequence{'s' if len(prompts) > 1 else ''}, includes compilation)",
+          file=sys.stderr)
+    return 0
+
+
+def _generation_model(args: argparse.Namespace):
+    if args.checkpoint is not None:
+        from mythos_jax.commands.model_source import checkpoint_model
+
+        return checkpoint_model(args.checkpoint, args.step)
+    if args.step is not None:
+        raise CommandError("--step selects a checkpoint of a training workdir: give --checkpoint")
+    from flax import nnx
+
+    from mythos_jax.model import OpenMythos
+    from mythos_jax.variants import get_variant
+
+    return OpenMythos(get_variant(args.variant), rngs=nnx.Rngs(args.seed))
+
+
+def _escape(text: str, keep: str = "") -> str:
+    """Control characters (newlines too, unless in ``keep``) as escapes: one safe line."""
+    import unicodedata
+
+    return "".join(c if c in keep or not unicodedata.category(c).startswith("C")
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _decode_tokens(tokens: Sequence[int]) -> str:
+    """Byte tokens -> text (invalid UTF-8 -> U+FFFD); ids >= 256 become ``<id>``."""
+    out, run = [], bytearray()
+    for token in tokens:
+        if token < 256:
+            run.append(token)
+            continue
+        out.append(run.decode("utf-8", errors="replace"))
+        run = bytearray()
+        out.append(f"<{token}>")
+    out.append(run.decode("utf-8", errors="replace"))
+    return "".join(out)
+
+
+class _ByteStream:
+    """Writes one sequence's byte tokens as text while they arrive (incremental UTF-8, so a
+    character split over several tokens prints whole); stops at ``eos_id``."""
+
+    def __init__(self, stream, eos_id: int | None):
+        import codecs
+
+        self.stream, self.eos_id, self.done = stream, eos_id, False
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write_text(self, text: str) -> None:
+        self.stream.write(_escape(text, keep="\n\t"))
+
+    def push(self, token: int) -> None:
+        if self.done:
+            return
+        if self.eos_id is not None and token == self.eos_id:
+            self.done = True
+            return
+        if token < 256:
+            self.write_text(self.decoder.decode(bytes([token])))
+        else:
+            self.write_text(self.decoder.decode(b"", final=True) + f"<{token}>")
+            self.decoder.reset()
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.write_text(self.decoder.decode(b"", final=True))
