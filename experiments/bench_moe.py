@@ -39,9 +39,9 @@ from flax import nnx
 from mythos_jax.bench.presets import PRESET_SHAPES, PRESETS, benchmark_config
 from mythos_jax.bench.timing import (CpuMonitor, config_override_arg, interleaved, machine_info,
                                      wait_for_idle, write_json)
-from mythos_jax.config import MOE_IMPLS
 from mythos_jax.interop.openmythos import (config_to_torch, import_reference,
                                            load_state_dict)
+from mythos_jax.modes import MoEImpl
 from mythos_jax.moe.slots import expert_capacity
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train.config import load_train_config
@@ -49,7 +49,7 @@ from mythos_jax.train.data import train_iterator
 from mythos_jax.train.evaluate import global_batch
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
 
-STRATEGIES = ("dense", *(impl for impl in MOE_IMPLS if impl != "dense"))   # reference first
+STRATEGIES = ("dense", *(impl for impl in MoEImpl.names() if impl != "dense"))   # reference first
 
 # Load-balance runs: the "tiny" training preset with more experts (room for imbalance) and a
 # fixed loop count (one static scan: the cheapest step); --train-set overrides any of it.

@@ -17,7 +17,7 @@ import sys
 from mythos_jax.bench.presets import PRESETS
 from mythos_jax.bench.timing import config_override_arg, wait_for_idle, write_json
 from mythos_jax.bench.torch_compare import format_table, run_benchmark
-from mythos_jax.config import ATTN_TYPES, MOE_IMPLS
+from mythos_jax.modes import AttentionType, MoEImpl
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,8 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch size (preset default: 8)")
     p.add_argument("--seq", type=int, help="sequence length (preset default: 128)")
     p.add_argument("--loops", type=int, help="recurrent loops on both sides (preset default: 8)")
-    p.add_argument("--moe-impl", choices=MOE_IMPLS, help="mythos-jax MoE dispatch")
-    p.add_argument("--attn-type", choices=ATTN_TYPES, help="attention (both sides)")
+    p.add_argument("--moe-impl", choices=MoEImpl.names(), help="mythos-jax MoE dispatch")
+    p.add_argument("--attn-type", choices=AttentionType.names(), help="attention (both sides)")
     p.add_argument("--set", type=config_override_arg, action="append", default=[],
                    metavar="FIELD=VALUE",
                    help="any other MythosConfig field, repeatable")

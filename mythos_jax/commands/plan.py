@@ -18,7 +18,7 @@ import dataclasses
 import json
 import math
 
-from mythos_jax.config import ATTENTION_IMPLS, MOE_IMPLS
+from mythos_jax.modes import AttentionImpl, MoEImpl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (parameters stay fp32; default bfloat16)")
     parser.add_argument("--remat", default="full", choices=("full", "dots", "none"),
                         help="loop_remat: what backprop keeps per loop (default full)")
-    parser.add_argument("--moe-impl", choices=MOE_IMPLS,
+    parser.add_argument("--moe-impl", choices=MoEImpl.names(),
                         help="MoE dispatch (default: the variant's)")
-    parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
+    parser.add_argument("--attention-impl", choices=AttentionImpl.names(),
                         help="MLA attention: auto (Pallas kernels on TPU), xla or pallas "
                              "(default: the variant's)")
     parser.add_argument("--rules", default="default", metavar="PRESET",

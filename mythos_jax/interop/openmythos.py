@@ -77,8 +77,10 @@ def config_to_torch(cfg: MythosConfig) -> Any:
 
 
 def openmythos_fields(cfg: MythosConfig) -> dict[str, Any]:
-    """The fields of ``cfg`` that ``open_mythos.main.MythosConfig`` has."""
-    return {k: getattr(cfg, k) for k in OPENMYTHOS_FIELDS}
+    """The fields of ``cfg`` that ``open_mythos.main.MythosConfig`` has, as plain values
+    (modes as their names: a saved PyTorch config must not need mythos-jax to load)."""
+    fields = cfg.to_dict()
+    return {k: fields[k] for k in OPENMYTHOS_FIELDS}
 
 
 # ---------------------------------------------------------------------------- the naming rule

@@ -18,6 +18,8 @@ import types
 import typing
 from typing import Any, ClassVar
 
+from mythos_jax.modes import Mode
+
 
 class Choice:
     """Base of a family of tagged sections. The family's base sets ``key`` (the field naming
@@ -145,6 +147,8 @@ def _coerce(kind, value: Any, path: str) -> Any:
 
 
 def coerce_scalar(kind, value: Any, path: str) -> Any:
+    if isinstance(kind, type) and issubclass(kind, Mode):
+        return kind.parse(value, path)
     if kind is bool:
         if isinstance(value, bool):
             return value
