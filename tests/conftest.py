@@ -4,8 +4,8 @@ when ``$MYTHOS_JAX_CACHE`` names one, and compiled programs released after each 
 Why the release: every XLA:CPU executable holds a few memory mappings of its code, and the
 suite compiles thousands of programs in one process. Without the release the process passed
 Linux's ``vm.max_map_count`` (65530) about three quarters through the suite and segfaulted
-inside XLA's compiler (seen in CI, in a different test each time; counted with
-``/proc/<pid>/maps``: about 2,500 new mappings a minute).
+inside XLA's compiler (seen in CI, in a different test each time; reproduced here with
+``/proc/<pid>/maps`` counted every 15 s: 64,944 mappings at the crash).
 JAX_PLATFORMS=cpu keeps every test process (and its subprocesses) off the TPU plugin that
 the test venv's libtpu would otherwise try to load (``mythos-jax plan`` compiles for TPU
 topologies without it)."""
