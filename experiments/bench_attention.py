@@ -33,13 +33,13 @@ import jax
 import jax.numpy as jnp
 
 from mythos_jax.bench.timing import timed, write_json
+from mythos_jax.chips import chip
 from mythos_jax.kernels import (FlashBlocks, KernelTarget, kernel_target,
                                 mla_decode_reference, mla_flash_attention, mla_flash_reference)
 from mythos_jax.kernels.mla_decode import DecodeBlocks, mla_decode_attention
 
 FLASH_DIMS = {"mythos_1b": (64, 32, 64), "deepseek_v3": (128, 64, 128)}   # nope, rope, v
 DECODE_DIMS = {"mythos_1b": (16, 256, 32), "deepseek_v3": (128, 512, 64)}  # heads, kv_lora, rope
-HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12}                               # bytes/s
 GRAD_NAMES = ("q_nope", "q_rope", "k_nope", "k_rope", "v")
 
 
@@ -228,7 +228,8 @@ def run(args) -> dict:
                   quick=args.quick, errors=error_rows(args.quick, targets))
     speed = args.mode == "speed" or (args.mode == "auto" and not native.interpret)
     if speed:
-        peak = next((v for k, v in HBM_PEAK.items() if k in device.device_kind), None)
+        figures = chip(device.device_kind)
+        peak = None if figures is None else figures.hbm_bytes_per_s
         result.update(flash_speed=flash_speed_rows(args.quick, args.iters, native),
                       decode_speed=decode_speed_rows(args.quick, args.iters, native, peak),
                       hbm_peak=peak, speed_is_meaningful=not native.interpret)

@@ -34,12 +34,13 @@ PARAM_AXES = ("embed", "embed_out", "vocab", "heads", "kv_heads", "q_lora", "kv_
               "expert", "lora", "loop")
 ACTIVATION_AXES = ("batch", "seq", "act_embed", "act_vocab")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
+BATCH_MESH_AXES = ("data", "fsdp", "expert")   # data-like mesh axes: every preset splits batch
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
 
 
 def _preset(**mapping) -> Rules:
-    return MappingProxyType({**dict.fromkeys(LOGICAL_AXES), "batch": ("data", "fsdp", "expert"),
+    return MappingProxyType({**dict.fromkeys(LOGICAL_AXES), "batch": BATCH_MESH_AXES,
                              **mapping})
 
 

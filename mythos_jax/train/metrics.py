@@ -19,15 +19,8 @@ import jax
 import numpy as np
 
 from mythos_jax import paths
+from mythos_jax.chips import chip
 
-# bf16 dense peak FLOP/s per chip, by device_kind prefix (vendor datasheets).
-PEAK_FLOPS = {
-    "TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12, "TPU7x": 2307e12,
-    "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12, "NVIDIA B200": 2250e12,
-}
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -36,9 +29,9 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
     if override > 0:
         return override, "log.peak_flops"
     kind = jax.devices()[0].device_kind
-    for prefix, peak in sorted(PEAK_FLOPS.items(), key=lambda item: -len(item[0])):
-        if kind.startswith(prefix):
-            return peak, f"datasheet bf16 peak of {kind}"
+    figures = chip(kind)
+    if figures is not None:
+        return figures.peak_bf16_flops, f"datasheet bf16 peak of {kind}"
     if jax.devices()[0].platform == "cpu":
         return _cpu_matmul_flops() / jax.local_device_count(), "measured fp32 matmul of this CPU"
     return math.nan, f"unknown device kind {kind!r} (set log.peak_flops)"

@@ -34,7 +34,6 @@ from mythos_jax.schedules import sample_loops
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.optim import build_optimizer, learning_rate
 
-BATCH_MESH_AXES = ("data", "fsdp", "expert")
 
 
 class TrainState(NamedTuple):
@@ -97,8 +96,8 @@ def build_plan(cfg: TrainConfig, mesh: Mesh) -> TrainPlan:
 
 
 def batch_axes(mesh_shape) -> tuple[str, ...]:
-    """The data-like mesh axes of size > 1 (``BATCH_MESH_AXES`` present in ``mesh_shape``)."""
-    return tuple(axis for axis in BATCH_MESH_AXES if mesh_shape.get(axis, 1) > 1)
+    """The data-like mesh axes of size > 1 (``parallel.rules.BATCH_MESH_AXES`` present in ``mesh_shape``)."""
+    return tuple(axis for axis in rules_lib.BATCH_MESH_AXES if mesh_shape.get(axis, 1) > 1)
 
 
 def batch_spec(mesh: Mesh, batch_size: int) -> PartitionSpec:
