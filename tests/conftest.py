@@ -38,9 +38,9 @@ def compiled_programs_released_after_module():
 
 
 @pytest.fixture(scope="module")
-def model():
-    """A tiny MLA model whose positions halt after a few loops (ACT bias -1): the loop tests'
-    model; test modules that need another define their own ``model``."""
+def halting_model():
+    """A tiny MLA model whose positions halt after a few loops (ACT bias -1), for the loop and
+    load-balance tests."""
     m = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
     m.recurrent.act.halt.bias[...] = jnp.full((1,), -1.0)
     return m

@@ -44,37 +44,37 @@ def _row_sums(info):
     return np.asarray(info.moe.load_per_loop.sum(axis=1))
 
 
-def test_loop_statistics_count_each_iteration_once(model, ids):
-    K, L = model.cfg.n_experts_per_tok, model.cfg.max_loop_iters
-    logits, info, _ = model(ids, 3, return_info=True)
-    np.testing.assert_array_equal(logits, model(ids, 3))            # stats change nothing
-    assert info.moe.load_per_loop.shape == (L, model.cfg.n_experts)
+def test_loop_statistics_count_each_iteration_once(halting_model, ids):
+    K, L = halting_model.cfg.n_experts_per_tok, halting_model.cfg.max_loop_iters
+    logits, info, _ = halting_model(ids, 3, return_info=True)
+    np.testing.assert_array_equal(logits, halting_model(ids, 3))            # stats change nothing
+    assert info.moe.load_per_loop.shape == (L, halting_model.cfg.n_experts)
     np.testing.assert_array_equal(_row_sums(info), [B * T * K] * 3 + [0])
     np.testing.assert_array_equal(info.moe.load, info.moe.load_per_loop.sum(axis=0))
     # a static count above max_loop_iters gets a row per iteration
-    assert model(ids, 6, return_info=True)[1].moe.load_per_loop.shape == (6, 4)
+    assert halting_model(ids, 6, return_info=True)[1].moe.load_per_loop.shape == (6, 4)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"max_loops": 5}, {"backprop_depth": 2}],
                          ids=["while_loop", "masked_scan", "truncated"])
-def test_stopped_sequences_do_not_count(model, ids, kwargs):
+def test_stopped_sequences_do_not_count(halting_model, ids, kwargs):
     counts = jnp.array([1, 3, 2], jnp.int32)
-    info = model(ids, LoopSpec(counts, **kwargs), return_info=True).info
-    K = model.cfg.n_experts_per_tok
+    info = halting_model(ids, LoopSpec(counts, **kwargs), return_info=True).info
+    K = halting_model.cfg.n_experts_per_tok
     active = [(np.asarray(counts) > t).sum() for t in range(info.moe.load_per_loop.shape[0])]
     np.testing.assert_array_equal(_row_sums(info), np.asarray(active) * T * K)
     # the per-pair mean equals the mean over separate static runs of each sequence
-    pairs = [model(ids[b:b + 1], int(n), return_info=True)[1].moe for b, n in enumerate(counts)]
+    pairs = [halting_model(ids[b:b + 1], int(n), return_info=True)[1].moe for b, n in enumerate(counts)]
     expected = sum(float(p.aux_loss) * int(n) for p, n in zip(pairs, counts)) / int(counts.sum())
     np.testing.assert_allclose(info.moe.aux_loss, expected, rtol=1e-5)
 
 
-def test_early_exit_stops_counting(model, ids):
-    info = model(ids, LoopSpec(jnp.array([2, 16, 16], jnp.int32), exit="act"),
+def test_early_exit_stops_counting(halting_model, ids):
+    info = halting_model(ids, LoopSpec(jnp.array([2, 16, 16], jnp.int32), exit="act"),
                  return_info=True).info
     loops_run = np.asarray(info.loops_run)
     assert loops_run[0] == 2 and 2 < loops_run.max() < 16
-    K, L = model.cfg.n_experts_per_tok, model.cfg.max_loop_iters
+    K, L = halting_model.cfg.n_experts_per_tok, halting_model.cfg.max_loop_iters
     expected = np.zeros(L)
     for t in range(loops_run.max()):            # iterations past L - 1 add to the last row
         expected[min(t, L - 1)] += (loops_run > t).sum() * T * K
@@ -87,8 +87,8 @@ def test_capacity_dispatch_reports_dropped_rows(ids):
     assert float(info.moe.dropped) > 0
 
 
-def test_losses_are_differentiable_and_the_bias_is_not_a_param(model, ids):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def test_losses_are_differentiable_and_the_bias_is_not_a_param(halting_model, ids):
+    graphdef, params, rest = nnx.split(halting_model, nnx.Param, ...)
 
     def loss(params):
         moe = nnx.merge(graphdef, params, rest)(ids, 2, return_info=True)[1].moe
@@ -98,7 +98,7 @@ def test_losses_are_differentiable_and_the_bias_is_not_a_param(model, ids):
     router = grads["recurrent"]["block"]["ffn"]["router"]["kernel"][...]
     assert float(jnp.abs(router).sum()) > 0
     assert "router_bias" not in nnx.to_pure_dict(params)["recurrent"]["block"]["ffn"]
-    assert len(jax.tree.leaves(nnx.state(model, RouterBias))) == 1
+    assert len(jax.tree.leaves(nnx.state(halting_model, RouterBias))) == 1
 
 
 def test_update_router_bias():
@@ -113,15 +113,15 @@ def test_update_router_bias():
 def test_update_router_biases_on_a_model_and_a_state():
     cfg = variants.tiny_mla()
     load = jnp.array([8.0, 0.0, 4.0, 4.0])
-    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
-    state = nnx.state(model)
+    halting_model = OpenMythos(cfg, rngs=nnx.Rngs(0))
+    state = nnx.state(halting_model)
     new_state = update_router_biases(state, load, 0.25)
     expected = [-0.25, 0.25, 0.0, 0.0]
     np.testing.assert_allclose(new_state["recurrent"]["block"]["ffn"]["router_bias"][...],
                                expected)
-    np.testing.assert_array_equal(model.recurrent.block.ffn.router_bias[...], 0.0)  # untouched
-    assert update_router_biases(model, load, 0.25) is model
-    np.testing.assert_allclose(model.recurrent.block.ffn.router_bias[...], expected)
+    np.testing.assert_array_equal(halting_model.recurrent.block.ffn.router_bias[...], 0.0)  # untouched
+    assert update_router_biases(halting_model, load, 0.25) is halting_model
+    np.testing.assert_allclose(halting_model.recurrent.block.ffn.router_bias[...], expected)
 
 
 def test_bias_updates_balance_a_collapsed_router():
@@ -129,7 +129,7 @@ def test_bias_updates_balance_a_collapsed_router():
     (std 0.02), so every token routes to the same K experts: max/mean load = E / K = 4. After
     200 sign updates (rate 0.005, each from a fresh 4 x 16 batch) the load summed over 8 fresh
     batches must be within 1.5x of the mean (1.31 measured). Why not closer to 1: the sign rule
-    leaves a +-rate limit cycle around balance, and the router inputs of this untrained model
+    leaves a +-rate limit cycle around balance, and the router inputs of this untrained halting_model
     differ so little between tokens that one bias step moves whole groups of them at once."""
     cfg = variants.tiny_mla(n_experts=8, n_experts_per_tok=2)
     graphdef, params, bias, rest = nnx.split(OpenMythos(cfg, rngs=nnx.Rngs(0)), nnx.Param,

@@ -16,41 +16,41 @@ def ids():
     return jax.random.randint(jax.random.key(0), (3, 12), 0, 256)
 
 
-def _jit(model, **kwargs):
-    graphdef, state = nnx.split(model)
+def _jit(halting_model, **kwargs):
+    graphdef, state = nnx.split(halting_model)
     fn = jax.jit(lambda s, i, n: nnx.merge(graphdef, s)(i, LoopSpec(n, **kwargs),
                                                         return_info=True)[:2])
     return lambda i, n: fn(state, i, n), fn
 
 
-def test_run_time_count_compiles_once_and_matches_static(model, ids):
-    call, fn = _jit(model)
+def test_run_time_count_compiles_once_and_matches_static(halting_model, ids):
+    call, fn = _jit(halting_model)
     for n in (2, 5, 11):
         logits, info = call(ids, jnp.int32(n))
-        np.testing.assert_allclose(logits, model(ids, n), atol=1e-5)
+        np.testing.assert_allclose(logits, halting_model(ids, n), atol=1e-5)
         np.testing.assert_array_equal(info.loops_run, [n] * 3)
     assert fn._cache_size() == 1
 
 
-def test_per_sequence_counts_equal_separate_runs(model, ids):
-    call, _ = _jit(model)
+def test_per_sequence_counts_equal_separate_runs(halting_model, ids):
+    call, _ = _jit(halting_model)
     counts = jnp.array([1, 4, 7], jnp.int32)
     logits, info = call(ids, counts)
     np.testing.assert_array_equal(info.loops_run, counts)
     for b, n in enumerate([1, 4, 7]):
-        np.testing.assert_allclose(logits[b], model(ids[b:b + 1], n)[0], atol=1e-5)
+        np.testing.assert_allclose(logits[b], halting_model(ids[b:b + 1], n)[0], atol=1e-5)
 
 
-def test_act_exit_equals_static_loop_with_fewer_iterations(model, ids):
-    call, _ = _jit(model, exit="act")
+def test_act_exit_equals_static_loop_with_fewer_iterations(halting_model, ids):
+    call, _ = _jit(halting_model, exit="act")
     logits, info = call(ids, jnp.int32(16))
-    np.testing.assert_allclose(logits, model(ids, 16), atol=1e-5)
+    np.testing.assert_allclose(logits, halting_model(ids, 16), atol=1e-5)
     assert int(info.loops_run.max()) < 16
 
 
 @pytest.mark.parametrize("rule, threshold", [("delta", 0.05), ("kl", 1e-3)])
-def test_convergence_exits_stop_early_and_freeze(model, ids, rule, threshold):
-    cfg_off = model.cfg.replace(act="off")
+def test_convergence_exits_stop_early_and_freeze(halting_model, ids, rule, threshold):
+    cfg_off = halting_model.cfg.replace(act="off")
     off = OpenMythos(cfg_off, rngs=nnx.Rngs(0))
     call, _ = _jit(off, exit=rule, threshold=threshold)
     logits, info = call(ids, jnp.int32(40))
@@ -62,22 +62,22 @@ def test_convergence_exits_stop_early_and_freeze(model, ids, rule, threshold):
     assert (np.asarray(never(ids, jnp.int32(6))[1].loops_run) == 6).all()
 
 
-def test_kl_entropy_exit_also_waits_for_low_entropy(model, ids):
-    off = OpenMythos(model.cfg.replace(act="off"), rngs=nnx.Rngs(0))
+def test_kl_entropy_exit_also_waits_for_low_entropy(halting_model, ids):
+    off = OpenMythos(halting_model.cfg.replace(act="off"), rngs=nnx.Rngs(0))
     kl = np.asarray(_jit(off, exit="kl", threshold=1e-3)[0](ids, jnp.int32(40))[1].loops_run)
     both = np.asarray(_jit(off, exit="kl_entropy", threshold=1e-3)[0](
         ids, jnp.int32(40))[1].loops_run)
     assert (both >= kl).all()
-    # An untrained model's next-token entropy is about log(vocab) > the 3-nat bound: no exit.
+    # An untrained halting_model's next-token entropy is about log(vocab) > the 3-nat bound: no exit.
     entropy = -jnp.sum(jax.nn.softmax(off(ids, 2)) * jax.nn.log_softmax(off(ids, 2)), -1)
     assert float(entropy.max()) > loops.KL_ENTROPY_BOUND and (both == 40).all()
 
 
-def test_state_rms_reports_the_final_hidden_state(model, ids):
-    info = model(ids, 3, return_info=True).info
-    embedded = model._embed(ids)
+def test_state_rms_reports_the_final_hidden_state(halting_model, ids):
+    info = halting_model(ids, 3, return_info=True).info
+    embedded = halting_model._embed(ids)
     assert info.state_rms.shape == (3,) and (np.asarray(info.state_rms) > 0).all()
-    deeper = model(ids, 9, return_info=True).info.state_rms
+    deeper = halting_model(ids, 9, return_info=True).info.state_rms
     assert not np.allclose(info.state_rms, deeper)
     assert float(jnp.sqrt(jnp.mean(embedded ** 2))) < float(info.state_rms.min())
 
@@ -93,8 +93,8 @@ def _max_diff(a, b):
     return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_training_drivers_give_the_static_gradient(model, ids):
-    graphdef, state = nnx.split(model)
+def test_training_drivers_give_the_static_gradient(halting_model, ids):
+    graphdef, state = nnx.split(halting_model)
     exact = jax.grad(lambda s: _loss(graphdef, ids)(s, 4))(state)
     masked = jax.jit(jax.grad(_loss(graphdef, ids, max_loops=9)))(state, jnp.int32(4))
     assert _max_diff(exact, masked) < 1e-6
@@ -103,12 +103,12 @@ def test_training_drivers_give_the_static_gradient(model, ids):
     assert _max_diff(exact, truncated) < 1e-6
 
 
-def test_truncated_backprop_compiles_once_and_cuts_the_gradient(model, ids):
-    graphdef, state = nnx.split(model)
+def test_truncated_backprop_compiles_once_and_cuts_the_gradient(halting_model, ids):
+    graphdef, state = nnx.split(halting_model)
     step = jax.jit(jax.value_and_grad(_loss(graphdef, ids, backprop_depth=2)))
     for n in (1, 3, 9):
         value, grads = step(state, jnp.int32(n))
-        np.testing.assert_allclose(value, jnp.mean(model(ids, n) ** 2), rtol=1e-5)
+        np.testing.assert_allclose(value, jnp.mean(halting_model(ids, n) ** 2), rtol=1e-5)
         assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     assert step._cache_size() == 1
     full = jax.grad(lambda s: _loss(graphdef, ids)(s, 9))(state)
@@ -137,8 +137,8 @@ def test_curriculum_moves_the_mean():
     assert curriculum.per_sequence and curriculum.max_loops == 30
 
 
-def test_sampled_training_step_jits_once_with_a_custom_schedule(model, ids):
-    graphdef, state = nnx.split(model)
+def test_sampled_training_step_jits_once_with_a_custom_schedule(halting_model, ids):
+    graphdef, state = nnx.split(halting_model)
 
     def my_schedule(step, key):  # a user function: per-sequence counts in 1..5
         return 1 + jax.random.randint(key, (3,), 0, 5) + step % 2
@@ -170,10 +170,10 @@ def test_act_variants():
     np.testing.assert_allclose(ponder[0], [0.5 + 0.7 * 4, 0.5, 0.5 + 0.5 * 4])
 
 
-def test_ponder_cost_is_an_expected_loop_count_with_gradient(model, ids):
-    info = model(ids, 5, return_info=True).info
+def test_ponder_cost_is_an_expected_loop_count_with_gradient(halting_model, ids):
+    info = halting_model(ids, 5, return_info=True).info
     assert (info.ponder_cost >= 1.0).all() and (info.ponder_cost <= 5.0 + 1e-5).all()
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(halting_model)
     grads = jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(ids, 5, return_info=True).info
                                         .ponder_cost))(state)
     assert float(jnp.abs(grads["recurrent"]["act"]["halt"]["kernel"][...]).sum()) > 0
@@ -183,15 +183,15 @@ def test_parcae_injection_trains_and_is_not_convertible(ids):
     from mythos_jax.interop.openmythos import to_torch_state_dict
 
     cfg = variants.tiny_mla(injection="parcae", prelude_norm=True, readout=True, act="off")
-    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
+    halting_model = OpenMythos(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(halting_model)
     value, grads = jax.value_and_grad(lambda s: _loss(graphdef, ids)(s, 3))(state)
     assert np.isfinite(float(value))
     for name in ("A_log", "dt_bias", "B"):
         assert float(jnp.abs(grads["recurrent"]["injection"][name][...]).sum()) > 0
     assert float(jnp.abs(grads["readout"]["kernel"][...]).sum()) > 0
     with pytest.raises(ValueError, match="injection='parcae'"):
-        to_torch_state_dict(model)
+        to_torch_state_dict(halting_model)
 
 
 def test_additive_injection_is_h_plus_e_plus_u_and_is_not_convertible():
@@ -230,28 +230,28 @@ def test_loop_embed_scale_scales_the_loop_embedding_and_blocks_conversion():
 
 
 # ---------------------------------------------------------------- errors
-def test_bad_loop_arguments_raise(model, ids):
+def test_bad_loop_arguments_raise(halting_model, ids):
     with pytest.raises(ValueError, match="n_loops must be >= 1"):
-        model(ids, jnp.int32(0))
+        halting_model(ids, jnp.int32(0))
     with pytest.raises(ValueError, match="above the compiled bound max_loops=4"):
-        model(ids, LoopSpec(jnp.int32(6), max_loops=4))
+        halting_model(ids, LoopSpec(jnp.int32(6), max_loops=4))
     with pytest.raises(ValueError, match="backprop_depth must be an int >= 1"):
-        model(ids, LoopSpec(3, backprop_depth=0))
+        halting_model(ids, LoopSpec(3, backprop_depth=0))
     with pytest.raises(ValueError, match="exit: must be one of"):
-        model(ids, LoopSpec(3, exit="entropy"))
+        halting_model(ids, LoopSpec(3, exit="entropy"))
     with pytest.raises(ValueError, match="cannot be combined with backprop_depth"):
         LoopSpec(3, exit="kl", backprop_depth=2)
     with pytest.raises(TypeError, match="n_loops must be an int"):
         LoopSpec(2.5)
     with pytest.raises(ValueError, match="shape \\(batch,\\)"):
-        model(ids, jnp.array([1, 2], jnp.int32))
+        halting_model(ids, jnp.array([1, 2], jnp.int32))
     off = OpenMythos(variants.tiny_mla(act="off"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="exit='act' needs ACT"):
         off(ids, LoopSpec(3, exit="act"))
 
 
-def test_traced_count_above_bound_fails_at_run_time_with_host_checks(model, ids):
-    graphdef, state = nnx.split(model)
+def test_traced_count_above_bound_fails_at_run_time_with_host_checks(halting_model, ids):
+    graphdef, state = nnx.split(halting_model)
     step = jax.jit(jax.grad(_loss(graphdef, ids, host_checks=True, max_loops=4)))
     step(state, jnp.int32(4))
     with pytest.raises(Exception, match="above the compiled bound max_loops=4"):
