@@ -12,6 +12,10 @@ VENV := $(shell bash .ci/venv.sh --path)
 PY := $(VENV)/bin/python
 
 WORKDIR ?= runs/khop
+# Two pytest workers, one test file each at a time (module fixtures stay on one worker); the
+# slowest files are named first so that the short ones fill the end.
+SLOW_TESTS := tests/test_train.py tests/test_experiments.py tests/test_checkpoints_training.py \
+	tests/test_tpu_setup.py tests/test_paths.py tests/test_shared_depth_cache.py
 LM_WORKDIR ?= runs/cpu_small
 
 .PHONY: venv test parity bench train train-lm
@@ -19,7 +23,7 @@ venv:
 	bash .ci/venv.sh
 
 test: venv
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 $(SLOW_TESTS) tests
 
 train: venv
 	$(VENV)/bin/mythos-jax experiment depth_extrapolation --arms looped_random,single_loop \

@@ -161,7 +161,7 @@ def test_act_variants():
     readouts = {}
     for act in ("openmythos", "flush", "off"):
         block = OpenMythos(variants.tiny_mla(act=act), rngs=nnx.Rngs(0)).recurrent
-        readouts[act] = block.readout(state)
+        readouts[act] = block.output(state)
     np.testing.assert_array_equal(readouts["openmythos"], state.h_out)
     np.testing.assert_array_equal(readouts["off"], h)
     leftover = jnp.array([0.7, 0.0, 0.5])[None, :, None]

@@ -101,7 +101,7 @@ def _exit_sweep(run: ArmRun, max_loops: int) -> dict:
         with run.plan.context():
             at_max = float(np.mean(np.argmax(fixed(model, ids)[:, -1], -1) == answers))
             for rule, run_rule in adaptive.items():
-                logits, info = run_rule(model, ids)
+                logits, info, _ = run_rule(model, ids)
                 per_rule[rule][str(hops)] = {
                     "mean_exit": float(np.mean(info.loops_run)),
                     "accuracy": float(np.mean(np.argmax(logits[:, -1], -1) == answers)),
