@@ -9,8 +9,8 @@ Every figure is ``memory_analysis().temp_size_in_bytes`` of ``jax.jit(f).lower(.
 what XLA's buffer assignment reserves for intermediates (parameters, inputs and outputs not
 included). It is deterministic for a given program and JAX/XLA version. Rows:
 
-  inference, static scan         model(ids, n_loops=n), one program per n
-  inference, run-time count      model(ids, n_loops=<traced int32>): one while-loop program
+  inference, static scan         model(ids, n), one program per n
+  inference, run-time count      model(ids, <traced int32>): one while-loop program
   train bd=4, Fixed(n)           grad of the loss, counts from schedules.Fixed(n, backprop_depth=4)
                                  drawn inside the step (n is a constant of the program)
   train bd=4, run-time count     the same with the count an argument: one program
@@ -102,7 +102,7 @@ class Bench:
         graphdef, _, rest = self.model(remat)
 
         def loss(params, ids, targets, n_loops):
-            logits = nnx.merge(graphdef, params, rest)(ids, n_loops=n_loops, **loop_kwargs)
+            logits = nnx.merge(graphdef, params, rest)(ids, LoopSpec(n_loops, **loop_kwargs))
             log_p = jax.nn.log_softmax(logits)
             return -jnp.mean(jnp.take_along_axis(log_p, targets[..., None], axis=-1))
         return loss
@@ -110,12 +110,12 @@ class Bench:
     # One function per row; each returns the temp bytes of its program for count n.
     def inference_static(self, n: int) -> int:
         graphdef, params, rest = self.model()
-        return self.temp_bytes(lambda p, i: nnx.merge(graphdef, p, rest)(i, n_loops=n),
+        return self.temp_bytes(lambda p, i: nnx.merge(graphdef, p, rest)(i, n),
                                params, self.ids)
 
     def inference_run_time(self) -> int:
         graphdef, params, rest = self.model()
-        return self.temp_bytes(lambda p, i, n: nnx.merge(graphdef, p, rest)(i, n_loops=n),
+        return self.temp_bytes(lambda p, i, n: nnx.merge(graphdef, p, rest)(i, n),
                                params, self.ids, jnp.int32(1))
 
     def train_fixed(self, n: int, depth: int, options=None) -> int:
