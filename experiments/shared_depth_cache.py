@@ -1,7 +1,7 @@
 """A KV cache shared across loop depths (Huginn-style): memory saved vs change in predictions.
 
-Trains a small MLA model for a few hundred steps on built-in data (byte-level Python standard
-library source), then decodes held-out text teacher-forced twice, with the full per-depth
+Trains a small MLA model for a few hundred steps with the trainer on built-in data (byte-level
+Python standard library source, the ``stdlib`` data source), then decodes held-out text teacher-forced twice, with the full per-depth
 cache and with ``depth_slots`` shared slots, and reports the cache bytes per token and the mean
 KL(full || shared) of the next-token distributions (and how often the argmax agrees).
 
@@ -11,56 +11,23 @@ KL(full || shared) of the next-token distributions (and how often the argmax agr
 from __future__ import annotations
 
 import argparse
-import os
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from mythos_jax import OpenMythos, variants
 from mythos_jax.bench.timing import write_json
+from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.inference.cache import cache_values_per_token, init_cache
 from mythos_jax.inference.generate import compiled_decoder
-
-
-def stdlib_bytes(limit: int = 2_000_000) -> np.ndarray:
-    """Bytes of the Python standard library's own source files (every install has them)."""
-    root = os.path.dirname(os.__file__)
-    chunks, total = [], 0
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".py"):
-            with open(os.path.join(root, name), "rb") as f:
-                chunks.append(np.frombuffer(f.read(), np.uint8))
-            total += chunks[-1].size
-            if total >= limit:
-                break
-    return np.concatenate(chunks).astype(np.int32)
-
-
-def train(model, data: np.ndarray, steps: int, batch: int, seq: int, n_loops: int,
-          seed: int = 0) -> list[float]:
-    """AdamW on random windows of ``data``; returns the loss every step."""
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-3, b2=0.95, weight_decay=0.0), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer, windows):
-        def loss_fn(model):
-            logits = model(windows[:, :-1], n_loops)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    rng = np.random.default_rng(seed)
-    losses = []
-    for _ in range(steps):
-        starts = rng.integers(0, data.size - seq - 1, batch)
-        windows = jnp.asarray(np.stack([data[s:s + seq + 1] for s in starts]))
-        losses.append(float(step(model, optimizer, windows)))
-    return losses
+from mythos_jax.parallel.mesh import make_mesh
+from mythos_jax.train import data as data_lib
+from mythos_jax.train import trainer
+from mythos_jax.train.config import load_train_config
+from mythos_jax.train.step import build_plan, model_from_state
 
 
 def teacher_forced_logits(model, ids: np.ndarray, prompt: int, n_loops: int,
@@ -81,18 +48,26 @@ def teacher_forced_logits(model, ids: np.ndarray, prompt: int, n_loops: int,
 
 
 def run(steps: int, quick: bool, seed: int = 0) -> dict:
-    cfg = variants.tiny_mla(max_seq_len=128, max_loop_iters=4)
-    n_loops, batch, seq = cfg.max_loop_iters, (8 if quick else 16), 64
-    data = stdlib_bytes(300_000 if quick else 2_000_000)
-    held_out, train_data = data[: data.size // 10], data[data.size // 10:]
-    model = OpenMythos(cfg, rngs=nnx.Rngs(seed))
+    n_loops, length = 4, 96
+    cfg = load_train_config("tiny", [
+        f"steps={steps}", f"seed={seed}", "model.max_seq_len=128",
+        f"model.max_loop_iters={n_loops}", f"data.seq_len={length}",
+        f"data.batch_size={8 if quick else 16}", "loops.schedule=fixed", f"loops.n={n_loops}",
+        f"loops.max_loops={n_loops}", "optim.lr=1e-3", "optim.warmup_steps=0",
+        f"checkpoint.every={steps}", "log.every=1", "log.tensorboard=false"])
     start = time.perf_counter()
-    losses = train(model, train_data, steps, batch, seq, n_loops, seed)
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer.train(cfg, workdir)
+        losses = [m["loss"] for m in trainer.read_metrics(workdir) if "loss" in m]
+        plan = build_plan(cfg, make_mesh(cfg.mesh))
+        checkpointer = Checkpointer(workdir, plan)
+        try:
+            model = model_from_state(plan, checkpointer.restore())
+        finally:
+            checkpointer.close()
     train_s = time.perf_counter() - start
     model.eval()
-    rng = np.random.default_rng(seed + 1)
-    starts = rng.integers(0, held_out.size - 97, 8)
-    ids = np.stack([held_out[s:s + 96] for s in starts])
+    ids = data_lib.eval_batches(cfg.data, "heldout")[0]["inputs"][:8]    # (8, 96) held out
     full = teacher_forced_logits(model, ids, 32, n_loops, None)
     rows = []
     for slots in (n_loops, 2, 1):
@@ -101,20 +76,20 @@ def run(steps: int, quick: bool, seed: int = 0) -> dict:
         targets = ids[:, 32:96]
         rows.append({
             "depth_slots": slots,
-            "cache_values_per_token": cache_values_per_token(cfg, slots),
-            "cache_saving": 1 - cache_values_per_token(cfg, slots)
-            / cache_values_per_token(cfg, n_loops),
+            "cache_values_per_token": cache_values_per_token(model.cfg, slots),
+            "cache_saving": 1 - cache_values_per_token(model.cfg, slots)
+            / cache_values_per_token(model.cfg, n_loops),
             "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
             "argmax_agreement": float((full.argmax(-1) == shared.argmax(-1)).mean()),
             "nll_full": float(-np.take_along_axis(full, targets[..., None], -1).mean()),
             "nll_shared": float(-np.take_along_axis(shared, targets[..., None], -1).mean())})
-    return {"config": cfg.to_dict(), "steps": steps, "train_s": train_s,
+    return {"config": plan.model_cfg.to_dict(), "steps": steps, "train_s": train_s,
             "loss_first": losses[0], "loss_last": float(np.mean(losses[-20:])),
             "n_loops": n_loops, "rows": rows}
 
 
 def format_result(r: dict) -> str:
-    lines = [f"tiny_mla byte-level model, {r['steps']} AdamW steps on stdlib source "
+    lines = [f"tiny_mla byte-level model, {r['steps']} trainer steps on stdlib source "
              f"({r['train_s']:.0f} s): loss {r['loss_first']:.2f} -> {r['loss_last']:.2f}; "
              f"{r['n_loops']} loops; 8 held-out sequences, 64 teacher-forced decode steps",
              f"{'depth slots':>11} {'values/token':>12} {'saved':>6} {'mean KL':>9} "
