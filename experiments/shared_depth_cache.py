@@ -1,7 +1,8 @@
 """A KV cache shared across loop depths (Huginn-style): memory saved vs change in predictions.
 
 Trains a small MLA model for a few hundred steps with the trainer on built-in data (byte-level
-Python standard library source, the ``stdlib`` data source), then decodes held-out text teacher-forced twice, with the full per-depth
+Python standard library source, the ``stdlib`` data source), then decodes held-out text
+teacher-forced twice, with the full per-depth
 cache and with ``depth_slots`` shared slots, and reports the cache bytes per token and the mean
 KL(full || shared) of the next-token distributions (and how often the argmax agrees).
 

@@ -161,8 +161,8 @@ class MythosConfig:
     def has_openmythos_weights(self) -> bool:
         """True when the parameters and their math are OpenMythos's (convertible to and from
         PyTorch with the same logits)."""
-        return (self.injection == Injection.OPENMYTHOS and not self.prelude_norm and not self.readout
-                and self.loop_embed_scale == 1.0)
+        return (self.injection == Injection.OPENMYTHOS and not self.prelude_norm
+                and not self.readout and self.loop_embed_scale == 1.0)
 
     @property
     def rope_dim(self) -> int:

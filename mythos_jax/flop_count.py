@@ -136,7 +136,8 @@ def flops(cfg: MythosConfig, seq_len: int, n_loops: int | None = None,
     ``"train"``: forward + backward, the backward of a matmul costing two matmuls, so 3x the
     forward for everything that takes a gradient: prelude, coda, readout, head and the
     ``grad_loops`` recurrent iterations. With ``backprop_depth=k < n_loops`` (truncated
-    backprop, :func:`mythos_jax.loops.drivers.run_training`) the first ``n_loops - k`` iterations run
+    backprop, :func:`mythos_jax.loops.drivers.run_training`) the first ``n_loops - k``
+    iterations run
     forward only, on a stop-gradient copy of the block, and count 1x. Rematerialisation
     (``cfg.loop_remat``) re-runs forward work and is not counted (as MFU does not).
 

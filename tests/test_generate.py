@@ -57,7 +57,8 @@ def test_cache_holds_latent_and_one_rope_key_per_token():
     cache = init_cache(cfg, 2, 10, 3)
     assert cache.recurrent["c_kv"].shape == (3, 2, 10, cfg.kv_lora_rank)
     assert cache.recurrent["k_rope"].shape == (3, 2, 10, cfg.qk_rope_head_dim)
-    per_token = sum(x.size for x in jax.tree.leaves((cache.prelude, cache.recurrent, cache.coda))) // (2 * 10)
+    layers = (cache.prelude, cache.recurrent, cache.coda)
+    per_token = sum(x.size for x in jax.tree.leaves(layers)) // (2 * 10)
     assert per_token == cache_values_per_token(cfg, 3) == (16 + 8) * (1 + 3 + 1)
 
 

@@ -120,9 +120,10 @@ def test_attention_dropout_in_training_uses_xla(caplog, monkeypatch):
 def test_key_spans_are_the_training_prefill_and_decode_masks():
     start = jnp.asarray([0, 2, 7], jnp.int32)
     causal = jnp.tril(jnp.ones((6, 6), bool))[None]
-    np.testing.assert_array_equal(KeySpan.causal(3).dense(6, 6), jnp.broadcast_to(causal, (3, 6, 6)))
+    np.testing.assert_array_equal(KeySpan.causal(3).dense(6, 6),
+                                  jnp.broadcast_to(causal, (3, 6, 6)))
     prefill = (causal & (jnp.arange(6)[None, None, :] >= start[:, None, None])) | jnp.eye(
-        6, dtype=bool)[None]                  # causal from the first real token; pads see themselves
+        6, dtype=bool)[None]          # causal from the first real token; pads see themselves
     np.testing.assert_array_equal(KeySpan(start, jnp.int32(0)).dense(6, 6), prefill)
     decode = ((jnp.arange(9) >= start[:, None]) & (jnp.arange(9) <= 7))[:, None, :]
     span = KeySpan(start, jnp.int32(7))       # one query at slot 7 over 9 cache slots

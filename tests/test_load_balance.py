@@ -64,7 +64,8 @@ def test_stopped_sequences_do_not_count(halting_model, ids, kwargs):
     active = [(np.asarray(counts) > t).sum() for t in range(info.moe.load_per_loop.shape[0])]
     np.testing.assert_array_equal(_row_sums(info), np.asarray(active) * T * K)
     # the per-pair mean equals the mean over separate static runs of each sequence
-    pairs = [halting_model(ids[b:b + 1], int(n), return_info=True)[1].moe for b, n in enumerate(counts)]
+    pairs = [halting_model(ids[b:b + 1], int(n), return_info=True)[1].moe
+             for b, n in enumerate(counts)]
     expected = sum(float(p.aux_loss) * int(n) for p, n in zip(pairs, counts)) / int(counts.sum())
     np.testing.assert_allclose(info.moe.aux_loss, expected, rtol=1e-5)
 
@@ -113,15 +114,15 @@ def test_update_router_bias():
 def test_update_router_biases_on_a_model_and_a_state():
     cfg = variants.tiny_mla()
     load = jnp.array([8.0, 0.0, 4.0, 4.0])
-    halting_model = OpenMythos(cfg, rngs=nnx.Rngs(0))
-    state = nnx.state(halting_model)
+    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
+    state = nnx.state(model)
     new_state = update_router_biases(state, load, 0.25)
     expected = [-0.25, 0.25, 0.0, 0.0]
     np.testing.assert_allclose(new_state["recurrent"]["block"]["ffn"]["router_bias"][...],
                                expected)
-    np.testing.assert_array_equal(halting_model.recurrent.block.ffn.router_bias[...], 0.0)  # untouched
-    assert update_router_biases(halting_model, load, 0.25) is halting_model
-    np.testing.assert_allclose(halting_model.recurrent.block.ffn.router_bias[...], expected)
+    np.testing.assert_array_equal(model.recurrent.block.ffn.router_bias[...], 0.0)
+    assert update_router_biases(model, load, 0.25) is model
+    np.testing.assert_allclose(model.recurrent.block.ffn.router_bias[...], expected)
 
 
 def test_bias_updates_balance_a_collapsed_router():
@@ -129,7 +130,7 @@ def test_bias_updates_balance_a_collapsed_router():
     (std 0.02), so every token routes to the same K experts: max/mean load = E / K = 4. After
     200 sign updates (rate 0.005, each from a fresh 4 x 16 batch) the load summed over 8 fresh
     batches must be within 1.5x of the mean (1.31 measured). Why not closer to 1: the sign rule
-    leaves a +-rate limit cycle around balance, and the router inputs of this untrained halting_model
+    leaves a +-rate limit cycle around balance, and the router inputs of this untrained model
     differ so little between tokens that one bias step moves whole groups of them at once."""
     cfg = variants.tiny_mla(n_experts=8, n_experts_per_tok=2)
     graphdef, params, bias, rest = nnx.split(OpenMythos(cfg, rngs=nnx.Rngs(0)), nnx.Param,

@@ -16,8 +16,8 @@ def ids():
     return jax.random.randint(jax.random.key(0), (3, 12), 0, 256)
 
 
-def _jit(halting_model, **kwargs):
-    graphdef, state = nnx.split(halting_model)
+def _jit(model, **kwargs):
+    graphdef, state = nnx.split(model)
     fn = jax.jit(lambda s, i, n: nnx.merge(graphdef, s)(i, LoopSpec(n, **kwargs),
                                                         return_info=True)[:2])
     return lambda i, n: fn(state, i, n), fn
@@ -68,7 +68,7 @@ def test_kl_entropy_exit_also_waits_for_low_entropy(halting_model, ids):
     both = np.asarray(_jit(off, exit="kl_entropy", threshold=1e-3)[0](
         ids, jnp.int32(40))[1].loops_run)
     assert (both >= kl).all()
-    # An untrained halting_model's next-token entropy is about log(vocab) > the 3-nat bound: no exit.
+    # An untrained model's next-token entropy is about log(vocab) > the 3-nat bound: no exit.
     entropy = -jnp.sum(jax.nn.softmax(off(ids, 2)) * jax.nn.log_softmax(off(ids, 2)), -1)
     assert float(entropy.max()) > loops.KL_ENTROPY_BOUND and (both == 40).all()
 
@@ -183,15 +183,15 @@ def test_parcae_injection_trains_and_is_not_convertible(ids):
     from mythos_jax.interop.openmythos import to_torch_state_dict
 
     cfg = variants.tiny_mla(injection="parcae", prelude_norm=True, readout=True, act="off")
-    halting_model = OpenMythos(cfg, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(halting_model)
+    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
     value, grads = jax.value_and_grad(lambda s: _loss(graphdef, ids)(s, 3))(state)
     assert np.isfinite(float(value))
     for name in ("A_log", "dt_bias", "B"):
         assert float(jnp.abs(grads["recurrent"]["injection"][name][...]).sum()) > 0
     assert float(jnp.abs(grads["readout"]["kernel"][...]).sum()) > 0
     with pytest.raises(ValueError, match="injection='parcae'"):
-        to_torch_state_dict(halting_model)
+        to_torch_state_dict(model)
 
 
 def test_additive_injection_is_h_plus_e_plus_u_and_is_not_convertible():
@@ -263,7 +263,8 @@ def test_traced_count_above_bound_fails_at_run_time_with_host_checks(halting_mod
     (lambda: schedules.LogNormalPoisson(-1.0), "mean loop count must be positive"),
     (lambda: schedules.Fixed(2, backprop_depth=0), "backprop_depth must be an int >= 1"),
     (lambda: schedules.Uniform(lo=3, hi=2), "1 <= lo <= hi"),
-    (lambda: schedules.Curriculum(schedules.Poisson(4.0), start_mean=0.0), "start_mean must be positive"),
+    (lambda: schedules.Curriculum(schedules.Poisson(4.0), start_mean=0.0),
+     "start_mean must be positive"),
 ])
 def test_bad_schedules_raise(make, match):
     with pytest.raises(ValueError, match=match):

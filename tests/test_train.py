@@ -40,7 +40,8 @@ def test_presets_overrides_and_files(tmp_path):
                     "data: {seq_len: 32}\n")
     from_file = load_train_config(str(path), ["loops.backprop_depth=null"])
     assert from_file.steps == 5 and from_file.model_config().attn_type == "gqa"
-    assert from_file.loops.build().loop_spec(None).count == 2 and from_file.loops.backprop_depth is None
+    assert from_file.loops.build().loop_spec(None).count == 2
+    assert from_file.loops.backprop_depth is None
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
     # YAML 1.2 booleans: "off" / "on" are the mode names they look like, not False / True.
     path.write_text("model: {act: off}\nlog: {progress: false}\ndata: {seq_len: 32}\n")

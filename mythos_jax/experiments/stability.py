@@ -31,7 +31,8 @@ QUICK = ("steps=4", "optim.warmup_steps=1", "checkpoint.every=2", "data.seq_len=
 
 
 def _arm(injection: str, multiplier: int) -> Arm:
-    extra = ("model.prelude_norm=true", "model.readout=true") if injection == Injection.PARCAE else ()
+    parcae = injection == Injection.PARCAE
+    extra = ("model.prelude_norm=true", "model.readout=true") if parcae else ()
     return Arm(f"{injection}@x{multiplier}",
                (f"model.injection={injection}", f"optim.lr={BASE_LR * multiplier:g}", *extra),
                f"injection {injection}, lr {BASE_LR * multiplier:g}")

@@ -50,5 +50,5 @@ def run_loops(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: LoopS
                              "takes a static loop count or an exit rule")
         return run_training(block, e, ctx, spec)
     if spec.static and spec.exit is None:
-        return run_static(block, e, ctx, spec, decode, cache, index)
+        return run_static(block, e, ctx, spec, cache, index)
     return run_dynamic(block, e, ctx, spec, decode, cache, index)

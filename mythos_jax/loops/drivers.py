@@ -90,7 +90,7 @@ def _remat(body: Callable, remat: LoopRemat) -> Callable:
 
 # ---------------------------------------------------------------------------- drivers
 def run_static(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: LoopSpec,
-               decode=None, cache: dict | None = None, index=None) -> LoopResult:
+               cache: dict | None = None, index=None) -> LoopResult:
     """Exactly ``spec.count`` (an int) iterations in one scan (OpenMythos's loop, minus its
     early break). ``cache``: the recurrent block's per-depth caches (leading axis: depth
     slots), used and updated at depth t by iteration t (prefill / decode)."""
@@ -180,8 +180,8 @@ def _fill_unrun_depths(depth_caches, t_end, index, length: int):
     return jax.tree.map(fill, depth_caches)
 
 
-def run_training(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: LoopSpec,
-                 decode=None, cache=None, index=None) -> LoopResult:
+def run_training(block: RecurrentBlock, e: jax.Array, ctx: LoopContext,
+                 spec: LoopSpec) -> LoopResult:
     """Differentiable loop for counts drawn at run time (scalar or (B,)), compiled once; no
     cache (training).
 

@@ -96,7 +96,8 @@ def build_plan(cfg: TrainConfig, mesh: Mesh) -> TrainPlan:
 
 
 def batch_axes(mesh_shape) -> tuple[str, ...]:
-    """The data-like mesh axes of size > 1 (``parallel.rules.BATCH_MESH_AXES`` present in ``mesh_shape``)."""
+    """The data-like mesh axes of size > 1 (``parallel.rules.BATCH_MESH_AXES`` present in
+    ``mesh_shape``)."""
     return tuple(axis for axis in rules_lib.BATCH_MESH_AXES if mesh_shape.get(axis, 1) > 1)
 
 
