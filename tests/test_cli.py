@@ -104,15 +104,29 @@ def test_parser_has_subcommands():
     assert info.value.code == 2
 
 
-def test_parity_command_prints_a_passing_table(tmp_path, capsys):
+def test_parity_command_prints_the_table_writes_json_and_fails_on_a_bad_row(
+        tmp_path, capsys, monkeypatch):
+    """What the command adds over tests/parity (which checks the comparison itself): the
+    table's format, the JSON and the exit code, on stubbed rows."""
+    from mythos_jax.interop import parity
+
+    good = {"attn_type": "mla", "n_loops": 3, "seq_len": 24, "batch": 3,
+            "max_abs_diff": 1.5e-5, "max_abs_logit": 31.25, "rel_diff": 4.8e-7, "ok": True}
+    bad = {**good, "attn_type": "gqa", "n_loops": 6, "seq_len": 1, "max_abs_diff": 2.0,
+           "max_abs_logit": 20.0, "rel_diff": 0.1, "ok": False}
+    header = [f"parity with open-mythos 0.5.0 (fp32 CPU, tolerance {parity.LOGIT_RTOL:.1e} "
+              f"x max|logit|)",
+              " attn  n_loops  seq_len  max|diff|  max|logit|  relative  ok"]
     out_json = tmp_path / "parity.json"
-    assert main(["parity", "--no-bench", "--json", str(out_json)]) == 0
-    printed = capsys.readouterr().out
-    assert "parity with open-mythos 0.5.0" in printed and " NO" not in printed
-    rows = json.loads(out_json.read_text())["parity"]
-    assert {r["attn_type"] for r in rows} == {"mla", "gqa"}
-    assert {r["n_loops"] for r in rows} == {1, 2, 3, 6}
-    assert all(r["ok"] and r["max_abs_diff"] <= 1e-4 for r in rows)
+    for rows, code, lines in [
+            ([good], 0, ["  mla        3       24   1.50e-05       31.25  4.80e-07  yes"]),
+            ([good, bad], 1, ["  mla        3       24   1.50e-05       31.25  4.80e-07  yes",
+                              "  gqa        6        1   2.00e+00       20.00  1.00e-01  NO"])]:
+        monkeypatch.setattr(parity, "parity_report", lambda rows=rows: rows)
+        assert main(["parity", "--no-bench", "--json", str(out_json)]) == code
+        assert capsys.readouterr().out.splitlines() == header + lines + [
+            f"figures written to {out_json}"]
+        assert json.loads(out_json.read_text()) == {"parity": rows}
 
 
 # ---------------------------------------------------------------------------- generate

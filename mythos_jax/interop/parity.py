@@ -11,8 +11,10 @@ Tolerances are relative to the largest reference value, in units of fp32's machi
 (2**-23): the two sides run the same fp32 operations in different orders (fused einsums, sums
 over experts and heads), and each of the ~10 blocks a forward goes through (prelude, every
 loop, coda) adds a few ulps that peaked attention and the loops amplify. Observed on the
-perturbed parity models: logits within ~25 eps, gradients within ~70 eps; a real mistake (a
-RoPE offset, a wrong scale or mask, a routing flip) is off by 1e-3 or more.
+perturbed parity models: logits within 37 eps; gradients within 60 eps, except ``log_dt``'s
+(one scalar summing cancelling terms over channels, positions and loops: 380 eps). A real
+mistake (a RoPE offset, a wrong scale or mask, a routing flip, a dropped gradient path) is
+off by 1e-3 or more.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from mythos_jax import variants
 from mythos_jax.config import MythosConfig
 
 FP32_EPS = float(np.finfo(np.float32).eps)
-LOGIT_RTOL = 64 * FP32_EPS     # max|logit diff| / max|logit| (about 7.6e-6)
-GRAD_RTOL = 512 * FP32_EPS     # per parameter: max|grad diff| / max|grad| (about 6.1e-5)
+LOGIT_RTOL = 128 * FP32_EPS    # max|logit diff| / max|logit| (about 1.5e-5)
+GRAD_RTOL = 1024 * FP32_EPS    # per parameter: max|grad diff| / max|grad| (about 1.2e-4)
 
 
 def parity_config(attn_type: str) -> MythosConfig:
