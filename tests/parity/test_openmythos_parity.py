@@ -154,8 +154,8 @@ def test_training_loss_gradients_match_for_every_parameter(models):
     over all positions; no MoE aux loss, z-loss or ponder loss). Ours is the trainer's
     ``token_loss`` with a full mask (its aux, z and ponder weights default to 0). Gradients of
     that loss w.r.t. every parameter at ``max_loop_iters`` loops, with ACT active: positions
-    halt at two or more loops, so both of its weights (p before the halting loop, the
-    remainder on it) and the mask after it carry gradient."""
+    halt at two or more different loops, so gradient flows through both ACT weights (p before
+    a position's halting loop, the remainder 1 - cumulative p on it) and none after it."""
     torch_model, jax_model = models
     cfg = jax_model.cfg
     window = _ids(cfg, GRAD_BATCH, cfg.max_seq_len + 1, 5)
@@ -177,11 +177,12 @@ def test_training_loss_gradients_match_for_every_parameter(models):
 
     graphdef, params, rest = nnx.split(jax_model, nnx.Param, ...)
 
-    def loss(params):
-        out = nnx.merge(graphdef, params, rest)(inputs, cfg.max_loop_iters)
-        return token_loss(out, targets, jnp.ones_like(targets))[0]
+    jax_inputs, jax_targets = jnp.asarray(inputs.numpy()), jnp.asarray(targets.numpy())
 
-    inputs, targets = jnp.asarray(inputs.numpy()), jnp.asarray(targets.numpy())
+    def loss(params):
+        out = nnx.merge(graphdef, params, rest)(jax_inputs, cfg.max_loop_iters)
+        return token_loss(out, jax_targets, jnp.ones_like(jax_targets))[0]
+
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     assert relative_error(value, torch_loss.item()) <= LOGIT_RTOL
 
