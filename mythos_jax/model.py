@@ -117,6 +117,8 @@ class OpenMythos(nnx.Module):
         spec = self._resolve_loops(loops, cache)
         self._check_inputs(input_ids, cache, host_checks)
         points = _trace_points(trace, input_ids.shape[1], cache, return_info)
+        if points is not None:
+            loops_lib.require_traceable(spec)
         if host_checks:
             spec.check_traced_counts()
         cfg = self.cfg

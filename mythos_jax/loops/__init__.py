@@ -20,7 +20,7 @@ from mythos_jax.loops.spec import LoopSpec, per_sequence
 from mythos_jax.modes import ACTMode, ExitRule
 
 __all__ = ["KL_ENTROPY_BOUND", "LoopContext", "LoopInfo", "LoopRecord", "LoopResult",
-           "LoopSpec", "TracePoints", "per_sequence", "run_loops"]
+           "LoopSpec", "TracePoints", "per_sequence", "require_traceable", "run_loops"]
 
 
 class LoopInfo(NamedTuple):
@@ -46,10 +46,7 @@ def run_loops(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: LoopS
     if spec.exit == ExitRule.ACT and block.act_mode == ACTMode.OFF:
         raise ValueError("exit='act' needs ACT halting; MythosConfig.act is 'off'")
     if trace is not None:
-        if not spec.static or spec.exit is not None or spec.trains or cache is not None:
-            raise ValueError(f"trace needs a static loop count (a Python int) without exit "
-                             f"rule, training bounds or cache, got {spec!r}"
-                             f"{' and a cache' if cache is not None else ''}")
+        require_traceable(spec, cache)
         return run_static(block, e, ctx, spec, trace=trace)
     if spec.trains:
         if cache is not None:
@@ -59,3 +56,11 @@ def run_loops(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: LoopS
     if spec.static and spec.exit is None:
         return run_static(block, e, ctx, spec, cache, index)
     return run_dynamic(block, e, ctx, spec, decode, cache, index)
+
+
+def require_traceable(spec: LoopSpec, cache: dict | None = None) -> None:
+    """A traced loop needs a static count, no exit rule, no training bounds and no cache."""
+    if not spec.static or spec.exit is not None or spec.trains or cache is not None:
+        raise ValueError(f"trace needs a static loop count (a Python int) without exit rule, "
+                         f"training bounds or cache, got {spec!r}"
+                         f"{' and a cache' if cache is not None else ''}")

@@ -32,10 +32,16 @@ class StageTrace:
         return len(self.loops["rho"])
 
 
+@nnx.jit(static_argnums=2)
+def _traced_forward(model, ids, n_loops: int):
+    return model(ids, n_loops, trace=True)
+
+
 def jax_trace(model, ids: np.ndarray, n_loops: int) -> StageTrace:
-    """mythos-jax's traced forward of ``ids`` (B, T) at ``n_loops`` (jitted, eval mode)."""
+    """mythos-jax's traced forward of ``ids`` (B, T) at ``n_loops`` (jitted once per model
+    structure, shape and count; eval mode)."""
     model.eval()
-    out = nnx.jit(lambda m, x: m(x, n_loops, trace=True))(model, np.asarray(ids, np.int32))
+    out = _traced_forward(model, np.asarray(ids, np.int32), n_loops)
     stages = {"embed": out.embed,
               **{f"prelude {i}": x for i, x in enumerate(out.prelude)},
               **{f"loop {t}": out.loops.h[t] for t in range(n_loops)},
