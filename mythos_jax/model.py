@@ -4,6 +4,7 @@
     logits = model(input_ids)                      # (B, T) int -> (B, T, vocab) fp32
     out = model(input_ids, LoopSpec(16, exit="kl"), return_info=True)   # a Forward
     out = model(prompt_ids, 8, cache=init_cache(cfg, B, S, 8))          # prefill, then decode
+    path = model(input_ids, 8, trace=True)         # a Trajectory: every stage, every loop
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ Per iteration t (OpenMythos ``RecurrentBlock.forward``, exact order):
 The loop itself (scan, while loop, truncated backprop) is in ``mythos_jax/loops.py``; its bodies
 close over this block, so its parameters are shared by every iteration, never copied. The loop
 carry also sums the MoE's router statistics over the iterations (``MoEAccum``).
+``traced_step`` is ``step`` plus a ``LoopRecord`` of what the iteration did (a traced forward).
 ``cfg.injection="parcae"`` replaces the injection by Parcae's (``ParcaeInjection``), "additive" by
 ``h + e + u`` (``AdditiveInjection``).
 """

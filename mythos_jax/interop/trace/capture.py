@@ -86,8 +86,8 @@ def torch_trace(model, ids: np.ndarray, n_loops: int, autocast: bool = False) ->
     e = stages[(["embed"] + prelude)[-1]]                        # h_0, the loop's input
     loops = _act_bookkeeping(np.stack(seen["halt_p"]), model.cfg.act_threshold)
     B, T = loops["halt_p"].shape[1:]
-    ids_, weights = _route(np.stack(seen["router"]), _numpy(recurrent.block.ffn.router_bias),
-                           model.cfg.n_experts_per_tok)
+    bias = recurrent.block.ffn.router_bias.detach().float().numpy()
+    ids_, weights = _route(np.stack(seen["router"]), bias, model.cfg.n_experts_per_tok)
     loops["expert_ids"], loops["expert_weights"] = _sorted_choices(
         ids_.reshape(len(hs), B, T, -1), weights.reshape(len(hs), B, T, -1))
     loops["rho"] = np.full((len(hs),), rho, np.float32)
@@ -134,7 +134,3 @@ def _relative_change(h: np.ndarray, previous: np.ndarray) -> np.ndarray:
     change = np.sqrt(np.sum(np.square(h - previous), axis=(1, 2)))
     return (change / np.maximum(np.sqrt(np.sum(np.square(h), axis=(1, 2))), 1e-30)
             ).astype(np.float32)
-
-
-def _numpy(tensor) -> np.ndarray:
-    return tensor.detach().float().numpy()

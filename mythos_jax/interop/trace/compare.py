@@ -88,8 +88,10 @@ def trace_parity(torch_model=None, jax_model=None, ids=None, n_loops: int | None
     ``jax_model`` is None) and/or a mythos-jax ``OpenMythos`` (converted to PyTorch when
     ``torch_model`` is None). ``ids`` default: ``batch`` x ``seq_len`` (default
     min(16, max_seq_len)) random tokens from ``seed``; ``n_loops`` default
-    ``cfg.max_loop_iters``. ``dtype="bfloat16"``: OpenMythos under ``torch.autocast`` against
-    mythos-jax's bf16 compute, and each against its fp32 self. Returns a JSON-able dict:
+    ``cfg.max_loop_iters``. The models given are put in eval mode; mythos-jax's fp32 run
+    uses fp32 compute whatever its ``cfg.dtype``. ``dtype="bfloat16"`` adds OpenMythos under
+    ``torch.autocast`` against mythos-jax's bf16 compute, and each against its fp32 self
+    (listed first, the fp32 pair last). Returns a JSON-able dict:
     ``comparisons`` (each: name, ``compare``'s rows, first_over, halting_agreement), ``ok``
     (no stage of the first comparison over ``tolerance``)."""
     from mythos_jax.interop.files import require_openmythos_numerics
@@ -112,6 +114,8 @@ def trace_parity(torch_model=None, jax_model=None, ids=None, n_loops: int | None
         ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, shape)
     ids = np.asarray(ids)
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+    if cfg.dtype != "float32":                     # its fp32 self: the same parameters
+        jax_model = with_compute_dtype(jax_model, "float32")
     torch32, jax32 = torch_trace(torch_model, ids, n_loops), jax_trace(jax_model, ids, n_loops)
     fp32 = ("mythos-jax vs OpenMythos, fp32", torch32, jax32,
             tolerance if dtype == "float32" else DEFAULT_TOLERANCE["float32"])
