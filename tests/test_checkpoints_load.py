@@ -144,3 +144,9 @@ def test_parity_trace_of_a_trained_model_against_pytorch(workdir, tmp_path, caps
     assert stages[:2] == ["embed", "prelude 0"] and stages[-1] == "logits"
     assert all(r["rel_diff"] <= 1e-5 for r in comparison["rows"] if "missing" not in r)
     assert png.read_bytes().startswith(b"\x89PNG")
+    # The run exported through the converter traces the same, figure for figure.
+    exported, exported_json = tmp_path / "run.pt", tmp_path / "exported.json"
+    assert main(["convert", workdir, str(exported)]) == 0
+    assert main(["parity", "--trace", "--checkpoint", str(exported), "--seq-len", "8",
+                 "--json", str(exported_json)]) == 0
+    assert json.loads(exported_json.read_text()) == report
