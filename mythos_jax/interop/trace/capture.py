@@ -87,9 +87,9 @@ def torch_trace(model, ids: np.ndarray, n_loops: int, autocast: bool = False) ->
     loops = _act_bookkeeping(np.stack(seen["halt_p"]), model.cfg.act_threshold)
     B, T = loops["halt_p"].shape[1:]
     bias = recurrent.block.ffn.router_bias.detach().float().numpy()
-    ids_, weights = _route(np.stack(seen["router"]), bias, model.cfg.n_experts_per_tok)
+    chosen, weights = _route(np.stack(seen["router"]), bias, model.cfg.n_experts_per_tok)
     loops["expert_ids"], loops["expert_weights"] = _sorted_choices(
-        ids_.reshape(len(hs), B, T, -1), weights.reshape(len(hs), B, T, -1))
+        chosen.reshape(len(hs), B, T, -1), weights.reshape(len(hs), B, T, -1))
     loops["rho"] = np.full((len(hs),), rho, np.float32)
     loops["delta"] = np.stack([_relative_change(h, prev) for h, prev in zip(hs, [e] + hs[:-1])])
     return StageTrace(stages, loops)
