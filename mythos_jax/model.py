@@ -4,6 +4,7 @@
     logits = model(input_ids)                      # (B, T) int -> (B, T, vocab) fp32
     out = model(input_ids, LoopSpec(16, exit="kl"), return_info=True)   # a Forward
     out = model(prompt_ids, 8, cache=init_cache(cfg, B, S, 8))          # prefill, then decode
+    path = model(input_ids, 8, trace=True)         # a Trajectory: every stage, every loop
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ class Forward(NamedTuple):
     cache: KVCache | None              # the cache advanced by T, with a cache
 
 
+class Trajectory(NamedTuple):
+    """A traced forward (``OpenMythos.__call__(..., trace=...)``): every stage's output at the
+    traced positions P, and what each loop iteration did."""
+    logits: jax.Array                  # (B, T | 1, vocab) fp32
+    embed: jax.Array                   # (B, P, D) token embeddings
+    prelude: tuple[jax.Array, ...]     # (B, P, D) per prelude layer
+    loops: loops_lib.LoopRecord        # stacked over the n iterations (n, B, P, ...)
+    recurrent: jax.Array               # (B, P, D) the recurrence's output (ACT sum)
+    coda: tuple[jax.Array, ...]        # (B, P, D) per coda layer
+
+
 class OpenMythos(nnx.Module):
     """The Recurrent-Depth Transformer of OpenMythos, numerically equal to open-mythos 0.5.0.
 
@@ -66,9 +78,11 @@ class OpenMythos(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, loops: LoopSpec | int | jax.Array | None = None,
                  *, cache: KVCache | None = None, last_only: bool = False,
-                 return_info: bool = False, host_checks: bool = False):
+                 return_info: bool = False, host_checks: bool = False,
+                 trace: bool | tuple[int, ...] = False):
         """input_ids (B, T) integer -> logits (B, T, vocab_size) fp32, or a :class:`Forward`
-        (logits, info, cache) when a ``cache`` is given or ``return_info`` is set.
+        (logits, info, cache) when a ``cache`` is given or ``return_info`` is set, or a
+        :class:`Trajectory` with ``trace``.
 
         ``loops``: a :class:`~mythos_jax.loops.LoopSpec`, or its count alone: None
         (``cfg.max_loop_iters``; a count may exceed it, the depth-wise LoRA then reuses its
@@ -86,6 +100,11 @@ class OpenMythos(nnx.Module):
         logits of the last position only, (B, 1, vocab).
         ``return_info``: ``Forward.info`` is a :class:`~mythos_jax.loops.LoopInfo`
         (loops_run (B,), ponder_cost (B, T), moe (router statistics), state_rms (B,)).
+        ``trace``: True (every position) or a tuple of positions (negative from the end):
+        return a :class:`Trajectory`, the output of every stage and each loop iteration's
+        :class:`~mythos_jax.loops.LoopRecord` (hidden state, halting probability and ACT
+        weight, router top-K, rho(A), relative change of h), for a static loop count without
+        exit rule or cache. False (the default) leaves the program as it is: nothing traced.
         Under a mesh (``jax.set_mesh``) the embeddings, every block's input and output and the
         logits are constrained to their logical axes (``mythos_jax.parallel.rules``).
 
@@ -98,6 +117,9 @@ class OpenMythos(nnx.Module):
         """
         spec = self._resolve_loops(loops, cache)
         self._check_inputs(input_ids, cache, host_checks)
+        points = _trace_points(trace, input_ids.shape[1], cache, return_info)
+        if points is not None:
+            loops_lib.require_traceable(spec)
         if host_checks:
             spec.check_traced_counts()
         cfg = self.cfg
@@ -115,8 +137,10 @@ class OpenMythos(nnx.Module):
             prelude_in, recurrent_in, coda_in = cache.prelude, cache.recurrent, cache.coda
         rope = rope_cos_sin(positions, cfg.rope_dim, cfg.rope_theta)
 
-        x, prelude_caches = _apply_layers(self.prelude, self._embed(input_ids), rope, span,
-                                          prelude_keys, prelude_in, index)
+        prelude_out, coda_out = ([], []) if points is not None else (None, None)
+        embedded = self._embed(input_ids)
+        x, prelude_caches = _apply_layers(self.prelude, embedded, rope, span, prelude_keys,
+                                          prelude_in, index, prelude_out)
         if self.prelude_norm is not None:
             x = self.prelude_norm(x)
 
@@ -125,10 +149,15 @@ class OpenMythos(nnx.Module):
             return jax.nn.log_softmax(self._head(coda_out))
 
         loop = loops_lib.run_loops(self.recurrent, x, loops_lib.LoopContext(rope, span, loop_key),
-                                   spec, decode, recurrent_in, index)
-        x, coda_caches = self._coda(self.recurrent.output(loop.state), rope, span, coda_keys,
-                                    coda_in, index)
+                                   spec, decode, recurrent_in, index, points)
+        recurrent_out = self.recurrent.output(loop.state)
+        x, coda_caches = self._coda(recurrent_out, rope, span, coda_keys, coda_in, index,
+                                    coda_out)
         logits = self._head(x[:, -1:] if last_only else x)
+        if points is not None:
+            return Trajectory(logits, points.take(embedded),
+                              tuple(points.take(y) for y in prelude_out), loop.trace,
+                              points.take(recurrent_out), tuple(points.take(y) for y in coda_out))
         if cache is None and not return_info:
             return logits
         info = None
@@ -157,11 +186,11 @@ class OpenMythos(nnx.Module):
                              f"{spec.count!r}")
         return spec
 
-    def _coda(self, x, rope, span, coda_keys, caches, index):
+    def _coda(self, x, rope, span, coda_keys, caches, index, outputs=None):
         """Read-out and coda layers: (B, T, D) -> (B, T, D) and the coda caches."""
         if self.readout is not None:
             x = self.readout(x)
-        return _apply_layers(self.coda, x, rope, span, coda_keys, caches, index)
+        return _apply_layers(self.coda, x, rope, span, coda_keys, caches, index, outputs)
 
     def _embed(self, input_ids) -> jax.Array:
         """Token ids (B, T) -> embeddings (B, T, D) fp32 (no scaling, as in OpenMythos)."""
@@ -205,14 +234,34 @@ class OpenMythos(nnx.Module):
                 jax.debug.callback(raise_if_cache_not_empty, cache.index)
 
 
-def _apply_layers(layers, x, rope, span, keys, caches, index):
-    """A stack of transformer blocks: (B, T, D) -> (B, T, D) and their updated caches."""
+def _apply_layers(layers, x, rope, span, keys, caches, index, outputs=None):
+    """A stack of transformer blocks: (B, T, D) -> (B, T, D) and their updated caches;
+    ``outputs`` (a list) also gets each layer's output (a traced forward)."""
     new_caches = []
     caches = [None] * len(layers) if caches is None else caches
     for layer, key, layer_cache in zip(layers, keys, caches, strict=True):
         x, layer_cache, _ = layer(x, rope, span, key, layer_cache, index)
         new_caches.append(layer_cache)
+        if outputs is not None:
+            outputs.append(x)
     return x, new_caches
+
+
+def _trace_points(trace, seq_len: int, cache, return_info: bool):
+    """``__call__``'s ``trace`` as TracePoints, or None when off (ValueError naming it)."""
+    if trace is False or trace is None:
+        return None
+    if cache is not None or return_info:
+        raise ValueError("trace returns a Trajectory of a whole forward; it cannot be "
+                         "combined with a cache or return_info")
+    if trace is True:
+        return loops_lib.TracePoints()
+    positions = tuple(trace) if isinstance(trace, (tuple, list)) else None
+    if not positions or not all(isinstance(p, int) and not isinstance(p, bool)
+                                and -seq_len <= p < seq_len for p in positions):
+        raise ValueError(f"trace must be True, False or a non-empty tuple of positions in "
+                         f"[-{seq_len}, {seq_len}), got {trace!r}")
+    return loops_lib.TracePoints(positions)
 
 
 def raise_if_cache_not_empty(index) -> None:

@@ -128,3 +128,25 @@ def test_parity_of_a_trained_model_against_pytorch(workdir, tmp_path, capsys):
     assert f"model: training step 2 of {workdir}" in captured.err
     rows = json.loads(out_json.read_text())
     assert "benchmark" not in rows and all(r["ok"] for r in rows["parity"])
+
+
+def test_parity_trace_of_a_trained_model_against_pytorch(workdir, tmp_path, capsys):
+    out_json, png = tmp_path / "trace.json", tmp_path / "trace.png"
+    assert main(["parity", "--trace", "--checkpoint", workdir, "--seq-len", "8",
+                 "--json", str(out_json), "--plot", str(png)]) == 0
+    captured = capsys.readouterr()
+    assert f"model: training step 4 of {workdir}" in captured.err
+    assert "first stage over tolerance: none" in captured.out
+    report = json.loads(out_json.read_text())
+    (comparison,) = report["comparisons"]
+    assert report["ok"] and report["ids_shape"] == [2, 8] and report["n_loops"] == 4
+    stages = [r["stage"] for r in comparison["rows"]]
+    assert stages[:2] == ["embed", "prelude 0"] and stages[-1] == "logits"
+    assert all(r["rel_diff"] <= 1e-5 for r in comparison["rows"] if "missing" not in r)
+    assert png.read_bytes().startswith(b"\x89PNG")
+    # The run exported through the converter traces the same, figure for figure.
+    exported, exported_json = tmp_path / "run.pt", tmp_path / "exported.json"
+    assert main(["convert", workdir, str(exported)]) == 0
+    assert main(["parity", "--trace", "--checkpoint", str(exported), "--seq-len", "8",
+                 "--json", str(exported_json)]) == 0
+    assert json.loads(exported_json.read_text()) == report

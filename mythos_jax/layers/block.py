@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 from flax import nnx
 
@@ -30,15 +32,19 @@ class TransformerBlock(nnx.Module):
                     else SwiGLU(cfg.dim, cfg.dense_hidden, rngs=rngs, dtype=compute_dtype(cfg)))
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], span: KeySpan,
-                 key: jax.Array | None = None, cache: dict | None = None, index=None
+                 key: jax.Array | None = None, cache: dict | None = None, index=None,
+                 observe: Callable[[jax.Array], None] | None = None
                  ) -> tuple[jax.Array, dict | None, RouterStats | None]:
         """x (B, T, D) fp32 residual stream -> ((B, T, D), new layer cache or None, the MoE's
         RouterStats or None for a dense block); ``key`` drives dropout (None: off),
-        ``span``, ``cache`` and ``index`` as in attention."""
+        ``span``, ``cache`` and ``index`` as in attention. ``observe``: called (while
+        tracing, it adds nothing to the program) with the FFN's input (B, T, D)."""
         attn_key, attn_out_key, ffn_out_key = split_key(key, 3)
         x = constrain(x, HIDDEN_AXES)
         attn_out, cache = self.attn(self.attn_norm(x), rope, span, attn_key, cache, index)
         x = x + dropout(attn_out, self.dropout_rate, attn_out_key)
+        if observe is not None:
+            observe(self.ffn_norm(x))
         ffn_out, stats = (self.ffn(self.ffn_norm(x)) if isinstance(self.ffn, MoE)
                           else (self.ffn(self.ffn_norm(x)), None))
         x = x + dropout(ffn_out, self.dropout_rate, ffn_out_key)

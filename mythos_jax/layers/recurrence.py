@@ -10,6 +10,7 @@ Per iteration t (OpenMythos ``RecurrentBlock.forward``, exact order):
 The loop itself (scan, while loop, truncated backprop) is in ``mythos_jax/loops.py``; its bodies
 close over this block, so its parameters are shared by every iteration, never copied. The loop
 carry also sums the MoE's router statistics over the iterations (``MoEAccum``).
+``traced_step`` is ``step`` plus a ``LoopRecord`` of what the iteration did (a traced forward).
 ``cfg.injection="parcae"`` replaces the injection by Parcae's (``ParcaeInjection``), "additive" by
 ``h + e + u`` (``AdditiveInjection``).
 """
@@ -28,6 +29,7 @@ from mythos_jax.layers.block import TransformerBlock
 from mythos_jax.layers.common import compute_dtype, linear, normal_init
 from mythos_jax.layers.norm import RMSNorm
 from mythos_jax.modes import ACTMode, Injection
+from mythos_jax.moe.router import route
 from mythos_jax.moe.stats import MoEStats, RouterStats
 
 LOOP_EMBED_THETA = 10000.0  # hard-coded in OpenMythos
@@ -205,14 +207,52 @@ def act_accumulate(state: LoopState, h: jax.Array, p: jax.Array, t: jax.Array,
     remainder flush). Halted positions keep ``h_out`` unchanged (written with ``where`` so a
     non-finite h at a halted position cannot leak in as 0 * inf)."""
     running = ~state.halted
-    remainder = jnp.maximum(1.0 - state.cumulative_p, 0.0)
-    weight = jnp.where(state.cumulative_p + p >= threshold, remainder, p)
+    weight = act_weight(state.cumulative_p, p, threshold)
     h_out = jnp.where(running[..., None], state.h_out + weight[..., None] * h, state.h_out)
     cumulative_p = state.cumulative_p + p * running.astype(p.dtype)
     loop_number = (jnp.asarray(t, jnp.float32) + 1.0).reshape(-1, 1)     # (B|1, 1)
     expected = state.expected_loops + jnp.where(running, weight * loop_number, 0.0)
     return LoopState(h, h_out, cumulative_p, state.halted | (cumulative_p >= threshold), expected,
                      state.moe)
+
+
+def act_weight(cumulative_p: jax.Array, p: jax.Array, threshold: float) -> jax.Array:
+    """OpenMythos's ACT weight of this step's h (B, T), for a position still running: the
+    remainder ``1 - cum`` where ``cum + p`` crosses ``threshold``, else ``p``."""
+    remainder = jnp.maximum(1.0 - cumulative_p, 0.0)
+    return jnp.where(cumulative_p + p >= threshold, remainder, p)
+
+
+def relative_change(h: jax.Array, previous: jax.Array) -> jax.Array:
+    """``||h - previous|| / ||h||`` per sequence over (T, D): (B, T, D) x 2 -> (B,) fp32."""
+    h, previous = h.astype(jnp.float32), previous.astype(jnp.float32)
+    change = jnp.sqrt(jnp.sum(jnp.square(h - previous), axis=(1, 2)))
+    return change / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(h), axis=(1, 2))), 1e-30)
+
+
+class TracePoints(NamedTuple):
+    """Which positions a trajectory keeps: ``positions`` a tuple of indices into T (negative
+    ones count from the end), or None for all."""
+    positions: tuple[int, ...] | None = None
+
+    def take(self, x: jax.Array) -> jax.Array:
+        """x (B, T, ...) -> (B, P, ...) at the chosen positions."""
+        if self.positions is None:
+            return x
+        return jnp.take(x, jnp.asarray(self.positions, jnp.int32), axis=1)
+
+
+class LoopRecord(NamedTuple):
+    """What one loop iteration did; the static driver stacks them (a leading (n,) axis).
+    Per-position fields are at the :class:`TracePoints` P."""
+    h: jax.Array               # (B, P, D) fp32 hidden state after the iteration
+    halt_p: jax.Array          # (B, P) fp32 halting probability sigmoid(halt(h))
+    act_weight: jax.Array      # (B, P) fp32 weight of h in the ACT sum (0 once halted)
+    halted: jax.Array          # (B, P) bool halted after this iteration
+    expert_ids: jax.Array      # (B, P, K) int32 the router's top-K experts
+    expert_weights: jax.Array  # (B, P, K) fp32 their renormalised weights
+    rho: jax.Array             # () fp32 spectral radius of the injection's A (max |A_i|)
+    delta: jax.Array           # (B,) fp32 ||h_t - h_{t-1}|| / ||h_t|| over every position
 
 
 class RecurrentBlock(nnx.Module):
@@ -247,24 +287,45 @@ class RecurrentBlock(nnx.Module):
 
     def step(self, state: LoopState, e: jax.Array, t: jax.Array, rope, span,
              key: jax.Array | None, cache: dict | None = None, index=None,
-             active: jax.Array | None = None) -> tuple[LoopState, dict | None]:
+             active: jax.Array | None = None, observe=None) -> tuple[LoopState, dict | None]:
         """One loop iteration; ``t`` is the loop index, a scalar or one per sequence (B,).
         ``rope``, ``span`` as in attention; ``cache`` is this depth's attention cache
         (prefill / decode), returned updated. ``active`` (B,):
         the sequences whose router statistics count (None: all); the caller freezes the
-        others' per-sequence state."""
+        others' per-sequence state. ``observe``: the block's (see ``TransformerBlock``)."""
         if self.injection_type != Injection.PARCAE:   # OpenMythos order (LTI or additive)
             h_loop = loop_index_embedding(state.h, t, self.loop_dim, self.loop_embed_scale)
-            u, cache, stats = self.block(self.norm(h_loop + e), rope, span, key, cache, index)
+            u, cache, stats = self.block(self.norm(h_loop + e), rope, span, key, cache, index,
+                                         observe)
             u = u + self.lora(u, t).astype(u.dtype)
             h = self.injection(state.h, e, u)
         else:
             u = loop_index_embedding(self.injection(state.h, e), t, self.loop_dim,
                                      self.loop_embed_scale)
-            h, cache, stats = self.block(u, rope, span, key, cache, index)
+            h, cache, stats = self.block(u, rope, span, key, cache, index, observe)
             h = h + self.lora(h, t).astype(h.dtype)
         state = state._replace(moe=state.moe.add(stats, t, active))
         return act_accumulate(state, h, self.act(h), t, self.act_threshold), cache
+
+    def traced_step(self, state: LoopState, e: jax.Array, t: jax.Array, rope, span,
+                    key: jax.Array | None, points: TracePoints
+                    ) -> tuple[LoopState, LoopRecord]:
+        """``step`` (no cache) and its :class:`LoopRecord` at ``points``; the router's
+        choices are recomputed from the FFN input the block observed (same ops)."""
+        ffn_inputs = []
+        new, _ = self.step(state, e, t, rope, span, key, observe=ffn_inputs.append)
+        moe = self.block.ffn
+        B, T, D = ffn_inputs[0].shape
+        logits = moe.router(ffn_inputs[0].reshape(B * T, D).astype(jnp.float32))
+        expert_ids, weights = route(logits, moe.router_bias[...], moe.top_k)
+        p = self.act(new.h)
+        weight = jnp.where(state.halted, 0.0, act_weight(state.cumulative_p, p, self.act_threshold))
+        record = LoopRecord(points.take(new.h), points.take(p), points.take(weight),
+                            points.take(new.halted), points.take(expert_ids.reshape(B, T, -1)),
+                            points.take(weights.reshape(B, T, -1)),
+                            jnp.max(jnp.abs(self.injection.get_A())),
+                            relative_change(new.h, state.h))
+        return new, record
 
     def output(self, state: LoopState) -> jax.Array:
         """(B, T, D) output of the recurrence: ``cfg.act`` = "openmythos" the ACT sum as is;

@@ -1,6 +1,7 @@
 """The loop drivers: how the shared block's iterations are laid out in XLA.
 
-  run_static    a Python int count: one ``lax.scan`` (the parity path; decode and prefill)
+  run_static    a Python int count: one ``lax.scan`` (the parity path; decode and prefill;
+                traced: each iteration's ``LoopRecord`` as the scan's output)
   run_dynamic   counts chosen at run time, optional early exit: one ``lax.while_loop``
   run_training  differentiable run-time counts: truncated (``backprop_depth``) or masked full
                 backprop (``max_loops``)
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mythos_jax.layers.recurrence import LoopState, RecurrentBlock
+from mythos_jax.layers.recurrence import LoopRecord, LoopState, RecurrentBlock, TracePoints
 from mythos_jax.loops.spec import LoopSpec, per_sequence
 from mythos_jax.modes import ExitRule, LoopRemat
 
@@ -27,10 +28,12 @@ KL_ENTROPY_BOUND = 3.0     # nats; Kohli et al.'s entropy condition of the "kl_e
 
 class LoopResult(NamedTuple):
     """What a driver returns: the final state, the iterations run per sequence (B,) int32,
-    and the updated per-depth cache of the recurrent block (None without one)."""
+    the updated per-depth cache of the recurrent block (None without one) and, when traced,
+    every iteration's :class:`LoopRecord` stacked (n, ...)."""
     state: LoopState
     loops_run: jax.Array
     cache: dict | None
+    trace: LoopRecord | None = None
 
 
 class LoopContext(NamedTuple):
@@ -90,21 +93,28 @@ def _remat(body: Callable, remat: LoopRemat) -> Callable:
 
 # ---------------------------------------------------------------------------- drivers
 def run_static(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: LoopSpec,
-               cache: dict | None = None, index=None) -> LoopResult:
+               cache: dict | None = None, index=None,
+               trace: TracePoints | None = None) -> LoopResult:
     """Exactly ``spec.count`` (an int) iterations in one scan (OpenMythos's loop, minus its
     early break). ``cache``: the recurrent block's per-depth caches (leading axis: depth
-    slots), used and updated at depth t by iteration t (prefill / decode)."""
+    slots), used and updated at depth t by iteration t (prefill / decode). ``trace`` (no
+    cache): the scan also outputs each iteration's ``LoopRecord`` at those points; without
+    it the scan outputs nothing per iteration."""
     n_loops = spec.count
     def body(carry, t):
         state, depth_caches = carry
+        if trace is not None:            # no cache; the record is the scan's output
+            state, record = block.traced_step(state, e, t, ctx.rope, ctx.span,
+                                              _step_key(ctx, t), trace)
+            return (state, depth_caches), record
         state, layer_cache = block.step(state, e, t, ctx.rope, ctx.span, _step_key(ctx, t),
                                         _read_depth(depth_caches, t), index)
         return (state, _write_depth(depth_caches, layer_cache, t, index, e.shape[1])), None
 
-    (final, cache), _ = jax.lax.scan(_remat(body, block.remat_policy),
-                                     (block.start(e, n_loops), cache),
-                                     jnp.arange(n_loops, dtype=jnp.int32))
-    return LoopResult(final, jnp.full((e.shape[0],), n_loops, jnp.int32), cache)
+    (final, cache), records = jax.lax.scan(_remat(body, block.remat_policy),
+                                           (block.start(e, n_loops), cache),
+                                           jnp.arange(n_loops, dtype=jnp.int32))
+    return LoopResult(final, jnp.full((e.shape[0],), n_loops, jnp.int32), cache, records)
 
 
 def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: LoopSpec,
