@@ -38,6 +38,7 @@ TABLE = {
     ("tpu", "v4"): GroupedMatmul.MEGABLOX,
     ("cpu", "any"): GroupedMatmul.RAGGED_DOT,
 }
+_TOKAMAX_IMPLEMENTATIONS = {"gpu": "mosaic_gpu", "tpu": "mosaic_tpu"}
 # What runs when a choice needs tokamax and it is not installed.
 WITHOUT_TOKAMAX = {"gpu": GroupedMatmul.RAGGED_DOT, "tpu": GroupedMatmul.MEGABLOX}
 
@@ -74,7 +75,7 @@ def is_pallas(choice: str, dtype) -> bool:
     """Whether ``choice`` runs a Pallas kernel here (shard_map then needs ``check_vma=False``)."""
     resolved = resolve(choice, dtype)
     return resolved == GroupedMatmul.MEGABLOX or (resolved == GroupedMatmul.TOKAMAX
-                                                  and mesh_platform() in ("gpu", "tpu"))
+                                                  and mesh_platform() in _TOKAMAX_IMPLEMENTATIONS)
 
 
 def grouped_matmul(choice: str, dtype):
@@ -93,7 +94,7 @@ def _runnable(choice: str, platform: str) -> str:
 def _tokamax_matmul(lhs, rhs, group_sizes) -> jax.Array:
     """``tokamax.ragged_dot``: Mosaic kernels on GPU/TPU, its XLA implementation elsewhere."""
     tokamax = import_tokamax()[0]
-    implementation = "mosaic" if mesh_platform() in ("gpu", "tpu") else "xla"
+    implementation = _TOKAMAX_IMPLEMENTATIONS.get(mesh_platform(), "xla")
     out = tokamax.ragged_dot(lhs, rhs, group_sizes, implementation=implementation)
     return _zero_past_groups(out, group_sizes).astype(lhs.dtype)
 
