@@ -85,6 +85,13 @@ def resolve_attention_impl(impl: str, mesh=None) -> str:
     return AttentionImpl.PALLAS
 
 
+def attention_table_line(mesh=None) -> str:
+    """What ``attention_impl="auto"`` runs here and on the other platforms, in one line."""
+    return ("attention_impl 'auto': Hopper/Blackwell GPU + tokamax: tokamax, other GPU: pallas "
+            "(Triton), TPU: pallas (Mosaic), CPU: xla; here: "
+            f"{resolve_attention_impl(AttentionImpl.AUTO, mesh)}")
+
+
 def kernel_target(mesh=None) -> KernelTarget:
     """The kernels' backend for the platform of ``mesh``; interpreted on any other platform."""
     platform = mesh_platform(mesh)

@@ -83,6 +83,12 @@ def grouped_matmul(choice: str, dtype):
     return _MATMULS[resolve(choice, dtype)]
 
 
+def table_line() -> str:
+    """``TABLE`` and what "auto" runs here in bf16, in one line (printed by the benchmarks)."""
+    cases = ", ".join(f"{platform} {case}: {choice}" for (platform, case), choice in TABLE.items())
+    return f"dropless grouped matmul 'auto': {cases}; here: {resolve('auto', jnp.bfloat16)}"
+
+
 def _runnable(choice: str, platform: str) -> str:
     if choice == GroupedMatmul.TOKAMAX and import_tokamax()[0] is None:
         fallback = WITHOUT_TOKAMAX.get(platform, GroupedMatmul.RAGGED_DOT)
