@@ -243,3 +243,37 @@ def test_dropless_dispatch_runs_tokamax_on_cpu():
     got, _ = dispatch("dropless", x, ids, weights, gate, up, down, grouped_matmul="tokamax")
     want, _ = dispatch("dense", x, ids, weights, gate, up, down)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ in the model
+def test_model_with_tokamax_attention_equals_xla(monkeypatch):
+    """``attention_impl="tokamax"``: the same logits and parameter gradients as "xla" (tokamax's
+    XLA implementation on CPU, through ``MLAttention``), and one-token decode over a cache stays
+    on the einsums (no tokamax call)."""
+    from flax import nnx
+
+    from mythos_jax import OpenMythos, variants
+    from mythos_jax.inference.cache import init_cache
+
+    calls = []
+    real = tokamax_attention.tokamax_mla_attention
+    monkeypatch.setattr(tokamax_attention, "tokamax_mla_attention",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    models = [OpenMythos(variants.tiny_mla(attention_impl=impl, act_threshold=50.0),
+                         rngs=nnx.Rngs(0)) for impl in ("xla", "tokamax")]
+    ids = jax.random.randint(jax.random.key(1), (2, 11), 0, 256)
+
+    def loss(model):
+        logits = model(ids, 2)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+    step = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
+    (_, xla_logits), xla_grads = step(models[0])
+    (_, tk_logits), tk_grads = step(models[1])
+    assert calls                                                  # tokamax ran in the model
+    np.testing.assert_allclose(tk_logits, xla_logits, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(tk_grads), jax.tree.leaves(xla_grads)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    calls.clear()
+    cache = init_cache(models[1].cfg, 2, 12, 2, jnp.zeros((2,), jnp.int32))
+    jax.eval_shape(lambda c: models[1](ids[:, :1], 2, cache=c), cache)
+    assert not calls                                              # decode: the einsums
