@@ -5,20 +5,20 @@ implementation against the XLA reference, their speed, and a bf16 training step'
     python experiments/device_check.py --dry-run            # the whole plan, tiny, on CPU
     python experiments/device_check.py --json out.json      # default results/device_check.json
 
-Steps (each writes its rows to the JSON; a step started past ``--budget-s`` is skipped and
-says so, so the run ends in time whatever the machine):
+Steps, in this order (each writes its rows to the JSON; a step due past ``--budget-s`` is
+skipped and says so, flash_speed stops between rows, so the run ends in time):
   kernel_tests  pytest of the kernel test files on the device (JAX_PLATFORMS set to it);
                 the dry run lists the command and does not run it
   attention     max |error| vs the fp32 reference of out, left-padded out and the gradients,
                 fp32 and bf16, per implementation: xla, pallas (ours: Triton on GPU, Mosaic on
                 TPU, interpreted on CPU), tokamax (``tokamax=True``; "via" says what ran)
-  flash_speed   TFLOP/s fwd and fwd+bwd, bf16, causal, seq 2048/4096/8192 x 16k tokens,
-                16 heads, MLA dims of mythos_1b and DeepSeek-V3, per implementation
-  decode_speed  latent decode bandwidth vs the HBM peak (``bench_attention``)
   moe           the grouped matmuls of the dropless MoE (SwiGLU over sorted rows, mythos_1b
                 expert dims, bf16): error vs fp32 ``lax.ragged_dot`` and TFLOP/s fwd, fwd+bwd
   train_step    a bf16 training step at a mythos_1b-like config (4 fixed loops,
                 moe_impl="dropless", attention_impl="auto"): seconds and MFU
+  decode_speed  latent decode bandwidth vs the HBM peak (``bench_attention``)
+  flash_speed   TFLOP/s fwd and fwd+bwd, bf16, causal, seq 2048/4096/8192 x 16k tokens,
+                16 heads, MLA dims of mythos_1b and DeepSeek-V3, per implementation
 """
 
 from __future__ import annotations
@@ -197,8 +197,8 @@ def moe_rows(sizes: Sizes) -> list[dict]:
         row = dict(choice=str(choice), runs=str(gm.resolve(choice, jnp.bfloat16)),
                    rows=n_rows, experts=experts, dim=dim, hidden=hidden)
         try:
-            fwd, out = seconds_and_output(forward, bf16, sizes.iters)
-            row["error"] = bench.max_error(out, exact)
+            fwd, got = seconds_and_output(forward, bf16, sizes.iters)
+            row["error"] = bench.max_error(got, exact)
             both = seconds_and_output(forward_backward, bf16, sizes.iters)[0]
             row.update(fwd_tflops=flops / fwd / 1e12, fwd_bwd_tflops=3 * flops / both / 1e12)
         except Exception as error:
@@ -251,7 +251,7 @@ def kernel_tests(dry_run: bool, platform: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cuda" if platform == "gpu" else platform)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=os.path.dirname(HERE), env=env, capture_output=True,
-                          text=True, timeout=200)
+                          text=True, timeout=150)
     return dict(command=" ".join(command), ran=True, returncode=done.returncode,
                 s=time.perf_counter() - started, tail=done.stdout[-1500:])
 
@@ -268,14 +268,15 @@ def run(args) -> dict:
                   dry_run=args.dry_run, kernel_target=list(kernel_target()),
                   attention_auto=dispatch.resolve_attention_impl("auto"),
                   grouped_matmul_auto=str(gm.resolve("auto", jnp.bfloat16)), skipped=[])
+    # Most important first; flash_speed last: it stops between rows at the deadline.
     steps = [("kernel_tests", lambda: kernel_tests(args.dry_run, platform)),
              ("attention", lambda: attention_rows(sizes)),
-             ("flash_speed", lambda: flash_speed_rows(sizes, deadline)),
+             ("moe", lambda: moe_rows(sizes)),
+             ("train_step", lambda: train_step_row(sizes)),
              ("decode_speed", lambda: bench.decode_speed_rows(
                  args.dry_run, sizes.iters, kernel_target(),
                  None if figures is None else figures.hbm_bytes_per_s)),
-             ("moe", lambda: moe_rows(sizes)),
-             ("train_step", lambda: train_step_row(sizes))]
+             ("flash_speed", lambda: flash_speed_rows(sizes, deadline))]
     for name, step in steps:
         if time.perf_counter() > deadline:
             result["skipped"].append(name)
