@@ -36,6 +36,7 @@ from mythos_jax.bench.timing import timed, write_json
 from mythos_jax.chips import chip
 from mythos_jax.kernels import (FlashBlocks, KernelTarget, kernel_target,
                                 mla_decode_reference, mla_flash_attention, mla_flash_reference)
+from mythos_jax.kernels.dispatch import attention_table_line
 from mythos_jax.kernels.mla_decode import DecodeBlocks, mla_decode_attention
 
 FLASH_DIMS = {"mythos_1b": (64, 32, 64), "deepseek_v3": (128, 64, 128)}   # nope, rope, v
@@ -241,6 +242,7 @@ def format_table(result: dict) -> str:
     m = result["machine"]
     lines = [f"jax {m['jax']} on {m['backend']} ({m['device']}); kernels "
              + ("interpreted" if result["errors"][0]["interpret"] else "compiled"),
+             attention_table_line(),
              "max |error| vs the fp32 reference (same inputs); xla = XLA's own error",
              f"{'style':<6}{'dtype':<10}{'flash out':>11}{'xla':>10}{'worst grad':>12}"
              f"{'xla':>10}{'left-pad':>10}{'decode':>10}{'xla':>10}"]

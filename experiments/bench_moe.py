@@ -42,6 +42,7 @@ from mythos_jax.bench.timing import (CpuMonitor, config_override_arg, interleave
 from mythos_jax.interop.openmythos import (config_to_torch, import_reference,
                                            load_state_dict)
 from mythos_jax.modes import MoEImpl
+from mythos_jax.moe.grouped_matmul import table_line
 from mythos_jax.moe.slots import expert_capacity
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train.config import load_train_config
@@ -255,6 +256,7 @@ def format_table(result: dict) -> str:
         f"routing (torch router, this input): busiest expert {routing['max_load_ratio']:.2f}x "
         f"the mean load; capacity_factor {cfg['capacity_factor']} -> {routing['capacity']} "
         f"rows/expert, {routing['capacity_dropped']} of {routing['rows']} rows dropped",
+        table_line(),
     ]
     if result["contention"] is not None and result["contention"] > 0.10:
         header.append(f"WARNING: other processes used {100 * result['contention']:.0f}% of "

@@ -33,14 +33,16 @@ class MythosConfig:
       ``dtype``: compute dtype of matmuls, "float32" (default, parity) or "bfloat16".
         Parameters stay fp32; norms, softmax, RoPE, loop embedding, LTI and ACT run in fp32.
       ``attention_impl``: how MLA attention runs (``kernels/dispatch.py``): "auto" (default;
-        Pallas kernels on TPU/GPU, XLA on CPU, by the platform of the mesh in force), "xla"
-        (einsums), "pallas" (flash attention for training/prefill, latent decode kernel;
-        interpreted on CPU). Equal up to float rounding; dropout > 0 in training uses XLA.
+        tokamax on Hopper/Blackwell GPUs when installed, else Pallas kernels on TPU/GPU, XLA on
+        CPU, by the platform of the mesh in force), "xla" (einsums), "pallas" (flash attention
+        for training/prefill, latent decode kernel; interpreted on CPU), "tokamax" (its flash
+        attention; decode by einsums). Equal up to float rounding; dropout > 0 in training
+        uses XLA.
       ``moe_impl``: how tokens reach their experts (``moe/dispatch.py``); all equal
         up to float rounding when no token is dropped: "grouped" (default; rows sorted by
         expert into fixed-size blocks, one batched matmul), "dense" (every expert on every
-        token, the reference), "dropless" (sorted rows and grouped matmuls: ``lax.ragged_dot``,
-        megablox ``gmm`` on TPU), "capacity" (at most ``capacity_factor * N*K / E`` rows per
+        token, the reference), "dropless" (sorted rows and grouped matmuls, per platform:
+        ``moe/grouped_matmul.py``), "capacity" (at most ``capacity_factor * N*K / E`` rows per
         expert, the rest dropped and counted). Under a mesh with an ``expert`` axis all but
         "dense" run expert-parallel (``moe/expert_parallel.py``).
       ``capacity_factor``: per-expert buffer size of ``moe_impl="capacity"`` relative to a

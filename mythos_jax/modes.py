@@ -50,6 +50,7 @@ class AttentionImpl(Mode):
     AUTO = "auto"
     XLA = "xla"
     PALLAS = "pallas"
+    TOKAMAX = "tokamax"
 
 
 class MoEImpl(Mode):
@@ -107,6 +108,7 @@ class GroupedMatmul(Mode):
     AUTO = "auto"
     RAGGED_DOT = "ragged_dot"
     MEGABLOX = "megablox"
+    TOKAMAX = "tokamax"
 
 
 class ScheduleKind(Mode):

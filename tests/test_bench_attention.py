@@ -16,7 +16,7 @@ def test_quick_run_reports_small_errors_and_runs_the_speed_path(tmp_path, capsys
     path = tmp_path / "figures.json"
     assert bench.main(["--quick", "--mode", "speed", "--iters", "1", "--json", str(path)]) == 0
     stdout = capsys.readouterr().out
-    for text in ("kernels interpreted", "max |error|", "the times mean nothing", "TFLOP/s",
+    for text in ("kernels interpreted", "attention_impl 'auto'", "here: xla", "max |error|", "the times mean nothing", "TFLOP/s",
                  "achieved bandwidth", "figures written to"):
         assert text in stdout, text
     result = json.loads(path.read_text())

@@ -24,7 +24,8 @@ def test_quick_run_prints_the_table_and_writes_json(tmp_path, capsys):
     stdout = capsys.readouterr().out
     for text in ("fwd vs torch", "fwd+bwd vs torch", "openmythos", "dense", "grouped",
                  "dropless", "capacity", "busiest expert", "no update", "bias rate 0.02",
-                 "last step's load", "figures written to"):
+                 "last step's load", "dropless grouped matmul 'auto'", "here: ragged_dot",
+                 "figures written to"):
         assert text in stdout, text
     result = json.loads(out.read_text())
     rows = result["strategies"]

@@ -2,7 +2,8 @@
 
   mla_flash_attention   causal flash attention for training and prefill (fwd + bwd kernels)
   mla_decode_attention  absorbed latent attention of one new token over the cache (decode)
-Backends: GPU (Triton) and TPU (Mosaic); interpret mode elsewhere. ``dispatch`` resolves
+Backends: GPU (Triton) and TPU (Mosaic); interpret mode elsewhere; ``tokamax_attention`` runs
+the flash attention through tokamax (optional dependency). ``dispatch`` resolves
 ``MythosConfig.attention_impl``.
 """
 

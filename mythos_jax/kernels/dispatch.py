@@ -1,9 +1,13 @@
 """Which attention implementation runs, and which Pallas backend compiles the kernels.
 
 ``MythosConfig.attention_impl``:
-  "auto"    Pallas kernels on TPU and GPU, XLA on CPU (the default; bit-identical to "xla" there);
-  "xla"     the einsum path of ``layers/attention.py``;
-  "pallas"  the kernels everywhere; on CPU they run in interpret mode (slow, for tests).
+  "auto"     on a Hopper/Blackwell NVIDIA GPU with tokamax installed "tokamax", on another GPU
+             or a TPU "pallas", on CPU "xla" (the default; bit-identical to "xla" there);
+  "xla"      the einsum path of ``layers/attention.py``;
+  "pallas"   our kernels everywhere; on CPU they run in interpret mode (slow, for tests);
+  "tokamax"  training/prefill through tokamax (``tokamax_attention``: Mosaic GPU, Mosaic TPU
+             v5+, its XLA implementation on CPU), decode by the XLA latent einsums; where
+             tokamax cannot run (package, device, dtype) our kernels run, logged once.
 The platform is that of the mesh in force (``jax.set_mesh`` / an abstract mesh with a device,
 or the mesh given), so that an ahead-of-time lowering for another platform picks its kernels;
 without a mesh it is JAX's default backend.
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from mythos_jax.kernels import tokamax_attention
 from mythos_jax.modes import AttentionImpl
 
 KERNEL_BACKENDS = ("gpu", "tpu")
@@ -51,12 +56,40 @@ def mesh_platform(mesh=None) -> str:
     return "gpu" if platform in _GPU_PLATFORMS else platform
 
 
+def mesh_device_kind(mesh=None) -> str:
+    """``device_kind`` ("NVIDIA H200", "TPU v5p", ...) of the mesh as ``mesh_platform`` finds
+    it; "" when an abstract device names none."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+    abstract = mesh.abstract_mesh if isinstance(mesh, Mesh) else mesh
+    device = getattr(abstract, "abstract_device", None)
+    if device is not None:
+        return device.device_kind or ""
+    return jax.devices()[0].device_kind
+
+
 def resolve_attention_impl(impl: str, mesh=None) -> str:
-    """"auto" | "xla" | "pallas" -> "xla" | "pallas" for the platform of ``mesh``."""
+    """"auto" | "xla" | "pallas" | "tokamax" -> "xla" | "pallas" | "tokamax" for the platform
+    of ``mesh`` (module docstring)."""
     impl = AttentionImpl.parse(impl, "attention_impl")
-    if impl == AttentionImpl.AUTO:
-        return AttentionImpl.PALLAS if mesh_platform(mesh) in KERNEL_BACKENDS else AttentionImpl.XLA
-    return impl
+    if impl != AttentionImpl.AUTO:
+        return impl
+    platform = mesh_platform(mesh)
+    if platform not in KERNEL_BACKENDS:
+        return AttentionImpl.XLA
+    if platform == "gpu":
+        _, reason = tokamax_attention.implementation(platform, mesh_device_kind(mesh))
+        if reason is None:
+            return AttentionImpl.TOKAMAX
+        log_once(f"attention_impl='auto' runs the Pallas Triton kernels, not tokamax: {reason}")
+    return AttentionImpl.PALLAS
+
+
+def attention_table_line(mesh=None) -> str:
+    """What ``attention_impl="auto"`` runs here and on the other platforms, in one line."""
+    return ("attention_impl 'auto': Hopper/Blackwell GPU + tokamax: tokamax, other GPU: pallas "
+            "(Triton), TPU: pallas (Mosaic), CPU: xla; here: "
+            f"{resolve_attention_impl(AttentionImpl.AUTO, mesh)}")
 
 
 def kernel_target(mesh=None) -> KernelTarget:

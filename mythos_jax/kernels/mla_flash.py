@@ -12,6 +12,8 @@ the fp32 log-sum-exp of the forward as residual; k_rope's gradient sums over hea
 ``mla_flash_gpu`` (Triton) and ``mla_flash_tpu`` (Mosaic), picked by
 ``dispatch.kernel_target`` unless ``target`` is given; interpreted off GPU/TPU. A shape the
 backend cannot tile falls back to ``reference.mla_flash_reference`` (XLA), logged once.
+``tokamax=True`` runs tokamax's flash attention instead (``tokamax_attention``) where it can,
+else these kernels, logged once.
 Under a mesh (``jax.set_mesh``) the kernels run per shard as ``spec`` says: the
 PartitionSpec of the (B, H) dimensions, computed by the caller from its sharding rules
 (``sharding.per_shard``); None runs them on the whole arrays.
@@ -26,10 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mythos_jax.kernels import mla_flash_gpu, mla_flash_tpu
+from mythos_jax.kernels import mla_flash_gpu, mla_flash_tpu, tokamax_attention
 from mythos_jax.kernels.tiles import check_block_sizes
 from mythos_jax.kernels.dispatch import (KernelTarget, kernel_target, log_once,
-                                         unsupported_reason)
+                                         mesh_device_kind, mesh_platform, unsupported_reason)
 from mythos_jax.kernels.reference import mla_flash_reference
 from mythos_jax.kernels.sharding import per_shard
 
@@ -61,23 +63,34 @@ DEFAULT_BLOCKS = {"gpu": FlashBlocks(), "tpu": FlashBlocks(128, 128, 128, 128)}
 
 def mla_flash_attention(q_nope, q_rope, k_nope, k_rope, v, kv_start=None, *, scale: float,
                         spec: PartitionSpec | None = None, blocks: FlashBlocks | None = None,
-                        target: KernelTarget | None = None):
+                        target: KernelTarget | None = None, tokamax: bool = False):
     """Causal MLA attention (shapes in the module docstring); differentiable. ``spec``: the
     split of (B, H) over the mesh in force, e.g. ``P(("data", "fsdp"), "tensor")``."""
     _check_shapes(q_nope, q_rope, k_nope, k_rope, v, kv_start)
-    target = kernel_target() if target is None else target
     batch = q_nope.shape[0]
     kv_start = (jnp.zeros((batch,), jnp.int32) if kv_start is None
                 else jnp.asarray(kv_start, jnp.int32))
+    arrays = (q_nope, q_rope, k_nope, k_rope, v, kv_start)
+    if tokamax:
+        platform, kind = mesh_platform(), mesh_device_kind()
+        head_dims = {"qk": q_nope.shape[-1] + q_rope.shape[-1], "v": v.shape[-1]}
+        reason = tokamax_attention.unsupported_reason(platform, kind, v.dtype, head_dims)
+        if reason is None:
+            name = tokamax_attention.implementation(platform, kind)[0]
+            return per_shard(functools.partial(tokamax_attention.tokamax_mla_attention,
+                                               scale=scale, implementation=name),
+                             _IN_AXES, spec)(*arrays)
+        log_once(f"mla_flash_attention runs our Pallas kernels, not tokamax: {reason}")
+    target = kernel_target() if target is None else target
     dims = {"nope": q_nope.shape[-1], "rope": q_rope.shape[-1], "v_dim": v.shape[-1]}
     reason = unsupported_reason(dims, v.dtype, target)
     if reason is not None:
         log_once(f"mla_flash_attention falls back to XLA on {target.backend}: {reason}")
         return mla_flash_reference(q_nope, q_rope, k_nope, k_rope, v, kv_start, scale=scale)
     blocks = DEFAULT_BLOCKS[target.backend] if blocks is None else blocks
-    kernel = per_shard(lambda *arrays: _flash(*arrays, float(scale), blocks, target),
+    kernel = per_shard(lambda *inputs: _flash(*inputs, float(scale), blocks, target),
                        _IN_AXES, spec)
-    return kernel(q_nope, q_rope, k_nope, k_rope, v, kv_start)
+    return kernel(*arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))

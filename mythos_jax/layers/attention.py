@@ -77,7 +77,8 @@ class MLAttention(nnx.Module):
     v come from ``kv_up(kv_norm(c_kv))`` (per head, laid out ``[k_nope | v]``) and k_rope is ONE
     rotated head shared by all query heads (OpenMythos stores H identical copies; same values).
     With ``cfg.attention_impl`` resolving to "pallas" the Pallas kernels run instead of the
-    einsums (``mythos_jax.kernels``): flash attention without and latent decode with a cache.
+    einsums (``mythos_jax.kernels``): flash attention without and latent decode with a cache;
+    with "tokamax", tokamax's flash attention without a cache (decode stays on the einsums).
     """
 
     def __init__(self, cfg: MythosConfig, *, rngs: nnx.Rngs):
@@ -120,9 +121,9 @@ class MLAttention(nnx.Module):
             self.kv_lora_rank, H, self.nope_dim + self.v_dim)
         k_up, v_up = kv_up[..., : self.nope_dim], kv_up[..., self.nope_dim:]
         decode = cache is not None and T == 1
-        if self._use_kernels(key):
+        if impl := self._kernel_impl(key, decode):
             out = self._kernel_attention(q_nope, q_rope, c_kv, k_rope, new_cache, k_up, v_up,
-                                         span, decode)
+                                         span, decode, impl == AttentionImpl.TOKAMAX)
             return self.wo(out.reshape(B, T, H * self.v_dim)), new_cache
         if decode:   # attend in latent space over the cache: k_up folded into the query
             c_kv = new_cache["c_kv"].astype(kv_up.dtype)
@@ -145,17 +146,20 @@ class MLAttention(nnx.Module):
             out = jnp.einsum("bhts,bshd->bthd", probs, jnp.einsum("bsc,chd->bshd", c_kv, v_up))
         return self.wo(out.reshape(B, T, H * self.v_dim)), new_cache
 
-    def _use_kernels(self, key) -> bool:
-        """Pallas when attention_impl resolves to it (at trace time, by the mesh's platform);
-        not for attention dropout in training, which only the einsum path has."""
-        if resolve_attention_impl(self.attention_impl) != AttentionImpl.PALLAS:
-            return False
+    def _kernel_impl(self, key, decode: bool) -> str | None:
+        """"pallas" | "tokamax" when attention_impl resolves to it (at trace time, by the mesh's
+        platform), else None (einsums): also for attention dropout in training, which only the
+        einsum path has, and for decode under "tokamax" (the XLA latent einsums)."""
+        impl = resolve_attention_impl(self.attention_impl)
+        if impl == AttentionImpl.XLA or (decode and impl == AttentionImpl.TOKAMAX):
+            return None
         if key is not None and self.dropout_rate > 0:
             log_once("MLA attention dropout > 0 in training: XLA attention, not the kernels")
-            return False
-        return True
+            return None
+        return impl
 
-    def _kernel_attention(self, q_nope, q_rope, c_kv, k_rope, cache, k_up, v_up, span, decode):
+    def _kernel_attention(self, q_nope, q_rope, c_kv, k_rope, cache, k_up, v_up, span, decode,
+                          tokamax: bool):
         """The kernels' path -> (B, T, H, v_dim); they take ``span``'s offsets."""
         scale = (self.nope_dim + self.rope_dim) ** -0.5
         if decode:   # absorbed: k_up folded into the query, v_up applied to the latent output
@@ -171,7 +175,7 @@ class MLAttention(nnx.Module):
         heads_major = lambda x: x.transpose(0, 2, 1, 3)       # (B, T, H, d) <-> (B, H, T, d)
         return heads_major(mla_flash_attention(
             heads_major(q_nope), heads_major(q_rope), k_nope, k_rope.astype(q_rope.dtype), v,
-            span.kv_start, scale=scale,
+            span.kv_start, scale=scale, tokamax=tokamax,
             spec=activation_spec(("batch", "heads"), k_nope.shape[:2])))
 
 

@@ -8,8 +8,8 @@ nothing is dropped:
   "grouped"  rows sorted by expert into fixed-size blocks (one expert per block, each expert
              padded to a whole block) and run as one batched matmul: compute is bounded by
              N*K + E*(block-1) rows whatever the routing. Dropless; fastest on XLA:CPU.
-  "dropless" rows sorted by expert and run as grouped matmuls: ``lax.ragged_dot`` or, on TPU,
-             the Pallas megablox ``gmm`` kernel (a ``GroupedMatmul``).
+  "dropless" rows sorted by expert and run as grouped matmuls (a ``GroupedMatmul``; which
+             runs where: the table of ``moe.grouped_matmul``).
   "capacity" each expert takes at most C = ceil(capacity_factor * N*K / E) rows into an
              (E, C, D) buffer; the rest are dropped (contribute 0) and counted. First choices
              of all tokens take slots before second choices (GShard priority).
@@ -38,8 +38,8 @@ def dispatch(impl: str, x, expert_ids, weights, gate, up, down, *,
     (int32 scalar; 0 unless ``impl == "capacity"``)).
 
     ``capacity_factor`` (capacity only): None sizes every buffer so that nothing is dropped.
-    ``grouped_matmul`` (dropless only): "ragged_dot", "megablox" (interpreted off TPU) or
-    "auto" (megablox on TPU, else ragged_dot).
+    ``grouped_matmul`` (dropless only): "ragged_dot", "megablox" (interpreted off TPU),
+    "tokamax" or "auto" (by platform: ``moe.grouped_matmul.TABLE``).
     """
     impl = MoEImpl.parse(impl, "moe_impl")
     options = dict(capacity_factor=capacity_factor,

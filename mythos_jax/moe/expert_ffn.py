@@ -9,8 +9,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mythos_jax.kernels.dispatch import mesh_platform
 from mythos_jax.modes import GroupedMatmul
+from mythos_jax.moe.grouped_matmul import grouped_matmul as choose_grouped_matmul
 
 
 def blocked_swiglu(rows, group_sizes, gate, up, down) -> jax.Array:
@@ -49,37 +49,11 @@ def blocked_swiglu(rows, group_sizes, gate, up, down) -> jax.Array:
 
 def ragged_swiglu(rows, group_sizes, gate, up, down,
                   grouped_matmul: str = GroupedMatmul.AUTO) -> jax.Array:
-    """Rows sorted by expert (M, D) -> each row through its expert (M, D), as grouped matmuls;
-    rows past ``sum(group_sizes)`` give 0."""
-    matmul = _megablox_matmul if uses_megablox(grouped_matmul) else jax.lax.ragged_dot
+    """Rows sorted by expert (M, D) -> each row through its expert (M, D), as grouped matmuls
+    (``moe.grouped_matmul``); rows past ``sum(group_sizes)`` give 0."""
+    matmul = choose_grouped_matmul(grouped_matmul, rows.dtype)
     hidden = jax.nn.silu(matmul(rows, gate, group_sizes)) * matmul(rows, up, group_sizes)
     return matmul(hidden, down, group_sizes)
-
-
-def uses_megablox(grouped_matmul: str) -> bool:
-    """Whether ``grouped_matmul`` (a ``GroupedMatmul``) picks the Pallas kernel. "auto" does
-    on TPU, except under a multi-device mesh outside ``shard_map``: GSPMD cannot partition a
-    Pallas call (the expert-parallel path runs it per shard instead)."""
-    if grouped_matmul != GroupedMatmul.AUTO:
-        return grouped_matmul == GroupedMatmul.MEGABLOX
-    mesh = jax.sharding.get_abstract_mesh()
-    partitioned = not mesh.empty and not mesh.manual_axes and math.prod(mesh.axis_sizes) > 1
-    return mesh_platform() == "tpu" and not partitioned
-
-
-def _megablox_matmul(lhs, rhs, group_sizes) -> jax.Array:
-    """``lax.ragged_dot`` via the Pallas megablox ``gmm`` (interpret mode off TPU): lhs (M, K),
-    rhs (G, K, N) -> (M, N). Rows are padded to a whole row tile; rows past the groups give 0."""
-    from jax.experimental.pallas.ops.tpu.megablox import gmm
-
-    n_rows = lhs.shape[0]
-    tile_rows = min(128, 8 * math.ceil(n_rows / 8))
-    padded_rows = tile_rows * math.ceil(n_rows / tile_rows)
-    tiling = (tile_rows, min(128, rhs.shape[1]), min(128, rhs.shape[2]))
-    out = gmm(jnp.pad(lhs, ((0, padded_rows - n_rows), (0, 0))), rhs, group_sizes, jnp.float32,
-              tiling, None, None, False, mesh_platform() != "tpu")[:n_rows]
-    in_groups = jnp.arange(n_rows) < jnp.sum(group_sizes)
-    return jnp.where(in_groups[:, None], out, 0).astype(lhs.dtype)
 
 
 def batched_swiglu(buffer, gate, up, down) -> jax.Array:

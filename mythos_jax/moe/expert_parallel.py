@@ -29,7 +29,8 @@ from jax.sharding import PartitionSpec as P
 
 from mythos_jax.kernels.dispatch import mesh_platform
 from mythos_jax.modes import GroupedMatmul, MoEImpl
-from mythos_jax.moe.expert_ffn import batched_swiglu, blocked_swiglu, ragged_swiglu, uses_megablox
+from mythos_jax.moe.expert_ffn import batched_swiglu, blocked_swiglu, ragged_swiglu
+from mythos_jax.moe.grouped_matmul import is_pallas
 from mythos_jax.moe.slots import (capacity_slots, combine_buffers, combine_sorted,
                                   expert_capacity, fill_buffers, sort_by_expert)
 
@@ -80,7 +81,8 @@ def expert_parallel_dispatch(impl: str, mesh, x, expert_ids, weights, gate, up, 
         return out, lax.psum(dropped, token_axes)
 
     tokens, experts = P(token_axes), P(EXPERT_AXIS)
-    pallas_inside = impl == MoEImpl.DROPLESS and uses_megablox(grouped_matmul)  # no check_vma
+    # no check_vma around a Pallas call
+    pallas_inside = impl == MoEImpl.DROPLESS and is_pallas(grouped_matmul, x.dtype)
     out, dropped = jax.shard_map(
         counted, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts, experts),
         out_specs=(tokens, P()), check_vma=not pallas_inside)(x, expert_ids, weights, gate,
