@@ -22,11 +22,11 @@ from mythos_jax.parallel.mesh import make_mesh
 from numerics import assert_close, assert_trees_close
 
 N_LOOPS = 2
-# experiments/README.md: "pallas" gives the logits of "xla" to 1e-7 and the parameter
-# gradients to 1e-9 (absolute; tiny_mla, fp32). Relative to max |logit| (~0.5) and to each
-# gradient tensor's largest entry: REPLACE
-LOGIT_RTOL = 1e-6
-GRAD_RTOL = 1e-5
+# experiments/README.md: "pallas" gives the logits of "xla" to 1e-7 (absolute, tiny_mla, fp32;
+# max |logit| ~0.51: 2e-7 relative; 1.2e-7 seen here, 1.9e-7 cached) and the gradients to
+# 1e-9 (1.5e-8 absolute seen here, 7.4e-6 relative to the largest entry of the worst tensor).
+LOGIT_RTOL = 5e-7
+GRAD_RTOL = 5e-5
 
 
 def _pair(**overrides):
