@@ -17,6 +17,7 @@ from numerics import assert_close, assert_trees_close
 # relative to the tensor's largest entry (the halting bias, one sum over every position and
 # loop that cancels to ~1e-5, is the worst: 1e-5 relative seen).
 VALUE_RTOL = 1e-6
+LOGIT_RTOL = 1e-5     # logits of a while loop or a batch row against a static scan
 GRAD_RTOL = 1e-4
 
 
@@ -36,7 +37,7 @@ def test_run_time_count_compiles_once_and_matches_static(halting_model, ids):
     call, fn = _jit(halting_model)
     for n in (2, 5, 11):
         logits, info = call(ids, jnp.int32(n))
-        np.testing.assert_allclose(logits, halting_model(ids, n), atol=1e-5)
+        assert_close(logits, halting_model(ids, n), LOGIT_RTOL)
         np.testing.assert_array_equal(info.loops_run, [n] * 3)
     assert fn._cache_size() == 1
 
@@ -47,13 +48,13 @@ def test_per_sequence_counts_equal_separate_runs(halting_model, ids):
     logits, info = call(ids, counts)
     np.testing.assert_array_equal(info.loops_run, counts)
     for b, n in enumerate([1, 4, 7]):
-        np.testing.assert_allclose(logits[b], halting_model(ids[b:b + 1], n)[0], atol=1e-5)
+        assert_close(logits[b], halting_model(ids[b:b + 1], n)[0], LOGIT_RTOL)
 
 
 def test_act_exit_equals_static_loop_with_fewer_iterations(halting_model, ids):
     call, _ = _jit(halting_model, exit="act")
     logits, info = call(ids, jnp.int32(16))
-    np.testing.assert_allclose(logits, halting_model(ids, 16), atol=1e-5)
+    assert_close(logits, halting_model(ids, 16), LOGIT_RTOL)
     assert int(info.loops_run.max()) < 16
 
 
@@ -66,7 +67,7 @@ def test_convergence_exits_stop_early_and_freeze(halting_model, ids, rule, thres
     loops_run = np.asarray(info.loops_run)
     assert (loops_run >= 1).all() and (loops_run < 40).all()
     for b in range(3):  # a stopped sequence is exactly the static run of its loop count
-        np.testing.assert_allclose(logits[b], off(ids[b:b + 1], int(loops_run[b]))[0], atol=1e-5)
+        assert_close(logits[b], off(ids[b:b + 1], int(loops_run[b]))[0], LOGIT_RTOL)
     never, _ = _jit(off, exit=rule, threshold=0.0)
     assert (np.asarray(never(ids, jnp.int32(6))[1].loops_run) == 6).all()
 
