@@ -96,6 +96,29 @@ def _safe_payload(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def test_load_state_dict_names_every_bad_key():
+    """Two missing, two unexpected and two mis-shaped keys: one ValueError naming all six;
+    the untouched state_dict loads."""
+    cfg = variants.tiny_mla()
+    good = to_torch_state_dict(OpenMythos(cfg, rngs=nnx.Rngs(0)))
+    keys = sorted(k for k in good if k not in ("embed.weight", "head.weight"))
+    missing, reshaped, extra = keys[:2], keys[-2:], ["extra.weight", "recurrent.extra"]
+    bad = {k: v for k, v in good.items() if k not in missing}
+    bad.update({k: torch.zeros(tuple(good[k].shape) + (2,)) for k in reshaped})
+    bad.update({k: torch.zeros(3) for k in extra})
+    with pytest.raises(ValueError, match=r"\(6 problem\(s\)\)") as error:
+        load_state_dict(cfg, bad)
+    message = str(error.value)
+    for key in missing:
+        assert f"missing key {key!r}" in message
+    for key in extra:
+        assert f"unexpected key {key!r}" in message
+    for key in reshaped:
+        assert f"key {key!r} has shape {tuple(good[key].shape) + (2,)}" in message
+    loaded = load_state_dict(cfg, good)
+    np.testing.assert_array_equal(loaded.embed[...], good["embed.weight"].numpy())
+
+
 def test_generate_from_a_workdir_is_quiet_on_a_cpu_host(workdir):
     """A subprocess as a user runs it: JAX_PLATFORMS unset (libtpu installed, no TPU)."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
@@ -131,25 +154,3 @@ def test_parity_of_a_trained_model_against_pytorch(workdir, tmp_path, capsys):
     rows = json.loads(out_json.read_text())
     assert "benchmark" not in rows and all(r["ok"] for r in rows["parity"])
 
-
-def test_load_state_dict_names_every_bad_key():
-    """Two missing, two unexpected and two mis-shaped keys: one ValueError naming all six;
-    the untouched state_dict loads."""
-    cfg = variants.tiny_mla()
-    good = to_torch_state_dict(OpenMythos(cfg, rngs=nnx.Rngs(0)))
-    keys = sorted(k for k in good if k not in ("embed.weight", "head.weight"))
-    missing, reshaped, extra = keys[:2], keys[-2:], ["extra.weight", "recurrent.extra"]
-    bad = {k: v for k, v in good.items() if k not in missing}
-    bad.update({k: torch.zeros(tuple(good[k].shape) + (2,)) for k in reshaped})
-    bad.update({k: torch.zeros(3) for k in extra})
-    with pytest.raises(ValueError, match=r"\(6 problem\(s\)\)") as error:
-        load_state_dict(cfg, bad)
-    message = str(error.value)
-    for key in missing:
-        assert f"missing key {key!r}" in message
-    for key in extra:
-        assert f"unexpected key {key!r}" in message
-    for key in reshaped:
-        assert f"key {key!r} has shape {tuple(good[key].shape) + (2,)}" in message
-    loaded = load_state_dict(cfg, good)
-    np.testing.assert_array_equal(loaded.embed[...], good["embed.weight"].numpy())
