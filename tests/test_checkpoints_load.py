@@ -153,4 +153,3 @@ def test_parity_of_a_trained_model_against_pytorch(workdir, tmp_path, capsys):
     assert f"model: training step 2 of {workdir}" in captured.err
     rows = json.loads(out_json.read_text())
     assert "benchmark" not in rows and all(r["ok"] for r in rows["parity"])
-
