@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from mythos_jax.checkpoints.load import load_model, load_model_and_source
 from mythos_jax.checkpoints.model import is_checkpoint
 from mythos_jax.cli import main
-from mythos_jax.interop.openmythos import config_to_torch, import_reference
+from mythos_jax import OpenMythos, variants
+from mythos_jax.interop.openmythos import (config_to_torch, import_reference, load_state_dict,
+                                           to_torch_state_dict)
 from mythos_jax.train.config import load_train_config
 from mythos_jax.checkpoints.load import training_source
 from mythos_jax.train.trainer import train
@@ -92,6 +94,29 @@ def test_convert_a_run_to_openmythos_gives_the_same_logits_in_pytorch(workdir, t
 def _safe_payload(path):
     with torch.serialization.safe_globals([import_reference().MythosConfig]):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_load_state_dict_names_every_bad_key():
+    """Two missing, two unexpected and two mis-shaped keys: one ValueError naming all six;
+    the untouched state_dict loads."""
+    cfg = variants.tiny_mla()
+    good = to_torch_state_dict(OpenMythos(cfg, rngs=nnx.Rngs(0)))
+    keys = sorted(k for k in good if k not in ("embed.weight", "head.weight"))
+    missing, reshaped, extra = keys[:2], keys[-2:], ["extra.weight", "recurrent.extra"]
+    bad = {k: v for k, v in good.items() if k not in missing}
+    bad.update({k: torch.zeros(tuple(good[k].shape) + (2,)) for k in reshaped})
+    bad.update({k: torch.zeros(3) for k in extra})
+    with pytest.raises(ValueError, match=r"\(6 problem\(s\)\)") as error:
+        load_state_dict(cfg, bad)
+    message = str(error.value)
+    for key in missing:
+        assert f"missing key {key!r}" in message
+    for key in extra:
+        assert f"unexpected key {key!r}" in message
+    for key in reshaped:
+        assert f"key {key!r} has shape {tuple(good[key].shape) + (2,)}" in message
+    loaded = load_state_dict(cfg, good)
+    np.testing.assert_array_equal(loaded.embed[...], good["embed.weight"].numpy())
 
 
 def test_generate_from_a_workdir_is_quiet_on_a_cpu_host(workdir):

@@ -14,8 +14,12 @@ from mythos_jax.inference.cache import cache_values_per_token, init_cache
 from mythos_jax.inference.sampling import sample_next
 from mythos_jax.loops import LoopSpec
 from mythos_jax.interop.parity import build_pair
+from numerics import assert_close
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]
+# A cached forward against the uncached one (fp32): the same sums in another order, logits
+# of order 1: 1e-5 relative to max |logit| (what the issue asks; 2e-6 seen).
+DECODE_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module", params=["mla", "gqa"])
@@ -35,21 +39,13 @@ def test_prefill_into_a_used_cache_raises(model):
 
 @pytest.mark.parametrize("n_loops", [1, 3])
 def test_cached_decode_equals_full_forward_with_padding(model, n_loops):
-    continuation = [[1, 2, 3, 4], [9, 8, 7, 6], [3, 3, 3, 3]]
     ids, start = gen.left_pad(PROMPTS)
-    cache = init_cache(model.cfg, len(PROMPTS), 16, n_loops, start)
-    prefill_logits, _, cache = model(jnp.asarray(ids), n_loops, cache=cache)
-    decoded = []
-    for step in range(4):
-        token = jnp.asarray([[c[step]] for c in continuation])
-        logits, _, cache = model(token, n_loops, cache=cache)
-        decoded.append(logits[:, 0])
-    decoded = np.stack(decoded, axis=1)
+    logits, _, _ = _cached_run(model, LoopSpec(n_loops),
+                               init_cache(model.cfg, len(PROMPTS), 16, n_loops, start), ids,
+                               CONTINUATION)
     for b, prompt in enumerate(PROMPTS):
-        full = np.asarray(model(jnp.asarray([prompt + continuation[b]]), n_loops))[0]
-        pad = ids.shape[1] - len(prompt)
-        np.testing.assert_allclose(prefill_logits[b, pad:], full[:len(prompt)], atol=2e-5)
-        np.testing.assert_allclose(decoded[b], full[len(prompt):], atol=2e-5)
+        full = model(jnp.asarray([prompt + CONTINUATION[b].tolist()]), n_loops)[0]
+        assert_close(logits[b, ids.shape[1] - len(prompt):], full, DECODE_RTOL, prompt)
 
 
 def test_cache_holds_latent_and_one_rope_key_per_token():
@@ -88,13 +84,63 @@ def test_prefill_and_decode_compile_once(model):
     assert (decoder.prefill._cache_size(), decoder.step._cache_size()) == sizes
 
 
-def test_decode_early_exit_per_sequence(model):
+def _cached_run(model, spec, cache, prompts_ids, tokens):
+    """Prefill, then one decoded token per step (teacher forced), through the jitted public
+    forward: the logits of every step (B, P + steps, V), the loops run per step (B, steps + 1)
+    and the final cache."""
+    forward = nnx.jit(lambda m, i, c: m(i, spec, cache=c, return_info=True))
+    logits, info, cache = forward(model, jnp.asarray(prompts_ids), cache)
+    all_logits, loops = [logits], [info.loops_run]
+    for step in range(tokens.shape[1]):
+        logits, info, cache = forward(model, jnp.asarray(tokens[:, step:step + 1]), cache)
+        all_logits.append(logits)
+        loops.append(info.loops_run)
+    return np.concatenate(all_logits, axis=1), np.stack(loops, axis=1), cache
+
+
+CONTINUATION = np.array([[1, 2, 3, 4], [9, 8, 7, 6], [3, 3, 3, 3]], np.int32)
+
+
+@pytest.mark.parametrize("rule, threshold", [("act", 1e-3), ("delta", 0.05)])
+def test_decode_early_exit_is_the_forward_at_the_loops_run(model, rule, threshold):
+    """A cached prefill and decode with an exit rule (8 loops at most): every token of every
+    sequence is the uncached forward at the loops it ran. This model's tokens all stop after
+    the same L < 8 loops, so every key a token reads was computed at a depth it ran."""
+    ids, start = gen.left_pad(PROMPTS)
+    cache = init_cache(model.cfg, len(PROMPTS), 12, 8, start)
+    logits, loops, _ = _cached_run(model, LoopSpec(8, exit=rule, threshold=threshold), cache,
+                                   ids, CONTINUATION)
+    loops_run = int(loops[0, 0])
+    assert 1 <= loops_run < 8 and (loops == loops_run).all(), loops
+    for b, prompt in enumerate(PROMPTS):
+        full = model(jnp.asarray([prompt + CONTINUATION[b].tolist()]), loops_run)[0]
+        assert_close(logits[b, ids.shape[1] - len(prompt):], full, DECODE_RTOL, PROMPTS[b])
+
+
+def test_early_exit_fills_the_unrun_depths_with_the_last_run_depth(model):
+    """After a decode step that stopped every sequence at L < 8 loops, cache depths L..7 of
+    the new token hold the keys of depth L - 1 (run_dynamic), the depths run keys of their
+    own, so later tokens find keys at every depth."""
+    ids, start = gen.left_pad(PROMPTS)
+    cache = init_cache(model.cfg, len(PROMPTS), 12, 8, start)
+    cache = model(jnp.asarray(ids), 8, cache=cache).cache
+    slot = int(cache.index)
+    out = model(jnp.asarray([[1], [2], [3]]), LoopSpec(8, exit="act"), cache=cache,
+                return_info=True)
+    loops_run = int(out.info.loops_run.max())
+    assert 1 < loops_run < 8 and (out.info.loops_run == loops_run).all()
+    for array in out.cache.recurrent.values():          # (depth, B, S, ...)
+        rows = np.asarray(array[:, :, slot])
+        for depth in range(loops_run, 8):
+            np.testing.assert_array_equal(rows[depth], rows[loops_run - 1])
+        assert not np.allclose(rows[loops_run - 2], rows[loops_run - 1])
+
+
+def test_generate_with_an_exit_rule_reports_loops_per_token(model):
     full = gen.generate(model, PROMPTS, 6, n_loops=8, temperature=0.0)
     np.testing.assert_array_equal(full.loops, 8)
     act = gen.generate(model, PROMPTS, 6, n_loops=8, temperature=0.0, exit="act")
-    assert (act.loops >= 1).all() and (act.loops <= 8).all() and (act.loops < 8).any()
-    # The prompt's ACT exit leaves the output unchanged: the first token is the same.
-    np.testing.assert_array_equal(act.tokens[:, 0], full.tokens[:, 0])
+    assert (act.loops >= 1).all() and (act.loops < 8).all()
     # A rule that never fires runs every loop and reproduces the full-depth generation.
     never = gen.generate(model, PROMPTS, 6, n_loops=8, temperature=0.0, exit="delta",
                          exit_threshold=0.0)
@@ -102,37 +148,43 @@ def test_decode_early_exit_per_sequence(model):
     np.testing.assert_array_equal(never.loops, 8)
 
 
-def test_early_exit_fills_every_depth_of_the_cache(model):
+def _as_shared(cache, slots: int):
+    """A full-depth cache as ``slots`` shared depth slots leave it: depth t holds the rows of
+    the last depth d with d = t (mod slots), the last one written to slot t mod slots."""
+    def share(c):
+        depths = c.shape[0]
+        source = [max(d for d in range(depths) if d % slots == t % slots) for t in range(depths)]
+        return c[np.asarray(source)]
+    return cache.replace(recurrent=jax.tree.map(share, cache.recurrent))
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_depth_shared_cache_is_the_full_cache_with_shared_rows(model, slots):
+    """4 loops over ``slots`` shared depth slots: every prefill and decode logit equals a
+    full-depth cached run whose cache, after each step, has every depth's rows replaced by
+    those of the last depth that shares its slot (each token writes its own key at the depth
+    it runs before attending, so only earlier tokens' keys are shared)."""
     ids, start = gen.left_pad(PROMPTS)
-    cache = init_cache(model.cfg, len(PROMPTS), 12, 8, start)
-    cache = model(jnp.asarray(ids), 8, cache=cache).cache
-    slot = int(cache.index)
-    out = model(jnp.asarray([[1], [2], [3]]), LoopSpec(8, exit="act"), cache=cache,
-                return_info=True)
-    cache, loops_run = out.cache, out.info.loops_run
-    assert int(loops_run.max()) < 8
-    for array in cache.recurrent.values():          # (depth, B, S, ...)
-        written = np.abs(np.asarray(array[:, :, slot])).reshape(8, -1).sum(axis=1)
-        assert (written > 0).all()
+    shared, _, shared_cache = _cached_run(
+        model, LoopSpec(4), init_cache(model.cfg, 3, 12, slots, start, shares_depths=True),
+        ids, CONTINUATION)
+    assert next(iter(shared_cache.recurrent.values())).shape[0] == slots
+    forward = nnx.jit(lambda m, i, c: m(i, 4, cache=c)[::2])
+    logits, cache = forward(model, jnp.asarray(ids), init_cache(model.cfg, 3, 12, 4, start))
+    reference = [logits]
+    for step in range(CONTINUATION.shape[1]):
+        rows = _as_shared(cache, slots)
+        assert any(not np.allclose(rows.recurrent[k], cache.recurrent[k])
+                   for k in cache.recurrent)                    # the rewrite moves rows
+        logits, cache = forward(model, jnp.asarray(CONTINUATION[:, step:step + 1]), rows)
+        reference.append(logits)
+    assert_close(shared, np.concatenate(reference, axis=1), DECODE_RTOL)
 
 
-def test_depth_shared_cache(model):
+def test_depth_slots_in_generate(model):
     full = gen.generate(model, PROMPTS, 5, n_loops=4, temperature=0.0)
     same = gen.generate(model, PROMPTS, 5, n_loops=4, temperature=0.0, depth_slots=4)
     np.testing.assert_array_equal(same.tokens, full.tokens)   # 4 slots for 4 loops: no sharing
-    shared = gen.generate(model, PROMPTS, 5, n_loops=4, temperature=0.0, depth_slots=1)
-    np.testing.assert_array_equal(shared.tokens[:, 0], full.tokens[:, 0])  # prefill unchanged
-    ids, start = gen.left_pad(PROMPTS)
-    full_cache = init_cache(model.cfg, 3, 8, 4, start)
-    shared_cache = init_cache(model.cfg, 3, 8, 1, start, shares_depths=True)
-    expected, _, full_cache = model(jnp.asarray(ids), 4, cache=full_cache)
-    prefill, _, shared_cache = model(jnp.asarray(ids), 4, cache=shared_cache)
-    np.testing.assert_allclose(prefill, expected, atol=1e-6)  # prefill reads no cache
-    token = jnp.asarray([[1], [2], [3]])
-    exact = model(token, 4, cache=full_cache).logits
-    step, _, shared_cache = model(token, 4, cache=shared_cache)
-    assert next(iter(shared_cache.recurrent.values())).shape[0] == 1
-    assert np.isfinite(np.asarray(step)).all() and not np.allclose(step, exact, atol=1e-4)
     with pytest.raises(ValueError, match="depth_slots must be in"):
         gen.generate(model, PROMPTS, 2, n_loops=4, depth_slots=5)
 
@@ -149,18 +201,51 @@ def test_eos_stops_each_sequence(model):
         assert (result.tokens[b, expected:] == eos).all()
 
 
-def test_sampling_filters():
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
-    key = jax.random.key(0)
-    greedy = sample_next(logits, key, 0.0, None, None)
-    assert (greedy == 0).all()
-    top1 = sample_next(logits, key, 1.0, 1, None)
-    assert (top1 == 0).all()
-    top2 = np.asarray(sample_next(logits, key, 1.0, 2, None))
-    assert set(top2.tolist()) == {0, 1} and abs((top2 == 0).mean() - 0.5 / 0.8) < 0.05
-    nucleus = np.asarray(sample_next(logits, key, 1.0, None, 0.7))   # {0.5, 0.3} reach 0.7
-    assert set(nucleus.tolist()) == {0, 1}
-    np.testing.assert_array_equal(nucleus, sample_next(logits, key, 1.0, None, 0.7))
+SAMPLING_LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+DRAWS = 20_000
+
+
+def _tempered_nucleus(temperature: float, top_k: int | None, top_p: float | None):
+    """softmax(logits / T) restricted to the top-k and to the smallest most-likely prefix
+    whose mass reaches top_p, renormalised (NumPy)."""
+    scaled = SAMPLING_LOGITS.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    order = np.argsort(-probs)
+    keep = np.zeros(probs.shape, bool)
+    keep[order[:top_k or probs.size]] = True
+    probs = np.where(keep, probs, 0.0) / probs[keep].sum()
+    if top_p is not None:
+        mass = np.cumsum(probs[order])
+        keep = np.zeros(probs.shape, bool)
+        keep[order[:int(np.argmax(mass >= top_p)) + 1]] = True
+        probs = np.where(keep, probs, 0.0) / probs[keep].sum()
+    return probs
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (0.5, None, None), (2.0, None, None), (1.0, 2, None), (2.0, 4, None),
+    (1.0, None, 0.6), (2.0, None, 0.8), (0.7, None, 0.9), (2.0, 4, 0.7),
+])
+def test_sampling_frequencies_follow_the_tempered_nucleus(temperature, top_k, top_p):
+    """20k draws: each token's count within 5 binomial sigmas of its probability, none
+    outside the nucleus; the same key gives the same draws."""
+    logits = jnp.tile(jnp.asarray(SAMPLING_LOGITS), (DRAWS, 1))
+    draws = np.asarray(sample_next(logits, jax.random.key(0), temperature, top_k, top_p))
+    probs = _tempered_nucleus(temperature, top_k, top_p)
+    counts = np.bincount(draws, minlength=probs.size)
+    sigma = np.sqrt(DRAWS * probs * (1 - probs))
+    assert (np.abs(counts - DRAWS * probs) <= 5 * sigma).all(), (counts, DRAWS * probs)
+    assert (counts[probs == 0] == 0).all()
+    np.testing.assert_array_equal(draws, sample_next(logits, jax.random.key(0), temperature,
+                                                     top_k, top_p))
+
+
+def test_greedy_and_top_1_take_the_argmax():
+    logits = jnp.asarray(np.stack([SAMPLING_LOGITS, SAMPLING_LOGITS[::-1]] * 50))
+    argmax = np.asarray(jnp.argmax(logits, axis=-1))
+    for temperature, top_k in ((0.0, None), (1.0, 1)):
+        np.testing.assert_array_equal(
+            sample_next(logits, jax.random.key(1), temperature, top_k, None), argmax)
 
 
 def test_decoding_deeper_than_the_cache_raises(model):
