@@ -144,15 +144,16 @@ def torch_decode_at(torch_model, batch: int, position: int, n_loops: int, steps:
 # ============================================================================ mythos-jax
 def jax_generate_run(model, prompts, new_tokens: int, n_loops: int, temperature: float,
                      top_k: int | None, seed: int) -> dict[str, Any]:
-    """One ``generate`` call; ``on_token`` timestamps split prefill (up to the first token)
-    from decode (each later token: one jitted decode-and-sample step + host transfer)."""
-    from mythos_jax.inference.generate import generate
+    """One ``generate`` call; the first ``on_token`` timestamp splits prefill (up to the first
+    token) from decode (the rest, on the device in chunks of ``DECODE_CHUNK`` tokens: the
+    chunk size ``generate`` uses without a callback)."""
+    from mythos_jax.inference.generate import DECODE_CHUNK, generate
 
     stamps: list[float] = []
     start = time.perf_counter()
     result = generate(model, prompts, new_tokens, n_loops=n_loops, temperature=temperature,
-                      top_k=top_k, seed=seed, on_token=lambda _t: stamps.append(
-                          time.perf_counter()))
+                      top_k=top_k, seed=seed, stream_chunk=DECODE_CHUNK,
+                      on_token=lambda _t: stamps.append(time.perf_counter()))
     total = time.perf_counter() - start
     assert result.tokens.shape == (len(prompts), new_tokens) and len(stamps) == new_tokens
     return {"total_s": total, "prefill_s": stamps[0] - start, "decode_s": total - (

@@ -77,11 +77,14 @@ def test_greedy_generation_equals_openmythos(attn_type):
 def test_prefill_and_decode_compile_once(model):
     gen.generate(model, PROMPTS, 3, n_loops=2, temperature=0.0)
     decoder = gen.compiled_decoder(nnx.graphdef(model), 2, 0.0, None, None, None, 1e-3)
-    sizes = decoder.prefill._cache_size(), decoder.step._cache_size()
+    sizes = decoder.prefill._cache_size(), decoder.run._cache_size()
     assert sizes == (1, 1)
     gen.generate(model, [[1, 2], [3], [4, 5, 6, 7, 8]], 3, n_loops=2, temperature=0.0,
                  max_len=9)
-    assert (decoder.prefill._cache_size(), decoder.step._cache_size()) == sizes
+    assert (decoder.prefill._cache_size(), decoder.run._cache_size()) == sizes
+    # The on-device decode loop serves every max_new_tokens (the prefill's budget changes).
+    gen.generate(model, [[1], [2], [3]], 6, n_loops=2, temperature=0.0, max_len=9)
+    assert decoder.run._cache_size() == 1
 
 
 def _cached_run(model, spec, cache, prompts_ids, tokens):

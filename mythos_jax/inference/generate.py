@@ -1,4 +1,4 @@
-"""Text generation with preallocated caches: a jitted prefill and a jitted one-token decode.
+"""Text generation with preallocated caches: a jitted prefill, then decoding on the device.
 
     result = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=32, temperature=0.0)
     result.tokens   # (B, max_new_tokens) int32, eos_id (or 0) after a sequence ended
@@ -6,9 +6,10 @@
 
 Prompts of different lengths are left-padded to the prompt budget ``max_len - max_new_tokens``;
 each sequence sees only its own tokens (padding masks) and its positions start at 0.
-The decode step is compiled once per (batch, cache length, n_loops, sampling settings) and
-the prefill once per (batch, prompt budget, ...), never per token or per prompt length; both
-sample on the device, so each token costs one jitted call and one (B,) transfer.
+The decode loop (a ``while_loop`` over tokens, sampling included) is compiled once per
+(batch, cache length, n_loops, sampling settings, chunk) and the prefill once per (batch,
+prompt budget, ...), never per token or per prompt length; the host sees one call and one
+(chunk, B) transfer per chunk of tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from mythos_jax.budget import check_fits, tree_bytes
-from mythos_jax.inference.cache import init_cache
+from mythos_jax.inference.cache import KVCache, init_cache
 from mythos_jax.inference.sampling import check_sampling_args, sample_next
 from mythos_jax.loops import LoopSpec
 from mythos_jax.model import raise_if_out_of_vocab
@@ -57,14 +58,32 @@ def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray, width: int | None = 
     return ids, np.asarray([width - n for n in lengths], np.int32)
 
 
+#: Tokens per on-device decode call without ``on_token`` (one compile serves every
+#: ``max_new_tokens``; a longer generation takes several calls, each one host round trip).
+DECODE_CHUNK = 64
+
+
+class DecodeState(NamedTuple):
+    """What the on-device decode loop carries from one token to the next."""
+    token: jax.Array      # (B,) int32: the last recorded token, the next forward's input
+    finished: jax.Array   # (B,) bool: the sequence has emitted ``eos_id``
+    lengths: jax.Array    # (B,) int32: tokens recorded per sequence (EOS included)
+    cache: KVCache
+
+
 class Decoder(NamedTuple):
-    """Jitted generation steps for one (graphdef, n_loops, sampling, exit settings); each
-    returns ``(next_token (B,), last logits (B, V), cache, loops run (B,))`` and donates the
-    cache.
-    ``prefill(state, ids (B, P), cache, key)``: left-padded prompts into an empty cache.
-    ``step(state, token (B,), cache, key)``: one token per sequence."""
+    """Jitted generation steps for one (graphdef, n_loops, sampling, exit settings); all
+    donate the cache.
+    ``prefill(state, ids (B, P), cache, key)`` -> ``(next_token (B,), last logits (B, V),
+    cache, loops run (B,))``: left-padded prompts into an empty cache.
+    ``step(state, token (B,), cache, key)`` -> the same, for one token per sequence.
+    ``run(state, carry, key, start, stop, eos, size=C)`` -> ``(carry, tokens (C, B),
+    loops (C, B), end)``: tokens ``start..stop-1`` (at most C) in one on-device
+    ``while_loop``, which ends early (at ``end``) once every sequence is finished; token i
+    samples with ``fold_in(key, i)``; ``eos`` < 0 means none."""
     prefill: Callable
     step: Callable
+    run: Callable
 
 
 @functools.lru_cache(maxsize=32)
@@ -85,8 +104,34 @@ def compiled_decoder(graphdef, n_loops: int, temperature: float = 0.0,
     def step(state, token, cache, key):
         return forward(state, token[:, None], cache, key)
 
+    def run(state, carry: DecodeState, key, start, stop, eos, size: int):
+        fill = jnp.maximum(eos, 0)
+
+        def body(loop):
+            index, carry, tokens, loops = loop
+            token, _, cache, loops_run = step(state, carry.token, carry.cache,
+                                              jax.random.fold_in(key, index))
+            recorded = jnp.where(carry.finished, fill, token)
+            slot = index - start
+            tokens = tokens.at[slot].set(recorded)
+            loops = loops.at[slot].set(jnp.where(carry.finished, 0, loops_run))
+            carry = DecodeState(recorded, carry.finished | ((eos >= 0) & (recorded == eos)),
+                                carry.lengths + ~carry.finished, cache)
+            return index + 1, carry, tokens, loops
+
+        def more(loop):
+            index, carry = loop[:2]
+            return (index < stop) & ~jnp.all(carry.finished)
+
+        batch = carry.token.shape[0]
+        empty = jnp.full((size, batch), fill, jnp.int32)
+        end, carry, tokens, loops = jax.lax.while_loop(
+            more, body, (start, carry, empty, jnp.zeros_like(empty)))
+        return carry, tokens, loops, end
+
     return Decoder(jax.jit(forward, donate_argnames=("cache",)),
-                   jax.jit(step, donate_argnames=("cache",)))
+                   jax.jit(step, donate_argnames=("cache",)),
+                   jax.jit(run, donate_argnames=("carry",), static_argnames=("size",)))
 
 
 def check_generation_args(cfg, prompt_len: int, max_new_tokens: int, temperature: float = 1.0,
@@ -116,10 +161,12 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed: int = 0, max_len: int | None = None,
              on_token: Callable[[np.ndarray], None] | None = None, exit: str | None = None,
-             exit_threshold: float = 1e-3, depth_slots: int | None = None) -> Generation:
+             exit_threshold: float = 1e-3, depth_slots: int | None = None,
+             stream_chunk: int = 16) -> Generation:
     """Sample ``max_new_tokens`` per prompt (greedy at ``temperature=0``), stopping each
     sequence at ``eos_id``. ``max_len`` is the cache length (default: longest prompt +
-    max_new_tokens). ``on_token`` receives each step's tokens (B,) (streaming).
+    max_new_tokens). ``on_token`` receives each step's tokens (B,) (streaming); the tokens are
+    decoded on the device ``stream_chunk`` at a time, so they arrive in bursts of that many.
     ``exit`` ("act" | "kl" | "delta", off by default): per-sequence early exit of the loop
     for every token (continuous depth-wise batching: a sequence that stopped is masked while
     the batch goes on); ``Generation.loops`` reports the loops run per token. It trades
@@ -138,6 +185,8 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
     raise_if_out_of_vocab(ids.min(), ids.max(), cfg.vocab_size)
     batch = ids.shape[0]
     graphdef, state = nnx.split(model)
+    if stream_chunk < 1:
+        raise ValueError(f"stream_chunk must be >= 1, got {stream_chunk}")
     if depth_slots is not None and not 1 <= depth_slots <= n_loops:
         raise ValueError(f"depth_slots must be in [1, n_loops={n_loops}], got {depth_slots}")
     decoder = compiled_decoder(graphdef, n_loops, float(temperature), top_k, top_p, exit,
@@ -146,26 +195,39 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
     check_fits("the KV cache", tree_bytes(jax.eval_shape(
         lambda: init_cache(cfg, batch, max_len, slots, start, shares_depths=shared))),
         f"lower n_loops={n_loops} (or set depth_slots), the batch {batch} or max_len={max_len}")
-    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+    key = jax.random.key(seed)
     cache = init_cache(cfg, batch, max_len, slots, start, shares_depths=shared)
-    token, _, cache, loops_run = decoder.prefill(state, jnp.asarray(ids), cache, keys[0])
+    token, _, cache, loops_run = decoder.prefill(state, jnp.asarray(ids), cache,
+                                                 jax.random.fold_in(key, 0))
+    return _decode(decoder, state, token, loops_run, cache, key, max_new_tokens, eos_id,
+                   stream_chunk if on_token is not None else DECODE_CHUNK, on_token)
 
-    fill = 0 if eos_id is None else eos_id
-    tokens = np.full((batch, max_new_tokens), fill, np.int32)
+
+def _decode(decoder: Decoder, state, token, loops_run, cache, key, max_new_tokens: int,
+            eos_id: int | None, chunk: int, on_token) -> Generation:
+    """Records the prefill's token (B,), then decodes the rest on the device, ``chunk``
+    tokens per call, until ``max_new_tokens`` or every sequence reached ``eos_id``."""
+    batch = token.shape[0]
+    tokens = np.full((batch, max_new_tokens), 0 if eos_id is None else eos_id, np.int32)
     loops = np.zeros((batch, max_new_tokens), np.int32)
-    finished = np.zeros((batch,), bool)
-    lengths = np.zeros((batch,), np.int32)
-    for step in range(max_new_tokens):
-        next_token = np.where(finished, fill, np.asarray(token))
-        tokens[:, step] = next_token
-        loops[:, step] = np.where(finished, 0, np.asarray(loops_run))
-        lengths += ~finished
+    tokens[:, 0], loops[:, 0] = np.asarray(token), np.asarray(loops_run)
+    finished = np.zeros((batch,), bool) if eos_id is None else tokens[:, 0] == eos_id
+    if on_token is not None:
+        on_token(tokens[:, 0].copy())
+    carry = DecodeState(jnp.asarray(tokens[:, 0]), jnp.asarray(finished),
+                        jnp.ones((batch,), jnp.int32), cache)
+    eos = jnp.int32(-1 if eos_id is None else eos_id)
+    done = 1
+    while done < max_new_tokens and not finished.all():
+        carry, new_tokens, new_loops, end = decoder.run(
+            state, carry, key, jnp.int32(done), jnp.int32(min(done + chunk, max_new_tokens)),
+            eos, size=chunk)
+        end = int(end)
+        tokens[:, done:end] = np.asarray(new_tokens)[:end - done].T
+        loops[:, done:end] = np.asarray(new_loops)[:end - done].T
+        finished = np.asarray(carry.finished)
         if on_token is not None:
-            on_token(next_token)
-        if eos_id is not None:
-            finished |= next_token == eos_id
-        if finished.all() or step == max_new_tokens - 1:
-            break
-        token, _, cache, loops_run = decoder.step(state, jnp.asarray(next_token), cache,
-                                                  keys[step + 1])
-    return Generation(tokens, lengths, loops)
+            for column in tokens[:, done:end].T:
+                on_token(column.copy())
+        done = end
+    return Generation(tokens, np.asarray(carry.lengths), loops)

@@ -8,6 +8,8 @@ nothing is dropped:
   "grouped"  rows sorted by expert into fixed-size blocks (one expert per block, each expert
              padded to a whole block) and run as one batched matmul: compute is bounded by
              N*K + E*(block-1) rows whatever the routing. Dropless; fastest on XLA:CPU.
+             With at most two rows per expert (decode) each row gathers its expert's kernels
+             instead: the same work without the sort.
   "dropless" rows sorted by expert and run as grouped matmuls (a ``GroupedMatmul``; which
              runs where: the table of ``moe.grouped_matmul``).
   "capacity" each expert takes at most C = ceil(capacity_factor * N*K / E) rows into an
@@ -25,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from mythos_jax.modes import GroupedMatmul, MoEImpl
-from mythos_jax.moe.expert_ffn import batched_swiglu, blocked_swiglu, ragged_swiglu
+from mythos_jax.moe.expert_ffn import (batched_swiglu, block_size, blocked_swiglu,
+                                       ragged_swiglu, rowwise_swiglu)
 from mythos_jax.moe.expert_parallel import EXPERT_AXIS, expert_parallel_dispatch
 from mythos_jax.moe.slots import (capacity_slots, combine_buffers, combine_sorted,
                                   expert_capacity, fill_buffers, sort_by_expert)
@@ -68,6 +71,8 @@ def _sorted_dispatch(expert_ffn, x, expert_ids, weights, gate, up, down):
 
 
 def _grouped_dispatch(x, expert_ids, weights, gate, up, down, **_):
+    if block_size(expert_ids.size, gate.shape[0]) == 1:
+        return rowwise_swiglu(x, expert_ids, weights, gate, up, down), jnp.int32(0)
     return _sorted_dispatch(blocked_swiglu, x, expert_ids, weights, gate, up, down), jnp.int32(0)
 
 

@@ -23,8 +23,7 @@ def blocked_swiglu(rows, group_sizes, gate, up, down) -> jax.Array:
     the blocks run as one batched matmul.
     """
     n_rows, n_experts = rows.shape[0], gate.shape[0]
-    rows_per_expert = n_rows / (2 * n_experts)   # half the mean load: bounded padding
-    block = 1 if rows_per_expert <= 1 else min(256, 8 * math.ceil(rows_per_expert / 8))
+    block = block_size(n_rows, n_experts)
     n_blocks = math.ceil((n_rows + n_experts * (block - 1)) / block)
 
     ends = jnp.cumsum(group_sizes)
@@ -45,6 +44,26 @@ def blocked_swiglu(rows, group_sizes, gate, up, down) -> jax.Array:
               * jnp.einsum("nbd,ndf->nbf", blocks, up[block_expert]))
     block_out = jnp.einsum("nbf,nfd->nbd", hidden, down[block_expert])
     return block_out.reshape(n_blocks * block, -1).at[dest].get(mode="fill", fill_value=0)
+
+
+def block_size(n_rows: int, n_experts: int) -> int:
+    """Rows per block of :func:`blocked_swiglu`: half the mean load per expert (bounded
+    padding), a multiple of 8 up to 256; 1 when there is at most two rows per expert."""
+    rows_per_expert = n_rows / (2 * n_experts)
+    return 1 if rows_per_expert <= 1 else min(256, 8 * math.ceil(rows_per_expert / 8))
+
+
+def rowwise_swiglu(x, expert_ids, weights, gate, up, down) -> jax.Array:
+    """x (N, D), expert_ids/weights (N, K) -> (N, D): every (token, choice) row gathers its
+    expert's kernels, no sorting. The same work and kernel bytes as :func:`blocked_swiglu`
+    with one-row blocks, in a handful of ops instead of a sort and scatter (decode sizes)."""
+    n_tokens, top_k = expert_ids.shape
+    chosen = expert_ids.reshape(-1)
+    rows = jnp.repeat(x, top_k, axis=0)                                   # (N*K, D)
+    hidden = (jax.nn.silu(jnp.einsum("md,mdf->mf", rows, gate[chosen]))
+              * jnp.einsum("md,mdf->mf", rows, up[chosen]))
+    out = jnp.einsum("mf,mfd->md", hidden, down[chosen]).reshape(n_tokens, top_k, -1)
+    return jnp.einsum("nkd,nk->nd", out, weights.astype(out.dtype))
 
 
 def ragged_swiglu(rows, group_sizes, gate, up, down,
