@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -356,9 +357,15 @@ def trained_steps(output: str) -> list[int]:
     return [int(n) for n in re.findall(r"\] step (\d+)/\d+ ", output)]
 
 
-def _interrupt(workdir, log, cache, ready, sig):
-    """Start a run in ``workdir`` (output to ``log``), send ``sig`` once ``ready()`` holds;
-    returns (exit code, output)."""
+class Run(NamedTuple):
+    """One training process: exit code, output, committed checkpoint steps when it ended."""
+    code: int
+    output: str
+    committed: list[int]
+
+
+def _interrupt(workdir, log, cache, ready, sig) -> Run:
+    """Start a run in ``workdir`` (output to ``log``), send ``sig`` once ``ready()`` holds."""
     with open(log, "w") as out:
         process = subprocess.Popen(_train_command(workdir), env=_env(cache), stdout=out,
                                    stderr=subprocess.STDOUT)
@@ -369,40 +376,39 @@ def _interrupt(workdir, log, cache, ready, sig):
             time.sleep(0.02)
         process.send_signal(sig)
         code = process.wait(timeout=300)
-    return code, open(log).read()
+    return Run(code, open(log).read(), committed_steps(workdir))
 
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
     """An uninterrupted reference run, and one run of the same command stopped twice: SIGTERM
-    once it has logged a step; resumed and SIGKILLed once it has committed a newer checkpoint;
-    resumed to the end. Records each process's exit code, output and committed steps."""
+    once it has logged a step (``term``, with the steps logged by then); resumed and SIGKILLed
+    once it has committed a newer checkpoint (``kill``); resumed to the end (``last``)."""
     root = tmp_path_factory.mktemp("interrupted")
     cache = root / "xla"      # written by the runs that end cleanly; the killed one gets a copy
     reference, work = root / "reference", str(root / "run")
     subprocess.run(_train_command(reference), check=True, env=_env(cache), capture_output=True,
                    timeout=300)
     metrics = os.path.join(work, "metrics.jsonl")
-    runs = [_interrupt(work, root / "term.log", cache, lambda: os.path.exists(metrics)
-                       and os.path.getsize(metrics) > 0, signal.SIGTERM)]
-    runs[0] += (committed_steps(work), sorted(step_lines(work)))
+    term = _interrupt(work, root / "term.log", cache, lambda: os.path.exists(metrics)
+                      and os.path.getsize(metrics) > 0, signal.SIGTERM)
+    logged = sorted(step_lines(work))
     shutil.copytree(cache, root / "xla-killed")
-    runs.append(_interrupt(work, root / "kill.log", root / "xla-killed",
-                           lambda: committed_steps(work)[-1] > runs[0][2][-1], signal.SIGKILL)
-                + (committed_steps(work),))
+    kill = _interrupt(work, root / "kill.log", root / "xla-killed",
+                      lambda: committed_steps(work)[-1] > term.committed[-1], signal.SIGKILL)
     last = subprocess.run(_train_command(work), env=_env(cache), capture_output=True, text=True,
                           timeout=300)
-    runs.append((last.returncode, last.stdout + last.stderr))
-    return {"reference": step_lines(reference), "work": work, "runs": runs}
+    return {"reference": step_lines(reference), "work": work, "term": term, "logged": logged,
+            "kill": kill, "last": Run(last.returncode, last.stdout + last.stderr, [])}
 
 
 def test_sigterm_checkpoints_and_exits_and_the_rerun_continues_at_the_next_step(interrupted):
-    code, output, committed, logged = interrupted["runs"][0]
-    stopped = int(re.search(r"stopped at step (\d+); rerun the same command", output)[1])
-    assert code == 0, output
-    assert committed[-1] == stopped and logged == list(range(1, stopped + 1))
-    assert trained_steps(output) == logged
-    resumed = interrupted["runs"][1][1]
+    term = interrupted["term"]
+    stopped = int(re.search(r"stopped at step (\d+); rerun the same command", term.output)[1])
+    assert term.code == 0, term.output
+    assert term.committed[-1] == stopped
+    assert trained_steps(term.output) == interrupted["logged"] == list(range(1, stopped + 1))
+    resumed = interrupted["kill"].output
     assert f"resumed from {interrupted['work']}/checkpoints at step {stopped}\n" in resumed
     assert trained_steps(resumed)[0] == stopped + 1, resumed
 
@@ -410,13 +416,13 @@ def test_sigterm_checkpoints_and_exits_and_the_rerun_continues_at_the_next_step(
 def test_resume_after_sigkill_gives_the_same_losses(interrupted):
     """Killed after a committed checkpoint, rerun: the rerun resumes at that step, trains only
     the steps after it, and the log holds every step once, bit for bit the reference's."""
-    (_, _, before, _), (killed_code, _, committed), (code, output) = interrupted["runs"]
-    assert killed_code == -signal.SIGKILL
-    killed_at = committed[-1]
-    assert before[-1] < killed_at < 8, committed
-    assert code == 0, output
-    assert f"resumed from {interrupted['work']}/checkpoints at step {killed_at}\n" in output
-    assert trained_steps(output) == list(range(killed_at + 1, 9))
+    kill, last = interrupted["kill"], interrupted["last"]
+    assert kill.code == -signal.SIGKILL
+    killed_at = kill.committed[-1]
+    assert interrupted["term"].committed[-1] < killed_at < 8, kill.committed
+    assert last.code == 0, last.output
+    assert f"resumed from {interrupted['work']}/checkpoints at step {killed_at}\n" in last.output
+    assert trained_steps(last.output) == list(range(killed_at + 1, 9))
     records = [r["step"] for r in read_metrics(interrupted["work"]) if "eval" not in r]
     assert records == list(range(1, 9))
     ref, got = interrupted["reference"], step_lines(interrupted["work"])
