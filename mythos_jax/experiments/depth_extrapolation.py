@@ -18,7 +18,6 @@ prelude layers, then 1 loop and the coda: 8 block applications, iso-FLOP with
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax.numpy as jnp
@@ -88,7 +87,11 @@ def _exit_sweep(run: ArmRun, max_loops: int) -> dict:
     accuracy of the same queries at ``max_loops`` fixed loops."""
     model = model_from_state(run.plan, run.state)
     model.eval()
-    fixed, adaptive = _sweep_forwards(max_loops)
+    fixed = nnx.jit(lambda m, ids: m(ids, max_loops))
+    adaptive = {rule: nnx.jit(lambda m, ids, spec=LoopSpec(jnp.int32(max_loops), exit=rule,
+                                                          threshold=threshold):
+                              m(ids, spec, return_info=True))
+                for rule, threshold in EXIT_RULES.items()}
     per_rule = {rule: {} for rule in EXIT_RULES}
     for split in data_lib.eval_splits(run.cfg.data):
         hops = int(split.split("=")[1])
@@ -108,18 +111,6 @@ def _exit_sweep(run: ArmRun, max_loops: int) -> dict:
                       for key in ("mean_exit", "accuracy", "accuracy_at_max")},
                    "per_hops": per_hops}
             for rule, per_hops in per_rule.items()}
-
-
-@functools.cache
-def _sweep_forwards(max_loops: int):
-    """The sweep's jitted forwards at ``max_loops``: fixed depth, and one per exit rule; made
-    once, so that the looped arms (one model graph) share their compilations."""
-    fixed = nnx.jit(lambda m, ids: m(ids, max_loops))
-    adaptive = {rule: nnx.jit(lambda m, ids, spec=LoopSpec(jnp.int32(max_loops), exit=rule,
-                                                          threshold=threshold):
-                              m(ids, spec, return_info=True))
-                for rule, threshold in EXIT_RULES.items()}
-    return fixed, adaptive
 
 
 # ---------------------------------------------------------------------------- report
