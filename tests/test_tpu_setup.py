@@ -1,12 +1,12 @@
 """tpu_setup/: shellcheck, the exact commands of every --dry-run, errors before anything is
-created, the bash accelerator/mesh checks against their Python twins, and a 2-process local
-launch of `mythos-jax train` through the same launcher as on a TPU."""
+created, the bash accelerator/mesh checks against their Python twins, and a local launch that
+stops every process when one fails. The 2-process local launch of `mythos-jax train` through
+the same launcher as on a TPU is in tests/test_train.py (its losses against one process)."""
 
 import os
 import re
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -363,26 +363,3 @@ def test_local_launch_stops_every_process_when_one_fails(tmp_path):
                     env={"MYTHOS_JAX": str(fake)}, timeout=20)
     assert result.returncode == 1
     assert "process 1 failed (exit 3)" in result.stderr and "boom" in result.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_local_launch_trains_two_processes(tmp_path):
-    """The multi-host path end to end: 2 CPU processes, one coordinator, a few tiny steps."""
-    workdir = tmp_path / "run"
-    result = script(
-        "launch.sh", "--local", "2", "--port", str(_free_port()), "--workdir", str(workdir),
-        "--", "--set", "steps=2", "--set", "checkpoint.every=2", "--set", "eval.loops=[1]",
-        "--set", "eval.batches=1", "--set", "log.tensorboard=false",
-        "--set", "log.peak_flops=1e11",
-        env={"MYTHOS_JAX": str(VENV_BIN / "mythos-jax")}, timeout=400)
-    logs = {i: (workdir / "logs" / f"{i}.log").read_text() for i in range(2)
-            if (workdir / "logs" / f"{i}.log").exists()}
-    assert result.returncode == 0, result.stderr + "\n".join(logs.values())
-    assert set(logs) == {0, 1}
-    assert "mesh {'data': 2" in logs[0]          # one device from each process
-    assert (workdir / "metrics.jsonl").exists() and any((workdir / "checkpoints").iterdir())

@@ -1,15 +1,21 @@
-"""Training end to end: config, optimizer masks, a short run, exact resume after SIGKILL,
-resharded restore, two local processes, and the eval command."""
+"""Training end to end: config, optimizer masks, a short run and its depth curve, a skipped
+non-finite step, SIGTERM and exact resume after SIGKILL, resharded restore, two local processes
+through tpu_setup/launch.sh (and one resuming them), and the eval command."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,6 +25,8 @@ from mythos_jax.train.config import TrainConfig, load_train_config
 from mythos_jax.train.optim import decay_mask
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
 from mythos_jax.train.trainer import read_metrics, train
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A few seconds per run: the tiny preset, short sequences, every loop count 1..3.
 QUICK = ["steps=8", "checkpoint.every=2", "log.every=2", "log.tensorboard=false",
@@ -140,10 +148,16 @@ def test_batches_with_out_of_vocab_ids_are_refused_on_the_host():
 # ---------------------------------------------------------------------------- a short run
 # Every in-process run below uses the QUICK config (one compiled step, shared through the
 # persistent compilation cache).
-def test_short_run_learns_writes_everything_and_resharded_restore(tmp_path):
-    workdir = str(tmp_path / "run")
-    cfg = load_train_config("tiny", QUICK + ["log.tensorboard=true"])
-    report = train(cfg, workdir)
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """(config, workdir, report) of a QUICK run with TensorBoard and a 2-batch depth curve."""
+    workdir = str(tmp_path_factory.mktemp("short") / "run")
+    cfg = load_train_config("tiny", QUICK + ["log.tensorboard=true", "eval.batches=2"])
+    return cfg, workdir, train(cfg, workdir)
+
+
+def test_short_run_learns_writes_everything_and_resharded_restore(short_run):
+    cfg, workdir, report = short_run
     lines = step_lines(workdir)
     assert sorted(lines) == list(range(1, 9))
     losses = [lines[s]["loss"] for s in range(1, 9)]
@@ -163,11 +177,57 @@ def test_short_run_learns_writes_everything_and_resharded_restore(tmp_path):
     checkpointer.close()
     original = Checkpointer(workdir, build_plan(cfg, make_mesh(cfg.mesh))).restore()
     assert int(restored.step) == 8
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(original)):
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(original), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     embed = restored.params["embed"]
     assert embed.sharding.spec == plan.shardings.params["embed"].spec
     assert embed.sharding.mesh.shape["fsdp"] == 4
+
+
+def _explicit_depth_point(model, batches, n_loops):
+    """Mean over ``batches`` of the masked loss, token accuracy and exact match at
+    ``n_loops``, in float64 numpy from the model's logits."""
+    values = []
+    for batch in batches:
+        logits = np.asarray(model(jnp.asarray(batch["inputs"]), n_loops), np.float64)
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        targets, mask = batch["targets"], batch["loss_mask"]
+        nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+        right = logits.argmax(-1) == targets
+        answered = mask.sum(1) > 0
+        exact = np.all(right | (mask == 0), axis=1) & answered
+        values.append([(nll * mask).sum() / mask.sum(), (right * mask).sum() / mask.sum(),
+                       exact.sum() / max(answered.sum(), 1)])
+    return dict(zip(("loss", "accuracy", "exact_match"), np.mean(values, axis=0), strict=True))
+
+
+def test_the_depth_curve_is_the_explicit_mean_over_eval_batches(short_run):
+    """evaluate()'s numbers at every eval loop count against a float64 recomputation from the
+    final checkpoint, over the same held-out batches."""
+    from mythos_jax.train.data import eval_batches
+    from mythos_jax.train.evaluate import _exact_match
+    from mythos_jax.train.step import model_from_state
+
+    cfg, workdir, report = short_run
+    plan = build_plan(cfg, make_mesh(cfg.mesh))
+    state = jax.tree.map(jnp.asarray, jax.device_get(Checkpointer(workdir, plan).restore()))
+    model = model_from_state(plan, state)
+    model.eval()
+    batches = eval_batches(cfg.data, "heldout")[:cfg.eval.batches]
+    assert len(batches) == 2
+    for n_loops, got in report["depth_curve"]["heldout"].items():
+        want = _explicit_depth_point(model, batches, n_loops)
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{name} at {n_loops} loops")
+    # Exact match on rows built for it: right, wrong on an answer token, wrong only off the
+    # answer (counts as right), no answer at all (not counted).
+    targets = jnp.arange(12).reshape(4, 3)
+    mask = jnp.array([[0, 1, 1], [0, 1, 1], [0, 0, 1], [0, 0, 0]], jnp.float32)
+    predictions = targets.at[1, 2].add(1).at[2, 0].add(1)
+    assert _exact_match(predictions, {"targets": targets, "loss_mask": mask}) == pytest.approx(
+        2 / 3)
 
 
 def test_incompatible_checkpoint_is_named(tmp_path):
@@ -194,6 +254,52 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     lines = step_lines(str(tmp_path / "run"))
     assert [lines[s]["nonfinite_streak"] for s in sorted(lines)] == [1, 2, 3]
     assert not any(lines[s]["finite"] for s in lines)
+
+
+def _host_leaves(tree) -> dict[str, np.ndarray]:
+    """Host copies of every leaf by key path (the step donates the state it is given)."""
+    return {jax.tree_util.keystr(path): np.array(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_one_nonfinite_batch_is_skipped_bitwise_and_the_streak_resets():
+    """A healthy run, one batch with a NaN in its loss mask, then a good batch: the bad step
+    leaves parameters, optimizer state (its count included) and the router bias bit for bit
+    as they were and counts one skip; the next good step updates them and resets the count."""
+    from mythos_jax.train.data import train_iterator
+    from mythos_jax.train.evaluate import global_batch
+
+    cfg = load_train_config("tiny", QUICK)
+    assert cfg.optim.router_bias_rate > 0
+    plan = build_plan(cfg, make_mesh("data=1", jax.devices()[:1]))
+    step_fn, batches = make_train_step(plan), train_iterator(cfg.data)
+    state, metrics = step_fn(init_train_state(plan), global_batch(plan, next(batches)))
+    healthy = {part: _host_leaves(getattr(state, part))
+               for part in ("params", "opt_state", "buffers")}
+    bias = [k for k in healthy["buffers"] if "router_bias" in k]
+    assert bias and bool(metrics["finite"])
+
+    poisoned = next(batches)
+    poisoned["loss_mask"] = poisoned["loss_mask"].copy()
+    poisoned["loss_mask"][0, 0] = np.nan
+    state, metrics = step_fn(state, global_batch(plan, poisoned))
+    assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 2 and int(state.nonfinite) == 1
+    for part, before in healthy.items():
+        after = _host_leaves(getattr(state, part))
+        assert list(after) == list(before)
+        for key, value in before.items():
+            assert after[key].dtype == value.dtype and after[key].tobytes() == value.tobytes(), (
+                part, key)
+
+    state, metrics = step_fn(state, global_batch(plan, next(batches)))
+    assert bool(metrics["finite"]) and int(metrics["nonfinite_streak"]) == 0
+    assert int(state.nonfinite) == 0
+    updated = {part: _host_leaves(getattr(state, part)) for part in healthy}
+    for part in ("params", "opt_state"):
+        assert all(np.all(np.isfinite(v)) for v in updated[part].values())
+        assert any(not np.array_equal(updated[part][k], v) for k, v in healthy[part].items())
+    assert all(not np.array_equal(updated["buffers"][k], healthy["buffers"][k]) for k in bias)
 
 
 def test_gradient_accumulation_averages_micro_batches():
@@ -229,32 +335,97 @@ def _env(cache_dir=None):
     return env
 
 
-def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
-    args = ["train", "--config", "tiny"] + [a for o in QUICK for a in ("--set", o)] + [
-        "--set", "checkpoint.async_save=true", "--set", "log.every=1"]
-    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-    cache = tmp_path / "xla"      # filled by the reference run; the others only read it
-    subprocess.run(_cli(args + ["--workdir", reference]), check=True, env=_env(cache),
-                   capture_output=True, timeout=300)
+# The interrupted-run tests: progress lines on (each names its step), a log line per step.
+INTERRUPTED = QUICK + ["log.every=1", "log.progress=true", "checkpoint.async_save=true",
+                       "eval.loops=[1]", "log.peak_flops=1e11"]
 
-    process = subprocess.Popen(_cli(args + ["--workdir", killed]), env=_env(cache),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_after = np.random.default_rng(int(time.time())).integers(3, 7)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        path = os.path.join(killed, "metrics.jsonl")
-        if os.path.exists(path) and len(open(path).readlines()) >= kill_after:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done_before_kill = len(step_lines(killed))
-    assert done_before_kill < 8, "the run finished before it could be killed"
 
-    subprocess.run(_cli(args + ["--workdir", killed]), check=True, env=_env(cache),
-                   capture_output=True, timeout=300)
-    ref, got = step_lines(reference), step_lines(killed)
-    assert sorted(got) == list(range(1, 9))
+def _train_command(workdir, overrides=INTERRUPTED):
+    return _cli(["train", "--config", "tiny", "--workdir", str(workdir)]
+                + [a for o in overrides for a in ("--set", o)])
+
+
+def committed_steps(workdir) -> list[int]:
+    """The checkpoint steps Orbax has committed (renamed from their temporary directories)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+        directory) else []
+
+
+def trained_steps(output: str) -> list[int]:
+    """The steps a process trained, from its progress lines ``[###...] step 3/8  loss ...``."""
+    return [int(n) for n in re.findall(r"\] step (\d+)/\d+ ", output)]
+
+
+class Run(NamedTuple):
+    """One training process: exit code, output, committed checkpoint steps when it ended."""
+    code: int
+    output: str
+    committed: list[int]
+
+
+def _interrupt(workdir, log, cache, ready, sig) -> Run:
+    """Start a run in ``workdir`` (output to ``log``), send ``sig`` once ``ready()`` holds."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(_train_command(workdir), env=_env(cache), stdout=out,
+                                   stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert process.poll() is None, open(log).read()       # it ended too early
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.02)
+        process.send_signal(sig)
+        code = process.wait(timeout=300)
+    return Run(code, open(log).read(), committed_steps(workdir))
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """An uninterrupted reference run, and one run of the same command stopped twice: SIGTERM
+    once it has logged a step (``term``, with the steps logged by then); resumed and SIGKILLed
+    once it has committed a newer checkpoint (``kill``); resumed to the end (``last``)."""
+    root = tmp_path_factory.mktemp("interrupted")
+    cache = root / "xla"      # written by the runs that end cleanly; the killed one gets a copy
+    reference, work = root / "reference", str(root / "run")
+    subprocess.run(_train_command(reference), check=True, env=_env(cache), capture_output=True,
+                   timeout=300)
+    metrics = os.path.join(work, "metrics.jsonl")
+    term = _interrupt(work, root / "term.log", cache, lambda: os.path.exists(metrics)
+                      and os.path.getsize(metrics) > 0, signal.SIGTERM)
+    logged = sorted(step_lines(work))
+    shutil.copytree(cache, root / "xla-killed")
+    kill = _interrupt(work, root / "kill.log", root / "xla-killed",
+                      lambda: committed_steps(work)[-1] > term.committed[-1], signal.SIGKILL)
+    last = subprocess.run(_train_command(work), env=_env(cache), capture_output=True, text=True,
+                          timeout=300)
+    return {"reference": step_lines(reference), "work": work, "term": term, "logged": logged,
+            "kill": kill, "last": Run(last.returncode, last.stdout + last.stderr, [])}
+
+
+def test_sigterm_checkpoints_and_exits_and_the_rerun_continues_at_the_next_step(interrupted):
+    term = interrupted["term"]
+    stopped = int(re.search(r"stopped at step (\d+); rerun the same command", term.output)[1])
+    assert term.code == 0, term.output
+    assert term.committed[-1] == stopped
+    assert trained_steps(term.output) == interrupted["logged"] == list(range(1, stopped + 1))
+    resumed = interrupted["kill"].output
+    assert f"resumed from {interrupted['work']}/checkpoints at step {stopped}\n" in resumed
+    assert trained_steps(resumed)[0] == stopped + 1, resumed
+
+
+def test_resume_after_sigkill_gives_the_same_losses(interrupted):
+    """Killed after a committed checkpoint, rerun: the rerun resumes at that step, trains only
+    the steps after it, and the log holds every step once, bit for bit the reference's."""
+    kill, last = interrupted["kill"], interrupted["last"]
+    assert kill.code == -signal.SIGKILL
+    killed_at = kill.committed[-1]
+    assert interrupted["term"].committed[-1] < killed_at < 8, kill.committed
+    assert last.code == 0, last.output
+    assert f"resumed from {interrupted['work']}/checkpoints at step {killed_at}\n" in last.output
+    assert trained_steps(last.output) == list(range(killed_at + 1, 9))
+    records = [r["step"] for r in read_metrics(interrupted["work"]) if "eval" not in r]
+    assert records == list(range(1, 9))
+    ref, got = interrupted["reference"], step_lines(interrupted["work"])
     for step in range(1, 9):
         assert got[step]["batch_fingerprint"] == ref[step]["batch_fingerprint"], step
         assert got[step]["loss"] == ref[step]["loss"], step          # bitwise on CPU
@@ -266,42 +437,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_two_devices(tmp_path):
-    args = ["train", "--config", "tiny"] + [a for o in QUICK for a in ("--set", o)]
-    env = _env()
-    env.pop("XLA_FLAGS", None)
-    single = str(tmp_path / "single")
-    subprocess.run(_cli(args + ["--workdir", single, "--local-devices", "2"]), check=True,
-                   env=env, capture_output=True, timeout=300)
-    port, multi = _free_port(), str(tmp_path / "multi")
-    workers = [subprocess.Popen(
-        _cli(args + ["--workdir", multi, "--local-devices", "1",
-                     "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-                     "--process-id", str(i)]),
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
-    outputs = [w.communicate(timeout=300)[0].decode() for w in workers]
-    assert all(w.returncode == 0 for w in workers), outputs      # one lock: process 0's
-    assert not os.path.exists(os.path.join(multi, "train.lock"))   # and it is released
+def test_two_processes_launched_match_one_process_and_hand_over_the_data(tmp_path, capsys,
+                                                                      monkeypatch):
+    """tpu_setup/launch.sh --local 2 (two processes, one CPU device each, one coordinator)
+    trains the batches and losses of one process with two devices (this one, on two of its
+    devices); one process resumes the two processes' checkpoint at its data position."""
+    from mythos_jax.train import trainer
+
+    overrides = QUICK + ["checkpoint.keep=4", "eval.loops=[1]", "log.peak_flops=1e11"]
+    cfg = load_train_config("tiny", overrides)
+    monkeypatch.setattr(trainer, "make_mesh", lambda spec: make_mesh(spec, jax.devices()[:2]))
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    train(cfg, str(single))
+    env = {k: v for k, v in _env().items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        ["bash", str(REPO / "tpu_setup" / "launch.sh"), "--local", "2", "--port",
+         str(_free_port()), "--workdir", str(multi), "--",
+         *[a for o in overrides for a in ("--set", o)]],
+        env={**env, "MYTHOS_JAX": str(Path(sys.executable).parent / "mythos-jax")},
+        cwd=REPO, capture_output=True, text=True, timeout=400)
+    logs = [(multi / "logs" / f"{i}.log").read_text() for i in range(2)]
+    assert result.returncode == 0, result.stderr + "\n".join(logs)
+    assert "mesh {'data': 2" in logs[0]          # one device from each process
+    assert not (multi / "train.lock").exists()   # one lock, process 0's, released
     one, two = step_lines(single), step_lines(multi)
-    assert sorted(two) == list(range(1, 9))
+    assert [r["step"] for r in read_metrics(multi) if "eval" not in r] == list(range(1, 9))
     for step in one:
-        assert two[step]["batch_fingerprint"] == one[step]["batch_fingerprint"]
+        assert two[step]["batch_fingerprint"] == one[step]["batch_fingerprint"], step
         np.testing.assert_allclose(two[step]["loss"], one[step]["loss"], rtol=1e-6)
 
-    # The 2-device checkpoint restores onto this process's 8 devices (resharded).
-    from mythos_jax.cli import main
-    assert main(["eval", "--workdir", multi, "--loops", "1,3", "--batches", "1"]) == 0
+    # The data position and state the two processes saved at step 4, resumed by one process.
+    handed = tmp_path / "handed"
+    shutil.copytree(multi, handed)
+    for step in (6, 8):
+        shutil.rmtree(handed / "checkpoints" / str(step))
+    capsys.readouterr()
+    assert train(cfg, str(handed))["step"] == 8
+    assert f"resumed from {handed}/checkpoints at step 4\n" in capsys.readouterr().out
+    resumed = step_lines(handed)
+    for step in range(5, 9):
+        assert resumed[step]["batch_fingerprint"] == one[step]["batch_fingerprint"], step
+        np.testing.assert_allclose(resumed[step]["loss"], one[step]["loss"], rtol=1e-6)
 
 
-def test_eval_command_prints_the_depth_curve(tmp_path, capsys):
+def test_eval_command_prints_the_depth_curve(short_run, tmp_path, capsys):
     from mythos_jax.cli import main
-    workdir = str(tmp_path / "run")
-    train(load_train_config("tiny", QUICK), workdir, stop_after=2)
+    workdir = short_run[1]            # read only: the command writes nothing there
     out_json = str(tmp_path / "eval.json")
     assert main(["eval", "--workdir", workdir, "--loops", "1,3", "--batches", "1",
                  "--json", out_json]) == 0
     printed = capsys.readouterr().out
-    assert "checkpoint step 2" in printed and "heldout" in printed
+    assert "checkpoint step 8" in printed and "heldout" in printed
     results = json.load(open(out_json))
     assert set(results["heldout"]) == {"1", "3"}
     assert main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
