@@ -190,4 +190,4 @@ EXPERIMENT = Experiment(
     claim="A looped model trained on <= K hops answers more hops when given more test-time "
           "loops; the same model at 1 loop cannot (Kohli et al.)",
     base="tiny", base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
-    evaluate=evaluate, report=report)
+    evaluate=evaluate, report=report, quick_arms=("looped_random", "single_loop"))

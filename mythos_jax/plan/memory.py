@@ -113,6 +113,8 @@ class MemoryPlan:
     compiler_message: str | None = None
     compile_seconds: float | None = None
     libtpu: str | None = None
+    flops: float | None = None            # the compiled step's cost analysis, per device
+    bytes_accessed: float | None = None
 
     @property
     def total(self) -> int:
@@ -252,6 +254,8 @@ def _compile(report: MemoryPlan, plan, batch: dict) -> None:
         stats = compiled.memory_analysis()
         report.temporaries = stats.temp_size_in_bytes
         report.generated_code = stats.generated_code_size_in_bytes
+        cost = compiled.cost_analysis() or {}
+        report.flops, report.bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     report.method, report.compile_seconds = "compiled", time.perf_counter() - start
