@@ -119,6 +119,16 @@ def test_rope_scores_depend_only_on_the_position_difference():
                  ROPE_RTOL)
 
 
+def test_the_model_stores_no_rope_table():
+    """RoPE's cos/sin come from positions at every call: the only non-parameter state is the
+    router's bias, and no array has a positions axis (max_seq_len 97 is no other size)."""
+    model = OpenMythos(variants.tiny_mla(max_seq_len=97), rngs=nnx.Rngs(0))
+    others = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Not(nnx.Param)))
+    assert [jax.tree_util.keystr(path) for path, _ in others] == [
+        "['recurrent']['block']['ffn']['router_bias'].value"]
+    assert not any(97 in leaf.shape for leaf in jax.tree.leaves(nnx.state(model)))
+
+
 def test_gradients_reach_every_parameter(mla_model):
     ids = _ids(mla_model.cfg, seq=12)
     cfg = mla_model.cfg.replace(act_threshold=50.0)

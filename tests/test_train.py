@@ -17,12 +17,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.train.config import TrainConfig, load_train_config
-from mythos_jax.train.optim import decay_mask
+from mythos_jax.train.optim import build_optimizer, decay_mask, learning_rate
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
 from mythos_jax.train.trainer import read_metrics, train
 
@@ -113,6 +114,38 @@ def test_weight_decay_skips_norms_injection_and_vectors():
     assert not any(jax.tree.leaves(mask["recurrent"]["injection"]))
     assert not mask["recurrent"]["act"]["halt"]["bias"]
     assert "router_bias" not in str(jax.tree_util.tree_structure(plan.abstract_state.params))
+
+
+def test_the_optimizer_is_adamw_with_the_documented_settings_decaying_matrices_only():
+    """README: AdamW b1 0.9, b2 0.95, weight decay 0.1 on matrices only. From zero moments, a
+    zero gradient moves only the matrix, by lr * wd * value; a gradient g leaves moments
+    (1 - b1) g and (1 - b2) g^2."""
+    optim = load_train_config("tiny", ["optim.clip_norm=0", "optim.warmup_steps=0"]).optim
+    assert (optim.b1, optim.b2, optim.weight_decay) == (0.9, 0.95, 0.1)
+    params = {"kernel": jnp.full((2, 3), 2.0), "norm": jnp.full((3,), 2.0)}
+    tx = build_optimizer(optim, total_steps=10)
+    lr = float(learning_rate(optim, 10)(0))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert lr > 0 and not np.any(np.asarray(updates["norm"]))
+    np.testing.assert_allclose(updates["kernel"], -lr * 0.1 * 2.0, rtol=1e-6)
+    grads = {"kernel": jnp.full((2, 3), 3.0), "norm": jnp.full((3,), -1.0)}
+    _, state = tx.update(grads, tx.init(params), params)
+    for name, g in grads.items():
+        np.testing.assert_allclose(optax.tree_utils.tree_get(state, "mu")[name], 0.1 * g,
+                                   rtol=1e-6)
+        np.testing.assert_allclose(optax.tree_utils.tree_get(state, "nu")[name], 0.05 * g**2,
+                                   rtol=1e-6)
+
+
+def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path, capsys):
+    from mythos_jax.cli import main
+
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--set", "optim.lr=0.25", "--set", "steps=7",
+                 "--workdir", str(workdir), "--print-config"]) == 0
+    printed = TrainConfig.from_dict(json.loads(capsys.readouterr().out))
+    assert printed == load_train_config("tiny", ["optim.lr=0.25", "steps=7"])
+    assert printed.optim.lr == 0.25 and printed.steps == 7 and not workdir.exists()
 
 
 @pytest.mark.parametrize("loops", [["loops.per_sequence=true", "loops.backprop_depth=2"],
