@@ -1,14 +1,11 @@
 """Test setup: 8 fake CPU devices, fp32-exact matmuls, a persistent compilation cache only
-when ``$MYTHOS_JAX_CACHE`` names one, and compiled programs released between test modules once
-the process holds 30% of the kernel's memory-mapping limit.
+when ``$MYTHOS_JAX_CACHE`` names one, and compiled programs released after each test module.
 
 Why the release: every XLA:CPU executable holds a few memory mappings of its code, and the
 suite compiles thousands of programs in one process. Without the release the process passed
 Linux's ``vm.max_map_count`` (65530) about three quarters through the suite and segfaulted
 inside XLA's compiler (seen in CI, in a different test each time; reproduced here with
-``/proc/<pid>/maps`` counted every 15 s: 64,944 mappings at the crash). Releasing after every
-module instead made later modules recompile what earlier ones had (the same tiny models'
-forwards, every eager op of a model's initialisation).
+``/proc/<pid>/maps`` counted every 15 s: 64,944 mappings at the crash).
 JAX_PLATFORMS=cpu keeps every test process (and its subprocesses) off the TPU plugin that
 the test venv's libtpu would otherwise try to load (``mythos-jax plan`` compiles for TPU
 topologies without it)."""
@@ -30,15 +27,14 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mythos_jax import OpenMythos, variants  # noqa: E402
-from mythos_jax.runtime import release_near_map_limit  # noqa: E402
+from mythos_jax.runtime import release_compiled_programs  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
-def compiled_programs_released_near_the_map_limit():
-    """After a test module, free the compiled programs and their code mappings if the
-    process holds more than 30% of ``vm.max_map_count`` mappings."""
+def compiled_programs_released_after_module():
+    """After each test module, free its compiled programs and their code mappings."""
     yield
-    release_near_map_limit()
+    release_compiled_programs()
 
 
 @pytest.fixture(scope="module")

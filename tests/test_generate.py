@@ -75,7 +75,6 @@ def test_greedy_generation_equals_openmythos(attn_type):
 
 
 def test_prefill_and_decode_compile_once(model):
-    gen.compiled_decoder.cache_clear()           # no decoder left by an earlier test module
     gen.generate(model, PROMPTS, 3, n_loops=2, temperature=0.0)
     decoder = gen.compiled_decoder(nnx.graphdef(model), 2, 0.0, None, None, None, 1e-3)
     sizes = decoder.prefill._cache_size(), decoder.run._cache_size()
