@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mythos_jax.layers.recurrence import LoopRecord, LoopState, RecurrentBlock, TracePoints
+from mythos_jax.layers.recurrence import (LoopRecord, LoopState, RecurrentBlock, TracePoints,
+                                          relative_change)
 from mythos_jax.loops.spec import LoopSpec, per_sequence
 from mythos_jax.modes import ExitRule, LoopRemat
 
@@ -153,8 +154,7 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: Loo
         if exit == ExitRule.ACT:
             converged = jnp.all(new.halted, axis=1)
         elif exit == ExitRule.DELTA:
-            change = jnp.sqrt(jnp.sum(jnp.square(new.h - state.h), axis=(1, 2)))
-            converged = change < threshold * jnp.sqrt(jnp.sum(jnp.square(new.h), axis=(1, 2)))
+            converged = relative_change(new.h, state.h) < threshold
         elif uses_kl:
             log_p = decode(block.output(new))
             kl = jnp.sum(jnp.exp(log_p) * (log_p - previous), axis=-1)      # (B, T)
