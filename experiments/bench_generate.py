@@ -182,7 +182,9 @@ def early_exit_tradeoff(model, prompts, new_tokens: int, n_loops: int,
     return rows
 
 
-def _prefilled(model, batch: int, prompt_len: int, max_len: int, n_loops: int, seed: int):
+def prefilled(model, batch: int, prompt_len: int, max_len: int, n_loops: int, seed: int):
+    """(greedy decoder, model state, cache of ``max_len`` slots holding a random prompt of
+    ``prompt_len`` tokens per row, prefilled)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -204,7 +206,7 @@ def jax_decode_steps(model, batch: int, prompt_len: int, max_len: int, n_loops: 
     (after ``warmup`` untimed steps, which also compile)."""
     import jax.numpy as jnp
 
-    decoder, state, cache = _prefilled(model, batch, prompt_len, max_len, n_loops, seed)
+    decoder, state, cache = prefilled(model, batch, prompt_len, max_len, n_loops, seed)
     token = jnp.asarray(np.random.default_rng(seed + 1).integers(
         0, model.cfg.vocab_size, (batch,)), jnp.int32)
     times = []
@@ -271,6 +273,17 @@ def parity(torch_model, jax_model, ids: np.ndarray, n_loops: int, steps: int,
 
 
 # ============================================================================ the benchmark
+def benchmark_model_config(quick: bool, overrides: dict | None = None
+                           ) -> tuple[MythosConfig, dict[str, Any]]:
+    """(model config, run shape) of the benchmark: ``SMALL`` and ``FULL_RUN``, or ``TINY`` and
+    ``QUICK_RUN``; ``overrides`` change the run shape."""
+    shape = dict(QUICK_RUN if quick else FULL_RUN, **(overrides or {}))
+    cfg_fields = dict(TINY if quick else SMALL)
+    cfg_fields["max_seq_len"] = max(cfg_fields["max_seq_len"], shape["position_max_len"],
+                                    shape["prompt_len"] + shape["new_tokens"])
+    return MythosConfig.from_dict(cfg_fields), shape
+
+
 def run(quick: bool = False, seed: int = 0, spread_routing: bool = False,
         overrides: dict | None = None, log=_log) -> dict[str, Any]:
     import jax
@@ -281,11 +294,7 @@ def run(quick: bool = False, seed: int = 0, spread_routing: bool = False,
                                             openmythos_cache_values_per_token)
 
     wall_start = time.perf_counter()
-    shape = dict(QUICK_RUN if quick else FULL_RUN, **(overrides or {}))
-    cfg_fields = dict(TINY if quick else SMALL)
-    cfg_fields["max_seq_len"] = max(cfg_fields["max_seq_len"], shape["position_max_len"],
-                                    shape["prompt_len"] + shape["new_tokens"])
-    cfg = MythosConfig.from_dict(cfg_fields)
+    cfg, shape = benchmark_model_config(quick, overrides)
     B, P, N, L = shape["batch"], shape["prompt_len"], shape["new_tokens"], shape["n_loops"]
     top_k = shape["top_k"]
 

@@ -108,8 +108,9 @@ def torch_side(moe, x_np: np.ndarray):
     return forward, forward_backward, forward().numpy()
 
 
-def jax_side(moe, x_np: np.ndarray):
-    """(forward, fwd+bwd) callables of a mythos-jax MoE on x, compile seconds, its output."""
+def jax_side(moe, x_np: np.ndarray) -> dict:
+    """A mythos-jax MoE layer on x: ``forward`` and ``fwd+bwd`` callables, ``compile_s``, its
+    output ``out`` and the compiled forward+backward's HLO text ``hlo``."""
     graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
     x = jnp.asarray(x_np)
 
@@ -124,9 +125,10 @@ def jax_side(moe, x_np: np.ndarray):
     forward = jax.jit(apply).lower(params, x).compile()
     forward_backward = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
     compile_s = time.perf_counter() - start
-    return (lambda: forward(params, x).block_until_ready(),
-            lambda: jax.block_until_ready(forward_backward(params, x)),
-            compile_s, np.asarray(forward(params, x)))
+    return {"forward": lambda: forward(params, x).block_until_ready(),
+            "fwd+bwd": lambda: jax.block_until_ready(forward_backward(params, x)),
+            "compile_s": compile_s, "out": np.asarray(forward(params, x)),
+            "hlo": forward_backward.as_text()}
 
 
 def routing_summary(torch_moe, x_np: np.ndarray, k: int, capacity_factor: float) -> dict:
@@ -145,32 +147,46 @@ def routing_summary(torch_moe, x_np: np.ndarray, k: int, capacity_factor: float)
             "rows": int(loads.sum())}
 
 
-def speed_run(args, log) -> dict:
-    """Tokens/s of every strategy and of OpenMythos's MoEFFN, and the routing summary."""
+def moe_setup(args) -> dict:
+    """The speed run's shapes, OpenMythos's MoEFFN (``torch_moe``, from
+    ``torch.manual_seed(args.seed)``), its model's ``state_dict`` and the input x (B, T, D)."""
+    import torch
+
     preset = args.preset or ("tiny" if args.quick else "default")
     batch = args.batch or PRESET_SHAPES[preset]["batch"]
     seq_len = args.seq or PRESET_SHAPES[preset]["seq_len"]
-    iters = args.iters or (3 if args.quick else 10)
     cfg = benchmark_config(preset, dict(args.set, capacity_factor=args.capacity_factor),
                            seq_len=seq_len)
-
-    import torch
-
     torch.manual_seed(args.seed)
     torch_model = import_reference().OpenMythos(config_to_torch(cfg))
-    torch_moe = torch_model.recurrent.block.ffn                       # open_mythos MoEFFN
-    state_dict = torch_model.state_dict()
     x = np.random.default_rng(args.seed).standard_normal((batch, seq_len, cfg.dim),
                                                          dtype=np.float32)
-    torch_fwd, torch_bwd, torch_out = torch_side(torch_moe, x)
+    return {"preset": preset, "batch": batch, "seq_len": seq_len, "config": cfg,
+            "torch_moe": torch_model.recurrent.block.ffn,            # open_mythos MoEFFN
+            "state_dict": torch_model.state_dict(), "x": x, "seed": args.seed}
+
+
+def jax_moe(setup: dict, impl: str | None = None):
+    """The mythos-jax MoE layer with the setup's weights (``impl``: its dispatch, default the
+    config's)."""
+    cfg = setup["config"] if impl is None else setup["config"].replace(moe_impl=impl)
+    return load_state_dict(cfg, setup["state_dict"], seed=setup["seed"]).recurrent.block.ffn
+
+
+def speed_run(args, log) -> dict:
+    """Tokens/s of every strategy and of OpenMythos's MoEFFN, and the routing summary."""
+    setup = moe_setup(args)
+    cfg, x, batch, seq_len = setup["config"], setup["x"], setup["batch"], setup["seq_len"]
+    iters = args.iters or (3 if args.quick else 10)
+    torch_fwd, torch_bwd, torch_out = torch_side(setup["torch_moe"], x)
     forward, backward = {"openmythos": torch_fwd}, {"openmythos": torch_bwd}
     rows = {"openmythos": {}}
     for impl in STRATEGIES:
         log(f"compiling {impl}")
-        model = load_state_dict(cfg.replace(moe_impl=impl), state_dict, seed=args.seed)
-        forward[impl], backward[impl], compile_s, out = jax_side(model.recurrent.block.ffn, x)
-        rows[impl] = {"compile_s": compile_s,
-                      "max_abs_diff_vs_torch": float(np.max(np.abs(out - torch_out)))}
+        side = jax_side(jax_moe(setup, impl), x)
+        forward[impl], backward[impl] = side["forward"], side["fwd+bwd"]
+        rows[impl] = {"compile_s": side["compile_s"],
+                      "max_abs_diff_vs_torch": float(np.max(np.abs(side["out"] - torch_out)))}
     monitor = CpuMonitor()
     for name, fns in (("forward", forward), ("fwd+bwd", backward)):
         log(f"timing {name}: {iters} calls per side")
@@ -181,9 +197,9 @@ def speed_run(args, log) -> dict:
         for name in ("forward", "fwd+bwd"):
             rows[side][name]["vs_torch"] = (rows[side][name]["tokens_per_s"]
                                             / rows["openmythos"][name]["tokens_per_s"])
-    return {"preset": preset, "config": cfg.to_dict(), "batch": batch, "seq_len": seq_len,
-            "iters": iters, "strategies": rows,
-            "routing": routing_summary(torch_moe, x, cfg.n_experts_per_tok,
+    return {"preset": setup["preset"], "config": cfg.to_dict(), "batch": batch,
+            "seq_len": seq_len, "iters": iters, "strategies": rows,
+            "routing": routing_summary(setup["torch_moe"], x, cfg.n_experts_per_tok,
                                        args.capacity_factor),
             "contention": monitor.other_share()}
 

@@ -32,12 +32,19 @@ def skip_absent_tpu() -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
+CACHE_MAX_BYTES = 8 << 30
+
+
 def use_compilation_cache() -> None:
     """With ``$MYTHOS_JAX_CACHE`` set, persist compiled programs there across runs (a resumed
-    run skips compiling). Off by default: JAX writes cache entries non-atomically, so a run
-    killed mid-write can leave a truncated entry that crashes the next start."""
+    run skips compiling). A size bound is set so that JAX takes its file lock around every
+    read and write: processes that share the directory (``launch.sh --local``, the test suite)
+    never read an entry another one is writing. Off by default: a run killed mid-write leaves
+    a truncated entry that the next start would read."""
     import jax
     directory = os.environ.get("MYTHOS_JAX_CACHE")
     if directory and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        if jax.config.jax_compilation_cache_max_size == -1:
+            jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)

@@ -1,5 +1,13 @@
-"""Test setup: 8 fake CPU devices, fp32-exact matmuls, a persistent compilation cache only
-when ``$MYTHOS_JAX_CACHE`` names one, and compiled programs released after each test module.
+"""Test setup: 8 fake CPU devices, fp32-exact matmuls, a persistent compilation cache fresh for
+each suite run, and compiled programs released after each test module.
+
+Why the cache: most of the suite's time is XLA compiling, and the same programs come back:
+every ``train()`` builds a new jitted step, so two tests (or two subprocess runs) training the
+same config compile it twice. The cache directory is new for each run of the suite (keyed by
+pytest-xdist's run id, shared by its workers and the subprocesses they start, which get it
+through ``$MYTHOS_JAX_CACHE``), so no result depends on an earlier run; a set
+``$MYTHOS_JAX_CACHE`` is used instead. Tests whose subprocesses are killed give those a
+private copy or none (a killed write leaves a truncated entry).
 
 Why the release: every XLA:CPU executable holds a few memory mappings of its code, and the
 suite compiles thousands of programs in one process. Without the release the process passed
@@ -11,15 +19,20 @@ the test venv's libtpu would otherwise try to load (``mythos-jax plan`` compiles
 topologies without it)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+os.environ.setdefault("MYTHOS_JAX_CACHE", os.path.join(
+    tempfile.gettempdir(),
+    f"mythos-jax-tests-xla-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+
 import jax  # noqa: E402
 
-if os.environ.get("MYTHOS_JAX_CACHE"):
-    jax.config.update("jax_compilation_cache_dir", os.environ["MYTHOS_JAX_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+from mythos_jax.platforms import use_compilation_cache  # noqa: E402
+
+use_compilation_cache()
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import jax.numpy as jnp  # noqa: E402

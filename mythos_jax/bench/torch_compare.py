@@ -129,6 +129,27 @@ def jax_train_step_fn(model, n_loops: int):
     return step, params, opt_state, rest
 
 
+def torch_train_step_fn(torch_model, input_ids, n_loops: int) -> Callable[[], float]:
+    """step() -> loss: one open-mythos training step on ``input_ids`` (B, T) in ``train()``
+    mode: the same loss, ``loss.backward()`` and a ``torch.optim.AdamW`` step with
+    :data:`ADAMW`."""
+    import torch
+
+    torch_model.train()
+    optimizer = torch.optim.AdamW(
+        torch_model.parameters(), lr=ADAMW["lr"], betas=(ADAMW["b1"], ADAMW["b2"]),
+        eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = next_token_loss_torch(torch_model(input_ids, n_loops=n_loops), input_ids)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
 # ============================================================================ the benchmark
 def _summary(times: list[float], tokens: int, flops_per_token: float,
              peak_flops: float) -> dict[str, Any]:
@@ -238,18 +259,7 @@ def run_benchmark(cfg_overrides: dict | None = None, *, preset: str = "default",
                 carry["params"], carry["opt_state"], rest, ids_jax)
             return float(loss)
 
-        torch_model.train()
-        optimizer = torch.optim.AdamW(
-            torch_model.parameters(), lr=ADAMW["lr"], betas=(ADAMW["b1"], ADAMW["b2"]),
-            eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
-
-        def torch_step():
-            optimizer.zero_grad(set_to_none=True)
-            loss = next_token_loss_torch(torch_model(ids_torch, n_loops=n_loops), ids_torch)
-            loss.backward()
-            optimizer.step()
-            return loss.item()
-
+        torch_step = torch_train_step_fn(torch_model, ids_torch, n_loops)
         jax_loss, torch_loss = jax_step(), torch_step()   # losses at the initial weights
         log("train step: timing ...")
         monitor = CpuMonitor()
