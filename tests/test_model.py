@@ -8,9 +8,11 @@ from flax import nnx
 from mythos_jax import LoopSpec, OpenMythos, variants
 from mythos_jax.interop.openmythos import config_to_torch, import_reference, to_torch_state_dict
 from mythos_jax.layers.common import dropout
+from mythos_jax.layers.norm import RMS_EPS, RMSNorm
 from mythos_jax.layers.rope import apply_rope, rope_cos_sin
-from numerics import assert_close
+from numerics import assert_close, relative_error
 
+NORM_RTOL = 1e-6      # one fp32 rsqrt and two products, relative to max |output|
 ROPE_RTOL = 1e-5      # fp32 rotations by angles up to 47 rad, relative to max |score|
 
 
@@ -42,6 +44,29 @@ def test_causal(mla_model):
     a, b = mla_model(ids), mla_model(changed)
     np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-6)
     assert not np.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_every_rmsnorm_uses_openmythos_eps(mla_model):
+    """Each of the model's RMSNorms, on inputs with mean(x^2) = 1e-6 (where eps = 1e-6 halves
+    the output's square), equals the OpenMythos RMSNorm of the same name at its default eps;
+    the norms are the same set in both models."""
+    reference = import_reference()
+    torch_model = reference.OpenMythos(config_to_torch(mla_model.cfg))
+    torch_norms = {name: m for name, m in torch_model.named_modules()
+                   if isinstance(m, reference.RMSNorm)}
+    ours = {".".join(map(str, path)): m for path, m in nnx.iter_graph(mla_model)
+            if isinstance(m, RMSNorm)}
+    assert ours.keys() == torch_norms.keys() and len(ours) == 14
+    inputs = {dim: 1e-3 * np.asarray(jax.random.normal(jax.random.key(dim), (3, dim)))
+              for dim in (64, 32, 16)}                     # dim, q_lora_rank, kv_lora_rank
+    for name, norm in ours.items():
+        x = inputs[norm.weight.shape[0]]
+        with torch.no_grad():
+            want = torch_norms[name](torch.from_numpy(x)).numpy()
+        assert_close(norm(jnp.asarray(x)), want, NORM_RTOL, name)
+    mean_square = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+    assert_close(x / np.sqrt(mean_square + RMS_EPS), want, NORM_RTOL, "the formula")
+    assert relative_error(x / np.sqrt(mean_square + 10 * RMS_EPS), want) > 0.1  # eps matters
 
 
 # Initialisation against OpenMythos's, tensor by tensor (init only, no forward).
