@@ -14,6 +14,7 @@ from mythos_jax.inference.cache import cache_values_per_token, init_cache
 from mythos_jax.inference.sampling import sample_next
 from mythos_jax.loops import LoopSpec
 from mythos_jax.interop.parity import build_pair
+from jaxprs import eqns
 from numerics import assert_close
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]
@@ -56,6 +57,29 @@ def test_cache_holds_latent_and_one_rope_key_per_token():
     layers = (cache.prelude, cache.recurrent, cache.coda)
     per_token = sum(x.size for x in jax.tree.leaves(layers)) // (2 * 10)
     assert per_token == cache_values_per_token(cfg, 3) == (16 + 8) * (1 + 3 + 1)
+
+
+def test_mla_decode_attends_in_latent_space_without_per_head_keys():
+    """The decode step's program (3 loops, a 40-slot cache) holds no per-head key or value
+    over the cache ((B, S, H, nope|v) in any order) and attends over the latent c_kv (B, S,
+    kv_lora); the same detector finds them in a prefill of 40 tokens, which expands them."""
+    cfg = variants.tiny_mla()
+    graphdef, state = nnx.split(OpenMythos(cfg, rngs=nnx.Rngs(0)))
+    batch, slots, heads = 3, 40, cfg.n_heads
+
+    def per_head_over_cache(tokens: int) -> set[tuple]:
+        forward = lambda s, ids, c: nnx.merge(graphdef, s)(ids, 3, cache=c).logits
+        jaxpr = jax.make_jaxpr(forward)(state, jnp.zeros((batch, tokens), jnp.int32),
+                                        init_cache(cfg, batch, slots, 3))
+        shapes = {tuple(v.aval.shape) for e in eqns(jaxpr.jaxpr) for v in e.outvars
+                  if hasattr(v.aval, "shape")}
+        assert (batch, slots, cfg.kv_lora_rank) in shapes or tokens > 1
+        return {s for s in shapes if slots in s and heads in s
+                and {cfg.qk_nope_head_dim, cfg.v_head_dim} & set(s)}
+
+    assert per_head_over_cache(1) == set()
+    assert per_head_over_cache(slots) >= {(batch, slots, heads, cfg.qk_nope_head_dim),
+                                          (batch, slots, heads, cfg.v_head_dim)}
 
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
