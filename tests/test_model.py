@@ -1,3 +1,5 @@
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from mythos_jax.interop.openmythos import config_to_torch, import_reference, to_
 from mythos_jax.layers.common import dropout
 from mythos_jax.layers.norm import RMS_EPS, RMSNorm
 from mythos_jax.layers.rope import apply_rope, rope_cos_sin
+from jaxprs import eqns
 from numerics import assert_close, relative_error
 
 NORM_RTOL = 1e-6      # one fp32 rsqrt and two products, relative to max |output|
@@ -190,6 +193,49 @@ def test_dropout_zeroes_at_its_rate_and_rescales_the_rest():
     assert abs((out == 0).mean() - rate) <= 5 * np.sqrt(rate * (1 - rate) / size)
     np.testing.assert_allclose(out[out != 0], 2.0 / (1 - rate), rtol=1e-6)
     np.testing.assert_array_equal(dropout(x, rate, None), x)
+
+
+def _random_mask_shapes(model, ids) -> collections.Counter:
+    """Shapes of the random bits drawn by one forward (1 loop): one array per dropout mask."""
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s, i: nnx.merge(graphdef, s)(i, 1))(state, ids)
+    return collections.Counter(tuple(e.outvars[0].aval.shape) for e in eqns(jaxpr.jaxpr)
+                               if e.primitive.name == "random_bits")
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_dropout_masks_the_attention_probabilities_and_the_residual_branches(attn_type,
+                                                                             monkeypatch):
+    """In training, one mask per attention's probabilities (B, H, T, S) and two per block on
+    its residual branches (B, T, D), nothing else: the tensors OpenMythos's dropouts see in
+    training (F.dropout recorded); in eval no random bits at all. v_head_dim 8 makes the
+    attention's pre-projection output (B, T, H * 8) differ in shape from the branch."""
+    cfg = variants.tiny_mla(attn_type=attn_type, dropout=0.1, v_head_dim=8)
+    ids = _ids(cfg)
+    B, T = ids.shape
+    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
+    masks = _random_mask_shapes(model, ids)
+    if attn_type == "gqa":      # (B, kv_heads, groups, T, S) -> (B, H, T, S)
+        masks = collections.Counter({(s[0], s[1] * s[2], *s[3:]) if len(s) == 5 else s: n
+                                     for s, n in masks.items()})
+    blocks = cfg.prelude_layers + 1 + cfg.coda_layers
+    assert masks == {(B, cfg.n_heads, T, T): blocks, (B, T, cfg.dim): 2 * blocks}
+
+    seen = collections.Counter()
+    torch_dropout = torch.nn.functional.dropout
+
+    def recorded(x, p=0.5, training=True, inplace=False):
+        if training and p > 0:
+            seen[tuple(x.shape)] += 1
+        return torch_dropout(x, p, training, inplace)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", recorded)
+    torch_model = import_reference().OpenMythos(config_to_torch(cfg)).train()
+    with torch.no_grad():
+        torch_model(torch.from_numpy(np.array(ids)).long(), n_loops=1)
+    assert seen == masks
+    model.eval()
+    assert _random_mask_shapes(model, ids) == {}
 
 
 def test_rope_scores_depend_only_on_the_position_difference():
