@@ -51,8 +51,8 @@ def test_causal(mla_model):
 
 def test_every_rmsnorm_uses_openmythos_eps(mla_model):
     """Each of the model's RMSNorms, on inputs with mean(x^2) = 1e-6 (where eps = 1e-6 halves
-    the output's square), equals the OpenMythos RMSNorm of the same name at its default eps;
-    the norms are the same set in both models."""
+    the output's square), equals the OpenMythos RMSNorm of the same name (eps 1e-6 in every
+    one) and the formula at eps 1e-6, not at 1e-5; the norms are the same set in both."""
     reference = import_reference()
     torch_model = reference.OpenMythos(config_to_torch(mla_model.cfg))
     torch_norms = {name: m for name, m in torch_model.named_modules()
@@ -62,14 +62,16 @@ def test_every_rmsnorm_uses_openmythos_eps(mla_model):
     assert ours.keys() == torch_norms.keys() and len(ours) == 14
     inputs = {dim: 1e-3 * np.asarray(jax.random.normal(jax.random.key(dim), (3, dim)))
               for dim in (64, 32, 16)}                     # dim, q_lora_rank, kv_lora_rank
+    assert {m.eps for m in torch_norms.values()} == {RMS_EPS}
     for name, norm in ours.items():
         x = inputs[norm.weight.shape[0]]
         with torch.no_grad():
             want = torch_norms[name](torch.from_numpy(x)).numpy()
         assert_close(norm(jnp.asarray(x)), want, NORM_RTOL, name)
-    mean_square = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
-    assert_close(x / np.sqrt(mean_square + RMS_EPS), want, NORM_RTOL, "the formula")
-    assert relative_error(x / np.sqrt(mean_square + 10 * RMS_EPS), want) > 0.1  # eps matters
+        mean_square = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+        weight = np.asarray(norm.weight[...])
+        assert_close(x / np.sqrt(mean_square + RMS_EPS) * weight, want, NORM_RTOL, name)
+        assert relative_error(x / np.sqrt(mean_square + 10 * RMS_EPS) * weight, want) > 0.1
 
 
 # Initialisation against OpenMythos's, tensor by tensor (init only, no forward).
