@@ -1,8 +1,6 @@
 """Generation: cached prefill/decode against the full forward, OpenMythos's greedy decoding,
 compile-once, sampling, EOS and argument errors."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,18 +111,11 @@ def test_prefill_and_decode_compile_once(model):
     assert decoder.run._cache_size() == 1
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_forward(spec):
-    """The jitted cached forward (model, ids, cache) -> (logits, info, cache) for ``spec``
-    (one per LoopSpec object: it hashes by identity)."""
-    return nnx.jit(lambda m, i, c: m(i, spec, cache=c, return_info=True))
-
-
 def _cached_run(model, spec, cache, prompts_ids, tokens):
     """Prefill, then one decoded token per step (teacher forced), through the jitted public
     forward: the logits of every step (B, P + steps, V), the loops run per step (B, steps + 1)
     and the final cache."""
-    forward = _jitted_forward(spec)
+    forward = nnx.jit(lambda m, i, c: m(i, spec, cache=c, return_info=True))
     logits, info, cache = forward(model, jnp.asarray(prompts_ids), cache)
     all_logits, loops = [logits], [info.loops_run]
     for step in range(tokens.shape[1]):
@@ -195,27 +186,23 @@ def exiting_model():
     return m
 
 
-def _copies_of_row(state: gen.DecodeState, row: int) -> gen.DecodeState:
-    """The decode state with every sequence replaced by sequence ``row`` (batch size kept)."""
-    rows = np.full(state.token.shape, row)
-    cache = state.cache
-    return gen.DecodeState(state.token[rows], state.finished[rows], state.lengths[rows],
-                           cache.replace(prelude=jax.tree.map(lambda c: c[rows], cache.prelude),
-                                         recurrent=jax.tree.map(lambda c: c[:, rows],
-                                                                cache.recurrent),
-                                         coda=jax.tree.map(lambda c: c[rows], cache.coda),
-                                         start=cache.start[rows],
-                                         index=jnp.array(cache.index)))   # run donates it
+def _copies_of_row(cache, row: int):
+    """The cache with every sequence replaced by sequence ``row`` (batch size kept)."""
+    rows = np.full(cache.start.shape, row)
+    return cache.replace(prelude=jax.tree.map(lambda c: c[rows], cache.prelude),
+                         recurrent=jax.tree.map(lambda c: c[:, rows], cache.recurrent),
+                         coda=jax.tree.map(lambda c: c[rows], cache.coda),
+                         start=cache.start[rows], index=jnp.array(cache.index))  # donated
 
 
 def test_generate_exits_per_sequence_and_masks_finished_ones(exiting_model):
-    """Sampled generate(exit="act", eos_id) replayed token by token with its own compiled
-    prefill and decode loop: its sequences stop at different loop counts in the same step,
-    and each one's token, loops (and prefill logits) equal those of its row when every
-    batch-mate is a copy of it (from the same cache): a sequence that stopped is frozen
-    while the batch goes on. After its EOS a sequence records EOS with 0 loops, and the
-    others' tokens are those of the run without EOS."""
-    model, steps, key = exiting_model, 5, jax.random.key(0)
+    """Sampled generate(exit="act", eos_id) replayed token by token with its compiled prefill
+    and decode step: the sequences of one step stop at different loop counts, and each one's
+    logits (1e-5), loops and token equal those of its row when every batch-mate is a copy of
+    it (same cache): the batch going on leaves a stopped sequence unchanged. The replay
+    samples generate's tokens and loops; after its EOS a sequence records EOS with 0 loops
+    and the others' tokens are those of the run without EOS."""
+    model, steps, key, batch = exiting_model, 5, jax.random.key(0), len(PROMPTS)
     kwargs = dict(n_loops=8, temperature=1.0, exit="act", seed=0)
     full = gen.generate(model, PROMPTS, steps, **kwargs)
     eos = int(full.tokens[0, 2])
@@ -223,43 +210,30 @@ def test_generate_exits_per_sequence_and_masks_finished_ones(exiting_model):
     decoder = gen.compiled_decoder(nnx.graphdef(model), 8, 1.0, None, None, "act", 1e-3)
     state = nnx.state(model)
     ids, start = gen.left_pad(PROMPTS)
-    batch = len(PROMPTS)
-
-    def prefill(rows):
-        cache = init_cache(model.cfg, batch, ids.shape[1] + steps, 8, start[rows])
-        token, logits, cache, loops = decoder.prefill(state, jnp.asarray(ids[rows]), cache,
-                                                      jax.random.fold_in(key, 0))
-        return gen.DecodeState(token, token == eos, jnp.ones((batch,), jnp.int32),
-                               cache), logits, loops
-
-    carry, logits, loops = prefill(np.arange(batch))
-    for b in range(batch):
-        alone, alone_logits, alone_loops = prefill(np.full(batch, b))
-        assert_close(logits[b], alone_logits[b], DECODE_RTOL, b)
-        assert alone.token[b] == carry.token[b] and alone_loops[b] == loops[b]
-    tokens, all_loops = [np.asarray(carry.token)], [np.asarray(loops)]
-    for step in range(1, steps):
-        def decode(state_in):
-            return decoder.run(state, state_in, key, jnp.int32(step), jnp.int32(step + 1),
-                               jnp.int32(eos), size=gen.DECODE_CHUNK)
-        alone = {b: decode(_copies_of_row(carry, b)) for b in np.flatnonzero(~carry.finished)}
-        carry, new_tokens, new_loops, _ = decode(carry)
-        tokens.append(np.asarray(new_tokens[0]))
-        all_loops.append(np.asarray(new_loops[0]))
-        for b, (_, alone_tokens, alone_loops, _) in alone.items():
-            assert (alone_tokens[0, b], alone_loops[0, b]) == (tokens[-1][b], all_loops[-1][b])
-    tokens, all_loops = np.stack(tokens, 1), np.stack(all_loops, 1)
-    np.testing.assert_array_equal(tokens, out.tokens)
-    np.testing.assert_array_equal(all_loops, out.loops)
-    assert sum(len(set(column[column > 0])) > 1 for column in all_loops.T) >= 2
-    ended = np.asarray([list(row).index(eos) if eos in row else steps for row in tokens])
-    assert 0 < ended.min() < steps - 1 and ended.max() == steps    # one ends, one goes on
-    for b, end in enumerate(ended):
-        np.testing.assert_array_equal(tokens[b, end:], eos)
-        np.testing.assert_array_equal(all_loops[b, end + 1:], 0)
-        assert (all_loops[b, :end + 1] >= 1).all() and out.lengths[b] == min(end + 1, steps)
-        if end == steps:
-            np.testing.assert_array_equal(tokens[b], full.tokens[b])
+    cache = init_cache(model.cfg, batch, ids.shape[1] + steps, 8, start)
+    finished = np.zeros(batch, bool)
+    differing_steps = 0
+    for step in range(steps):
+        call = decoder.prefill if step == 0 else decoder.step
+        inputs = ids if step == 0 else out.tokens[:, step - 1]
+        step_key = jax.random.fold_in(key, step)
+        alone = {b: call(state, jnp.asarray(inputs[np.full(batch, b)]), _copies_of_row(cache, b),
+                         step_key) for b in np.flatnonzero(~finished)}
+        token, logits, cache, loops = call(state, jnp.asarray(inputs), cache, step_key)
+        for b, (alone_token, alone_logits, _, alone_loops) in alone.items():
+            assert_close(logits[b], alone_logits[b], DECODE_RTOL, (step, b))
+            assert (alone_token[b], alone_loops[b]) == (token[b], loops[b])
+        live = ~finished
+        np.testing.assert_array_equal(out.tokens[live, step], np.asarray(token)[live])
+        np.testing.assert_array_equal(out.loops[live, step], np.asarray(loops)[live])
+        np.testing.assert_array_equal(out.tokens[finished, step], eos)
+        np.testing.assert_array_equal(out.loops[finished, step], 0)
+        differing_steps += len(set(np.asarray(loops)[live])) > 1
+        finished |= out.tokens[:, step] == eos
+    ended = np.asarray([list(row).index(eos) if eos in row else steps for row in out.tokens])
+    assert differing_steps >= 2 and 0 < ended.min() < steps - 1 and ended.max() == steps
+    np.testing.assert_array_equal(out.lengths, np.minimum(ended + 1, steps))
+    np.testing.assert_array_equal(out.tokens[ended == steps], full.tokens[ended == steps])
 
 
 def _as_shared(cache, slots: int):
