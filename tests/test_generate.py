@@ -14,6 +14,7 @@ from mythos_jax.inference.cache import cache_values_per_token, init_cache
 from mythos_jax.inference.sampling import sample_next
 from mythos_jax.loops import LoopSpec
 from mythos_jax.interop.parity import build_pair
+from jaxprs import eqns
 from numerics import assert_close
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]
@@ -56,6 +57,29 @@ def test_cache_holds_latent_and_one_rope_key_per_token():
     layers = (cache.prelude, cache.recurrent, cache.coda)
     per_token = sum(x.size for x in jax.tree.leaves(layers)) // (2 * 10)
     assert per_token == cache_values_per_token(cfg, 3) == (16 + 8) * (1 + 3 + 1)
+
+
+def test_mla_decode_attends_in_latent_space_without_per_head_keys():
+    """The decode step's program (3 loops, a 40-slot cache) holds no per-head key or value
+    over the cache ((B, S, H, nope|v) in any order) and attends over the latent c_kv (B, S,
+    kv_lora); the same detector finds them in a prefill of 40 tokens, which expands them."""
+    cfg = variants.tiny_mla()
+    graphdef, state = nnx.split(OpenMythos(cfg, rngs=nnx.Rngs(0)))
+    batch, slots, heads = 3, 40, cfg.n_heads
+
+    def per_head_over_cache(tokens: int) -> set[tuple]:
+        forward = lambda s, ids, c: nnx.merge(graphdef, s)(ids, 3, cache=c).logits
+        jaxpr = jax.make_jaxpr(forward)(state, jnp.zeros((batch, tokens), jnp.int32),
+                                        init_cache(cfg, batch, slots, 3))
+        shapes = {tuple(v.aval.shape) for e in eqns(jaxpr.jaxpr) for v in e.outvars
+                  if hasattr(v.aval, "shape")}
+        assert (batch, slots, cfg.kv_lora_rank) in shapes or tokens > 1
+        return {s for s in shapes if slots in s and heads in s
+                and {cfg.qk_nope_head_dim, cfg.v_head_dim} & set(s)}
+
+    assert per_head_over_cache(1) == set()
+    assert per_head_over_cache(slots) >= {(batch, slots, heads, cfg.qk_nope_head_dim),
+                                          (batch, slots, heads, cfg.v_head_dim)}
 
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
@@ -149,6 +173,67 @@ def test_generate_with_an_exit_rule_reports_loops_per_token(model):
                          exit_threshold=0.0)
     np.testing.assert_array_equal(never.tokens, full.tokens)
     np.testing.assert_array_equal(never.loops, 8)
+
+
+@pytest.fixture(scope="module")
+def exiting_model():
+    """A tiny MLA model whose halting depends on the token (halt weights x100, bias -3): in
+    one batch, sequences stop after different numbers of loops."""
+    m = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
+    m.recurrent.act.halt.kernel[...] *= 100.0
+    m.recurrent.act.halt.bias[...] = jnp.full((1,), -3.0)
+    m.eval()
+    return m
+
+
+def _copies_of_row(cache, row: int):
+    """The cache with every sequence replaced by sequence ``row`` (batch size kept)."""
+    rows = np.full(cache.start.shape, row)
+    return cache.replace(prelude=jax.tree.map(lambda c: c[rows], cache.prelude),
+                         recurrent=jax.tree.map(lambda c: c[:, rows], cache.recurrent),
+                         coda=jax.tree.map(lambda c: c[rows], cache.coda),
+                         start=cache.start[rows], index=jnp.array(cache.index))  # donated
+
+
+def test_generate_exits_per_sequence_and_masks_finished_ones(exiting_model):
+    """Sampled generate(exit="act", eos_id) replayed token by token with its compiled prefill
+    and decode step: the sequences of one step stop at different loop counts, and each one's
+    logits (1e-5), loops and token equal those of its row when every batch-mate is a copy of
+    it (same cache): the batch going on leaves a stopped sequence unchanged. The replay
+    samples generate's tokens and loops; after its EOS a sequence records EOS with 0 loops
+    and the others' tokens are those of the run without EOS."""
+    model, steps, key, batch = exiting_model, 5, jax.random.key(0), len(PROMPTS)
+    kwargs = dict(n_loops=8, temperature=1.0, exit="act", seed=0)
+    full = gen.generate(model, PROMPTS, steps, **kwargs)
+    eos = int(full.tokens[0, 2])
+    out = gen.generate(model, PROMPTS, steps, eos_id=eos, **kwargs)
+    decoder = gen.compiled_decoder(nnx.graphdef(model), 8, 1.0, None, None, "act", 1e-3)
+    state = nnx.state(model)
+    ids, start = gen.left_pad(PROMPTS)
+    cache = init_cache(model.cfg, batch, ids.shape[1] + steps, 8, start)
+    finished = np.zeros(batch, bool)
+    differing_steps = 0
+    for step in range(steps):
+        call = decoder.prefill if step == 0 else decoder.step
+        inputs = ids if step == 0 else out.tokens[:, step - 1]
+        step_key = jax.random.fold_in(key, step)
+        alone = {b: call(state, jnp.asarray(inputs[np.full(batch, b)]), _copies_of_row(cache, b),
+                         step_key) for b in np.flatnonzero(~finished)}
+        token, logits, cache, loops = call(state, jnp.asarray(inputs), cache, step_key)
+        for b, (alone_token, alone_logits, _, alone_loops) in alone.items():
+            assert_close(logits[b], alone_logits[b], DECODE_RTOL, (step, b))
+            assert (alone_token[b], alone_loops[b]) == (token[b], loops[b])
+        live = ~finished
+        np.testing.assert_array_equal(out.tokens[live, step], np.asarray(token)[live])
+        np.testing.assert_array_equal(out.loops[live, step], np.asarray(loops)[live])
+        np.testing.assert_array_equal(out.tokens[finished, step], eos)
+        np.testing.assert_array_equal(out.loops[finished, step], 0)
+        differing_steps += len(set(np.asarray(loops)[live])) > 1
+        finished |= out.tokens[:, step] == eos
+    ended = np.asarray([list(row).index(eos) if eos in row else steps for row in out.tokens])
+    assert differing_steps >= 2 and 0 < ended.min() < steps - 1 and ended.max() == steps
+    np.testing.assert_array_equal(out.lengths, np.minimum(ended + 1, steps))
+    np.testing.assert_array_equal(out.tokens[ended == steps], full.tokens[ended == steps])
 
 
 def _as_shared(cache, slots: int):

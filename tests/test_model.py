@@ -1,14 +1,21 @@
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from mythos_jax import LoopSpec, OpenMythos, variants
+from mythos_jax.interop.openmythos import config_to_torch, import_reference, to_torch_state_dict
 from mythos_jax.layers.common import dropout
+from mythos_jax.layers.norm import RMS_EPS, RMSNorm
 from mythos_jax.layers.rope import apply_rope, rope_cos_sin
-from numerics import assert_close
+from jaxprs import eqns
+from numerics import assert_close, relative_error
 
+NORM_RTOL = 1e-6      # one fp32 rsqrt and two products, relative to max |output|
 ROPE_RTOL = 1e-5      # fp32 rotations by angles up to 47 rad, relative to max |score|
 
 
@@ -42,20 +49,107 @@ def test_causal(mla_model):
     assert not np.allclose(a[:, 6:], b[:, 6:])
 
 
-def test_initialisation_distributions():
-    cfg = variants.tiny_mla(dim=256, n_heads=4)
-    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
-    rec = model.recurrent
-    assert abs(float(jnp.std(model.embed[...])) - 0.02) < 1e-3
-    assert abs(float(jnp.std(rec.block.ffn.gate[...])) - 0.02) < 1e-3
-    assert abs(float(jnp.std(rec.lora.scale[...])) - 0.02) < 5e-3
-    np.testing.assert_array_equal(rec.norm.weight[...], 1.0)
-    np.testing.assert_array_equal(rec.injection.B[...], np.float32(0.1))
-    np.testing.assert_array_equal(rec.injection.log_A[...], 0.0)
-    np.testing.assert_array_equal(rec.block.ffn.router_bias[...], 0.0)
-    bias = float(rec.act.halt.bias[...][0])
-    assert bias != 0.0 and abs(bias) <= cfg.dim ** -0.5  # torch's U(-1/sqrt(D), 1/sqrt(D))
-    np.testing.assert_allclose(rec.injection.get_A(), np.exp(-1.0), rtol=1e-6)
+def test_every_rmsnorm_uses_openmythos_eps(mla_model):
+    """Each of the model's RMSNorms, on inputs with mean(x^2) = 1e-6 (where eps = 1e-6 halves
+    the output's square), equals the OpenMythos RMSNorm of the same name (eps 1e-6 in every
+    one) and the formula at eps 1e-6, not at 1e-5; the norms are the same set in both."""
+    reference = import_reference()
+    torch_model = reference.OpenMythos(config_to_torch(mla_model.cfg))
+    torch_norms = {name: m for name, m in torch_model.named_modules()
+                   if isinstance(m, reference.RMSNorm)}
+    ours = {".".join(map(str, path)): m for path, m in nnx.iter_graph(mla_model)
+            if isinstance(m, RMSNorm)}
+    assert ours.keys() == torch_norms.keys() and len(ours) == 14
+    inputs = {dim: 1e-3 * np.asarray(jax.random.normal(jax.random.key(dim), (3, dim)))
+              for dim in (64, 32, 16)}                     # dim, q_lora_rank, kv_lora_rank
+    assert {m.eps for m in torch_norms.values()} == {RMS_EPS}
+    for name, norm in ours.items():
+        x = inputs[norm.weight.shape[0]]
+        with torch.no_grad():
+            want = torch_norms[name](torch.from_numpy(x)).numpy()
+        assert_close(norm(jnp.asarray(x)), want, NORM_RTOL, name)
+        mean_square = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+        weight = np.asarray(norm.weight[...])
+        assert_close(x / np.sqrt(mean_square + RMS_EPS) * weight, want, NORM_RTOL, name)
+        assert relative_error(x / np.sqrt(mean_square + 10 * RMS_EPS) * weight, want) > 0.1
+
+
+# Initialisation against OpenMythos's, tensor by tensor (init only, no forward).
+INIT_SIGMAS = 6.0        # sampling tolerance of every statistic below, in its standard errors
+TAIL = 1.8               # |x - mean| > 1.8 std: 7% of a normal, none of a uniform
+POOL_BELOW = 512         # random tensors smaller than this are redrawn POOL_DRAWS times
+POOL_DRAWS = 4096
+
+
+def _torch_init(cfg, seed: int) -> tuple[dict[str, np.ndarray], "torch.nn.Module"]:
+    torch.manual_seed(seed)
+    model = import_reference().OpenMythos(config_to_torch(cfg))
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}, model
+
+
+def _pooled_draws(cfg, torch_model, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """POOL_DRAWS fresh draws of one small tensor (a Linear bias, which OpenMythos's
+    ``_init_weights`` leaves at torch's default): ours from the model's init vmapped over seeds
+    (only that leaf is computed), OpenMythos's from its module's ``reset_parameters``."""
+    assert name.endswith(".bias"), f"{name}: no cheap way to redraw it in torch"
+    path = name.split(".")            # biases keep their torch name in our tree
+
+    def leaf(key):
+        value = nnx.to_pure_dict(nnx.state(OpenMythos(cfg, rngs=nnx.Rngs(key))))
+        for part in path:
+            value = value[part]
+        return value
+
+    ours = jax.jit(jax.vmap(leaf))(jax.random.split(jax.random.key(1), POOL_DRAWS))
+    module = torch_model.get_submodule(name.rsplit(".", 1)[0])
+    reference = []
+    for _ in range(POOL_DRAWS):
+        module.reset_parameters()
+        reference.append(module.bias.detach().numpy().copy())
+    return np.asarray(ours).ravel(), np.stack(reference).ravel()
+
+
+def _assert_same_distribution(name: str, ours: np.ndarray, ref: np.ndarray) -> None:
+    """Mean, std and (n >= 4096) the tail fraction beyond TAIL std agree within INIT_SIGMAS
+    standard errors of two samples of these sizes."""
+    n, m = ours.size, ref.size
+    mean, std = float(ref.mean()), float(ref.std())
+    assert abs(ours.mean() - mean) <= INIT_SIGMAS * np.hypot(ours.std() / n ** 0.5,
+                                                             std / m ** 0.5), name
+    kurtosis = float(np.mean((ref - mean) ** 4)) / std ** 4       # 3 normal, 1.8 uniform
+    relative_se = np.sqrt((kurtosis - 1) / 4 * (1 / n + 1 / m))   # of std_ours / std_ref
+    assert abs(ours.std() / std - 1) <= INIT_SIGMAS * relative_se, (name, ours.std(), std)
+    if min(n, m) >= 4096:
+        tails = [float(np.mean(np.abs(x - mean) > TAIL * std)) for x in (ours, ref)]
+        p = max(np.mean(tails), 1 / min(n, m))
+        assert abs(tails[0] - tails[1]) <= INIT_SIGMAS * np.sqrt(p * (1 - p) * (1 / n + 1 / m)
+                                                                 ), (name, tails)
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_initialisation_matches_openmythos_for_every_tensor(attn_type):
+    """Every tensor of a dim-512 model against OpenMythos's, named by the converter's map:
+    those equal in two OpenMythos inits (norms, LTI, router bias) bit for bit, the random
+    ones in distribution (mean, std, tails; the halt bias pooled over 4096 redraws)."""
+    cfg = variants.tiny_mla(attn_type=attn_type, dim=512, n_heads=4, lora_rank=32,
+                            max_loop_iters=16)
+    (ref, torch_model), (other, _) = _torch_init(cfg, 0), _torch_init(cfg, 1)
+    ours = {k: v.numpy() for k, v in to_torch_state_dict(OpenMythos(cfg, rngs=nnx.Rngs(0))
+                                                         ).items()}
+    assert ours.keys() == ref.keys()
+    pooled = 0
+    for name, value in ref.items():
+        assert ours[name].shape == value.shape and ours[name].dtype == value.dtype, name
+        if np.array_equal(value, other[name]):                       # a constant
+            np.testing.assert_array_equal(ours[name], value, err_msg=name)
+        elif value.size < POOL_BELOW:
+            draws, ref_draws = _pooled_draws(cfg, torch_model, name)
+            assert ref_draws.min() <= ours[name].min() and ours[name].max() <= ref_draws.max()
+            _assert_same_distribution(name, draws, ref_draws)
+            pooled += 1
+        else:
+            _assert_same_distribution(name, ours[name].ravel(), value.ravel())
+    assert pooled == 1                                     # recurrent.act.halt.bias
 
 
 def test_recurrence_is_one_scan_with_shared_weights(mla_model):
@@ -101,6 +195,49 @@ def test_dropout_zeroes_at_its_rate_and_rescales_the_rest():
     assert abs((out == 0).mean() - rate) <= 5 * np.sqrt(rate * (1 - rate) / size)
     np.testing.assert_allclose(out[out != 0], 2.0 / (1 - rate), rtol=1e-6)
     np.testing.assert_array_equal(dropout(x, rate, None), x)
+
+
+def _random_mask_shapes(model, ids) -> collections.Counter:
+    """Shapes of the random bits drawn by one forward (1 loop): one array per dropout mask."""
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s, i: nnx.merge(graphdef, s)(i, 1))(state, ids)
+    return collections.Counter(tuple(e.outvars[0].aval.shape) for e in eqns(jaxpr.jaxpr)
+                               if e.primitive.name == "random_bits")
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_dropout_masks_the_attention_probabilities_and_the_residual_branches(attn_type,
+                                                                             monkeypatch):
+    """In training, one mask per attention's probabilities (B, H, T, S) and two per block on
+    its residual branches (B, T, D), nothing else: the tensors OpenMythos's dropouts see in
+    training (F.dropout recorded); in eval no random bits at all. v_head_dim 8 makes the
+    attention's pre-projection output (B, T, H * 8) differ in shape from the branch."""
+    cfg = variants.tiny_mla(attn_type=attn_type, dropout=0.1, v_head_dim=8)
+    ids = _ids(cfg)
+    B, T = ids.shape
+    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
+    masks = _random_mask_shapes(model, ids)
+    if attn_type == "gqa":      # (B, kv_heads, groups, T, S) -> (B, H, T, S)
+        masks = collections.Counter({(s[0], s[1] * s[2], *s[3:]) if len(s) == 5 else s: n
+                                     for s, n in masks.items()})
+    blocks = cfg.prelude_layers + 1 + cfg.coda_layers
+    assert masks == {(B, cfg.n_heads, T, T): blocks, (B, T, cfg.dim): 2 * blocks}
+
+    seen = collections.Counter()
+    torch_dropout = torch.nn.functional.dropout
+
+    def recorded(x, p=0.5, training=True, inplace=False):
+        if training and p > 0:
+            seen[tuple(x.shape)] += 1
+        return torch_dropout(x, p, training, inplace)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", recorded)
+    torch_model = import_reference().OpenMythos(config_to_torch(cfg)).train()
+    with torch.no_grad():
+        torch_model(torch.from_numpy(np.array(ids)).long(), n_loops=1)
+    assert seen == masks
+    model.eval()
+    assert _random_mask_shapes(model, ids) == {}
 
 
 def test_rope_scores_depend_only_on_the_position_difference():

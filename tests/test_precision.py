@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.extend import core as jax_core
 
 from mythos_jax import OpenMythos, variants
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train import step as train_step
 from mythos_jax.train.config import load_train_config
+from jaxprs import eqns
 from numerics import relative_error
 
 # experiments/README.md (Pallas section): with dtype="bfloat16" the logits are 2.0e-3 from
@@ -25,18 +25,6 @@ BF16_LOGIT_RTOL = 5e-3
 # Primitives of the fp32 islands: RMSNorm (rsqrt), softmax (reduce_max, exp, and the log of
 # log_softmax), RoPE and the loop embedding (sin, cos), the LTI decay exp(-exp(.)).
 FP32_PRIMITIVES = ("rsqrt", "reduce_max", "exp", "log", "sin", "cos")
-
-
-def _eqns(jaxpr):
-    """Every equation of a jaxpr, inside scans, while loops, jits and custom rules too."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else (param,):
-                if isinstance(sub, jax_core.ClosedJaxpr):
-                    yield from _eqns(sub.jaxpr)
-                elif isinstance(sub, jax_core.Jaxpr):
-                    yield from _eqns(sub)
 
 
 def _dtypes(eqn) -> set[str]:
@@ -55,7 +43,7 @@ def test_bfloat16_matmuls_with_fp32_islands_in_the_program(attn_type):
         state, jnp.zeros((batch, length), jnp.int32))
     seen = collections.defaultdict(set)
     halting = set()
-    for eqn in _eqns(jaxpr.jaxpr):
+    for eqn in eqns(jaxpr.jaxpr):
         seen[eqn.primitive.name] |= _dtypes(eqn)
         if eqn.primitive.name == "logistic" and eqn.outvars[0].aval.shape == (batch, length):
             halting |= _dtypes(eqn)                  # ACT: sigmoid(halt(h)) (B, T)
