@@ -1,5 +1,6 @@
 """Training checkpoints that cannot be read or written: named, never lost, never a restart
-from scratch over an existing run."""
+from scratch over an existing run; a save killed mid-write never listed; a resume on fewer
+devices resharded."""
 
 import asyncio
 import errno
@@ -160,14 +161,19 @@ def test_a_save_killed_mid_write_is_never_listed_and_step_4_resumes(run, tmp_pat
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             "from test_checkpoints_training import _save_step_6_and_hang; "
             f"_save_step_6_and_hang({str(run)!r}, {str(marker)!r})")
-    env = {k: v for k, v in os.environ.items() if k != "MYTHOS_JAX_CACHE"}
-    process = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
+    env = {k: v for k, v in os.environ.items() if k != "MYTHOS_JAX_CACHE"}   # it is killed
+    log = tmp_path / "saver.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
     partial = os.path.join(run, "checkpoints", "6.orbax-checkpoint-tmp")
     assert os.listdir(partial) and _steps(run) == [2, 4]
@@ -212,7 +218,9 @@ def test_a_checkpoint_of_8_devices_resumes_resharded_on_4(run, capsys, monkeypat
         assert got == want and got.mesh.devices.size == 4
     assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings))
     saved_on = load_train_config("tiny", QUICK + ["steps=4"])
-    saved = Checkpointer(str(run), build_plan(saved_on, make_mesh(saved_on.mesh))).restore()
+    checkpointer = Checkpointer(str(run), build_plan(saved_on, make_mesh(saved_on.mesh)))
+    saved = checkpointer.restore(step=4)
+    checkpointer.close()
     assert {len(x.sharding.device_set) for x in jax.tree.leaves(saved)} == {8}
     for got, want in zip(jax.tree.leaves(values), jax.tree.leaves(saved), strict=True):
         want = np.asarray(want)
