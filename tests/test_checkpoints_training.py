@@ -1,15 +1,29 @@
 """Training checkpoints that cannot be read or written: named, never lost, never a restart
-from scratch over an existing run."""
+from scratch over an existing run; a save killed mid-write never listed; a resume on fewer
+devices resharded."""
 
+import asyncio
 import errno
 import glob
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
 
+from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.cli import main
+from mythos_jax.parallel.mesh import make_mesh
+from mythos_jax.train import data
 from mythos_jax.train.config import load_train_config
+from mythos_jax.train.step import build_plan
 from mythos_jax.train.trainer import read_metrics, train
 
 QUICK = ["checkpoint.every=2", "log.every=2", "log.tensorboard=false", "eval.loops=[1]",
@@ -90,18 +104,26 @@ def test_no_readable_checkpoint_is_refused_with_the_steps_found(run, capsys):
     assert open(os.path.join(run, "metrics.jsonl")).read() == metrics     # no fresh start
 
 
-def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, capsys,
-                                                                     monkeypatch):
-    from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
-
+def _json_save_at(step, action):
+    """Orbax's JSON item writer, running ``await action(directory)`` first for the items of
+    checkpoint ``step`` (written in its temporary ``<step>.orbax-checkpoint-tmp``)."""
     original = handler.JsonCheckpointHandler._save_fn
 
-    async def disk_full_at_step_4(self, x, directory):
-        if os.path.basename(os.path.dirname(str(directory))).startswith("4."):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    async def save_fn(self, x, directory):
+        if os.path.basename(os.path.dirname(str(directory))).startswith(f"{step}."):
+            await action(directory)
         return await original(self, x, directory)
+    return save_fn
 
-    monkeypatch.setattr(handler.JsonCheckpointHandler, "_save_fn", disk_full_at_step_4)
+
+def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, capsys,
+                                                                     monkeypatch):
+    original = handler.JsonCheckpointHandler._save_fn
+
+    async def disk_full(directory):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+    monkeypatch.setattr(handler.JsonCheckpointHandler, "_save_fn", _json_save_at(4, disk_full))
     run = tmp_path / "run"
     argv = ["train", "--config", "tiny", "--workdir", str(run), "--set", "steps=6",
             "--set", "checkpoint.async_save=true"] + [a for o in QUICK[:-1]
@@ -116,3 +138,92 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, c
     monkeypatch.setattr(handler.JsonCheckpointHandler, "_save_fn", original)   # space freed
     assert main(argv) == 0
     assert "resumed from" in capsys.readouterr().out and _steps(run) == [4, 6]
+
+
+def _save_step_6_and_hang(run, marker):
+    """(In a subprocess.) Restore ``run``'s latest checkpoint and save it as step 6, hanging
+    in the middle of that save (``marker`` created first) until the process is killed."""
+    async def hang(directory):
+        Path(marker).touch()
+        await asyncio.Event().wait()
+
+    handler.JsonCheckpointHandler._save_fn = _json_save_at(6, hang)
+    cfg = load_train_config("tiny", QUICK + ["steps=6"])
+    checkpointer = Checkpointer(run, build_plan(cfg, make_mesh(cfg.mesh)))
+    iterator = data.train_iterator(cfg.data)
+    checkpointer.save(6, checkpointer.restore(iterator), iterator)
+
+
+def test_a_save_killed_mid_write_is_never_listed_and_step_4_resumes(run, tmp_path):
+    """SIGKILL while checkpoint 6 is being written: its temporary directory stays behind,
+    partly written, but is never listed; step 4 is restored, and step 6 can be written again."""
+    marker = tmp_path / "saving"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "from test_checkpoints_training import _save_step_6_and_hang; "
+            f"_save_step_6_and_hang({str(run)!r}, {str(marker)!r})")
+    env = {k: v for k, v in os.environ.items() if k != "MYTHOS_JAX_CACHE"}   # it is killed
+    log = tmp_path / "saver.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    partial = os.path.join(run, "checkpoints", "6.orbax-checkpoint-tmp")
+    assert os.listdir(partial) and _steps(run) == [2, 4]
+
+    cfg = load_train_config("tiny", QUICK + ["steps=6"])
+    checkpointer = Checkpointer(str(run), build_plan(cfg, make_mesh(cfg.mesh)))
+    assert checkpointer.manager.all_steps() == [2, 4] and checkpointer.latest_step() == 4
+    iterator = data.train_iterator(cfg.data)
+    state = checkpointer.restore(iterator)
+    assert int(state.step) == 4
+    checkpointer.save(6, state, iterator)
+    checkpointer.close()
+    assert _steps(run) == [4, 6] and not os.path.exists(partial)
+
+
+def test_a_checkpoint_of_8_devices_resumes_resharded_on_4(run, capsys, monkeypatch):
+    """The trainer resuming on 4 devices (fsdp=2, tensor=2) the run written on 8 (data=8):
+    the state it restores holds the saved values bit for bit, in the 4-device shardings, and
+    its depth curve on the 4 devices is the one the 8 computed."""
+    from mythos_jax.train import trainer
+
+    four = jax.devices()[:4]
+    cfg = load_train_config("tiny", QUICK + ["steps=4", "mesh=fsdp=2,tensor=2"])
+    plan = build_plan(cfg, make_mesh(cfg.mesh, four))
+    restored = []
+
+    class Recording(Checkpointer):
+        def restore(self, *args, **kwargs):
+            state = super().restore(*args, **kwargs)
+            restored.append((jax.tree.map(lambda x: x.sharding, state),
+                             jax.tree.map(np.array, state)))
+            return state
+
+    [curve_on_8] = [line["eval"] for line in read_metrics(str(run)) if "eval" in line]
+    monkeypatch.setattr(trainer, "make_mesh", lambda spec: make_mesh(spec, four))
+    monkeypatch.setattr(trainer, "Checkpointer", Recording)
+    report = train(cfg, str(run))
+    assert f"resumed from {run}/checkpoints at step 4\n" in capsys.readouterr().out
+    (shardings, values), = restored
+    for got, want in zip(jax.tree.leaves(shardings), jax.tree.leaves(plan.shardings),
+                         strict=True):
+        assert got == want and got.mesh.devices.size == 4
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings))
+    saved_on = load_train_config("tiny", QUICK + ["steps=4"])
+    checkpointer = Checkpointer(str(run), build_plan(saved_on, make_mesh(saved_on.mesh)))
+    saved = checkpointer.restore(step=4)
+    checkpointer.close()
+    assert {len(x.sharding.device_set) for x in jax.tree.leaves(saved)} == {8}
+    for got, want in zip(jax.tree.leaves(values), jax.tree.leaves(saved), strict=True):
+        want = np.asarray(want)
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+    for name, value in curve_on_8["heldout"]["1"].items():
+        np.testing.assert_allclose(report["depth_curve"]["heldout"][1][name], value, rtol=1e-5)

@@ -2,6 +2,7 @@
 what changed, an override for the training files, never for a moved held-out split."""
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from mythos_jax.parallel.mesh import make_mesh
@@ -22,9 +23,13 @@ def corpus_dir(tmp_path):
     data._store.cache_clear()          # a test's edits must not reach later tests' streams
 
 
+def overrides(folder):
+    return ["data.source=text", f"data.paths=['{folder}/*.txt']", "data.eval_fraction=0.2",
+            "checkpoint.async_save=false"]
+
+
 def config(folder):
-    return load_train_config("tiny", ["data.source=text", f"data.paths=['{folder}/*.txt']",
-                                      "data.eval_fraction=0.2", "checkpoint.async_save=false"])
+    return load_train_config("tiny", overrides(folder))
 
 
 def heldout_files(cfg):
@@ -38,14 +43,22 @@ def changed(corpus_folder, edit):
     data._store.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def initial_state():
+    """The tiny preset's initial TrainState on one device, as at step 1 (the corpus does not
+    change it: the text source's byte vocabulary is the stdlib source's)."""
+    plan = build_plan(load_train_config("tiny"), make_mesh("data=1", jax.devices()[:1]))
+    return init_train_state(plan)._replace(step=jnp.int32(1))
+
+
 @pytest.fixture
-def checkpointed(corpus_dir, tmp_path):
+def checkpointed(corpus_dir, tmp_path, initial_state):
     """A checkpoint at step 1 of the text corpus; returns a function making a Checkpointer
     for the same config now."""
     cfg = config(corpus_dir)
     plan = build_plan(cfg, make_mesh("data=1", jax.devices()[:1]))
     checkpointer = Checkpointer(str(tmp_path / "run"), plan)
-    checkpointer.save(1, init_train_state(plan), data.train_iterator(cfg.data))
+    checkpointer.save(1, initial_state, data.train_iterator(cfg.data))
     checkpointer.close()
     return lambda: Checkpointer(str(tmp_path / "run"), plan)
 
@@ -64,18 +77,45 @@ def test_fingerprint_lists_files_counts_and_split(corpus_dir):
 
 
 def test_same_data_resumes(checkpointed):
-    assert int(checkpointed().restore().step) == 0
+    assert int(checkpointed().restore().step) == 1
 
 
-def test_a_changed_training_file_is_refused_unless_allowed(checkpointed, corpus_dir, capsys):
+def _grow_a_training_file(corpus_dir) -> str:
     train_doc = sorted(set(map(str, corpus_dir.glob("*.txt"))) - heldout_files(
         config(corpus_dir).data))[0]
     changed(corpus_dir, lambda _: open(train_doc, "ab").write(b"more text"))
+    return train_doc
+
+
+def test_a_changed_training_file_is_refused_unless_allowed(checkpointed, corpus_dir, capsys):
+    train_doc = _grow_a_training_file(corpus_dir)
     with pytest.raises(ValueError, match=rf"files changed size: {train_doc}.*train\.tokens: "
                                          r".*--allow-data-change"):
         checkpointed().restore()
     checkpointed().restore(allow_data_change=True)
     assert "warning: training on changed data" in capsys.readouterr().out
+
+
+def test_train_command_refuses_changed_data_in_one_line_unless_allow_data_change(
+        checkpointed, corpus_dir, tmp_path, capsys):
+    """``mythos-jax train`` on the workdir after a training file grew: exit 2 and one line
+    naming the file and the flag; with ``--allow-data-change`` it resumes (step 1 of 1, so
+    only the final evaluation runs)."""
+    from mythos_jax.cli import main
+
+    train_doc, run = _grow_a_training_file(corpus_dir), tmp_path / "run"
+    argv = ["train", "--config", "tiny", "--workdir", str(run)] + [
+        a for o in overrides(corpus_dir) + ["steps=1", "eval.loops=[1]", "log.tensorboard=false"]
+        for a in ("--set", o)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the training data changed since checkpoint 1 (files changed "
+                          f"size: {train_doc}") and err.count("\n") == 1, err
+    assert err.rstrip().endswith("or accept it with --allow-data-change")
+    assert main(argv + ["--allow-data-change"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: training on changed data (files changed size: {train_doc}" in out
+    assert f"resumed from {run}/checkpoints at step 1\n" in out
 
 
 def test_a_moved_heldout_split_is_refused_even_when_allowed(checkpointed, corpus_dir):

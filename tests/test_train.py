@@ -296,9 +296,10 @@ def _host_leaves(tree) -> dict[str, np.ndarray]:
 
 
 def test_one_nonfinite_batch_is_skipped_bitwise_and_the_streak_resets():
-    """A healthy run, one batch with a NaN in its loss mask, then a good batch: the bad step
-    leaves parameters, optimizer state (its count included) and the router bias bit for bit
-    as they were and counts one skip; the next good step updates them and resets the count."""
+    """A healthy run, one batch with a NaN in its loss mask, one step with a finite loss but
+    NaN gradients, then a good batch: each bad step leaves parameters, optimizer state (its
+    count included) and the router bias bit for bit as they were and counts one more skip;
+    the next good step updates them and resets the count."""
     from mythos_jax.train.data import train_iterator
     from mythos_jax.train.evaluate import global_batch
 
@@ -318,12 +319,24 @@ def test_one_nonfinite_batch_is_skipped_bitwise_and_the_streak_resets():
     state, metrics = step_fn(state, global_batch(plan, poisoned))
     assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
     assert int(state.step) == 2 and int(state.nonfinite) == 1
-    for part, before in healthy.items():
-        after = _host_leaves(getattr(state, part))
-        assert list(after) == list(before)
-        for key, value in before.items():
-            assert after[key].dtype == value.dtype and after[key].tobytes() == value.tobytes(), (
-                part, key)
+    _assert_unchanged(state, healthy)
+
+    # A NaN in the depth-wise LoRA scale of the last loop, which this step does not run: the
+    # masked scan's where() hides it from the loss but not from the gradients (0 * NaN).
+    host = jax.tree.map(np.array, state)
+    unrun = cfg.loops.max_loops - 1
+    scale = host.params["recurrent"]["lora"]["scale"]
+    good_row, scale[unrun] = scale[unrun].copy(), np.nan
+    state = jax.device_put(host, plan.shardings)
+    before = {part: _host_leaves(getattr(host, part)) for part in healthy}
+    state, metrics = step_fn(state, global_batch(plan, next(batches)))
+    assert float(metrics["loops"]) <= unrun                 # the poisoned depth was not run
+    assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"]) and int(state.step) == 3 and int(state.nonfinite) == 2
+    _assert_unchanged(state, before)
+    host = jax.tree.map(np.array, state)
+    host.params["recurrent"]["lora"]["scale"][unrun] = good_row
+    state = jax.device_put(host, plan.shardings)
 
     state, metrics = step_fn(state, global_batch(plan, next(batches)))
     assert bool(metrics["finite"]) and int(metrics["nonfinite_streak"]) == 0
@@ -333,6 +346,16 @@ def test_one_nonfinite_batch_is_skipped_bitwise_and_the_streak_resets():
         assert all(np.all(np.isfinite(v)) for v in updated[part].values())
         assert any(not np.array_equal(updated[part][k], v) for k, v in healthy[part].items())
     assert all(not np.array_equal(updated["buffers"][k], healthy["buffers"][k]) for k in bias)
+
+
+def _assert_unchanged(state, before: dict) -> None:
+    """``state``'s parts named in ``before`` hold ``before``'s host leaves bit for bit."""
+    for part, leaves in before.items():
+        after = _host_leaves(getattr(state, part))
+        assert list(after) == list(leaves)
+        for key, value in leaves.items():
+            assert after[key].dtype == value.dtype and after[key].tobytes() == value.tobytes(), (
+                part, key)
 
 
 def test_gradient_accumulation_averages_micro_batches():
