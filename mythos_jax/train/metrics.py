@@ -83,7 +83,7 @@ class MetricsLogger:
     def flush(self) -> dict[str, float]:
         """Fetch the queued steps, write them, print the progress line; the mean of the
         interval's scalars (the longest non-finite streak: its max) with throughput and MFU
-        is returned."""
+        (the FLOPs of each step's own loop count, averaged) is returned."""
         if not self.pending:
             return {}
         rows = [(step, _to_host(metrics)) for step, metrics in jax.device_get(self.pending)]
@@ -94,8 +94,8 @@ class MetricsLogger:
         summary = {k: float(np.mean([s[k] for s in scalars])) for k in scalars[-1]}
         summary["nonfinite_streak"] = max(s["nonfinite_streak"] for s in scalars)
         summary["tokens_per_s"] = self.tokens_per_step * len(rows) / seconds
-        summary["mfu"] = (summary["tokens_per_s"] * self.flops_fn(summary["loops"])
-                          / self.peak_flops)
+        step_flops = np.mean([self.flops_fn(float(s["loops"])) for s in scalars])
+        summary["mfu"] = summary["tokens_per_s"] * step_flops / self.peak_flops
         last_step, last = rows[-1]
         if self.is_writer:
             paths.append_text(self.path, "".join(
