@@ -23,7 +23,7 @@ import pytest
 from mythos_jax import flop_count
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.checkpoints.training import Checkpointer
-from mythos_jax.train.config import TrainConfig, load_train_config
+from mythos_jax.train.config import CheckpointConfig, TrainConfig, load_train_config
 from mythos_jax.train.optim import build_optimizer, decay_mask, learning_rate
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
 from mythos_jax.train.trainer import read_metrics, train
@@ -147,6 +147,26 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path, ca
     printed = TrainConfig.from_dict(json.loads(capsys.readouterr().out))
     assert printed == load_train_config("tiny", ["optim.lr=0.25", "steps=7"])
     assert printed.optim.lr == 0.25 and printed.steps == 7 and not workdir.exists()
+
+    # A JSON file through the same entry: its fields applied, --set on top, the rest defaults.
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"steps": 7, "seed": 3, "model": {"variant": "tiny_gqa"},
+                                "data": {"seq_len": 32, "batch_size": 4},
+                                "loops": {"schedule": "fixed", "n": 2},
+                                "optim": {"lr": 0.5, "warmup_steps": 3}}))
+    assert main(["train", "--config", str(path), "--set", "optim.lr=0.25", "--set",
+                 "data.batch_size=2", "--workdir", str(workdir), "--print-config"]) == 0
+    printed = TrainConfig.from_dict(json.loads(capsys.readouterr().out))
+    assert (printed.steps, printed.seed, printed.model) == (7, 3, {"variant": "tiny_gqa"})
+    assert (printed.data.seq_len, printed.data.batch_size) == (32, 2)
+    assert printed.loops.build().loop_spec(None).count == 2
+    assert (printed.optim.lr, printed.optim.warmup_steps) == (0.25, 3)
+    assert printed.checkpoint == CheckpointConfig()
+    path.write_text(json.dumps({"data": {"seq_len": 32}, "optim": {"lr": 0.5, "bogus": 1}}))
+    assert main(["train", "--config", str(path), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: optim: unknown field(s) ['bogus']") and err.count("\n") == 1
+    assert not workdir.exists()
 
 
 @pytest.mark.parametrize("loops", [["loops.per_sequence=true", "loops.backprop_depth=2"],
