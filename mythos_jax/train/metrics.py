@@ -105,6 +105,7 @@ class MetricsLogger:
                     self.tensorboard.add_scalar(f"train/{name}", value, last_step)
                 self.tensorboard.add_histogram("train/expert_load", last["expert_load"],
                                                last_step)
+                self.tensorboard.flush()     # in the workdir at every log, as metrics.jsonl
         if self.progress:
             eta = seconds / len(rows) * (self.total_steps - last_step)   # at this interval's pace
             print(progress_line(last_step, self.total_steps, summary, now - self.start_time, eta),
@@ -121,6 +122,7 @@ class MetricsLogger:
                 for n, values in by_loops.items():
                     for name, value in values.items():
                         self.tensorboard.add_scalar(f"eval/{split}/{name}@{n}loops", value, step)
+            self.tensorboard.flush()
 
     def close(self) -> None:
         if self.tensorboard is not None:

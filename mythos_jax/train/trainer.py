@@ -94,6 +94,7 @@ def _train(cfg: TrainConfig, workdir, stop_after: int | None,
                 logger.log_eval(step, _json_keys(evaluate(plan, state)))
             if leaving and step < cfg.steps:
                 print_message(f"stopped at step {step}; rerun the same command to resume")
+                logger.close()
                 return {"step": step, "train": summary}
     finally:
         checkpointer.close()
