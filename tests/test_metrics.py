@@ -51,11 +51,56 @@ def test_resume_drops_later_steps_and_the_damaged_line_atomically(tmp_path, monk
     assert os.listdir(tmp_path) == ["metrics.jsonl"]
 
 
-SUMMARY = {"loss": 2.5, "tokens_per_s": 1234.0, "mfu": 0.1, "loops": 2.0,
+SUMMARY = {"loss": 2.5, "tokens_per_s": 12345.6, "mfu": 0.4567, "loops": 3.25,
            "load_max_over_mean": 1.5, "finite": 1.0}
 
 
-def test_progress_line_shows_elapsed_time_and_eta():
+def test_progress_line_shows_step_loss_throughput_mfu_loops_elapsed_and_eta():
     line = progress_line(50, 200, SUMMARY, elapsed=75.0, eta=3725.0)
-    assert line.startswith("[#####...............] step 50/200  loss 2.5000")
-    assert line.endswith("elapsed 1:15  ETA 1:02:05")
+    assert line == ("[#####...............] step 50/200  loss 2.5000  tok/s 12,346  MFU 45.7%  "
+                    "loops 3.25  load max/mean 1.50  elapsed 1:15  ETA 1:02:05")
+    other = dict(SUMMARY, tokens_per_s=999.4, mfu=0.0123, loops=1.0, finite=0.5)
+    line = progress_line(200, 200, other, elapsed=1.0, eta=0.0)
+    assert "  tok/s 999  MFU 1.2%  loops 1.00  " in line
+    assert line.endswith("ETA 0:00  (non-finite steps skipped)")
+
+
+def test_mfu_counts_each_step_at_its_own_loops_with_the_runs_flops(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Two steps drawing 1 and 3 loops under backprop depth 2 in 4 s: tokens/s is
+    2 x 256 / 4, and MFU is tokens/s x the mean of the two steps' training FLOPs (not the
+    FLOPs of their mean, 2 loops, nor of full backprop) / (peak x devices)."""
+    import jax
+    import numpy as np
+
+    from mythos_jax.flop_count import flops
+    from mythos_jax.parallel.mesh import make_mesh
+    from mythos_jax.train import metrics
+    from mythos_jax.train.config import load_train_config
+    from mythos_jax.train.step import build_plan
+    from mythos_jax.train.trainer import train_flops_fn
+
+    plan = build_plan(load_train_config("tiny", ["loops.backprop_depth=2"]),
+                      make_mesh("data=1", jax.devices()[:1]))
+    clock = iter([100.0, 104.0])        # the logger's start, then the flush
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    peak = 1e8
+    log = MetricsLogger(str(tmp_path), total_steps=10, tokens_per_step=256,
+                        flops_fn=train_flops_fn(plan), peak_flops=peak, tensorboard=False,
+                        progress=True)
+    for step, loops in ((1, 1.0), (2, 3.0)):
+        log.add(step, {name: np.float32(value) for name, value in (
+            ("loss", 2.0), ("loops", loops), ("load_max_over_mean", 1.0), ("finite", 1.0),
+            ("nonfinite_streak", 0))})
+    summary = log.flush()
+
+    def mfu(*per_step):
+        train = [flops(plan.model_cfg, 32, n, backprop_depth)["train"] for n, backprop_depth
+                 in per_step]
+        return 128.0 * np.mean(train) / (peak * jax.device_count())
+
+    assert summary["tokens_per_s"] == 128.0 and summary["loops"] == 2.0
+    assert summary["mfu"] == pytest.approx(mfu((1, 2), (3, 2)), rel=1e-12)
+    for wrong in (mfu((2, 2)), mfu((1, None), (3, None))):
+        assert summary["mfu"] != pytest.approx(wrong, rel=1e-3)
+    assert f"tok/s 128  MFU {100 * summary['mfu']:.1f}%  loops 2.00" in capsys.readouterr().out

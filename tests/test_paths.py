@@ -8,6 +8,8 @@ import types
 import pytest
 from etils import epath
 from orbax.checkpoint._src.path import gcs_utils
+from tensorboardX import record_writer
+from tensorboardX.proto.event_pb2 import Event
 
 from mythos_jax import paths
 from mythos_jax.train.config import load_train_config
@@ -39,9 +41,10 @@ def test_local_writes_are_atomic_and_leave_no_temporary_file(tmp_path):
 
 @pytest.fixture
 def fake_bucket(tmp_path, monkeypatch):
-    """``gs://`` served from ``tmp_path/gcs``: epath's calls and the TensorStore spec Orbax
-    builds for a bucket are redirected there, and a flat-namespace bucket stands in for
-    google-cloud-storage's; the code under test sees only URLs. The test runs in
+    """``gs://`` served from ``tmp_path/gcs``: epath's calls, the TensorStore spec Orbax
+    builds for a bucket and tensorboardX's object uploads are redirected there, and a
+    flat-namespace bucket stands in for google-cloud-storage's; the code under test sees only
+    URLs. The test runs in
     ``tmp_path/cwd``, where a URL turned into a local path would land."""
     root = str(tmp_path / "gcs")
 
@@ -70,6 +73,22 @@ def fake_bucket(tmp_path, monkeypatch):
                         lambda path: {"driver": "file", "path": local(path)})
     monkeypatch.setattr(gcs_utils, "get_bucket",
                         lambda name: types.SimpleNamespace(hierarchical_namespace_enabled=False))
+
+    class Blob:     # google-cloud-storage's, as tensorboardX's gs:// event writer uses it
+        def __init__(self, name, bucket):
+            self.path, self.generation = os.path.join(root, bucket.name, name), None
+
+        def upload_from_string(self, data, if_generation_match=None):
+            assert if_generation_match == self.generation     # the object tensorboardX wrote
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "wb") as f:
+                f.write(data)
+            self.generation = (self.generation or 0) + 1
+
+    monkeypatch.setattr(record_writer, "storage", types.SimpleNamespace(
+        Client=lambda: None, Bucket=lambda client, name: types.SimpleNamespace(name=name),
+        Blob=Blob))
+    monkeypatch.setattr(record_writer, "GCS_ENABLED", True)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     with epath.testing.mock_epath(
@@ -78,11 +97,24 @@ def fake_bucket(tmp_path, monkeypatch):
         yield tmp_path / "gcs"
 
 
+def event_tags(path) -> dict[str, list[int]]:
+    """tag -> steps of the scalars in a TensorBoard event file (TFRecords of Event protos)."""
+    data, tags, offset = path.read_bytes(), {}, 0
+    while offset < len(data):
+        length = int.from_bytes(data[offset:offset + 8], "little")
+        event = Event.FromString(data[offset + 12:offset + 12 + length])
+        offset += 16 + length
+        for value in event.summary.value:
+            tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
 def test_train_resume_and_eval_in_a_bucket(fake_bucket, tmp_path, capsys):
     from mythos_jax.cli import main
     cfg = load_train_config("tiny", ["steps=4", "checkpoint.every=2", "log.every=2",
-                                     "log.tensorboard=false", "eval.loops=[1]",
-                                     "eval.batches=1", "checkpoint.async_save=false"])
+                                     "log.tensorboard=true", "log.peak_flops=1e9",
+                                     "eval.loops=[1]", "eval.batches=1",
+                                     "checkpoint.async_save=false"])
     first = train(cfg, "gs://bucket/run", stop_after=2)
     assert first["step"] == 2
     resumed = train(cfg, "gs://bucket/run")
@@ -98,6 +130,11 @@ def test_train_resume_and_eval_in_a_bucket(fake_bucket, tmp_path, capsys):
     assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
     assert "heldout" in json.loads((fake_bucket / "bucket" / "eval.json").read_text())
     assert [r["step"] for r in read_metrics("gs://bucket/run") if "eval" not in r] == [1, 2, 3, 4]
+    # TensorBoard: one event file per train call, uploaded as objects under the workdir.
+    first_events, resumed_events = (event_tags(p) for p in sorted(
+        (run / "tensorboard").iterdir(), key=lambda p: os.stat(p).st_mtime))
+    assert first_events["train/loss"] == [2] and resumed_events["train/loss"] == [4]
+    assert resumed_events["eval/heldout/loss_1loops"] == [4]      # tensorboardX: @ -> _
     assert os.listdir(tmp_path / "cwd") == []          # nothing became a local gs:/ folder
 
 

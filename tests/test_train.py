@@ -20,9 +20,10 @@ import numpy as np
 import optax
 import pytest
 
+from mythos_jax import flop_count
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.checkpoints.training import Checkpointer
-from mythos_jax.train.config import TrainConfig, load_train_config
+from mythos_jax.train.config import CheckpointConfig, TrainConfig, load_train_config
 from mythos_jax.train.optim import build_optimizer, decay_mask, learning_rate
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
 from mythos_jax.train.trainer import read_metrics, train
@@ -147,6 +148,26 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path, ca
     assert printed == load_train_config("tiny", ["optim.lr=0.25", "steps=7"])
     assert printed.optim.lr == 0.25 and printed.steps == 7 and not workdir.exists()
 
+    # A JSON file through the same entry: its fields applied, --set on top, the rest defaults.
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"steps": 7, "seed": 3, "model": {"variant": "tiny_gqa"},
+                                "data": {"seq_len": 32, "batch_size": 4},
+                                "loops": {"schedule": "fixed", "n": 2},
+                                "optim": {"lr": 0.5, "warmup_steps": 3}}))
+    assert main(["train", "--config", str(path), "--set", "optim.lr=0.25", "--set",
+                 "data.batch_size=2", "--workdir", str(workdir), "--print-config"]) == 0
+    printed = TrainConfig.from_dict(json.loads(capsys.readouterr().out))
+    assert (printed.steps, printed.seed, printed.model) == (7, 3, {"variant": "tiny_gqa"})
+    assert (printed.data.seq_len, printed.data.batch_size) == (32, 2)
+    assert printed.loops.build().loop_spec(None).count == 2
+    assert (printed.optim.lr, printed.optim.warmup_steps) == (0.25, 3)
+    assert printed.checkpoint == CheckpointConfig()
+    path.write_text(json.dumps({"data": {"seq_len": 32}, "optim": {"lr": 0.5, "bogus": 1}}))
+    assert main(["train", "--config", str(path), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: optim: unknown field(s) ['bogus']") and err.count("\n") == 1
+    assert not workdir.exists()
+
 
 @pytest.mark.parametrize("loops", [["loops.per_sequence=true", "loops.backprop_depth=2"],
                                    ["loops.max_loops=4"]], ids=["truncated", "full"])
@@ -183,10 +204,20 @@ def test_batches_with_out_of_vocab_ids_are_refused_on_the_host():
 # persistent compilation cache).
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """(config, workdir, report) of a QUICK run with TensorBoard and a 2-batch depth curve."""
+    """(config, workdir, report) of a QUICK run with TensorBoard, a 2-batch depth curve at
+    step 4 and at the end, and a set MFU peak."""
     workdir = str(tmp_path_factory.mktemp("short") / "run")
-    cfg = load_train_config("tiny", QUICK + ["log.tensorboard=true", "eval.batches=2"])
+    cfg = load_train_config("tiny", QUICK + ["log.tensorboard=true", "eval.batches=2",
+                                             "eval.every=4", "log.peak_flops=1e9"])
     return cfg, workdir, train(cfg, workdir)
+
+
+def tiny_lr(step: int) -> float:
+    """The tiny preset's rate at ``step`` updates done, over 8 steps: linear warmup 0 -> 3e-3
+    over 5 steps, then cosine to 3e-4 at step 8."""
+    if step < 5:
+        return 3e-3 * step / 5
+    return 3e-4 + (3e-3 - 3e-4) * 0.5 * (1 + np.cos(np.pi * (step - 5) / 3))
 
 
 def test_short_run_learns_writes_everything_and_resharded_restore(short_run):
@@ -201,6 +232,37 @@ def test_short_run_learns_writes_everything_and_resharded_restore(short_run):
     assert all(0 < lines[s]["rho_A"] < 1 for s in lines)
     assert {lines[s]["loops"] for s in lines} <= {1.0, 2.0, 3.0}
     assert len({lines[s]["loops"] for s in lines}) > 1, "depth should vary between steps"
+    model = cfg.model_config()
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    for s, line in lines.items():
+        assert 0 <= line["accuracy"] <= 1 and (line["accuracy"] * tokens).is_integer()
+        assert np.isfinite(line["grad_norm"]) and line["grad_norm"] > 0
+        assert line["lr"] == pytest.approx(tiny_lr(s - 1), rel=1e-5, abs=1e-12), s
+        load = np.array(line["expert_load"])     # (token, slot) assignments, every loop run
+        assert load.shape == (model.n_experts,) and load.min() >= 0
+        assert load.sum() == tokens * model.n_experts_per_tok * line["loops"]
+        assert line["load_max_over_mean"] == pytest.approx(load.max() / load.mean(), rel=1e-6)
+    evals = [line for line in read_metrics(workdir) if "eval" in line]
+    assert [line["step"] for line in evals] == [4, 8]
+    for line in evals:
+        assert set(line["eval"]) == {"heldout"} and set(line["eval"]["heldout"]) == {"1", "3"}
+        for point in line["eval"]["heldout"].values():
+            assert set(point) == {"loss", "accuracy", "exact_match"}
+            assert all(np.isfinite(v) for v in point.values())
+    assert evals[0]["eval"] != evals[1]["eval"]
+    assert evals[1]["eval"]["heldout"] == {str(n): v for n, v in
+                                           report["depth_curve"]["heldout"].items()}
+
+    # MFU of the last logged interval (steps 7, 8): tokens/s x the training FLOPs of the loops
+    # each step drew, over log.peak_flops x devices.
+    drawn = [int(lines[s]["loops"]) for s in (7, 8)]
+    assert drawn != [cfg.loops.max_loops] * 2, "the check needs a step below max_loops"
+    train_flops = np.mean([flop_count.flops(model, cfg.data.seq_len, n)["train"]
+                           for n in drawn])
+    summary = report["train"]
+    assert summary["loops"] == np.mean(drawn) and summary["tokens_per_s"] > 0
+    assert summary["mfu"] == pytest.approx(
+        summary["tokens_per_s"] * train_flops / (1e9 * jax.device_count()), rel=1e-6)
 
     # Restore onto another mesh layout: same values, the new shardings.
     other = load_train_config("tiny", QUICK + ["mesh=fsdp=4,tensor=2"])

@@ -1,7 +1,11 @@
 """mythos_jax.train.config, loop_config, data_config: a section class per schedule and per data
 source, from YAML and ``--set``, with one-line errors and exact ``to_dict`` round trips."""
 
+import dataclasses
 import json
+import re
+import types
+from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
@@ -88,6 +92,54 @@ def test_defaults_are_poisson_loops_over_the_stdlib():
     assert curriculum == CurriculumLoops(target=PoissonLoops())
     lognormal = load_train_config("tiny", ["loops.schedule=lognormal_poisson"]).loops
     assert lognormal == LogNormalPoissonLoops(max_loops=3)
+
+
+def readme_section_table() -> dict[str, tuple[str, str]]:
+    """The README Training section's table of config sections: name -> (what, defaults)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = text[text.index("| section | what | defaults |"):].splitlines()
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        name, what, defaults = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[name.strip("`")] = (what, defaults)
+    return rows
+
+
+def test_the_readme_section_table_gives_the_defaults():
+    """Every section of TrainConfig has its row, and each row's defaults (and the AdamW and
+    eval.every figures in its text) are TrainConfig's field defaults. (TrainConfig() itself
+    does not build: tiny_mla's max_seq_len 64 is shorter than the default data.seq_len 128.)"""
+    rows = readme_section_table()
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    default = types.SimpleNamespace(**{
+        f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+        for f in dataclasses.fields(TrainConfig)})
+    top = [name for name in fields if not isinstance(getattr(default, name), dict)
+           and not dataclasses.is_dataclass(getattr(default, name))]
+    assert set(rows) == {"top level"} | (set(fields) - set(top))
+    assert re.findall(r"`(\w+)`", re.sub(r"\(.*?\)", "", rows["top level"][0])) == top
+    assert rows["top level"][1].replace("`", "").split(", ") == [
+        str(getattr(default, name)) for name in top]
+    assert rows["model"][1] == f"`{default.model['variant']}`"
+    source, seq_len, batch = re.fullmatch(r"(\w+), (\d+) x (\d+)", rows["data"][1]).groups()
+    assert (source, int(seq_len), int(batch)) == (
+        default.data.source, default.data.seq_len, default.data.batch_size)
+    schedule, mean, max_loops = re.fullmatch(r"(\w+), mean ([\d.]+), max (\d+)",
+                                             rows["loops"][1]).groups()
+    assert (schedule, float(mean), int(max_loops)) == (
+        str(default.loops.schedule), default.loops.mean, default.loops.max_loops)
+    optim = default.optim
+    assert float(re.fullmatch(r"lr (\S+)", rows["optim"][1]).group(1)) == optim.lr
+    adamw = re.search(r"AdamW \(b1 (\S+), b2 (\S+), wd (\S+) on matrices", rows["optim"][0])
+    assert tuple(map(float, adamw.groups())) == (optim.b1, optim.b2, optim.weight_decay)
+    assert rows["checkpoint"][1].split(", ") == [str(default.checkpoint.every),
+                                                 str(default.checkpoint.keep)]
+    assert rows["log"][1] == str(default.log.every)
+    assert tuple(map(int, rows["eval"][1].split(", "))) == default.eval.loops
+    every = re.search(r"`every` \((\d+): at the end only\)", rows["eval"][0]).group(1)
+    assert int(every) == default.eval.every
 
 
 def preset_configs():

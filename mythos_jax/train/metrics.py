@@ -83,7 +83,7 @@ class MetricsLogger:
     def flush(self) -> dict[str, float]:
         """Fetch the queued steps, write them, print the progress line; the mean of the
         interval's scalars (the longest non-finite streak: its max) with throughput and MFU
-        is returned."""
+        (the FLOPs of each step's own loop count, averaged) is returned."""
         if not self.pending:
             return {}
         rows = [(step, _to_host(metrics)) for step, metrics in jax.device_get(self.pending)]
@@ -94,8 +94,8 @@ class MetricsLogger:
         summary = {k: float(np.mean([s[k] for s in scalars])) for k in scalars[-1]}
         summary["nonfinite_streak"] = max(s["nonfinite_streak"] for s in scalars)
         summary["tokens_per_s"] = self.tokens_per_step * len(rows) / seconds
-        summary["mfu"] = (summary["tokens_per_s"] * self.flops_fn(summary["loops"])
-                          / self.peak_flops)
+        step_flops = np.mean([self.flops_fn(float(s["loops"])) for s in scalars])
+        summary["mfu"] = summary["tokens_per_s"] * step_flops / self.peak_flops
         last_step, last = rows[-1]
         if self.is_writer:
             paths.append_text(self.path, "".join(
@@ -105,6 +105,7 @@ class MetricsLogger:
                     self.tensorboard.add_scalar(f"train/{name}", value, last_step)
                 self.tensorboard.add_histogram("train/expert_load", last["expert_load"],
                                                last_step)
+                self.tensorboard.flush()     # in the workdir at every log, as metrics.jsonl
         if self.progress:
             eta = seconds / len(rows) * (self.total_steps - last_step)   # at this interval's pace
             print(progress_line(last_step, self.total_steps, summary, now - self.start_time, eta),
@@ -121,6 +122,7 @@ class MetricsLogger:
                 for n, values in by_loops.items():
                     for name, value in values.items():
                         self.tensorboard.add_scalar(f"eval/{split}/{name}@{n}loops", value, step)
+            self.tensorboard.flush()
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -13,8 +13,9 @@ plotted to ``<workdir>/depth_curve.png``.
 
 from __future__ import annotations
 
+import functools
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -59,9 +60,8 @@ def _train(cfg: TrainConfig, workdir, stop_after: int | None,
     peak, peak_source = peak_flops_per_device(cfg.log.peak_flops)
     logger = MetricsLogger(
         workdir, total_steps=cfg.steps, tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
-        flops_fn=lambda loops: train_flops_per_token(plan.model_cfg, cfg.data.seq_len, loops,
-                                                     cfg.loops.backprop_depth),
-        peak_flops=peak, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+        flops_fn=train_flops_fn(plan), peak_flops=peak, tensorboard=cfg.log.tensorboard,
+        progress=cfg.log.progress)
 
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(data_iterator, set_aside_damaged=True,
@@ -94,6 +94,7 @@ def _train(cfg: TrainConfig, workdir, stop_after: int | None,
                 logger.log_eval(step, _json_keys(evaluate(plan, state)))
             if leaving and step < cfg.steps:
                 print_message(f"stopped at step {step}; rerun the same command to resume")
+                logger.close()
                 return {"step": step, "train": summary}
     finally:
         checkpointer.close()
@@ -109,6 +110,13 @@ def _train(cfg: TrainConfig, workdir, stop_after: int | None,
                                           title=f"{_describe(plan)}, step {step}")
         print(f"plot written to {report['plot']}")
     return report
+
+
+def train_flops_fn(plan) -> Callable[[float], float]:
+    """loops -> training FLOPs per token of one step (MFU's numerator): the run's model and
+    sequence length, truncated backprop's no-grad loops at 1x."""
+    return functools.partial(train_flops_per_token, plan.model_cfg, plan.cfg.data.seq_len,
+                             backprop_depth=plan.cfg.loops.backprop_depth)
 
 
 def _describe(plan) -> str:
