@@ -95,8 +95,9 @@ class OpenMythos(nnx.Module):
         cache (slot ``index + i``, position ``slot - start_b``; padding never attended), the
         count must be a Python int equal to the cache's depth slots (unless it shares
         depths), and ``Forward.cache`` is the cache advanced by T. With an exit rule a stopped
-        sequence's keys at the remaining depths come from its frozen state, so later tokens
-        find keys at every depth (this approximates the full-depth model). ``last_only``:
+        sequence's depths past its exit hold copies of its last run depth's keys, so later
+        tokens find keys at every depth and a sequence's cache does not depend on its
+        batch-mates (this approximates the full-depth model). ``last_only``:
         logits of the last position only, (B, 1, vocab).
         ``return_info``: ``Forward.info`` is a :class:`~mythos_jax.loops.LoopInfo`
         (loops_run (B,), ponder_cost (B, T), moe (router statistics), state_rms (B,)).

@@ -1,5 +1,11 @@
-"""Test setup: 8 fake CPU devices, fp32-exact matmuls, a persistent compilation cache fresh for
-each suite run, and compiled programs released after each test module.
+"""Test setup: 8 fake CPU devices, fp32-exact matmuls, XLA:CPU code generated without LLVM
+optimisation, a persistent compilation cache fresh for each suite run, and compiled programs
+released after each test module.
+
+Why unoptimised code: the suite's programs are tiny, so compiling them is most of its time;
+``--xla_backend_optimization_level=0`` turns off LLVM's optimisation of the generated code
+only (XLA's HLO passes, fusion and the numerics stay), which took two loop tests from 69 s to
+51 s. Benchmarks and commands keep XLA's default.
 
 Why the cache: most of the suite's time is XLA compiling, and the same programs come back:
 every ``train()`` builds a new jitted step, so two tests (or two subprocess runs) training the
@@ -21,7 +27,8 @@ topologies without it)."""
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 os.environ.setdefault("MYTHOS_JAX_CACHE", os.path.join(

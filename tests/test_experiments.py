@@ -24,11 +24,19 @@ def run_quick(name, out, *flags):
     return results
 
 
-def test_depth_extrapolation_quick_pipeline(tmp_path):
+def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, capsys):
+    """E1 --quick with its single_loop arm interrupted at step 2 beforehand: that arm resumes,
+    both arms are evaluated; a rerun skips the finished arm without rewriting it."""
+    experiment = get_experiment("depth_extrapolation")
+    single = next(a for a in experiment.arms if a.name == "single_loop")
+    trainer.train(experiment.arm_config(single, quick=True, seed=0),
+                  tmp_path / "arms" / "single_loop", stop_after=2)
+    capsys.readouterr()
     results = run_quick("depth_extrapolation", tmp_path)
+    resumed = f"resumed from {tmp_path / 'arms' / 'single_loop' / 'checkpoints'} at step 2\n"
+    assert resumed in capsys.readouterr().out
     arms = results["arms"]
     assert list(arms) == ["looped_random", "single_loop"]          # its quick arms (make train)
-    experiment = get_experiment("depth_extrapolation")
     assert [a.name for a in experiment.arms] == ["looped_random", "looped_fixed",
                                                   "single_loop", "deep_stack"]
     for arm in experiment.arms:                   # the other arms' configs are valid as well
@@ -48,6 +56,13 @@ def test_depth_extrapolation_quick_pipeline(tmp_path):
     assert len(results["targets"]) == 3 and all(isinstance(t["met"], bool)
                                                 for t in results["targets"])
     assert os.path.getsize(tmp_path / "accuracy.png") > 1000
+
+    result_file = tmp_path / "arms" / "single_loop" / harness.RESULT_FILE
+    assert json.loads(result_file.read_text())["steps"] == 4
+    written = result_file.stat().st_mtime_ns
+    run_quick("depth_extrapolation", tmp_path, "--arms", "single_loop")
+    assert "single_loop: done earlier" in capsys.readouterr().out
+    assert result_file.stat().st_mtime_ns == written
 
 
 def test_test_time_depth_quick_pipeline_runs_its_quick_arms(tmp_path):
@@ -73,22 +88,6 @@ def test_stability_quick_pipeline_runs_its_quick_arms(tmp_path):
     assert results["arms"]["additive@x30"]["max_rho"] == 1.0          # no decay at all
     assert results["arms"]["parcae@x30"]["config"]["optim"]["lr"] == pytest.approx(0.09)
     assert os.path.getsize(tmp_path / "trajectories.png") > 1000
-
-
-def test_rerun_skips_finished_arms_and_resumes_an_interrupted_one(tmp_path, capsys):
-    experiment = get_experiment("depth_extrapolation")
-    arm = next(a for a in experiment.arms if a.name == "single_loop")
-    cfg = experiment.arm_config(arm, quick=True, seed=0)
-    trainer.train(cfg, tmp_path / "arms" / "single_loop", stop_after=2)   # interrupted at 2
-    capsys.readouterr()
-    run_quick("depth_extrapolation", tmp_path, "--arms", "single_loop")
-    assert "resumed from" in capsys.readouterr().out
-    result_file = tmp_path / "arms" / "single_loop" / harness.RESULT_FILE
-    assert json.loads(result_file.read_text())["steps"] == 4
-    written = result_file.stat().st_mtime_ns
-    run_quick("depth_extrapolation", tmp_path, "--arms", "single_loop")
-    assert "single_loop: done earlier" in capsys.readouterr().out
-    assert result_file.stat().st_mtime_ns == written
 
 
 def test_the_khop_preset_is_the_looped_random_arm():

@@ -567,7 +567,7 @@ def test_two_processes_launched_match_one_process_and_hand_over_the_data(tmp_pat
     monkeypatch.setattr(trainer, "make_mesh", lambda spec: make_mesh(spec, jax.devices()[:2]))
     single, multi = tmp_path / "single", tmp_path / "multi"
     train(cfg, str(single))
-    env = {k: v for k, v in _env().items() if k != "XLA_FLAGS"}
+    env = {**_env(), "XLA_FLAGS": "--xla_backend_optimization_level=0"}   # one device each
     result = subprocess.run(
         ["bash", str(REPO / "tpu_setup" / "launch.sh"), "--local", "2", "--port",
          str(_free_port()), "--workdir", str(multi), "--",

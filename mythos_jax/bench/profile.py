@@ -124,7 +124,7 @@ def jax_profile(fn: Callable[[], Any], hlo_text: str, reps: int = 3) -> dict[str
     unknown: set[str] = set()
     for event in events:
         name = event.name
-        if name.startswith(("end: ", "ThunkExecutor", "ThreadpoolListener")):
+        if name.startswith("end: ") or "::" in name:      # runtime events (Executor::...)
             continue
         kind, phase = kinds.get(name, ("elementwise", "rest"))
         if name not in kinds:
