@@ -198,10 +198,12 @@ def _copies_of_row(cache, row: int):
 def test_generate_exits_per_sequence_and_masks_finished_ones(exiting_model):
     """Sampled generate(exit="act", eos_id) replayed token by token with its compiled prefill
     and decode step: the sequences of one step stop at different loop counts, and each one's
-    logits (1e-5), loops and token equal those of its row when every batch-mate is a copy of
-    it (same cache): the batch going on leaves a stopped sequence unchanged. The replay
-    samples generate's tokens and loops; after its EOS a sequence records EOS with 0 loops
-    and the others' tokens are those of the run without EOS."""
+    logits (1e-5), loops, token and cache rows at every depth equal those of the same
+    sequence decoded alone (a batch of copies of it with its own cache, from the prompt on):
+    neither the batch going on after a sequence stopped nor the depths its batch-mates ran
+    change what it decodes or what later tokens read. The replay samples generate's tokens
+    and loops; after its EOS a sequence records EOS with 0 loops and the others' tokens are
+    those of the run without EOS."""
     model, steps, key, batch = exiting_model, 5, jax.random.key(0), len(PROMPTS)
     kwargs = dict(n_loops=8, temperature=1.0, exit="act", seed=0)
     full = gen.generate(model, PROMPTS, steps, **kwargs)
@@ -211,18 +213,25 @@ def test_generate_exits_per_sequence_and_masks_finished_ones(exiting_model):
     state = nnx.state(model)
     ids, start = gen.left_pad(PROMPTS)
     cache = init_cache(model.cfg, batch, ids.shape[1] + steps, 8, start)
+    alone_caches = [_copies_of_row(cache, b) for b in range(batch)]
     finished = np.zeros(batch, bool)
     differing_steps = 0
     for step in range(steps):
         call = decoder.prefill if step == 0 else decoder.step
         inputs = ids if step == 0 else out.tokens[:, step - 1]
         step_key = jax.random.fold_in(key, step)
-        alone = {b: call(state, jnp.asarray(inputs[np.full(batch, b)]), _copies_of_row(cache, b),
-                         step_key) for b in np.flatnonzero(~finished)}
+        alone = {}
+        for b in np.flatnonzero(~finished):
+            alone[b] = call(state, jnp.asarray(inputs[np.full(batch, b)]), alone_caches[b],
+                            step_key)
+            alone_caches[b] = alone[b][2]
         token, logits, cache, loops = call(state, jnp.asarray(inputs), cache, step_key)
-        for b, (alone_token, alone_logits, _, alone_loops) in alone.items():
+        for b, (alone_token, alone_logits, alone_cache, alone_loops) in alone.items():
             assert_close(logits[b], alone_logits[b], DECODE_RTOL, (step, b))
             assert (alone_token[b], alone_loops[b]) == (token[b], loops[b])
+            for ours, its in zip(jax.tree.leaves(cache.recurrent),
+                                 jax.tree.leaves(alone_cache.recurrent), strict=True):
+                assert_close(ours[:, b], its[:, b], DECODE_RTOL, ("cache", step, b))
         live = ~finished
         np.testing.assert_array_equal(out.tokens[live, step], np.asarray(token)[live])
         np.testing.assert_array_equal(out.loops[live, step], np.asarray(loops)[live])

@@ -62,8 +62,8 @@ def _freeze(active: jax.Array, new: LoopState, old: LoopState) -> LoopState:
 def _masked_step(block: RecurrentBlock, state: LoopState, e, t, active, ctx, cache=None,
                  index=None) -> tuple[LoopState, dict | None]:
     """One iteration for the sequences where ``active`` (B,) is True; the others keep state.
-    With a layer ``cache`` every sequence's keys are written (a stopped sequence's from its
-    frozen state), so later tokens find keys at every depth."""
+    With a layer ``cache``, the returned cache holds every sequence's keys (a stopped
+    sequence's from its frozen state); ``_write_depth`` keeps only the active ones'."""
     new, cache = block.step(state, e, jnp.maximum(t, 0), ctx.rope, ctx.span, _step_key(ctx, t),
                             cache, index, active)
     return _freeze(active, new, state), cache
@@ -77,15 +77,21 @@ def _read_depth(depth_caches, t):
     return jax.tree.map(lambda c: c[t % c.shape[0]], depth_caches)
 
 
-def _write_depth(depth_caches, layer_cache, t, index, length: int):
-    """Write rows ``index .. index + length`` of depth t's updated cache into the stack."""
+def _write_depth(depth_caches, layer_cache, t, index, length: int, active=None):
+    """Write rows ``index .. index + length`` of depth t's updated cache into the stack; with
+    ``active`` (B,) bool, only the active sequences' rows (a stopped one keeps its own)."""
     if depth_caches is None:
         return None
-    return jax.tree.map(
-        lambda c, new: jax.lax.dynamic_update_slice(
-            c, jax.lax.dynamic_slice_in_dim(new, index, length, axis=1)[None],
-            (t % c.shape[0], 0, index) + (0,) * (c.ndim - 3)),
-        depth_caches, layer_cache)
+
+    def write(c, new):
+        slot = t % c.shape[0]
+        rows = jax.lax.dynamic_slice_in_dim(new, index, length, axis=1)        # (B, length, ...)
+        if active is not None:
+            kept = jax.lax.dynamic_slice_in_dim(c[slot], index, length, axis=1)
+            rows = jnp.where(active.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, kept)
+        return jax.lax.dynamic_update_slice(c, rows[None], (slot, 0, index) + (0,) * (c.ndim - 3))
+
+    return jax.tree.map(write, depth_caches, layer_cache)
 
 
 def _remat(body: Callable, remat: LoopRemat) -> Callable:
@@ -130,8 +136,9 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: Loo
     position's entropy below ``KL_ENTROPY_BOUND``), "delta" (stop when
     ||h_t - h_{t-1}|| / ||h_t|| < threshold). A sequence that stopped is frozen; the loop
     ends when every sequence stopped. Not reverse-differentiable (use ``run_training``).
-    With a ``cache``, depths past the last iteration run get the keys of the last one, so
-    later tokens always find keys.
+    With a ``cache``, a sequence writes only the depths it runs, and its depths past its last
+    iteration get that iteration's keys, so later tokens always find keys and a sequence's
+    cache is the one it would have decoded alone (whatever its batch-mates run).
     """
     batch = e.shape[0]
     counts = per_sequence(spec.count, batch)
@@ -150,7 +157,7 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: Loo
         active = ~done & (t < counts)
         new, layer_cache = _masked_step(block, state, e, t, active, ctx,
                                         _read_depth(depth_caches, t), index)
-        depth_caches = _write_depth(depth_caches, layer_cache, t, index, e.shape[1])
+        depth_caches = _write_depth(depth_caches, layer_cache, t, index, e.shape[1], active)
         if exit == ExitRule.ACT:
             converged = jnp.all(new.halted, axis=1)
         elif exit == ExitRule.DELTA:
@@ -171,20 +178,23 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: Loo
 
     init = (jnp.int32(0), start, jnp.zeros((batch,), jnp.int32), counts < 1, previous, cache)
     t_end, final, loops_run, _, _, cache = jax.lax.while_loop(cond, body, init)
-    return LoopResult(final, loops_run, _fill_unrun_depths(cache, t_end, index, e.shape[1]))
+    return LoopResult(final, loops_run, _fill_unrun_depths(cache, loops_run, index, e.shape[1]))
 
 
-def _fill_unrun_depths(depth_caches, t_end, index, length: int):
-    """Copy this call's rows of depth ``t_end - 1`` into every depth >= t_end."""
+def _fill_unrun_depths(depth_caches, loops_run, index, length: int):
+    """Copy each sequence's rows of its last run depth (``loops_run`` (B,) - 1) into its
+    depths >= loops_run."""
     if depth_caches is None:
         return None
+    batch = jnp.arange(loops_run.shape[0])
 
     def fill(c):
         if c.shape[0] == 1:        # one shared depth slot: nothing to fill
             return c
         rows = jax.lax.dynamic_slice_in_dim(c, index, length, axis=2)     # (L, B, T, ...)
-        unrun = (jnp.arange(c.shape[0]) >= t_end).reshape((-1,) + (1,) * (c.ndim - 1))
-        rows = jnp.where(unrun, rows[jnp.maximum(t_end - 1, 0)][None], rows)
+        last = rows[jnp.clip(loops_run - 1, 0, c.shape[0] - 1), batch]    # (B, T, ...)
+        unrun = jnp.arange(c.shape[0])[:, None] >= loops_run[None, :]      # (L, B)
+        rows = jnp.where(unrun.reshape(unrun.shape + (1,) * (c.ndim - 2)), last[None], rows)
         return jax.lax.dynamic_update_slice_in_dim(c, rows, index, axis=2)
 
     return jax.tree.map(fill, depth_caches)
