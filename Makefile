@@ -13,9 +13,11 @@ PY := $(VENV)/bin/python
 
 WORKDIR ?= runs/khop
 # Two pytest workers, one test file each at a time (module fixtures stay on one worker); the
-# slowest files are named first so that the short ones fill the end.
-SLOW_TESTS := tests/test_train.py tests/test_experiments.py tests/test_checkpoints_training.py \
-	tests/test_tpu_setup.py tests/test_paths.py tests/test_shared_depth_cache.py
+# slowest files are named first, slowest first, so that the short ones fill the end.
+SLOW_TESTS := tests/test_train.py tests/test_generate.py tests/test_experiments.py \
+	tests/test_loops.py tests/test_moe_dispatch.py tests/test_parallel.py \
+	tests/test_checkpoints_load.py tests/test_checkpoints_training.py tests/test_loop_memory.py \
+	tests/test_bench_moe.py tests/test_device_check.py tests/test_paths.py
 LM_WORKDIR ?= runs/cpu_small
 
 .PHONY: venv test parity bench train train-lm
