@@ -1,6 +1,7 @@
 """Where the time goes, mythos-jax against open-mythos 0.5.0 on the same CPU: one profile per
 benchmark target of issue 17 (the forward and the training step of bench_vs_torch.py, the MoE
-layer's forward+backward of bench_moe.py, one cached decode step of bench_generate.py), each
+layer's forward+backward of bench_moe.py, one cached decode step of bench_generate.py, and,
+on our side only, the trainer's step of `make train`'s looped arm with its MFU), each
 call split into matmul, gather/scatter, sort/top-k, elementwise, copy/layout and runtime (wall
 time no op covers) on both sides, with each side's matmul rate as a share of the measured fp32
 matmul peak.
@@ -32,7 +33,10 @@ from mythos_jax.bench.torch_compare import (build_models, jax_forward_fn, jax_tr
                                             torch_train_step_fn)
 from mythos_jax.flop_count import flops as count_flops
 
-TARGETS = ("forward", "train", "moe", "decode")
+TARGETS = ("forward", "train", "moe", "decode", "make_train")
+# `make train`'s looped arm (the khop preset) at its mean loop count, fixed so that every
+# profiled step does the same work (its FLOPs give the MFU of the profiled steps).
+MAKE_TRAIN_SETTINGS = ("loops.schedule=fixed", "loops.n=6", "mesh=data=1", "data.prefetch=0")
 
 
 def _model_targets(args, wanted):
@@ -124,6 +128,31 @@ def _decode_target(args):
     return ("decode", torch_step, jax_step, compiled.as_text(), None)
 
 
+def _make_train_target(args):
+    """The trainer's own jitted step (``train.step.make_train_step``) on `make train`'s looped
+    arm; no torch side (open-mythos has no trainer)."""
+    from mythos_jax.parallel.mesh import make_mesh
+    from mythos_jax.train.config import load_train_config
+    from mythos_jax.train.data import train_iterator
+    from mythos_jax.train.evaluate import global_batch
+    from mythos_jax.train.step import build_plan, init_train_state, make_train_step
+    from mythos_jax.train.trainer import train_flops_fn
+
+    cfg = load_train_config("khop", list(MAKE_TRAIN_SETTINGS))
+    plan = build_plan(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    state = [init_train_state(plan)]
+    batch = global_batch(plan, next(train_iterator(cfg.data)))
+    compiled = make_train_step(plan).jitted.lower(state[0], batch).compile()
+
+    def jax_step():
+        state[0], metrics = compiled(state[0], batch)
+        return metrics
+
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    return ("make_train", None, jax_step, compiled.as_text(),
+            train_flops_fn(plan)(cfg.loops.n) * tokens)
+
+
 def run(args) -> dict:
     wanted = args.only or TARGETS
     peak = measure_matmul_peak((512, 1024) if args.quick else (1024, 2048),
@@ -133,14 +162,15 @@ def run(args) -> dict:
         targets.append(_moe_target(args))
     if "decode" in wanted:
         targets.append(_decode_target(args))
+    if "make_train" in wanted:
+        targets.append(_make_train_target(args))
     result = {"machine": machine_info(), "peak": peak, "reps": args.reps,
               "spread_routing": args.spread_routing, "quick": args.quick, "targets": {}}
     for name, torch_fn, jax_fn, hlo, matmul_flops in targets:
         print(f"[profile] {name} ...", file=sys.stderr, flush=True)
-        result["targets"][name] = {
-            "open-mythos": torch_profile(torch_fn, args.reps),
-            "mythos-jax": jax_profile(jax_fn, hlo, args.reps),
-            "matmul_flops": matmul_flops}
+        sides = {"open-mythos": torch_profile(torch_fn, args.reps)} if torch_fn else {}
+        sides["mythos-jax"] = jax_profile(jax_fn, hlo, args.reps)
+        result["targets"][name] = {**sides, "matmul_flops": matmul_flops}
     return result
 
 
@@ -152,11 +182,14 @@ def format_result(result: dict) -> str:
         sides = {k: v for k, v in target.items() if k != "matmul_flops"}
         lines += ["", f"== {name}",
                   format_profiles(sides, target["matmul_flops"], result["peak"]["peak_flops"])]
-        ours, theirs = sides["mythos-jax"], sides["open-mythos"]
-        lines.append(f"speedup {theirs['wall_ms'] / ours['wall_ms']:.2f}x; open-mythos's "
-                     f"wall / our matmul time: {theirs['wall_ms'] / ours['ms']['matmul']:.2f}x"
-                     if ours["ms"]["matmul"] else
-                     f"speedup {theirs['wall_ms'] / ours['wall_ms']:.2f}x")
+        ours, theirs = sides["mythos-jax"], sides.get("open-mythos")
+        if theirs is None:
+            flop_rate = target["matmul_flops"] / (ours["wall_ms"] / 1e3)
+            lines.append(f"MFU of the profiled steps "
+                         f"{100 * flop_rate / result['peak']['peak_flops']:.1f}%")
+        else:
+            lines.append(f"speedup {theirs['wall_ms'] / ours['wall_ms']:.2f}x; open-mythos's "
+                         f"wall / our matmul time: {theirs['wall_ms'] / ours['ms']['matmul']:.2f}x")
     return "\n".join(lines)
 
 

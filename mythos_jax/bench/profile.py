@@ -12,6 +12,8 @@ gradient, anything else the rest (a plain forward, the optimizer update, the los
 
 PyTorch: ``torch.profiler`` self CPU time per ``aten::`` op, classified by name; ``runtime``
 is the wall time minus the ops' self time (Python, autograd bookkeeping, the dispatcher).
+Where XLA ran instructions side by side on its threads, their summed time exceeds the wall;
+the categories are then scaled to the wall (``op_ms_summed`` keeps the sum).
 
     compiled = jax.jit(f).lower(*args).compile()
     jax_side = jax_profile(lambda: compiled(*args), compiled.as_text(), reps=3)
@@ -177,10 +179,14 @@ def torch_profile(fn: Callable[[], Any], reps: int = 3) -> dict[str, Any]:
 
 
 def _finish(by_kind, wall_ms: float, **extra) -> dict[str, Any]:
+    """Categories in ms of the wall time. XLA:CPU runs independent instructions on several
+    threads at once, so their summed time can exceed the wall: then every category is scaled
+    by wall / summed (``op_ms_summed`` keeps the sum) and ``runtime`` is 0."""
     ops = sum(by_kind.values())
-    categories = {k: float(by_kind.get(k, 0.0)) for k in CATEGORIES if k != "runtime"}
+    scale = min(1.0, wall_ms / ops) if ops else 1.0
+    categories = {k: float(by_kind.get(k, 0.0)) * scale for k in CATEGORIES if k != "runtime"}
     categories["runtime"] = max(wall_ms - ops, 0.0)
-    out = {"wall_ms": wall_ms, "ms": categories}
+    out = {"wall_ms": wall_ms, "ms": categories, "op_ms_summed": ops}
     if "by_phase" in extra:
         out["by_phase"] = {f"{phase}/{kind}": float(ms)
                            for (phase, kind), ms in sorted(extra["by_phase"].items())}
