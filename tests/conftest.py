@@ -9,11 +9,11 @@ only (XLA's HLO passes, fusion and the numerics stay), which took two loop tests
 
 Why the cache: most of the suite's time is XLA compiling, and the same programs come back:
 every ``train()`` builds a new jitted step, so two tests (or two subprocess runs) training the
-same config compile it twice. The cache directory is new for each run of the suite (keyed by
-pytest-xdist's run id, shared by its workers and the subprocesses they start, which get it
-through ``$MYTHOS_JAX_CACHE``), so no result depends on an earlier run; a set
-``$MYTHOS_JAX_CACHE`` is used instead. Tests whose subprocesses are killed give those a
-private copy or none (a killed write leaves a truncated entry).
+same config compile it twice. The cache directory is new for each run of the suite (made by
+the pytest process, inherited by its xdist workers and the subprocesses they start through
+``$MYTHOS_JAX_CACHE``, removed at the end), so no result depends on an earlier run; a set
+``$MYTHOS_JAX_CACHE`` is used instead (and kept). Tests whose subprocesses are killed give
+those a private copy or none (a killed write leaves a truncated entry).
 
 Why the release: every XLA:CPU executable holds a few memory mappings of its code, and the
 suite compiles thousands of programs in one process. Without the release the process passed
@@ -25,15 +25,17 @@ the test venv's libtpu would otherwise try to load (``mythos-jax plan`` compiles
 topologies without it)."""
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-os.environ.setdefault("MYTHOS_JAX_CACHE", os.path.join(
-    tempfile.gettempdir(),
-    f"mythos-jax-tests-xla-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+OWN_CACHE = None if os.environ.get("MYTHOS_JAX_CACHE") else os.path.join(
+    tempfile.gettempdir(), f"mythos-jax-tests-xla-{os.getpid()}")     # xdist workers inherit it
+if OWN_CACHE:
+    os.environ["MYTHOS_JAX_CACHE"] = OWN_CACHE
 
 import jax  # noqa: E402
 
@@ -48,6 +50,12 @@ from flax import nnx  # noqa: E402
 
 from mythos_jax import OpenMythos, variants  # noqa: E402
 from mythos_jax.runtime import release_compiled_programs  # noqa: E402
+
+
+def pytest_sessionfinish(session):
+    """The process that made the suite's compilation cache removes it at the end."""
+    if OWN_CACHE:
+        shutil.rmtree(OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
