@@ -18,13 +18,14 @@ than twice our matmul time, 2x needs faster matmuls, not less overhead. The libr
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from mythos_jax.bench.presets import PRESET_SHAPES, benchmark_config
 from mythos_jax.bench.profile import format_profiles, jax_profile, torch_profile
@@ -37,6 +38,12 @@ TARGETS = ("forward", "train", "moe", "decode", "make_train")
 # `make train`'s looped arm (the khop preset) at its mean loop count, fixed so that every
 # profiled step does the same work (its FLOPs give the MFU of the profiled steps).
 MAKE_TRAIN_SETTINGS = ("loops.schedule=fixed", "loops.n=6", "mesh=data=1", "data.prefetch=0")
+
+
+def _sibling_script(name: str):
+    """Another script of experiments/ (bench_moe, bench_generate) imported as a module."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    return importlib.import_module(name)
 
 
 def _model_targets(args, wanted):
@@ -78,9 +85,7 @@ def _model_targets(args, wanted):
 
 def _moe_target(args):
     """The MoE layer's forward+backward (bench_moe.py's shapes and weights)."""
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    import bench_moe
-
+    bench_moe = _sibling_script("bench_moe")
     setup = bench_moe.moe_setup(bench_moe.parse_args(["--quick"] if args.quick else []))
     cfg, x = setup["config"], setup["x"]
     _, torch_fwd_bwd, _ = bench_moe.torch_side(setup["torch_moe"], x)
@@ -93,9 +98,9 @@ def _moe_target(args):
 
 def _decode_target(args):
     """One cached greedy decode step (bench_generate.py's model, batch and position)."""
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    import bench_generate
     import torch
+
+    bench_generate = _sibling_script("bench_generate")
 
     cfg, shape = bench_generate.benchmark_model_config(args.quick)
     torch_model, jax_model = build_models(cfg, args.seed, args.spread_routing)
