@@ -29,7 +29,8 @@ import numpy as np
 
 from mythos_jax.bench.presets import PRESET_SHAPES, benchmark_config
 from mythos_jax.bench.profile import format_profiles, jax_profile, torch_profile
-from mythos_jax.bench.timing import machine_info, measure_matmul_peak, wait_for_idle, write_json
+from mythos_jax.bench.timing import (CONTENTION_WARNING, CpuMonitor, machine_info,
+                                     measure_matmul_peak, wait_for_idle, write_json)
 from mythos_jax.bench.torch_compare import (build_models, jax_forward_fn, jax_train_step_fn,
                                             torch_train_step_fn)
 from mythos_jax.flop_count import flops as count_flops
@@ -171,11 +172,13 @@ def run(args) -> dict:
         targets.append(_make_train_target(args))
     result = {"machine": machine_info(), "peak": peak, "reps": args.reps,
               "spread_routing": args.spread_routing, "quick": args.quick, "targets": {}}
+    monitor = CpuMonitor()
     for name, torch_fn, jax_fn, hlo, matmul_flops in targets:
         print(f"[profile] {name} ...", file=sys.stderr, flush=True)
         sides = {"open-mythos": torch_profile(torch_fn, args.reps)} if torch_fn else {}
         sides["mythos-jax"] = jax_profile(jax_fn, hlo, args.reps)
         result["targets"][name] = {**sides, "matmul_flops": matmul_flops}
+    result["contention"] = monitor.other_share()     # CPU share of other processes meanwhile
     return result
 
 
@@ -183,6 +186,10 @@ def format_result(result: dict) -> str:
     lines = [f"fp32 matmul peak {result['peak']['peak_flops'] / 1e9:.1f} GFLOP/s; "
              f"ms per call, {result['reps']} profiled calls per side"
              + ("; spread routing" if result["spread_routing"] else "")]
+    if (result["contention"] or 0) > CONTENTION_WARNING:
+        lines.append(f"WARNING: other processes used {100 * result['contention']:.0f}% of the "
+                     "CPU during the run; the figures are not trustworthy, rerun on an idle "
+                     "machine")
     for name, target in result["targets"].items():
         sides = {k: v for k, v in target.items() if k != "matmul_flops"}
         lines += ["", f"== {name}",

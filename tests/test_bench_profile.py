@@ -72,7 +72,9 @@ def test_script_profiles_both_sides_and_the_trainers_step(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "== moe" in printed and "== make_train" in printed
     assert "speedup" in printed and "MFU of the profiled steps" in printed
-    targets = json.loads(out.read_text())["targets"]
+    result = json.loads(out.read_text())
+    assert result["contention"] is None or 0 <= result["contention"] <= 1
+    targets = result["targets"]
     assert set(targets["moe"]) == {"open-mythos", "mythos-jax", "matmul_flops"}
     assert set(targets["make_train"]) == {"mythos-jax", "matmul_flops"}
     for side in (targets["moe"]["open-mythos"], targets["moe"]["mythos-jax"],
