@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from mythos_jax.platforms import CACHE_MAX_BYTES
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "bench_generate.py")
 
@@ -17,11 +19,10 @@ SCRIPT = os.path.join(REPO, "experiments", "bench_generate.py")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_generate") / "figures.json"
-    env = dict(os.environ)
-    # the persistent compilation cache of the test suite (conftest.py) speeds up reruns
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get(
-        "MYTHOS_JAX_CACHE", os.path.expanduser("~/.cache/mythos-jax/xla")))
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    # the suite's compilation cache (conftest.py), with its size bound: JAX's file lock
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.environ["MYTHOS_JAX_CACHE"],
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+           "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES)}
     proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--quiet", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -136,7 +136,11 @@ def jax_profile(fn: Callable[[], Any], hlo_text: str, reps: int = 3) -> dict[str
         ms = event.duration_ns / 1e6 / reps
         by_kind[kind] += ms
         by_phase[(phase, kind)] += ms
-    return _finish(by_kind, wall / reps * 1e3, by_phase=by_phase, unclassified=sorted(unknown))
+    out = _by_category(by_kind, wall / reps * 1e3)
+    out["by_phase"] = {f"{phase}/{kind}": float(ms) for (phase, kind), ms in
+                       sorted(by_phase.items())}
+    out["unclassified"] = sorted(unknown)
+    return out
 
 
 _TORCH_KINDS = (
@@ -175,10 +179,10 @@ def torch_profile(fn: Callable[[], Any], reps: int = 3) -> dict[str, Any]:
     for event in prof.key_averages():
         if event.key.startswith("aten::") or event.key.startswith("mkldnn"):
             by_kind[torch_category(event.key)] += event.self_cpu_time_total / 1e3 / reps
-    return _finish(by_kind, wall / reps * 1e3)
+    return _by_category(by_kind, wall / reps * 1e3)
 
 
-def _finish(by_kind, wall_ms: float, **extra) -> dict[str, Any]:
+def _by_category(by_kind, wall_ms: float) -> dict[str, Any]:
     """Categories in ms of the wall time. XLA:CPU runs independent instructions on several
     threads at once, so their summed time can exceed the wall: then every category is scaled
     by wall / summed (``op_ms_summed`` keeps the sum) and ``runtime`` is 0."""
@@ -186,12 +190,7 @@ def _finish(by_kind, wall_ms: float, **extra) -> dict[str, Any]:
     scale = min(1.0, wall_ms / ops) if ops else 1.0
     categories = {k: float(by_kind.get(k, 0.0)) * scale for k in CATEGORIES if k != "runtime"}
     categories["runtime"] = max(wall_ms - ops, 0.0)
-    out = {"wall_ms": wall_ms, "ms": categories, "op_ms_summed": ops}
-    if "by_phase" in extra:
-        out["by_phase"] = {f"{phase}/{kind}": float(ms)
-                           for (phase, kind), ms in sorted(extra["by_phase"].items())}
-        out["unclassified"] = extra["unclassified"]
-    return out
+    return {"wall_ms": wall_ms, "ms": categories, "op_ms_summed": ops}
 
 
 def format_profiles(sides: dict[str, dict[str, Any]], matmul_flops: float | None = None,
