@@ -152,12 +152,20 @@ def graph_config(**overrides) -> KhopGraphData:
 
 
 def compose(graph: np.ndarray, query: np.ndarray) -> list[int]:
-    """The entity tokens reached after each relation of ``query`` (entity, relations...)."""
+    """The entity tokens reached after each relation slot of ``query`` (entity, relations...;
+    an identity slot keeps the entity)."""
     entity, reached = int(query[0]) - tasks.ENTITY_BASE, []
     for relation in query[1:]:
-        entity = int(graph[int(relation) - tasks.RELATION_BASE, entity])
+        if relation != tasks.IDENTITY_RELATION:
+            entity = int(graph[int(relation) - tasks.RELATION_BASE, entity])
         reached.append(tasks.ENTITY_BASE + entity)
     return reached
+
+
+def real_tuple(query: np.ndarray) -> tuple[int, ...]:
+    """(start entity, relation ids) of a query, identity slots left out."""
+    relations = [int(r) - tasks.RELATION_BASE for r in query[1:] if r != tasks.IDENTITY_RELATION]
+    return (int(query[0]) - tasks.ENTITY_BASE, *relations)
 
 
 def is_heldout_query(prompt: np.ndarray, fraction: float) -> bool:
@@ -204,6 +212,62 @@ def test_every_hop_supervision_scores_each_relation_on_the_entity_reached():
         assert all(tasks.ENTITY_BASE <= t < tasks.ENTITY_BASE + 12 for t in targets[1:hops + 1])
     evaluation = data.eval_batches(cfg, "hops=3")[0]                 # eval: the answer only
     assert np.all(evaluation["loss_mask"].sum(axis=1) == 1)
+
+
+@pytest.mark.parametrize("slots", [0, 9])
+def test_no_heldout_query_is_ever_a_supervised_position_in_training(slots):
+    """Every supervised position of 300 training batches (every-hop supervision: each relation
+    slot is scored on the entity reached so far) asks a tuple that is not held out; the
+    in-distribution eval queries are all held out, so none of them was ever scored."""
+    cfg = graph_config(khop_supervision="every_hop", khop_query_slots=slots,
+                       khop_train_max_hops=4, khop_eval_hops=(2, 3, 4, 9), khop_heldout=0.3)
+    graph = tasks.knowledge_graph(cfg.graph_seed, 12, 3)
+    supervised = set()
+    for batch in take(data.train_iterator(cfg), 300):
+        for inputs, targets, mask in zip(batch["inputs"], batch["targets"], batch["loss_mask"]):
+            scored = np.flatnonzero(mask)
+            assert scored.tolist() == list(range(1, len(scored) + 1))
+            query = inputs[:len(scored) + 1]
+            assert targets[scored].tolist() == compose(graph, query)
+            for position in scored:             # the question asked at this position
+                supervised.add(real_tuple(query[:position + 1]))
+    assert not any(tasks.is_heldout(t[0], np.array(t[1:]), 0.3) for t in supervised)
+    assert max(len(t) for t in supervised) == 5
+    for hops in (2, 3, 4):
+        asked = set()
+        for prompt, answer in answer_rows(data.eval_batches(cfg, f"hops={hops}")[0]):
+            assert len(prompt) - 1 == (slots or hops)
+            assert answer.tolist() == [compose(graph, prompt)[-1]]
+            asked.add(real_tuple(prompt))
+        assert all(len(t) == hops + 1 and tasks.is_heldout(t[0], np.array(t[1:]), 0.3)
+                   for t in asked)
+        assert not asked & supervised
+
+
+def test_query_slots_spread_the_relations_over_every_position():
+    """With 9 slots, training queries of 1..4 hops put real relations at every slot position
+    (the hop count is not the query length) and the answer always sits after slot 9."""
+    cfg = graph_config(khop_query_slots=9, khop_train_max_hops=4, khop_eval_hops=(2, 9))
+    positions, hops = set(), set()
+    for batch in take(data.train_iterator(cfg), 4):
+        for prompt, _ in answer_rows(batch):
+            assert len(prompt) == 10
+            real = np.flatnonzero(prompt[1:] != tasks.IDENTITY_RELATION) + 1
+            positions.update(real.tolist())
+            hops.add(len(real))
+    assert positions == set(range(1, 10)) and hops == {1, 2, 3, 4}
+    with pytest.raises(ValueError, match="DataConfig.khop_query_slots: must be 0 or >= every"):
+        graph_config(khop_query_slots=5, khop_eval_hops=(2, 9))
+
+
+def test_graph_seed_fixes_graph_and_eval_queries_while_seed_moves_training_order():
+    one, two = (graph_config(seed=s, khop_graph_seed=7) for s in (1, 2))
+    for split in ("hops=2", "hops=7"):
+        np.testing.assert_array_equal(data.eval_batches(one, split)[0]["inputs"],
+                                      data.eval_batches(two, split)[0]["inputs"])
+    assert not np.array_equal(next(data.train_iterator(one))["inputs"],
+                              next(data.train_iterator(two))["inputs"])
+    assert one.graph_seed == 7 and graph_config(seed=3).graph_seed == 3
 
 
 def test_heldout_split_is_a_stable_hash_of_the_tuple():

@@ -247,7 +247,7 @@ def test_short_run_learns_writes_everything_and_resharded_restore(short_run):
     for line in evals:
         assert set(line["eval"]) == {"heldout"} and set(line["eval"]["heldout"]) == {"1", "3"}
         for point in line["eval"]["heldout"].values():
-            assert set(point) == {"loss", "accuracy", "exact_match"}
+            assert set(point) == {"loss", "accuracy", "exact_match", "tokens", "sequences"}
             assert all(np.isfinite(v) for v in point.values())
     assert evals[0]["eval"] != evals[1]["eval"]
     assert evals[1]["eval"]["heldout"] == {str(n): v for n, v in
@@ -280,9 +280,9 @@ def test_short_run_learns_writes_everything_and_resharded_restore(short_run):
 
 
 def _explicit_depth_point(model, batches, n_loops):
-    """Mean over ``batches`` of the masked loss, token accuracy and exact match at
-    ``n_loops``, in float64 numpy from the model's logits."""
-    values = []
+    """Loss and token accuracy over every loss-masked token of ``batches`` and exact match
+    over their answered rows at ``n_loops``, in float64 numpy from the model's logits."""
+    nll_sum = right_sum = tokens = exact_rows = answered_rows = 0.0
     for batch in batches:
         logits = np.asarray(model(jnp.asarray(batch["inputs"]), n_loops), np.float64)
         shifted = logits - logits.max(-1, keepdims=True)
@@ -291,17 +291,21 @@ def _explicit_depth_point(model, batches, n_loops):
         nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
         right = logits.argmax(-1) == targets
         answered = mask.sum(1) > 0
-        exact = np.all(right | (mask == 0), axis=1) & answered
-        values.append([(nll * mask).sum() / mask.sum(), (right * mask).sum() / mask.sum(),
-                       exact.sum() / max(answered.sum(), 1)])
-    return dict(zip(("loss", "accuracy", "exact_match"), np.mean(values, axis=0), strict=True))
+        nll_sum += (nll * mask).sum()
+        right_sum += (right * mask).sum()
+        tokens += mask.sum()
+        exact_rows += (np.all(right | (mask == 0), axis=1) & answered).sum()
+        answered_rows += answered.sum()
+    return {"loss": nll_sum / tokens, "accuracy": right_sum / tokens,
+            "exact_match": exact_rows / answered_rows, "tokens": tokens,
+            "sequences": answered_rows}
 
 
 def test_the_depth_curve_is_the_explicit_mean_over_eval_batches(short_run):
     """evaluate()'s numbers at every eval loop count against a float64 recomputation from the
-    final checkpoint, over the same held-out batches."""
+    final checkpoint, token-weighted over the same held-out batches."""
     from mythos_jax.train.data import eval_batches
-    from mythos_jax.train.evaluate import _exact_match
+    from mythos_jax.train.evaluate import eval_sums
     from mythos_jax.train.step import model_from_state
 
     cfg, workdir, report = short_run
@@ -320,9 +324,9 @@ def test_the_depth_curve_is_the_explicit_mean_over_eval_batches(short_run):
     # answer (counts as right), no answer at all (not counted).
     targets = jnp.arange(12).reshape(4, 3)
     mask = jnp.array([[0, 1, 1], [0, 1, 1], [0, 0, 1], [0, 0, 0]], jnp.float32)
-    predictions = targets.at[1, 2].add(1).at[2, 0].add(1)
-    assert _exact_match(predictions, {"targets": targets, "loss_mask": mask}) == pytest.approx(
-        2 / 3)
+    logits = jax.nn.one_hot(targets.at[1, 2].add(1).at[2, 0].add(1), 12)
+    nll, right, tokens, exact, sequences = np.asarray(eval_sums(logits, targets, mask))
+    assert (right, tokens, exact, sequences) == (4, 5, 2, 3)
 
 
 def test_incompatible_checkpoint_is_named(tmp_path):

@@ -158,16 +158,18 @@ def _eval_window_row(stream: corpus.PackedStream, chosen: np.ndarray, index: int
 def _task_row(cfg: DataConfig, stream: int, split_value: int, index: int) -> Batch:
     """Example ``index`` of a task stream; ``split_value`` is the eval hops/digits (0 = train,
     where they are drawn per example)."""
-    rng = tasks.example_rng(cfg.seed, stream, index, split_value)
+    graph_task = cfg.source == "khop_graph"
+    seed = cfg.graph_seed if graph_task and stream == tasks.EVAL_STREAM else cfg.seed
+    rng = tasks.example_rng(seed, stream, index, split_value)
     if cfg.source == "khop":
         hops = split_value or int(rng.integers(1, cfg.khop_train_max_hops + 1))
         tokens, answer_start = tasks.khop_example(rng, cfg.khop_entities, cfg.khop_facts, hops)
-    elif cfg.source == "khop_graph":
+    elif graph_task:
         hops = split_value or int(rng.integers(1, cfg.khop_train_max_hops + 1))
         seen_length = 2 <= hops <= cfg.khop_train_max_hops and cfg.khop_heldout > 0
         heldout = (False if stream == tasks.TRAIN_STREAM else True if seen_length else None)
-        tokens, answer_start, reached = tasks.graph_example(rng, _graph(cfg), hops, heldout,
-                                                            cfg.khop_heldout)
+        tokens, answer_start, reached = tasks.graph_example(
+            rng, _graph(cfg), hops, heldout, cfg.khop_heldout, cfg.khop_query_slots)
         if stream == tasks.TRAIN_STREAM and cfg.khop_supervision == "every_hop":
             return _hop_supervised_row(cfg.seq_len, tokens, answer_start, reached)
     else:
@@ -199,7 +201,7 @@ def _padded_row(seq_len: int, tokens: np.ndarray, answer_start: int) -> Batch:
 
 
 def _graph(cfg: DataConfig) -> np.ndarray:
-    return _knowledge_graph(cfg.seed, cfg.khop_entities, cfg.khop_relations)
+    return _knowledge_graph(cfg.graph_seed, cfg.khop_entities, cfg.khop_relations)
 
 
 _knowledge_graph = functools.lru_cache(maxsize=8)(tasks.knowledge_graph)

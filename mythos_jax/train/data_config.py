@@ -170,18 +170,31 @@ class KhopGraphData(HopsData):
     """k-hop over a knowledge graph of ``khop_relations`` relations (permutations fixed by
     ``seed``); a ``khop_heldout`` share of the multi-hop tuples never appears in training and
     is what splits "hops=k" with k <= khop_train_max_hops evaluate (longer splits: any tuple,
-    no training example has that many hops). ``khop_supervision``: "answer" scores training
-    rows on the answer only; "every_hop" also scores relation i's position on the entity
-    reached after i hops (never an input token: the hops stay implicit). Eval rows are always
-    scored on the answer only."""
+    no training example has that many hops; training never draws a tuple with a held-out
+    prefix). ``khop_supervision``: "answer" scores training rows on the answer only;
+    "every_hop" also scores relation i's position on the entity reached after i hops (never an
+    input token: the hops stay implicit). Eval rows are always scored on the answer only.
+    ``khop_query_slots`` > 0: every query has that many relation slots, the unused ones an
+    identity relation at random positions (hop count no longer tied to query length).
+    ``khop_graph_seed``: the graph and the eval queries (None: ``seed``), so that runs of
+    several seeds can share one graph and eval set and differ in init and data order only."""
     source = "khop_graph"
     khop_relations: int = 4
     khop_heldout: float = 0.1
     khop_supervision: str = "answer"
+    khop_query_slots: int = 0
+    khop_graph_seed: int | None = None
 
     def _check(self) -> None:
         super()._check()
         _require_int(self, "khop_relations", 1, tasks.MAX_RELATIONS)
+        _require_int(self, "khop_query_slots", 0)
+        most = max(self.khop_train_max_hops, *self.khop_eval_hops)
+        if 0 < self.khop_query_slots < most:
+            _fail("khop_query_slots", f"must be 0 or >= every hop count ({most}), got "
+                                      f"{self.khop_query_slots}")
+        if self.khop_graph_seed is not None:
+            _require_int(self, "khop_graph_seed", 0, 2**32 - 1)
         if self.khop_supervision not in KHOP_SUPERVISION:
             _fail("khop_supervision", f"must be one of {KHOP_SUPERVISION}, got "
                                       f"{self.khop_supervision!r}")
@@ -191,7 +204,13 @@ class KhopGraphData(HopsData):
             _fail("khop_heldout", f"must be in [0, 1), got {self.khop_heldout}")
 
     def longest_example(self) -> int:
-        return tasks.graph_length(max(self.khop_train_max_hops, *self.khop_eval_hops))
+        return tasks.graph_length(max(self.khop_query_slots, self.khop_train_max_hops,
+                                      *self.khop_eval_hops))
+
+    @property
+    def graph_seed(self) -> int:
+        """The seed of the knowledge graph and of the eval queries."""
+        return self.seed if self.khop_graph_seed is None else self.khop_graph_seed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,16 +25,45 @@ from mythos_jax.train.step import TrainPlan, TrainState, token_loss
 
 @functools.lru_cache(maxsize=16)
 def eval_fn(plan: TrainPlan, n_loops: int):
-    """Jitted (params, buffers, batch) -> (loss, accuracy, predictions) at ``n_loops``."""
+    """Jitted (params, buffers, batch) -> (5,) float32 sums over the (global) batch at
+    ``n_loops``: summed token NLL, right tokens, scored tokens, exactly-right sequences and
+    sequences with a scored token (``EVAL_SUMS``). Rows without a scored token (padding) add
+    nothing."""
     def run(params, buffers, batch):
         model = nnx.merge(plan.graphdef, params, buffers)
         model.eval()
         logits = model(batch["inputs"], n_loops)
-        loss, accuracy = token_loss(logits, batch["targets"], batch["loss_mask"])
-        return loss, accuracy, jnp.argmax(logits, axis=-1)
+        return eval_sums(logits, batch["targets"], batch["loss_mask"])
 
     return jax.jit(run, in_shardings=(plan.shardings.params, plan.shardings.buffers,
                                       plan.batch_sharding))
+
+
+EVAL_SUMS = ("nll", "right", "tokens", "exact", "sequences")
+
+
+def eval_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """(5,) sums of ``EVAL_SUMS`` from logits (B, T, V), targets and loss mask (B, T)."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    scored = mask > 0
+    right = jnp.argmax(logits, axis=-1) == targets
+    answered = jnp.any(scored, axis=1)
+    exact = jnp.all(right | ~scored, axis=1) & answered
+    weight = scored.astype(jnp.float32)
+    return jnp.stack([jnp.sum(nll * weight), jnp.sum(right * weight), jnp.sum(weight),
+                      jnp.sum(exact, dtype=jnp.float32), jnp.sum(answered, dtype=jnp.float32)])
+
+
+def means_from_sums(sums: np.ndarray, split: str) -> dict[str, float]:
+    """Token-weighted loss and accuracy, and exact match over answered sequences, from the
+    ``EVAL_SUMS`` added over a split's batches."""
+    nll, right, tokens, exact, sequences = (float(v) for v in sums)
+    if tokens == 0:
+        raise ValueError(f"eval split {split!r} has no scored token in its batches (all "
+                         f"padding: too little held-out data?)")
+    return {"loss": nll / tokens, "accuracy": right / tokens, "exact_match": exact / sequences,
+            "tokens": int(tokens), "sequences": int(sequences)}
 
 
 def global_batch(plan: TrainPlan, local: dict) -> dict:
@@ -54,7 +83,10 @@ def global_batch(plan: TrainPlan, local: dict) -> dict:
 
 def evaluate(plan: TrainPlan, state: TrainState, loop_counts=None,
              n_batches: int | None = None) -> dict[str, dict[int, dict[str, float]]]:
-    """Mean loss / token accuracy / exact match per eval split and loop count."""
+    """Per eval split and loop count: loss and token accuracy averaged over every scored
+    token of the split's first ``n_batches`` batches (padding rows count for nothing, so more
+    batches of padding change nothing), exact match over the sequences that have a scored
+    token; the same on any number of processes (the sums are over global batches)."""
     cfg = plan.cfg
     loop_counts = cfg.eval.loops if loop_counts is None else loop_counts
     n_batches = cfg.eval.batches if n_batches is None else n_batches
@@ -69,24 +101,13 @@ def evaluate(plan: TrainPlan, state: TrainState, loop_counts=None,
         results[split] = {}
         for n in loop_counts:
             run = eval_fn(plan, int(n))
-            sums = np.zeros(3)
+            sums = np.zeros(len(EVAL_SUMS), np.float64)
             with plan.context():
-                for local, batch in zip(batches, global_batches):
-                    loss, accuracy, predictions = run(state.params, state.buffers, batch)
-                    exact = _exact_match(predictions, batch)
-                    sums += np.array([float(loss), float(accuracy), exact])
-            mean = sums / len(batches)
-            results[split][int(n)] = {"loss": mean[0], "accuracy": mean[1],
-                                      "exact_match": mean[2]}
+                for batch in global_batches:
+                    sums += np.asarray(jax.device_get(run(state.params, state.buffers, batch)),
+                                       np.float64)
+            results[split][int(n)] = means_from_sums(sums, split)
     return results
-
-
-def _exact_match(predictions: jax.Array, batch: dict) -> float:
-    """Fraction of sequences whose every loss-masked token is predicted right."""
-    right = (predictions == batch["targets"]) | (batch["loss_mask"] == 0)
-    has_answer = jnp.any(batch["loss_mask"] > 0, axis=1)
-    per_sequence = jnp.all(right, axis=1) & has_answer
-    return float(jnp.sum(per_sequence) / jnp.maximum(jnp.sum(has_answer), 1))
 
 
 def depth_curve_table(results: dict) -> str:

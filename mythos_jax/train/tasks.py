@@ -25,8 +25,13 @@ these queries learnable in minutes (``experiments/README.md``): no ``=`` marks t
 answer position would have to gather the last relation and the entity so far before its lookup),
 and no EOS follows the answer (scoring an EOS after the answer kept the small looped models at
 the entity marginal: they learned the EOS and stalled). Multi-hop tuples (k >= 2) are split
-between training and evaluation by a hash of the tuple (``is_heldout``), so in-distribution eval
-queries are compositions the model never saw; one-hop queries are the atomic facts, all trained.
+between training and evaluation by a hash of the tuple (``is_heldout``); training draws only
+tuples none of whose prefixes is held out (``has_heldout_prefix``), so an in-distribution eval
+query is a composition the model never saw, not even as the prefix of a longer training query;
+one-hop queries are the atomic facts, all trained. With ``slots`` the relations are spread over
+a fixed number of relation slots padded with an identity relation ``_`` (``A _ b _ a d F``): the
+offset between the start entity and the answer no longer tells the hop count, which separates
+depth from position.
 
 Addition (``addition_example``): ``a+b=`` then the digits of a + b, least significant first when
 ``reverse`` (the order a causal model can produce with local carries), then EOS. Operands have
@@ -44,6 +49,7 @@ from mythos_jax.train.tokenizer import BYTE_EOS
 ENTITY_BASE = 128
 RELATION_BASE = ord("a")
 MAX_RELATIONS = 26
+IDENTITY_RELATION = ord("_")      # a relation slot that keeps the entity (``graph_example``)
 MAX_ENTITIES = 256 - ENTITY_BASE
 TRAIN_STREAM = 0
 EVAL_STREAM = 1
@@ -82,7 +88,7 @@ def knowledge_graph(seed: int, n_entities: int, n_relations: int) -> np.ndarray:
 
 def is_heldout(start: int, relations: np.ndarray, fraction: float) -> bool:
     """Whether the multi-hop query (start, relations) belongs to the held-out set: a stable hash
-    of the tuple, so the split is the same on every process and every run."""
+    of the tuple, so the split is the same on every process, run and seed."""
     if len(relations) < 2 or fraction <= 0:
         return False
     key = np.asarray([start, *relations], np.int64).tobytes()
@@ -90,22 +96,39 @@ def is_heldout(start: int, relations: np.ndarray, fraction: float) -> bool:
     return value / 2.0**64 < fraction
 
 
+def has_heldout_prefix(start: int, relations: np.ndarray, fraction: float) -> bool:
+    """Whether (start, relations[:j]) is held out for some j in 2..len(relations): such a query
+    is never trained on, since training scores every prefix (``khop_supervision=every_hop``)
+    and, answer-only, still has to compute the held-out composition on its way."""
+    return any(is_heldout(start, relations[:j], fraction) for j in range(2, len(relations) + 1))
+
+
 def graph_example(rng: np.random.Generator, graph: np.ndarray, hops: int, heldout: bool | None,
-                  fraction: float) -> tuple[np.ndarray, int, np.ndarray]:
-    """One ``hops``-hop query over ``graph``: (tokens, answer_start, the entity tokens reached
-    after 1 .. hops hops (hops,)). ``heldout``: True draws only held-out tuples, False only
-    training tuples, None any (hop counts no training example has)."""
+                  fraction: float, slots: int = 0) -> tuple[np.ndarray, int, np.ndarray]:
+    """One ``hops``-hop query over ``graph``: (tokens, answer_start, the entity token reached
+    after each relation slot (max(hops, slots),)). ``heldout``: True draws only held-out tuples,
+    False only tuples none of whose prefixes is held out (``has_heldout_prefix``), None any
+    (hop counts no training example has). ``slots`` > 0 spreads the ``hops`` relations over
+    that many slots in random order-preserving positions, the others holding the identity
+    relation (``IDENTITY_RELATION``): every query is then equally long whatever its hops."""
     n_relations, n_entities = graph.shape
     while True:
         start = int(rng.integers(n_entities))
         relations = rng.integers(n_relations, size=hops)
-        if heldout is None or is_heldout(start, relations, fraction) == heldout:
+        if (heldout is None or (is_heldout(start, relations, fraction) if heldout
+                                else not has_heldout_prefix(start, relations, fraction))):
             break
+    tokens = RELATION_BASE + relations
+    if slots:
+        placed = np.sort(rng.choice(slots, size=hops, replace=False))
+        tokens = np.full(slots, IDENTITY_RELATION)
+        tokens[placed] = RELATION_BASE + relations
     reached, entity = [], start
-    for r in relations:
-        entity = int(graph[r, entity])
+    for token in tokens:
+        if token != IDENTITY_RELATION:
+            entity = int(graph[token - RELATION_BASE, entity])
         reached.append(ENTITY_BASE + entity)
-    tokens = [ENTITY_BASE + start, *(RELATION_BASE + relations), reached[-1]]
+    tokens = [ENTITY_BASE + start, *tokens, reached[-1]]
     return np.asarray(tokens, np.int32), len(tokens) - 1, np.asarray(reached, np.int32)
 
 
