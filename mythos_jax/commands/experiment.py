@@ -1,6 +1,6 @@
 """Run an experiment: train its arms with the project's trainer, evaluate, write results.
 
-``mythos-jax experiment NAME [--arms a,b] [--quick] [--out DIR] [--seed N]``; NAME is one of
+``mythos-jax experiment NAME [--arms a,b] [--quick] [--out DIR] [--seeds 0,1,2]``; NAME is one of
 depth_extrapolation, test_time_depth, stability. Results go to ``experiments/results/NAME/``
 (``results.json``, ``table.md``, plots) of the clone mythos_jax runs from (else of the current
 folder); a full run into that folder also refreshes the experiment's table in
@@ -29,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a few steps per arm: checks the pipeline, not the science")
     parser.add_argument("--out", help="output folder (default: experiments/results/NAME, "
                                       "or .../NAME-quick with --quick)")
-    parser.add_argument("--seed", type=int, default=0, help="model, loop and data seed")
+    parser.add_argument("--seeds", help="comma-separated seeds, each a full run of the arms "
+                                        "(model init, loop draws, data order; default: the "
+                                        "experiment's, the first only with --quick)")
+    parser.add_argument("--seed", type=int, help="one seed (the same as --seeds N)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,13 +44,29 @@ def run(args: argparse.Namespace) -> int:
     default_out = os.path.join(RESULTS_ROOT, args.name + ("-quick" if args.quick else ""))
     out = args.out or default_out
     arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
+    seeds = _seeds(args)
     command = " ".join(["mythos-jax experiment", args.name,
                         *(["--arms", args.arms] if args.arms else []),
                         *(["--quick"] if args.quick else []),
                         *(["--out", args.out] if args.out else []),
-                        *(["--seed", str(args.seed)] if args.seed else [])])
-    results = harness.run(experiment, out, arms, args.quick, args.seed, command)
+                        *(["--seeds", ",".join(map(str, seeds))] if seeds else [])])
+    results = harness.run(experiment, out, arms, args.quick, seeds, command)
     if out == os.path.join(RESULTS_ROOT, args.name) and arms is None and os.path.exists(README):
         harness.include_in_readme(README, args.name, results["table"])
         print(f"{README}: {args.name} table updated")
     return 0
+
+
+def _seeds(args: argparse.Namespace) -> list[int] | None:
+    """The seeds asked for (--seeds or --seed), None for the experiment's own."""
+    if args.seeds is not None and args.seed is not None:
+        raise ValueError("give --seeds or --seed, not both")
+    if args.seed is not None:
+        return [args.seed]
+    if args.seeds is None:
+        return None
+    try:
+        return [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") \
+            from None

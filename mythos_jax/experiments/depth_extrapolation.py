@@ -1,25 +1,36 @@
 """E1, depth extrapolation (Kohli et al. in miniature): k-hop composition over a knowledge graph.
 
-Task (``data.source="khop_graph"``): 32 entities, 4 relations (random permutations fixed by the
-seed), queries ``e r1 .. rk`` answered by ``rk(..r1(e))``; training draws k in 1..K_train = 4
-and scores every relation position on the entity reached so far (``khop_supervision=
-"every_hop"``: the hops stay implicit, no intermediate entity is ever an input). Eval: exact
-match of the answer on 1 .. 3 K_train hops, held-out tuples for k <= K_train, at test loops
-1 .. 32, and the adaptive exits "kl" (Huginn, 5e-4) and "kl_entropy" (Kohli: KL < 1e-3 and
-entropy < 3 nats) with at most 32 loops. The model is ``tiny_mla`` (one prelude and one coda
-layer, dim 64) with a dense recurrent block (one expert + the shared one) and the loop-index
-embedding scaled to the token embeddings' size (``loop_embed_scale=0.02``).
+Task (``data.source="khop_graph"``): 32 entities, 4 relations (random permutations fixed by
+``data.khop_graph_seed=0``, the same graph and eval queries at every seed), queries
+``e r1 .. rk`` answered by ``rk(..r1(e))``; training draws k in 1..K_train = 4 and scores every
+relation position on the entity reached so far (``khop_supervision="every_hop"``: the hops stay
+implicit, no intermediate entity is ever an input). Leak-free split: 10% of the multi-hop
+tuples are held out by a hash of the tuple, and training never draws a tuple one of whose
+prefixes is held out (every prefix is a scored position), so the in-distribution rows (k <= 4)
+ask compositions the model was never scored on. Eval: exact match of the answer on 1 .. 3 K_train
+hops at test loops 1 .. 32, and the adaptive exits "kl" (Huginn, 5e-4) and "kl_entropy" (Kohli:
+KL < 1e-3 and entropy < 3 nats) with at most 32 loops, compared with the cheapest fixed budget
+that is as accurate. The model is ``tiny_mla`` (one prelude and one coda layer, dim 64) with a
+dense recurrent block (one expert + the shared one) and the loop-index embedding scaled to the
+token embeddings' size (``loop_embed_scale=0.02``).
 
-Arms: ``looped_random`` (Poisson depth, ACT off), ``looped_fixed`` (6 loops),
-``single_loop`` (the same model at 1 loop: iso-parameter) and ``deep_stack`` (6 distinct
-prelude layers, then 1 loop and the coda: 8 block applications, iso-FLOP with
-``looped_fixed``).
+Arms (each at every seed of ``SEEDS``; the seed moves the init, loop draws and data order only):
+``looped_random`` (Poisson depth, ACT off), ``looped_fixed`` (6 loops), ``single_loop`` (the same
+model at 1 loop: iso-parameter), ``iso_depth_stack`` (6 distinct prelude layers + 1 loop + coda:
+as many block applications as ``looped_fixed``, about 0.6x its FLOPs), ``iso_flop_stack``
+(``ISO_FLOP_PRELUDE`` distinct prelude layers + 1 loop + coda: the forward FLOPs per token of
+``looped_fixed``, from ``flop_count``), and ``looped_random_slots``: ``looped_random`` with every
+query spread over 12 relation slots padded with an identity relation, so that training puts
+relations at every position evaluation uses and the query length no longer tells the hop count
+(the position control).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -27,8 +38,10 @@ from flax import nnx
 from mythos_jax.experiments import plots
 from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, mean_training_loops,
                                             report_head)
+from mythos_jax.flop_count import forward_flops_per_token
 from mythos_jax.loops import LoopSpec
 from mythos_jax.train import data as data_lib
+from mythos_jax.train.config import load_train_config
 from mythos_jax.train.step import model_from_state
 
 TRAIN_MAX_HOPS = 4
@@ -36,16 +49,20 @@ EVAL_HOPS = tuple(range(1, 3 * TRAIN_MAX_HOPS + 1))
 TEST_LOOPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 EXIT_RULES = {"kl": 5e-4, "kl_entropy": 1e-3}
 MAX_EXIT_LOOPS = 32
+QUERY_SLOTS = 3 * TRAIN_MAX_HOPS
+SEEDS = (0, 1, 2)
+FIXED_LOOPS = 6
+SEQ_LEN = 16
 
 BASE = (
     "steps=2000",
     "model.variant=tiny_mla", "model.act=off", "model.n_experts=1",
-    "model.n_experts_per_tok=1", "model.expert_dim=128", "model.max_seq_len=16",
+    "model.n_experts_per_tok=1", "model.expert_dim=128", f"model.max_seq_len={SEQ_LEN}",
     "model.loop_embed_scale=0.02",
     "data.source=khop_graph", "data.khop_entities=32", "data.khop_relations=4",
     f"data.khop_train_max_hops={TRAIN_MAX_HOPS}", f"data.khop_eval_hops={list(EVAL_HOPS)}",
-    "data.khop_supervision=every_hop", "data.seq_len=16", "data.batch_size=64",
-    "data.eval_examples=256",
+    "data.khop_supervision=every_hop", "data.khop_graph_seed=0", f"data.seq_len={SEQ_LEN}",
+    "data.batch_size=64", "data.eval_examples=256",
     "optim.lr=3e-3", "optim.warmup_steps=50",
     "checkpoint.every=500", "log.every=25", "log.progress=false", "log.tensorboard=false",
     f"eval.loops={list(TEST_LOOPS)}", "eval.batches=4",
@@ -54,29 +71,58 @@ QUICK = ("steps=4", "optim.warmup_steps=2", "log.every=2", "checkpoint.every=2",
          "data.khop_eval_hops=[2,5]", "eval.loops=[1,3]", "eval.batches=1",
          "data.eval_examples=64")
 
+
+def forward_flops(overrides: tuple[str, ...], n_loops: float) -> float:
+    """Forward FLOPs per token of E1's model with ``overrides`` at ``n_loops`` (fractional
+    counts interpolate: the recurrent block's FLOPs are linear in the loops)."""
+    cfg = load_train_config("tiny", [*BASE, *overrides]).model_config()
+    one = forward_flops_per_token(cfg, SEQ_LEN, 1)
+    return one["total"] + (n_loops - 1) * one["recurrent_per_loop"]
+
+
+@functools.cache
+def iso_flop_prelude_layers() -> int:
+    """The prelude depth whose 1-loop model has the forward FLOPs per token nearest to the
+    looped model at ``FIXED_LOOPS`` loops."""
+    target = forward_flops((), FIXED_LOOPS)
+    return min(range(1, 33), key=lambda n: abs(forward_flops((f"model.prelude_layers={n}",),
+                                                            1) - target))
+
+
+ONE_LOOP = ("loops.schedule=fixed", "loops.n=1", "loops.max_loops=1")
+RANDOM_DEPTH = ("loops.schedule=poisson", "loops.mean=6", "loops.max_loops=12",
+                "loops.backprop_depth=6")
 ARMS = (
-    Arm("looped_random", ("loops.schedule=poisson", "loops.mean=6", "loops.max_loops=12",
-                          "loops.backprop_depth=6"),
+    Arm("looped_random", RANDOM_DEPTH,
         "random depth: Poisson(6) loops, at most 12, backprop through the last 6"),
-    Arm("looped_fixed", ("loops.schedule=fixed", "loops.n=6", "loops.max_loops=6"),
-        "6 loops every step"),
-    Arm("single_loop", ("loops.schedule=fixed", "loops.n=1", "loops.max_loops=1"),
-        "the same model at 1 loop (iso-parameter)"),
-    Arm("deep_stack", ("loops.schedule=fixed", "loops.n=1", "loops.max_loops=1",
-                       "model.prelude_layers=6"),
-        "6 distinct prelude layers + 1 loop + coda: 8 block applications (iso-FLOP)"),
+    Arm("looped_fixed", ("loops.schedule=fixed", f"loops.n={FIXED_LOOPS}",
+                         f"loops.max_loops={FIXED_LOOPS}"), f"{FIXED_LOOPS} loops every step"),
+    Arm("single_loop", ONE_LOOP, "the same model at 1 loop (iso-parameter)"),
+    Arm("iso_depth_stack", (*ONE_LOOP, "model.prelude_layers=6"),
+        "6 distinct prelude layers + 1 loop + coda: 8 block applications (iso-depth)"),
+    Arm("iso_flop_stack", (*ONE_LOOP, f"model.prelude_layers={iso_flop_prelude_layers()}"),
+        f"{iso_flop_prelude_layers()} distinct prelude layers + 1 loop + coda: the forward "
+        f"FLOPs of {FIXED_LOOPS} loops (iso-FLOP)"),
+    Arm("looped_random_slots", (*RANDOM_DEPTH, f"data.khop_query_slots={QUERY_SLOTS}"),
+        f"looped_random, queries spread over {QUERY_SLOTS} slots with identity relations "
+        "(position control)"),
 )
-LOOPED_ARMS = ("looped_random", "looped_fixed")
+LOOPED_ARMS = ("looped_random", "looped_fixed", "looped_random_slots")
+CONTROLS = ("single_loop", "iso_depth_stack", "iso_flop_stack")
 
 
 def evaluate(run: ArmRun) -> dict:
-    """Exact match per (hops, test loops) from the trainer's depth curve; adaptive exits for
-    the looped arms."""
+    """Exact match per (hops, test loops) from the trainer's depth curve, the arm's size
+    (parameters, forward FLOPs per token at its mean training loops); adaptive exits for the
+    looped arms."""
     curve = run.train_report["depth_curve"]
     accuracy = {split.split("=")[1]: {str(n): float(v["exact_match"]) for n, v in
                                       sorted(by_loops.items())}
                 for split, by_loops in curve.items()}
-    result = {"accuracy": accuracy, "train_mean_loops": mean_training_loops(run)}
+    loops = mean_training_loops(run)
+    result = {"accuracy": accuracy, "train_mean_loops": loops,
+              "params": int(sum(x.size for x in jax.tree.leaves(run.state.params))),
+              "flops_per_token": forward_flops(run.arm.overrides, loops)}
     if run.arm.name in LOOPED_ARMS:
         result["exits"] = _exit_sweep(run, 3 if run.quick else MAX_EXIT_LOOPS)
     return result
@@ -94,15 +140,15 @@ def _exit_sweep(run: ArmRun, max_loops: int) -> dict:
                 for rule, threshold in EXIT_RULES.items()}
     per_rule = {rule: {} for rule in EXIT_RULES}
     for split in data_lib.eval_splits(run.cfg.data):
-        hops = int(split.split("=")[1])
         batches = data_lib.eval_batches(run.cfg.data, split)[:run.cfg.eval.batches]
-        ids = jnp.asarray(np.concatenate([b["inputs"][:, :hops + 1] for b in batches]))
-        answers = np.concatenate([b["targets"][:, hops] for b in batches])
+        answer_at = int(np.flatnonzero(batches[0]["loss_mask"][0])[0])   # same in every row
+        ids = jnp.asarray(np.concatenate([b["inputs"][:, :answer_at + 1] for b in batches]))
+        answers = np.concatenate([b["targets"][:, answer_at] for b in batches])
         with run.plan.context():
             at_max = float(np.mean(np.argmax(fixed(model, ids)[:, -1], -1) == answers))
             for rule, run_rule in adaptive.items():
                 logits, info, _ = run_rule(model, ids)
-                per_rule[rule][str(hops)] = {
+                per_rule[rule][split.split("=")[1]] = {
                     "mean_exit": float(np.mean(info.loops_run)),
                     "accuracy": float(np.mean(np.argmax(logits[:, -1], -1) == answers)),
                     "accuracy_at_max": at_max}
@@ -113,81 +159,176 @@ def _exit_sweep(run: ArmRun, max_loops: int) -> dict:
             for rule, per_hops in per_rule.items()}
 
 
+# ---------------------------------------------------------------------------- over seeds
+def _seed_values(results: dict, arm: str, pick) -> list[float]:
+    """``pick(arm result)`` at every seed that ran ``arm``."""
+    return [pick(one["arms"][arm]) for one in results["seeds"].values() if arm in one["arms"]]
+
+
+def _spread(values: list[float], percent: bool = True) -> str:
+    """"mean (min-max)" of per-seed values."""
+    fmt = (lambda v: f"{v:.1%}") if percent else (lambda v: f"{v:.1f}")
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(np.mean(values))} ({fmt(min(values))}-{fmt(max(values))})"
+
+
+def mean_matrix(matrices: list[dict]) -> dict:
+    """The element-wise mean of ``{row: {column: value}}`` matrices."""
+    return {row: {col: float(np.mean([m[row][col] for m in matrices])) for col in cols}
+            for row, cols in matrices[0].items()}
+
+
+def best_over_loops(matrix: dict, hops: list[str]) -> float:
+    """The best test-loop count's accuracy averaged over ``hops`` (one budget for all)."""
+    columns = next(iter(matrix.values())).keys()
+    return max(float(np.mean([matrix[k][t] for k in hops])) for t in columns)
+
+
+def worst_in_distribution(matrix: dict) -> float:
+    """The worst hop count of 1..K_train at the loop count best for that worst hop."""
+    seen = [k for k in matrix if int(k) <= TRAIN_MAX_HOPS]
+    columns = next(iter(matrix.values())).keys()
+    return max(min(matrix[k][t] for k in seen) for t in columns)
+
+
+def exit_against_fixed(arm: dict, rule: str) -> dict:
+    """The rule's mean exit against the cheapest fixed test-loop budget whose accuracy over
+    the same hop counts is at least the rule's minus one point."""
+    exits = arm["exits"][rule]
+    hops = list(exits["per_hops"])
+    budgets = sorted(int(t) for t in arm["accuracy"][hops[0]])
+    fixed = {t: float(np.mean([arm["accuracy"][k][str(t)] for k in hops])) for t in budgets}
+    enough = [t for t in budgets if fixed[t] >= exits["accuracy"] - 0.01]
+    budget = enough[0] if enough else None
+    return {"rule": rule, "mean_exit": exits["mean_exit"], "accuracy": exits["accuracy"],
+            "fixed_budget": budget, "fixed_accuracy": fixed[budget] if budget else None,
+            "saving": 1 - exits["mean_exit"] / budget if budget else None}
+
+
 # ---------------------------------------------------------------------------- report
 def report(results: dict, out: str) -> str:
-    """The targets table, the accuracy matrices and the exits; writes accuracy.png."""
-    arms = results["arms"]
+    """The targets table, per-arm sizes, mean accuracy matrices with the spread over seeds,
+    the exits against the best fixed budget; writes accuracy.png (seed means)."""
+    arms = list(results["arms"])
     results["train_max_hops"] = TRAIN_MAX_HOPS
-    results["exits"] = {name: arm["exits"] for name, arm in arms.items() if "exits" in arm}
-    results["targets"] = targets = _targets(arms)
-    plots.accuracy_grid({name: arm["accuracy"] for name, arm in arms.items()},
-                        os.path.join(out, "accuracy.png"),
+    results["exits"] = {name: arm["exits"] for name, arm in results["arms"].items()
+                        if "exits" in arm}
+    means = {name: mean_matrix(_seed_values(results, name, lambda a: a["accuracy"]))
+             for name in arms}
+    results["mean_accuracy"] = means
+    results["targets"] = targets = _targets(results, arms)
+    n_seeds = len(results["seeds"])
+    plots.accuracy_grid(means, os.path.join(out, "accuracy.png"),
                         f"E1 k-hop exact match by test loops (trained on <= {TRAIN_MAX_HOPS} "
-                        "hops)")
+                        f"hops; mean of {n_seeds} seed{'s' if n_seeds > 1 else ''})")
     lines = report_head(results, targets)
-    for name, arm in arms.items():
-        lines += ["", f"**{name}** (mean training loops {arm['train_mean_loops']:.1f}): exact "
-                      "match by hops (rows) and test loops (columns)", ""]
-        lines += plots.markdown_matrix(arm["accuracy"], "hops", percent=True)
-    for name, exits in results["exits"].items():
-        first = next(iter(exits.values()))
-        lines += ["", f"**{name}, adaptive exits** (at most {first['max_loops']} loops): mean "
-                      "exit loop / accuracy (accuracy at the maximum)", "",
-                  "| rule | " + " | ".join(f"{k} hops" for k in first["per_hops"]) + " | all |",
-                  "|---" * (len(first["per_hops"]) + 2) + "|"]
-        for rule, ex in exits.items():
-            cells = [f"{v['mean_exit']:.1f} / {v['accuracy']:.0%} ({v['accuracy_at_max']:.0%})"
-                     for v in ex["per_hops"].values()]
-            lines.append(f"| {rule} | " + " | ".join(cells) + f" | {ex['mean_exit']:.1f} / "
-                         f"{ex['accuracy']:.0%} ({ex['accuracy_at_max']:.0%}) |")
+    lines += ["", "| arm | parameters | forward FLOPs / token (at its mean training loops) | "
+                  "mean training loops |", "|---|---|---|---|"]
+    for name in arms:
+        arm = results["arms"][name]
+        lines.append(f"| {name} | {arm['params']:,} | {arm['flops_per_token'] / 1e6:.3f} M | "
+                     f"{arm['train_mean_loops']:.2f} |")
+    for name in arms:
+        matrices = _seed_values(results, name, lambda a: a["accuracy"])
+        lines += ["", f"**{name}**: exact match by hops (rows) and test loops (columns), mean "
+                      f"over {len(matrices)} seed(s)" + (" (min-max)" if len(matrices) > 1
+                                                         else ""), ""]
+        lines += _spread_matrix(matrices)
+    for name in results["exits"]:
+        lines += ["", f"**{name}, adaptive exits** (at most "
+                      f"{results['exits'][name]['kl']['max_loops']} loops) against the cheapest "
+                      "fixed budget within 1 point of the rule's accuracy (per seed)", "",
+                  "| rule | seed | mean exit | accuracy | fixed budget | its accuracy | saving |",
+                  "|---|---|---|---|---|---|---|"]
+        for rule in EXIT_RULES:
+            for seed, one in results["seeds"].items():
+                if name not in one["arms"]:
+                    continue
+                c = exit_against_fixed(one["arms"][name], rule)
+                budget = ("none | - | -" if c["fixed_budget"] is None else
+                          f"{c['fixed_budget']} | {c['fixed_accuracy']:.1%} | {c['saving']:.0%}")
+                lines.append(f"| {rule} | {seed} | {c['mean_exit']:.1f} | {c['accuracy']:.1%} "
+                             f"| {budget} |")
     lines += ["", "![accuracy](accuracy.png)"]
     return "\n".join(lines)
 
 
-def _best(matrix: dict, hops: list[str]) -> tuple[float, str]:
-    """The best test-loop count for the worst of ``hops``: (min accuracy, loops)."""
-    columns = next(iter(matrix.values())).keys()
-    return max((min(matrix[k][t] for k in hops), t) for t in columns)
+def _spread_matrix(matrices: list[dict]) -> list[str]:
+    """A Markdown matrix of "mean (min-max)" cells over seeds."""
+    first = matrices[0]
+    columns = list(next(iter(first.values())))
+    lines = ["| hops \\ loops | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in first:
+        cells = []
+        for col in columns:
+            values = [m[row][col] for m in matrices]
+            cells.append(f"{np.mean(values):.0%}" if len(values) == 1 else
+                         f"{np.mean(values):.0%} ({min(values):.0%}-{max(values):.0%})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
 
 
-def _targets(arms: dict) -> list[dict]:
+def _targets(results: dict, arms: list[str]) -> list[dict]:
     found = []
-    if "looped_random" in arms:
-        acc = arms["looped_random"]["accuracy"]
-        seen = [k for k in acc if int(k) <= TRAIN_MAX_HOPS]
-        value, loops = _best(acc, seen)
-        found.append({"claim": f"looped_random: in-distribution hops (1..{TRAIN_MAX_HOPS}) >= 95%",
-                      "ours": f"{value:.1%} (worst hop count, at {loops} test loops)",
-                      "met": value >= 0.95})
-        double = str(2 * TRAIN_MAX_HOPS)
-        if double in acc:
-            best = max(acc[double].values())
-            at = max(acc[double], key=acc[double].get)
-            found.append({"claim": f"looped_random: >= 90% at {double} hops with more test loops",
-                          "ours": f"{best:.1%} (at {at} test loops)", "met": best >= 0.90})
-    if "single_loop" in arms:
-        acc = arms["single_loop"]["accuracy"]
-        beyond = [k for k in acc if int(k) > 2]
-        worst = max(acc[k]["1"] for k in beyond) if beyond else float("nan")
-        found.append({"claim": "single_loop: < 10% beyond 2 hops (at its 1 loop)",
-                      "ours": f"{worst:.1%} (best hop count > 2)", "met": worst < 0.10})
-    if "looped_random" in arms and "exits" in arms["looped_random"]:
+    double = str(2 * TRAIN_MAX_HOPS)
+    for name in ("looped_random", "looped_random_slots"):
+        if name not in arms:
+            continue
+        seen = _seed_values(results, name, lambda a: worst_in_distribution(a["accuracy"]))
+        found.append({"claim": f"{name}: held-out (leak-free) in-distribution hops "
+                               f"(1..{TRAIN_MAX_HOPS}) >= 95%",
+                      "ours": f"{_spread(seen)} (worst hop count at its best loop count; mean "
+                              "(min-max) over seeds)", "met": min(seen) >= 0.95})
+        if double in results["arms"][name]["accuracy"]:
+            far = _seed_values(results, name, lambda a: max(a["accuracy"][double].values()))
+            found.append({"claim": f"{name}: >= 90% at {double} hops (2 K) with more test loops "
+                                   "(Kohli)",
+                          "ours": f"{_spread(far)} (best test-loop count)",
+                          "met": min(far) >= 0.90})
+    stacks = [c for c in ("iso_depth_stack", "iso_flop_stack") if c in arms]
+    present = [c for c in CONTROLS if c in arms]
+    if "looped_random" in arms and stacks:
+        beyond = [k for k in results["arms"]["looped_random"]["accuracy"]
+                  if TRAIN_MAX_HOPS < int(k) <= 2 * TRAIN_MAX_HOPS]
+        def score(a):
+            return best_over_loops(a["accuracy"], beyond)
+        looped = _seed_values(results, "looped_random", score)
+        parts, met = [f"looped_random {_spread(looped)}"], True
+        for control in present:
+            values = _seed_values(results, control, score)
+            parts.append(f"{control} {_spread(values)}")
+            if control != "single_loop":
+                met &= min(looped) > max(values)
+        found.append({"claim": f"looped beats the iso-FLOP and iso-depth stacks beyond training "
+                               f"({beyond[0]}..{beyond[-1]} hops, mean exact match at each "
+                               "arm's best loop count)",
+                      "ours": "; ".join(parts) + " (met: every looped seed above every "
+                              "control seed)", "met": bool(met)})
+    if "looped_random" in arms and "exits" in results["arms"]["looped_random"]:
         options = []
-        for rule, ex in arms["looped_random"]["exits"].items():
-            saving = 1 - ex["mean_exit"] / ex["max_loops"]
-            loss = ex["accuracy_at_max"] - ex["accuracy"]
-            options.append((saving >= 0.30 and loss <= 0.01, saving, rule, loss))
-        met, saving, rule, loss = max(options)
-        found.append({"claim": "an exit rule: mean exit >= 30% below the maximum at <= 1 point "
-                               "accuracy loss",
-                      "ours": f"{rule}: {saving:.0%} fewer loops, accuracy {-loss * 100:+.1f} "
-                              "points against the maximum", "met": met})
+        for rule in EXIT_RULES:
+            checks = _seed_values(results, "looped_random",
+                                  lambda a, r=rule: exit_against_fixed(a, r))
+            savings = [c["saving"] if c["saving"] is not None else float("-inf")
+                       for c in checks]
+            options.append((min(savings), rule, savings, checks))
+        worst, rule, savings, checks = max(options)
+        shown = [s for s in savings if np.isfinite(s)]
+        found.append({"claim": "an exit rule: mean exit >= 30% below the cheapest fixed budget "
+                               "that is as accurate (within 1 point)",
+                      "ours": f"{rule}: {_spread(shown) if shown else 'no budget'} fewer loops "
+                              f"(budgets {[c['fixed_budget'] for c in checks]}, mean exits "
+                              f"{[round(c['mean_exit'], 1) for c in checks]})",
+                      "met": worst >= 0.30})
     return found
 
 
 EXPERIMENT = Experiment(
     name="depth_extrapolation",
     claim="A looped model trained on <= K hops answers more hops when given more test-time "
-          "loops; the same model at 1 loop cannot (Kohli et al.)",
+          "loops; the same model at 1 loop, and stacks of distinct layers of equal depth or "
+          "equal FLOPs, cannot (Kohli et al.)",
     base="tiny", base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
-    evaluate=evaluate, report=report, quick_arms=("looped_random", "single_loop"))
+    evaluate=evaluate, report=report, quick_arms=("looped_random", "single_loop"),
+    seeds=SEEDS)

@@ -4,13 +4,18 @@
                             evaluate=fn(run: ArmRun) -> dict, report=fn(results, out) -> md)
     results = run(experiment, out_dir, quick=False)
 
-Each arm trains in ``<out>/arms/<arm>/`` with ``mythos_jax.train.trainer.train``: checkpoints,
+Each arm trains once per seed in ``<out>/arms/<arm>/seed-<seed>/`` with
+``mythos_jax.train.trainer.train`` (the seed sets ``seed`` and ``data.seed``: the model init,
+the loop draws and the data order; an experiment pins what must not move, such as a task's
+graph, in its base overrides): checkpoints,
 metrics and resume are the trainer's own, so an interrupted arm continues where it stopped and
 a finished one (its ``result.json`` written for the same config) is skipped. ``--quick`` adds
 the experiment's ``quick_overrides`` (a few steps, small sweeps) and runs its ``quick_arms``:
 it checks the pipeline, not the science. The experiment's ``report`` turns the collected
 results into a Markdown table (the claims, our numbers, met or not) and plots;
-``results.json`` holds everything, with the machine, date, wall time and command.
+``results.json`` holds everything, with the machine, date, wall time and command: per seed
+``"seeds": {"<seed>": {"arms": {...}}}``, and ``"arms"``, the first seed's, for reports of one
+seed.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class Experiment:
     evaluate: Callable[[ArmRun], dict]
     report: Callable[[dict, str], str]
     quick_arms: tuple[str, ...] | None = None     # the arms --quick runs (None: all)
+    seeds: tuple[int, ...] = (0,)                  # a full run's seeds (--quick: the first)
 
     def arm_config(self, arm: Arm, quick: bool, seed: int) -> TrainConfig:
         overrides = [*self.base_overrides, *arm.overrides,
@@ -83,21 +89,31 @@ class Experiment:
 
 
 def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: bool = False,
-        seed: int = 0, command: str | None = None) -> dict:
-    """Train and evaluate ``arms`` (default: all) into ``out``; write results.json, the
-    Markdown table and the plots; return the results."""
+        seeds: list[int] | None = None, command: str | None = None) -> dict:
+    """Train and evaluate ``arms`` (default: all) at every seed (default: the experiment's,
+    only its first with ``quick``) into ``out``; write results.json, the Markdown table and
+    the plots; return the results."""
     chosen = _choose_arms(experiment, arms if arms or not quick else experiment.quick_arms)
+    if seeds is None:
+        seeds = experiment.seeds[:1] if quick else experiment.seeds
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
     os.makedirs(out, exist_ok=True)
-    arm_results = {}
-    for index, arm in enumerate(chosen, 1):
-        arm_results[arm.name] = _run_arm(experiment, arm, out, quick, seed,
-                                         f"[{index}/{len(chosen)}]")
+    by_seed, total = {}, len(chosen) * len(seeds)
+    for seed_index, seed in enumerate(seeds):
+        arm_results = {}
+        for index, arm in enumerate(chosen, 1):
+            arm_results[arm.name] = _run_arm(
+                experiment, arm, out, quick, seed,
+                f"[{seed_index * len(chosen) + index}/{total}, seed {seed}]")
+        by_seed[str(seed)] = {"arms": arm_results}
     results = {
         "experiment": experiment.name, "claim": experiment.claim,
         "command": command or " ".join(["mythos-jax experiment", experiment.name]),
-        "machine": machine(), "date": datetime.date.today().isoformat(), "seed": seed,
-        "quick": quick, "wall_s": sum(r["wall_s"] for r in arm_results.values()),
-        "arms": arm_results,
+        "machine": machine(), "date": datetime.date.today().isoformat(),
+        "seeds_run": list(seeds), "seed": seeds[0], "quick": quick,
+        "wall_s": sum(r["wall_s"] for one in by_seed.values() for r in one["arms"].values()),
+        "seeds": by_seed, "arms": by_seed[str(seeds[0])]["arms"],
     }
     table = experiment.report(results, out)
     results["table"] = table
@@ -130,7 +146,7 @@ def include_in_readme(readme: str, name: str, table: str) -> None:
 def _run_arm(experiment: Experiment, arm: Arm, out: str, quick: bool, seed: int,
              progress: str) -> dict:
     cfg = experiment.arm_config(arm, quick, seed)
-    workdir = os.path.join(out, "arms", arm.name)
+    workdir = arm_workdir(out, arm.name, seed)
     result_path = os.path.join(workdir, RESULT_FILE)
     cached = _read_result(result_path, cfg)
     if cached is not None:
@@ -163,6 +179,11 @@ def _run_arm(experiment: Experiment, arm: Arm, out: str, quick: bool, seed: int,
     return result
 
 
+def arm_workdir(out: str, arm: str, seed: int) -> str:
+    """Where ``arm`` trains at ``seed``."""
+    return os.path.join(out, "arms", arm, f"seed-{seed}")
+
+
 def _read_result(path: str, cfg: TrainConfig) -> dict | None:
     """A finished arm's result, if it was written for this very config."""
     if not os.path.exists(path):
@@ -193,8 +214,10 @@ def report_head(results: dict, targets: list[dict]) -> list[str]:
     """The first lines of every experiment's table: where and how it ran, then one row per
     target (the claim, our number, met or not)."""
     m = results["machine"]
+    seeds = results.get("seeds_run", [results["seed"]])
     lines = [f"{results['date']}, {m['processor']} ({m['cores']} cores, {m['platform']}), jax "
-             f"{m['jax']}, seed {results['seed']}, wall {results['wall_s'] / 60:.1f} min: "
+             f"{m['jax']}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, "
+             f"wall {results['wall_s'] / 60:.1f} min: "
              f"`{results['command']}`", "", "| claim | ours | met |", "|---|---|---|"]
     return lines + [f"| {t['claim']} | {t['ours']} | {'yes' if t['met'] else 'no'} |"
                     for t in targets]
