@@ -25,44 +25,82 @@ def run_quick(name, out, *flags):
 
 
 def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, capsys):
-    """E1 --quick with its single_loop arm interrupted at step 2 beforehand: that arm resumes,
-    both arms are evaluated; a rerun skips the finished arm without rewriting it."""
+    """E1 --quick at two seeds with its single_loop arm interrupted at step 2 beforehand (seed
+    0): that arm resumes, every arm is evaluated at both seeds and the tables show the spread;
+    a rerun skips the finished arm without rewriting it."""
     experiment = get_experiment("depth_extrapolation")
     single = next(a for a in experiment.arms if a.name == "single_loop")
-    trainer.train(experiment.arm_config(single, quick=True, seed=0),
-                  tmp_path / "arms" / "single_loop", stop_after=2)
+    single_dir = harness.arm_workdir(str(tmp_path), "single_loop", 0)
+    trainer.train(experiment.arm_config(single, quick=True, seed=0), single_dir, stop_after=2)
     capsys.readouterr()
-    results = run_quick("depth_extrapolation", tmp_path)
-    resumed = f"resumed from {tmp_path / 'arms' / 'single_loop' / 'checkpoints'} at step 2\n"
-    assert resumed in capsys.readouterr().out
+    results = run_quick("depth_extrapolation", tmp_path, "--seeds", "0,1")
+    assert f"resumed from {single_dir}/checkpoints at step 2\n" in capsys.readouterr().out
+    assert results["seeds_run"] == [0, 1] and set(results["seeds"]) == {"0", "1"}
     arms = results["arms"]
     assert list(arms) == ["looped_random", "single_loop"]          # its quick arms (make train)
-    assert [a.name for a in experiment.arms] == ["looped_random", "looped_fixed",
-                                                  "single_loop", "deep_stack"]
+    assert [a.name for a in experiment.arms] == [
+        "looped_random", "looped_fixed", "single_loop", "iso_depth_stack", "iso_flop_stack",
+        "looped_random_slots"]
     for arm in experiment.arms:                   # the other arms' configs are valid as well
         experiment.arm_config(arm, quick=True, seed=0).model_config()
     assert results["train_max_hops"] == 4
-    for arm in arms.values():
-        assert list(arm["accuracy"]) == ["2", "5"]
-        assert all(list(row) == ["1", "3"] for row in arm["accuracy"].values())
-        assert all(0 <= v <= 1 for row in arm["accuracy"].values() for v in row.values())
-        assert arm["steps"] == 4
-    assert arms["single_loop"]["train_mean_loops"] == 1.0
+    for seed in ("0", "1"):
+        for arm in results["seeds"][seed]["arms"].values():
+            assert list(arm["accuracy"]) == ["2", "5"]
+            assert all(list(row) == ["1", "3"] for row in arm["accuracy"].values())
+            assert all(0 <= v <= 1 for row in arm["accuracy"].values() for v in row.values())
+            assert arm["steps"] == 4 and arm["params"] > 0 and arm["flops_per_token"] > 0
+        assert results["seeds"][seed]["arms"]["single_loop"]["train_mean_loops"] == 1.0
+        # the seed moves the init, not the graph: the same eval queries, other parameters
+        assert results["seeds"][seed]["arms"]["looped_random"]["config"]["data"][
+            "khop_graph_seed"] == 0
     assert set(results["exits"]) == {"looped_random"}
     for rule in ("kl", "kl_entropy"):
         exits = results["exits"]["looped_random"][rule]
         assert exits["max_loops"] == 3 and set(exits["per_hops"]) == {"2", "5"}
         assert all(1 <= v["mean_exit"] <= 3 for v in exits["per_hops"].values())
-    assert len(results["targets"]) == 3 and all(isinstance(t["met"], bool)
+    assert len(results["targets"]) == 2 and all(isinstance(t["met"], bool)
                                                 for t in results["targets"])
+    assert "(min-max)" in results["table"]
     assert os.path.getsize(tmp_path / "accuracy.png") > 1000
 
-    result_file = tmp_path / "arms" / "single_loop" / harness.RESULT_FILE
+    result_file = tmp_path / "arms" / "single_loop" / "seed-0" / harness.RESULT_FILE
     assert json.loads(result_file.read_text())["steps"] == 4
     written = result_file.stat().st_mtime_ns
     run_quick("depth_extrapolation", tmp_path, "--arms", "single_loop")
     assert "single_loop: done earlier" in capsys.readouterr().out
     assert result_file.stat().st_mtime_ns == written
+
+
+def test_e1_controls_are_matched_on_what_their_names_say():
+    """iso_flop_stack has the forward FLOPs per token of looped_fixed within 5% (flop_count),
+    iso_depth_stack its number of block applications; the position-control arm differs from
+    looped_random in its query slots only."""
+    from mythos_jax.experiments import depth_extrapolation as e1
+    arms = {arm.name: arm for arm in e1.ARMS}
+    looped = e1.forward_flops(arms["looped_fixed"].overrides, e1.FIXED_LOOPS)
+    stack = e1.forward_flops(arms["iso_flop_stack"].overrides, 1)
+    assert abs(stack / looped - 1) < 0.05
+    assert e1.forward_flops(arms["iso_depth_stack"].overrides, 1) < 0.7 * looped
+    experiment = get_experiment("depth_extrapolation")
+    depth = experiment.arm_config(arms["iso_depth_stack"], False, 0).model_config()
+    assert depth.prelude_layers + 1 + depth.coda_layers == 1 + e1.FIXED_LOOPS + 1
+    random, slots = (experiment.arm_config(arms[n], False, 0).to_dict()
+                     for n in ("looped_random", "looped_random_slots"))
+    assert slots["data"].pop("khop_query_slots") == e1.QUERY_SLOTS
+    random["data"].pop("khop_query_slots")
+    assert random == slots
+
+
+def test_e1_exit_is_compared_with_the_cheapest_fixed_budget_as_accurate():
+    from mythos_jax.experiments.depth_extrapolation import exit_against_fixed
+    arm = {"accuracy": {"1": {"1": 0.5, "2": 0.9, "4": 1.0}, "2": {"1": 0.1, "2": 0.7, "4": 0.9}},
+           "exits": {"kl": {"mean_exit": 1.5, "accuracy": 0.81,
+                            "per_hops": {"1": {}, "2": {}}}}}
+    check = exit_against_fixed(arm, "kl")       # budget 2 reaches 0.80 >= 0.81 - 0.01
+    assert check["fixed_budget"] == 2 and check["saving"] == pytest.approx(0.25)
+    arm["exits"]["kl"]["accuracy"] = 0.99
+    assert exit_against_fixed(arm, "kl")["fixed_budget"] is None
 
 
 def test_test_time_depth_quick_pipeline_runs_its_quick_arms(tmp_path):

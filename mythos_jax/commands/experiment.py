@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     seeds = _seeds(args)
     command = " ".join(["mythos-jax experiment", args.name,
                         *(["--arms", args.arms] if args.arms else []),
+                        *(["--seeds", ",".join(map(str, seeds))] if seeds else []),
                         *(["--quick"] if args.quick else []),
-                        *(["--out", args.out] if args.out else []),
-                        *(["--seeds", ",".join(map(str, seeds))] if seeds else [])])
+                        *(["--out", args.out] if args.out else [])])
     results = harness.run(experiment, out, arms, args.quick, seeds, command)
     if out == os.path.join(RESULTS_ROOT, args.name) and arms is None and os.path.exists(README):
         harness.include_in_readme(README, args.name, results["table"])
