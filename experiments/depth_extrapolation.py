@@ -1,4 +1,4 @@
-"""`python experiments/depth_extrapolation.py [--arms a,b] [--quick] [--out DIR] [--seed N]`: the same as
+"""`python experiments/depth_extrapolation.py [--arms a,b] [--quick] [--out DIR] [--seeds 0,1,2]`: the same as
 `mythos-jax experiment depth_extrapolation` (see mythos_jax/experiments/depth_extrapolation.py and experiments/README.md)."""
 
 import sys

@@ -1,4 +1,4 @@
-"""`python experiments/stability.py [--arms a,b] [--quick] [--out DIR] [--seed N]`: the same as
+"""`python experiments/stability.py [--arms a,b] [--quick] [--out DIR] [--seeds 0,1,2]`: the same as
 `mythos-jax experiment stability` (see mythos_jax/experiments/stability.py and experiments/README.md)."""
 
 import sys

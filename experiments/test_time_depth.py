@@ -1,4 +1,4 @@
-"""`python experiments/test_time_depth.py [--arms a,b] [--quick] [--out DIR] [--seed N]`: the same as
+"""`python experiments/test_time_depth.py [--arms a,b] [--quick] [--out DIR] [--seeds 0,1,2]`: the same as
 `mythos-jax experiment test_time_depth` (see mythos_jax/experiments/test_time_depth.py and experiments/README.md)."""
 
 import sys

@@ -14,6 +14,7 @@ Run them as ``mythos-jax experiment NAME [--arms a,b] [--quick] [--out DIR]``.
 
 EXPERIMENTS = {
     "depth_extrapolation": "mythos_jax.experiments.depth_extrapolation",
+    "looped_vs_standard": "mythos_jax.experiments.looped_vs_standard",
     "test_time_depth": "mythos_jax.experiments.test_time_depth",
     "stability": "mythos_jax.experiments.stability",
 }

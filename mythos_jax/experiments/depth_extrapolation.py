@@ -38,6 +38,7 @@ from flax import nnx
 from mythos_jax.experiments import plots
 from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, mean_training_loops,
                                             report_head)
+from mythos_jax.experiments.seeds import mean_matrix, seed_values, spread, spread_matrix
 from mythos_jax.flop_count import forward_flops_per_token
 from mythos_jax.loops import LoopSpec
 from mythos_jax.train import data as data_lib
@@ -159,26 +160,7 @@ def _exit_sweep(run: ArmRun, max_loops: int) -> dict:
             for rule, per_hops in per_rule.items()}
 
 
-# ---------------------------------------------------------------------------- over seeds
-def _seed_values(results: dict, arm: str, pick) -> list[float]:
-    """``pick(arm result)`` at every seed that ran ``arm``."""
-    return [pick(one["arms"][arm]) for one in results["seeds"].values() if arm in one["arms"]]
-
-
-def _spread(values: list[float], percent: bool = True) -> str:
-    """"mean (min-max)" of per-seed values."""
-    fmt = (lambda v: f"{v:.1%}") if percent else (lambda v: f"{v:.1f}")
-    if len(values) == 1:
-        return fmt(values[0])
-    return f"{fmt(np.mean(values))} ({fmt(min(values))}-{fmt(max(values))})"
-
-
-def mean_matrix(matrices: list[dict]) -> dict:
-    """The element-wise mean of ``{row: {column: value}}`` matrices."""
-    return {row: {col: float(np.mean([m[row][col] for m in matrices])) for col in cols}
-            for row, cols in matrices[0].items()}
-
-
+# ---------------------------------------------------------------------------- scores
 def best_over_loops(matrix: dict, hops: list[str]) -> float:
     """The best test-loop count's accuracy averaged over ``hops`` (one budget for all)."""
     columns = next(iter(matrix.values())).keys()
@@ -214,7 +196,7 @@ def report(results: dict, out: str) -> str:
     results["train_max_hops"] = TRAIN_MAX_HOPS
     results["exits"] = {name: arm["exits"] for name, arm in results["arms"].items()
                         if "exits" in arm}
-    means = {name: mean_matrix(_seed_values(results, name, lambda a: a["accuracy"]))
+    means = {name: mean_matrix(seed_values(results, name, lambda a: a["accuracy"]))
              for name in arms}
     results["mean_accuracy"] = means
     results["targets"] = targets = _targets(results, arms)
@@ -230,11 +212,11 @@ def report(results: dict, out: str) -> str:
         lines.append(f"| {name} | {arm['params']:,} | {arm['flops_per_token'] / 1e6:.3f} M | "
                      f"{arm['train_mean_loops']:.2f} |")
     for name in arms:
-        matrices = _seed_values(results, name, lambda a: a["accuracy"])
+        matrices = seed_values(results, name, lambda a: a["accuracy"])
         lines += ["", f"**{name}**: exact match by hops (rows) and test loops (columns), mean "
                       f"over {len(matrices)} seed(s)" + (" (min-max)" if len(matrices) > 1
                                                          else ""), ""]
-        lines += _spread_matrix(matrices)
+        lines += spread_matrix(matrices, "hops")
     for name in results["exits"]:
         lines += ["", f"**{name}, adaptive exits** (at most "
                       f"{results['exits'][name]['kl']['max_loops']} loops) against the cheapest "
@@ -254,37 +236,22 @@ def report(results: dict, out: str) -> str:
     return "\n".join(lines)
 
 
-def _spread_matrix(matrices: list[dict]) -> list[str]:
-    """A Markdown matrix of "mean (min-max)" cells over seeds."""
-    first = matrices[0]
-    columns = list(next(iter(first.values())))
-    lines = ["| hops \\ loops | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for row in first:
-        cells = []
-        for col in columns:
-            values = [m[row][col] for m in matrices]
-            cells.append(f"{np.mean(values):.0%}" if len(values) == 1 else
-                         f"{np.mean(values):.0%} ({min(values):.0%}-{max(values):.0%})")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return lines
-
-
 def _targets(results: dict, arms: list[str]) -> list[dict]:
     found = []
     double = str(2 * TRAIN_MAX_HOPS)
     for name in ("looped_random", "looped_random_slots"):
         if name not in arms:
             continue
-        seen = _seed_values(results, name, lambda a: worst_in_distribution(a["accuracy"]))
+        seen = seed_values(results, name, lambda a: worst_in_distribution(a["accuracy"]))
         found.append({"claim": f"{name}: held-out (leak-free) in-distribution hops "
                                f"(1..{TRAIN_MAX_HOPS}) >= 95%",
-                      "ours": f"{_spread(seen)} (worst hop count at its best loop count; mean "
+                      "ours": f"{spread(seen)} (worst hop count at its best loop count; mean "
                               "(min-max) over seeds)", "met": min(seen) >= 0.95})
         if double in results["arms"][name]["accuracy"]:
-            far = _seed_values(results, name, lambda a: max(a["accuracy"][double].values()))
+            far = seed_values(results, name, lambda a: max(a["accuracy"][double].values()))
             found.append({"claim": f"{name}: >= 90% at {double} hops (2 K) with more test loops "
                                    "(Kohli)",
-                          "ours": f"{_spread(far)} (best test-loop count)",
+                          "ours": f"{spread(far)} (best test-loop count)",
                           "met": min(far) >= 0.90})
     stacks = [c for c in ("iso_depth_stack", "iso_flop_stack") if c in arms]
     present = [c for c in CONTROLS if c in arms]
@@ -293,11 +260,11 @@ def _targets(results: dict, arms: list[str]) -> list[dict]:
                   if TRAIN_MAX_HOPS < int(k) <= 2 * TRAIN_MAX_HOPS]
         def score(a):
             return best_over_loops(a["accuracy"], beyond)
-        looped = _seed_values(results, "looped_random", score)
-        parts, met = [f"looped_random {_spread(looped)}"], True
+        looped = seed_values(results, "looped_random", score)
+        parts, met = [f"looped_random {spread(looped)}"], True
         for control in present:
-            values = _seed_values(results, control, score)
-            parts.append(f"{control} {_spread(values)}")
+            values = seed_values(results, control, score)
+            parts.append(f"{control} {spread(values)}")
             if control != "single_loop":
                 met &= min(looped) > max(values)
         found.append({"claim": f"looped beats the iso-FLOP and iso-depth stacks beyond training "
@@ -308,7 +275,7 @@ def _targets(results: dict, arms: list[str]) -> list[dict]:
     if "looped_random" in arms and "exits" in results["arms"]["looped_random"]:
         options = []
         for rule in EXIT_RULES:
-            checks = _seed_values(results, "looped_random",
+            checks = seed_values(results, "looped_random",
                                   lambda a, r=rule: exit_against_fixed(a, r))
             savings = [c["saving"] if c["saving"] is not None else float("-inf")
                        for c in checks]
@@ -317,7 +284,7 @@ def _targets(results: dict, arms: list[str]) -> list[dict]:
         shown = [s for s in savings if np.isfinite(s)]
         found.append({"claim": "an exit rule: mean exit >= 30% below the cheapest fixed budget "
                                "that is as accurate (within 1 point)",
-                      "ours": f"{rule}: {_spread(shown) if shown else 'no budget'} fewer loops "
+                      "ours": f"{rule}: {spread(shown) if shown else 'no budget'} fewer loops "
                               f"(budgets {[c['fixed_budget'] for c in checks]}, mean exits "
                               f"{[round(c['mean_exit'], 1) for c in checks]})",
                       "met": worst >= 0.30})
