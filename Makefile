@@ -28,7 +28,7 @@ test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 $(SLOW_TESTS) tests
 
 train: venv
-	$(VENV)/bin/mythos-jax experiment depth_extrapolation --arms looped_random,single_loop \
+	$(VENV)/bin/mythos-jax experiment depth_extrapolation --arms looped_random,single_loop --seeds 0 \
 		--out $(WORKDIR)
 
 train-lm: venv

@@ -58,7 +58,10 @@ class MythosConfig:
         (``u = A*h + dt*(e @ B.T)``, ``A = exp(-softplus(dt_bias) * exp(A_log))``, B a full
         matrix initialised to identity; ``h = Block(u + emb)``) or "additive"
         (``h = h + e + Block(norm(h + emb + e))``: no decay, no input gain, so nothing bounds
-        the state; the unstable baseline of the stability experiment, never for real runs).
+        the state) or "free" (``h = A*h + e @ B.T + Block(norm(h + emb + e))`` with A (D,)
+        and B (D, D) learned and unconstrained, A initialised to 1 and B to ``0.1 * I``: rho(A)
+        may cross 1, Parcae's unstable baseline). "additive" and "free" are the baselines of
+        the stability experiment (E3), never for real runs.
       ``loop_embed_scale``: multiplies the loop-index embedding (1.0: OpenMythos, whose unit
         sin/cos channels dwarf token embeddings of std 0.02 in the normalised block input at
         init; a scale near the embedding std lets looped models learn from scratch, see

@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from mythos_jax.config import MythosConfig
-from mythos_jax.modes import AttentionType, Injection
+from mythos_jax.modes import AttentionType
 
 def attention_flops_per_token(cfg: MythosConfig, seq_len: int) -> dict[str, int]:
     """FLOPs (2 x multiply-adds) of one attention layer for one query token.
@@ -78,7 +78,7 @@ def forward_flops_per_token(cfg: MythosConfig, seq_len: int,
       * the recurrent block, times ``n_loops`` (default ``cfg.max_loop_iters``): attention,
         the MoE (router + top-K routed experts + shared experts, :func:`moe_flops_per_token`),
         the depth-wise LoRA (down D x r and B r x D), the ACT halting head (D x 1), and
-        with ``cfg.injection="parcae"`` the injection's full B matrix (e @ B.T, D x D);
+        with ``cfg.injection`` "parcae" or "free" the injection's full B matrix (e @ B.T, D x D);
       * with ``cfg.readout`` the (D x D) readout projection before the coda, once;
       * the tied output head (D x vocab).
     Not counted: the embedding lookup (a gather), norms, RoPE, softmax, the loop-index
@@ -96,7 +96,7 @@ def forward_flops_per_token(cfg: MythosConfig, seq_len: int,
     moe = moe_flops_per_token(cfg)
     lora = 2 * (D * cfg.lora_rank + cfg.lora_rank * D)
     halt = 2 * D
-    injection = 2 * D * D if cfg.injection == Injection.PARCAE else 0   # LTI: elementwise only
+    injection = 2 * D * D if cfg.injection.input_matrix else 0   # LTI: elementwise only
     per_loop = attn_total + sum(moe.values()) + lora + halt + injection
     prelude = cfg.prelude_layers * (attn_total + dense_ffn)
     coda = cfg.coda_layers * (attn_total + dense_ffn)

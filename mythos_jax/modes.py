@@ -84,10 +84,17 @@ class ACTMode(Mode):
 
 
 class Injection(Mode):
-    """How the input re-enters the loop: OpenMythos's LTI form, Parcae's, or plain addition."""
+    """How the input re-enters the loop: OpenMythos's LTI form, Parcae's, plain addition, or
+    a learned unconstrained decay and input matrix ("free": Parcae's unstable baseline)."""
     OPENMYTHOS = "openmythos"
     PARCAE = "parcae"
     ADDITIVE = "additive"
+    FREE = "free"
+
+    @property
+    def input_matrix(self) -> bool:
+        """True when e enters through a full (D, D) matrix (``e @ B.T``: one matmul per loop)."""
+        return self in (Injection.PARCAE, Injection.FREE)
 
 
 class ExitRule(Mode):

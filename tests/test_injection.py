@@ -1,7 +1,8 @@
 """The loop's decay A stays strictly inside (0, 1): ``LTIInjection.get_A`` (OpenMythos,
 ``A = exp(-exp(clip(log_dt + log_A, -20, 20)))``) and ``ParcaeInjection.get_A`` (Parcae,
 ``A = exp(-softplus(dt_bias) * exp(A_log))``), for any finite parameter values, in fp32 and
-with a bfloat16 model; plus Parcae's init (A = 0.447, B = I)."""
+with a bfloat16 model; plus Parcae's init (A = 0.447, B = I). The "free" injection
+(``FreeInjection``, E3's unstable baseline) is the opposite: its A may leave (-1, 1)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from hypothesis import assume, given, settings, strategies as st
 
-from mythos_jax import variants
-from mythos_jax.layers.recurrence import (LTIInjection, ParcaeInjection, RecurrentBlock,
-                                          strictly_inside_unit)
+from mythos_jax import OpenMythos, variants
+from mythos_jax.layers.recurrence import (FreeInjection, LTIInjection, ParcaeInjection,
+                                          RecurrentBlock, strictly_inside_unit)
 
 DIM = 8
 F32_MAX = float(np.finfo(np.float32).max)
@@ -163,3 +165,46 @@ def test_parcae_init():
     np.testing.assert_allclose(np.asarray(out), np.asarray(dt * e), rtol=1e-6, atol=0)
     # and dt = -ln(0.447) at init, so that A = exp(-dt * exp(0)) = 0.447
     np.testing.assert_allclose(np.asarray(dt), -np.log(0.447), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- free (E3)
+def test_free_injection_is_A_h_plus_e_B_transposed_plus_u_from_A_1_B_tenth_identity():
+    m = FreeInjection(DIM)
+    np.testing.assert_array_equal(np.asarray(m.get_A()), np.ones(DIM, np.float32))
+    np.testing.assert_array_equal(np.asarray(m.B[...]), 0.1 * np.eye(DIM, dtype=np.float32))
+    m.A[...] = jax.random.normal(jax.random.key(1), (DIM,))
+    m.B[...] = jax.random.normal(jax.random.key(2), (DIM, DIM))
+    h, e, u = (jax.random.normal(jax.random.key(i), (2, 3, DIM), jnp.float32) for i in range(3))
+    expected = (np.asarray(m.A[...]) * np.asarray(h) + np.asarray(e) @ np.asarray(m.B[...]).T
+                + np.asarray(u))
+    np.testing.assert_allclose(np.asarray(m(h, e, u)), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(m.get_A()), np.asarray(m.A[...]))
+
+
+def test_free_rho_crosses_1_when_set_and_after_one_gradient_step():
+    m = FreeInjection(DIM)
+    m.A[...] = f32([0.5] * (DIM - 1) + [-1.5])
+    assert float(jnp.max(jnp.abs(m.get_A()))) == 1.5          # rho(A) = max |A_i|, sign apart
+    m = FreeInjection(DIM)
+    h = jnp.ones((1, 2, DIM), jnp.float32)
+    graphdef, params = nnx.split(m)
+    growth = lambda p: jnp.sum(nnx.merge(graphdef, p)(h, h, jnp.zeros_like(h)))  # rewards A > 1
+    grads = jax.grad(growth)(params)
+    stepped = nnx.merge(graphdef, jax.tree.map(lambda p, g: p + 0.01 * g, params, grads))
+    assert float(jnp.min(stepped.get_A())) > 1.0              # nothing pulls it back inside
+
+
+def test_free_injection_gets_gradients_in_a_model_and_is_not_convertible():
+    from mythos_jax.interop.openmythos import to_torch_state_dict
+
+    cfg = variants.tiny_mla(injection="free", act="off")
+    assert not cfg.has_openmythos_weights
+    model = OpenMythos(cfg, rngs=nnx.Rngs(0))
+    assert isinstance(model.recurrent.injection, FreeInjection)
+    ids = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
+    graphdef, state = nnx.split(model)
+    grads = jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(ids, 3) ** 2))(state)
+    for name in ("A", "B"):
+        assert float(jnp.abs(grads["recurrent"]["injection"][name][...]).sum()) > 0
+    with pytest.raises(ValueError, match="injection='free'"):
+        to_torch_state_dict(model)

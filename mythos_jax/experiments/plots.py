@@ -92,3 +92,41 @@ def _save(fig, path: str, title: str) -> str:
     fig.savefig(path, dpi=90)
     _pyplot().close(fig)
     return path
+
+
+def scatter_panels(series: dict[str, dict[str, tuple[list[float], list[float]]]], path: str,
+                   title: str, ylabel: str) -> str:
+    """One panel per x quantity (``{quantity: {name: (x, y)}}``), log x, labelled points."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.2), squeeze=False)
+    for ax, (quantity, points) in zip(axes.flat, series.items()):
+        for index, (name, (x, y)) in enumerate(points.items()):
+            ax.scatter(x, y, color=plt.cm.tab10(index % 10), label=name)
+            for xi, yi in zip(x, y):
+                ax.annotate(name, (xi, yi), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(quantity)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=6)
+    return _save(fig, path, title)
+
+
+def heatmaps(matrices: dict, path: str, title: str, xlabel: str, ylabel: str,
+             columns: list[str], colorbar: str) -> str:
+    """One panel per name: a (rows, columns) matrix as an image (rows up the y axis, columns
+    labelled ``columns`` along x), one colour scale from 0 to the largest value of all."""
+    plt = _pyplot()
+    top = max(float(max(map(max, m))) for m in matrices.values())
+    width = (1.5 + 0.35 * len(columns)) * len(matrices)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(width, 3.6), squeeze=False)
+    for ax, (name, matrix) in zip(axes.flat, matrices.items()):
+        image = ax.imshow(matrix, aspect="auto", origin="lower", vmin=0, vmax=top,
+                          interpolation="nearest")
+        ax.set_xticks(range(len(columns)), columns, fontsize=7)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        fig.colorbar(image, ax=ax, label=colorbar)
+    return _save(fig, path, title)

@@ -12,7 +12,8 @@ close over this block, so its parameters are shared by every iteration, never co
 carry also sums the MoE's router statistics over the iterations (``MoEAccum``).
 ``traced_step`` is ``step`` plus a ``LoopRecord`` of what the iteration did (a traced forward).
 ``cfg.injection="parcae"`` replaces the injection by Parcae's (``ParcaeInjection``), "additive" by
-``h + e + u`` (``AdditiveInjection``).
+``h + e + u`` (``AdditiveInjection``), "free" by ``A * h + e @ B.T + u`` with A and B learned and
+unconstrained (``FreeInjection``).
 """
 
 from __future__ import annotations
@@ -106,6 +107,26 @@ class AdditiveInjection(nnx.Module):
         return h + e + u
 
 
+class FreeInjection(nnx.Module):
+    """``h_new = A * h + e @ B.T + u`` with A (D,) and B (D, D) learned and unconstrained:
+    Parcae's unstable baseline, never for real runs. A starts at 1 (no decay) and nothing keeps
+    it inside (-1, 1), so rho(A) = max |A_i| may cross 1 and the state then grows like
+    rho^T; B starts at ``0.1 * I``, OpenMythos's input gain, so that at init the form is the
+    LTI injection with its decay set to 1 and its constraint removed."""
+
+    def __init__(self, dim: int):
+        self.A = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("embed",))
+        self.B = nnx.Param(0.1 * jnp.eye(dim, dtype=jnp.float32),
+                           logical_axes=("embed", "embed_out"))
+
+    def get_A(self) -> jax.Array:
+        """(D,) the decay per channel as learned (any sign, any size), fp32."""
+        return self.A[...].astype(jnp.float32)
+
+    def __call__(self, h: jax.Array, e: jax.Array, u: jax.Array) -> jax.Array:
+        return self.get_A() * h + e @ self.B[...].T + u
+
+
 # softplus^-1(-ln(0.447)): Parcae's dt_bias init, giving A = 0.447 on every channel at A_log = 0.
 _PARCAE_DT_BIAS = float(np.log(np.expm1(-np.log(0.447))))
 
@@ -133,7 +154,7 @@ class ParcaeInjection(nnx.Module):
 
 
 INJECTION_CLASSES = {Injection.OPENMYTHOS: LTIInjection, Injection.PARCAE: ParcaeInjection,
-                     Injection.ADDITIVE: AdditiveInjection}
+                     Injection.ADDITIVE: AdditiveInjection, Injection.FREE: FreeInjection}
 
 
 class ACTHalting(nnx.Module):
@@ -293,7 +314,7 @@ class RecurrentBlock(nnx.Module):
         (prefill / decode), returned updated. ``active`` (B,):
         the sequences whose router statistics count (None: all); the caller freezes the
         others' per-sequence state. ``observe``: the block's (see ``TransformerBlock``)."""
-        if self.injection_type != Injection.PARCAE:   # OpenMythos order (LTI or additive)
+        if self.injection_type != Injection.PARCAE:   # OpenMythos order (LTI, additive, free)
             h_loop = loop_index_embedding(state.h, t, self.loop_dim, self.loop_embed_scale)
             u, cache, stats = self.block(self.norm(h_loop + e), rope, span, key, cache, index,
                                          observe)

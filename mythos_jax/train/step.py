@@ -245,7 +245,7 @@ def make_train_step(plan: TrainPlan):
         metrics.update(grad_norm=optax.tree.norm(grads), lr=lr_schedule(state.step),
                        batch_fingerprint=batch_fingerprint(batch["inputs"]),
                        finite=finite, nonfinite_streak=new_state.nonfinite,
-                       rho_A=jnp.max(model.recurrent.injection.get_A()))
+                       rho_A=jnp.max(jnp.abs(model.recurrent.injection.get_A())))
         metrics["load_max_over_mean"] = load_ratio(metrics["expert_load"])
         return new_state, metrics
 
