@@ -104,8 +104,9 @@ def test_routed_experts_scale_with_top_k_not_with_expert_count():
     assert per_loop(n_experts=16) - per_loop() == 3 * ROUTER
 
 
-def test_parcae_injection_and_readout_matmuls_are_counted():
-    cfg = variants.tiny_mla(injection="parcae", readout=True)
+@pytest.mark.parametrize("injection", ["parcae", "free"])
+def test_input_matrix_injection_and_readout_matmuls_are_counted(injection):
+    cfg = variants.tiny_mla(injection=injection, readout=True)
     f = mythos_jax.flops(cfg, T, 3)
     b = f["forward_breakdown"]
     assert b["injection"] == 2 * 64 * 64 and b["readout"] == 2 * 64 * 64   # e @ B.T, readout

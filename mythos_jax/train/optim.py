@@ -7,8 +7,8 @@ import optax
 
 from mythos_jax.train.config import OptimConfig
 
-# Parameters never decayed whatever their rank: the LTI / Parcae injection (its stability
-# parameters, and Parcae's B which starts at the identity).
+# Parameters never decayed whatever their rank: the injection's (LTI and Parcae stability
+# parameters, the free form's A, and the input matrices B of Parcae and the free form).
 NO_DECAY_PATH_PARTS = ("injection",)
 
 
