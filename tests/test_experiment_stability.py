@@ -8,7 +8,7 @@ import types
 import pytest
 
 from mythos_jax.experiments import get_experiment, stability
-from test_experiments import run_quick
+from quick_runs import run_quick
 
 NAN = math.nan
 

@@ -7,21 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from mythos_jax.cli import main
 from mythos_jax.experiments import get_experiment, harness
 from mythos_jax.experiments.fit import fit_saturating_exponential
 from mythos_jax.train import trainer
-
-
-def run_quick(name, out, *flags):
-    assert main(["experiment", name, "--quick", "--out", str(out), *flags]) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert (out / "table.md").read_text().startswith(results["date"])
-    assert "| claim | ours | met |" in results["table"]
-    assert results["quick"] is True and results["wall_s"] > 0
-    assert results["command"] == " ".join(["mythos-jax experiment", name, *flags, "--quick",
-                                           "--out", str(out)])
-    return results
+from quick_runs import run_quick
 
 
 def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, capsys):

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "(model init, loop draws, data order; default: the "
                                         "experiment's, the first only with --quick)")
     parser.add_argument("--seed", type=int, help="one seed (the same as --seeds N)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tables and plots from the arms finished so far")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                         *(["--seeds", ",".join(map(str, seeds))] if seeds else []),
                         *(["--quick"] if args.quick else []),
                         *(["--out", args.out] if args.out else [])])
-    results = harness.run(experiment, out, arms, args.quick, seeds, command)
+    results = harness.run(experiment, out, arms, args.quick, seeds, command, args.report_only)
     if out == os.path.join(RESULTS_ROOT, args.name) and arms is None and os.path.exists(README):
         harness.include_in_readme(README, args.name, results["table"])
         print(f"{README}: {args.name} table updated")

@@ -8,6 +8,7 @@ evaluates it, and writes ``results.json``, PNG plots and a Markdown table. The e
   depth_extrapolation   E1: k-hop composition over a knowledge graph, hops beyond training
   test_time_depth       E2: byte-level LM loss against test-time loops, L(T) fits
   stability             E3: learning-rate sweep of the injection forms, divergence and rho(A)
+  inside_the_loop       E5: dense vs MoE and MLA vs GQA in the loop, MoE routing per iteration
 
 Run them as ``mythos-jax experiment NAME [--arms a,b] [--quick] [--out DIR]``.
 """
@@ -17,6 +18,7 @@ EXPERIMENTS = {
     "looped_vs_standard": "mythos_jax.experiments.looped_vs_standard",
     "test_time_depth": "mythos_jax.experiments.test_time_depth",
     "stability": "mythos_jax.experiments.stability",
+    "inside_the_loop": "mythos_jax.experiments.inside_the_loop",
 }
 
 

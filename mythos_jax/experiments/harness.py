@@ -89,29 +89,45 @@ class Experiment:
 
 
 def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: bool = False,
-        seeds: list[int] | None = None, command: str | None = None) -> dict:
+        seeds: list[int] | None = None, command: str | None = None,
+        report_only: bool = False) -> dict:
     """Train and evaluate ``arms`` (default: all) at every seed (default: the experiment's,
     only its first with ``quick``) into ``out``; write results.json, the Markdown table and
-    the plots; return the results."""
+    the plots; return the results. ``report_only``: train nothing, report the (arm, seed)
+    pairs already finished for their current config (a partial run says which are missing)."""
     chosen = _choose_arms(experiment, arms if arms or not quick else experiment.quick_arms)
     if seeds is None:
         seeds = experiment.seeds[:1] if quick else experiment.seeds
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
     os.makedirs(out, exist_ok=True)
-    by_seed, total = {}, len(chosen) * len(seeds)
+    by_seed, total, missing = {}, len(chosen) * len(seeds), []
     for seed_index, seed in enumerate(seeds):
         arm_results = {}
         for index, arm in enumerate(chosen, 1):
+            if report_only:
+                found = _read_result(os.path.join(arm_workdir(out, arm.name, seed), RESULT_FILE),
+                                     experiment.arm_config(arm, quick, seed))
+                if found is None:
+                    missing.append(f"{arm.name}@{seed}")
+                else:
+                    arm_results[arm.name] = found
+                continue
             arm_results[arm.name] = _run_arm(
                 experiment, arm, out, quick, seed,
                 f"[{seed_index * len(chosen) + index}/{total}, seed {seed}]")
-        by_seed[str(seed)] = {"arms": arm_results}
+        if arm_results:
+            by_seed[str(seed)] = {"arms": arm_results}
+    if not by_seed:
+        raise ValueError(f"{out}: no finished arm to report (run the experiment first)")
+    if missing:
+        print(f"{experiment.name}: not finished, left out of the report: {', '.join(missing)}")
+    seeds = [s for s in seeds if str(s) in by_seed]
     results = {
         "experiment": experiment.name, "claim": experiment.claim,
         "command": command or " ".join(["mythos-jax experiment", experiment.name]),
         "machine": machine(), "date": datetime.date.today().isoformat(),
-        "seeds_run": list(seeds), "seed": seeds[0], "quick": quick,
+        "seeds_run": list(seeds), "seed": seeds[0], "quick": quick, "unfinished": missing,
         "wall_s": sum(r["wall_s"] for one in by_seed.values() for r in one["arms"].values()),
         "seeds": by_seed, "arms": by_seed[str(seeds[0])]["arms"],
     }
@@ -218,7 +234,11 @@ def report_head(results: dict, targets: list[dict]) -> list[str]:
     lines = [f"{results['date']}, {m['processor']} ({m['cores']} cores, {m['platform']}), jax "
              f"{m['jax']}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, "
              f"wall {results['wall_s'] / 60:.1f} min: "
-             f"`{results['command']}`", "", "| claim | ours | met |", "|---|---|---|"]
+             f"`{results['command']}`", ""]
+    if results.get("unfinished"):
+        lines += [f"**Partial:** not finished in the time given, and left out of every figure "
+                  f"below: {', '.join(results['unfinished'])} (arm@seed).", ""]
+    lines += ["| claim | ours | met |", "|---|---|---|"]
     return lines + [f"| {t['claim']} | {t['ours']} | {'yes' if t['met'] else 'no'} |"
                     for t in targets]
 

@@ -230,6 +230,5 @@ EXPERIMENT = Experiment(
     claim="A looped model (prelude + one shared block + coda) reaches most of the quality of a "
           "standard transformer of twice its parameters at equal FLOPs (Parcae)",
     base="tiny", base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
-    evaluate=evaluate, report=report, quick_arms=("standard_2", "standard_3", "standard_6",
-                                                  "looped_lti"),
+    evaluate=evaluate, report=report, quick_arms=(ISO_PARAM, TWICE_PARAMS, "looped_lti"),
     seeds=SEEDS)
