@@ -1,11 +1,11 @@
 """Run an experiment: train its arms with the project's trainer, evaluate, write results.
 
-``mythos-jax experiment NAME [--arms a,b] [--quick] [--out DIR] [--seeds 0,1,2]``; NAME is one of
-depth_extrapolation, test_time_depth, stability. Results go to ``experiments/results/NAME/``
-(``results.json``, ``table.md``, plots) of the clone mythos_jax runs from (else of the current
-folder); a full run into that folder also refreshes the experiment's table in
-``experiments/README.md``. A rerun skips finished arms and resumes an
-interrupted one.
+``mythos-jax experiment NAME [--arms a,b] [--quick] [--out DIR] [--seeds 0,1,2]
+[--report-only]``; NAME is one of ``mythos_jax.experiments.EXPERIMENTS``. Results go to
+``experiments/results/NAME/`` (``results.json``, ``table.md``, plots) of the clone mythos_jax
+runs from (else of the current folder); a full run into that folder also refreshes the
+experiment's table in ``experiments/README.md``. A rerun skips finished (arm, seed) pairs and
+resumes an interrupted one; ``--report-only`` trains nothing and reports the finished ones.
 """
 
 from __future__ import annotations

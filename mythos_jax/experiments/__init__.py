@@ -8,9 +8,10 @@ evaluates it, and writes ``results.json``, PNG plots and a Markdown table. The e
   depth_extrapolation   E1: k-hop composition over a knowledge graph, hops beyond training
   test_time_depth       E2: byte-level LM loss against test-time loops, L(T) fits
   stability             E3: learning-rate sweep of the injection forms, divergence and rho(A)
+  looped_vs_standard    E4: a looped core against transformers of 2-8 unique layers
   inside_the_loop       E5: dense vs MoE and MLA vs GQA in the loop, MoE routing per iteration
 
-Run them as ``mythos-jax experiment NAME [--arms a,b] [--quick] [--out DIR]``.
+Run them as ``mythos-jax experiment NAME [--arms a,b] [--seeds 0,1,2] [--quick] [--out DIR]``.
 """
 
 EXPERIMENTS = {
