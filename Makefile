@@ -15,6 +15,8 @@ WORKDIR ?= runs/khop
 # Two pytest workers, one test file each at a time (module fixtures stay on one worker); the
 # slowest files are named first, slowest first, so that the short ones fill the end.
 SLOW_TESTS := tests/test_train.py tests/test_generate.py tests/test_experiments.py \
+	tests/test_experiment_looped_vs_standard.py tests/test_experiment_stability.py \
+	tests/test_experiment_inside_the_loop.py \
 	tests/test_loops.py tests/test_moe_dispatch.py tests/test_parallel.py \
 	tests/test_checkpoints_load.py tests/test_checkpoints_training.py tests/test_loop_memory.py \
 	tests/test_bench_moe.py tests/test_device_check.py tests/test_paths.py
