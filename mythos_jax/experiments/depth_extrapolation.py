@@ -239,7 +239,7 @@ def report(results: dict, out: str) -> str:
 def _targets(results: dict, arms: list[str]) -> list[dict]:
     found = []
     double = str(2 * TRAIN_MAX_HOPS)
-    for name in ("looped_random", "looped_random_slots"):
+    for name in LOOPED_ARMS:
         if name not in arms:
             continue
         seen = seed_values(results, name, lambda a: worst_in_distribution(a["accuracy"]))
@@ -254,24 +254,26 @@ def _targets(results: dict, arms: list[str]) -> list[dict]:
                           "ours": f"{spread(far)} (best test-loop count)",
                           "met": min(far) >= 0.90})
     stacks = [c for c in ("iso_depth_stack", "iso_flop_stack") if c in arms]
-    present = [c for c in CONTROLS if c in arms]
-    if "looped_random" in arms and stacks:
-        beyond = [k for k in results["arms"]["looped_random"]["accuracy"]
+    for name in ("looped_random", "looped_fixed"):
+        if name not in arms or not stacks:
+            continue
+        beyond = [k for k in results["arms"][name]["accuracy"]
                   if TRAIN_MAX_HOPS < int(k) <= 2 * TRAIN_MAX_HOPS]
+
         def score(a):
             return best_over_loops(a["accuracy"], beyond)
-        looped = seed_values(results, "looped_random", score)
-        parts, met = [f"looped_random {spread(looped)}"], True
-        for control in present:
+        looped = seed_values(results, name, score)
+        parts, met = [f"{name} {spread(looped)}"], True
+        for control in (c for c in CONTROLS if c in arms):
             values = seed_values(results, control, score)
             parts.append(f"{control} {spread(values)}")
-            if control != "single_loop":
+            if control in stacks:
                 met &= min(looped) > max(values)
-        found.append({"claim": f"looped beats the iso-FLOP and iso-depth stacks beyond training "
+        found.append({"claim": f"{name} beats the iso-FLOP and iso-depth stacks beyond training "
                                f"({beyond[0]}..{beyond[-1]} hops, mean exact match at each "
                                "arm's best loop count)",
                       "ours": "; ".join(parts) + " (met: every looped seed above every "
-                              "control seed)", "met": bool(met)})
+                              "stack seed)", "met": bool(met)})
     if "looped_random" in arms and "exits" in results["arms"]["looped_random"]:
         options = []
         for rule in EXIT_RULES:
