@@ -10,6 +10,7 @@ import pytest
 from mythos_jax.experiments import get_experiment, harness
 from mythos_jax.experiments.fit import fit_saturating_exponential
 from mythos_jax.train import trainer
+from mythos_jax.train.config import TrainConfig
 from quick_runs import run_quick
 
 
@@ -106,9 +107,9 @@ def test_test_time_depth_quick_pipeline_runs_its_quick_arms(tmp_path):
     baseline = results["arms"]["non_looped"]["config"]
     assert baseline["loops"] == {"schedule": "fixed", "n": 1, "max_loops": 1,
                                  "backprop_depth": None, "per_sequence": False}
-    assert {k: v for k, v in baseline["model"].items()} == {
-        k: v for k, v in parcae["model"].items()} | {
-        "injection": "openmythos", "prelude_norm": False, "readout": False}
+    same_model = TrainConfig.from_dict(parcae).model_config().replace(
+        injection="openmythos", prelude_norm=False, readout=False)
+    assert TrainConfig.from_dict(baseline).model_config() == same_model
     assert any(t["claim"].startswith("parcae_random: below the non-looped model")
                for t in results["targets"])
     assert os.path.getsize(tmp_path / "loss_by_loops.png") > 1000
