@@ -120,10 +120,18 @@ def train_flops_per_token(cfg: MythosConfig, seq_len: int, n_loops: float | None
     neighbouring whole counts (the lower one at least 1)."""
     if n_loops is None or isinstance(n_loops, int):
         return flops(cfg, seq_len, n_loops, backprop_depth)["train"]
+    return flops_at_mean_loops(cfg, seq_len, n_loops, backprop_depth)["train"]
+
+
+def flops_at_mean_loops(cfg: MythosConfig, seq_len: int, n_loops: float,
+                        backprop_depth: int | None = None) -> dict[str, float]:
+    """``{"forward", "train"}`` FLOPs per token at a fractional (mean) loop count: linear
+    between the neighbouring whole counts (the lower one at least 1), which is exact since
+    both are linear in the loops."""
     low = max(1, math.floor(n_loops))
-    low_flops = flops(cfg, seq_len, low, backprop_depth)["train"]
-    high_flops = flops(cfg, seq_len, low + 1, backprop_depth)["train"]
-    return low_flops + (n_loops - low) * (high_flops - low_flops)
+    at_low, at_high = (flops(cfg, seq_len, n, backprop_depth) for n in (low, low + 1))
+    return {kind: at_low[kind] + (n_loops - low) * (at_high[kind] - at_low[kind])
+            for kind in ("forward", "train")}
 
 
 def flops(cfg: MythosConfig, seq_len: int, n_loops: int | None = None,

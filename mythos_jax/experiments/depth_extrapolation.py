@@ -30,16 +30,15 @@ from __future__ import annotations
 import functools
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mythos_jax.experiments import plots
 from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, mean_training_loops,
-                                            report_head)
+                                            parameter_count, report_head)
 from mythos_jax.experiments.seeds import mean_matrix, seed_values, spread, spread_matrix
-from mythos_jax.flop_count import forward_flops_per_token
+from mythos_jax.flop_count import flops_at_mean_loops
 from mythos_jax.loops import LoopSpec
 from mythos_jax.train import data as data_lib
 from mythos_jax.train.config import load_train_config
@@ -77,8 +76,7 @@ def forward_flops(overrides: tuple[str, ...], n_loops: float) -> float:
     """Forward FLOPs per token of E1's model with ``overrides`` at ``n_loops`` (fractional
     counts interpolate: the recurrent block's FLOPs are linear in the loops)."""
     cfg = load_train_config("tiny", [*BASE, *overrides]).model_config()
-    one = forward_flops_per_token(cfg, SEQ_LEN, 1)
-    return one["total"] + (n_loops - 1) * one["recurrent_per_loop"]
+    return flops_at_mean_loops(cfg, SEQ_LEN, n_loops)["forward"]
 
 
 @functools.cache
@@ -122,7 +120,7 @@ def evaluate(run: ArmRun) -> dict:
                 for split, by_loops in curve.items()}
     loops = mean_training_loops(run)
     result = {"accuracy": accuracy, "train_mean_loops": loops,
-              "params": int(sum(x.size for x in jax.tree.leaves(run.state.params))),
+              "params": parameter_count(run.state.params),
               "flops_per_token": forward_flops(run.arm.overrides, loops)}
     if run.arm.name in LOOPED_ARMS:
         result["exits"] = _exit_sweep(run, 3 if run.quick else MAX_EXIT_LOOPS)

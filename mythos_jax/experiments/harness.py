@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -224,6 +225,11 @@ def mean_training_loops(run: ArmRun) -> float:
     """The mean loop count the arm's training steps drew (from metrics.jsonl)."""
     drawn = [m["loops"] for m in run.metrics if "loops" in m]
     return sum(drawn) / max(1, len(drawn))
+
+
+def parameter_count(params) -> int:
+    """Elements of every leaf of a parameter tree (arrays or shape structs)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
 def report_head(results: dict, targets: list[dict]) -> list[str]:

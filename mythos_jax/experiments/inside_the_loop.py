@@ -36,14 +36,13 @@ from __future__ import annotations
 import math
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mythos_jax.config import MythosConfig
 from mythos_jax.experiments import plots
 from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, loss_curve,
-                                            mean_training_loops, report_head)
+                                            mean_training_loops, parameter_count, report_head)
 from mythos_jax.experiments.routing import routing_by_loop
 from mythos_jax.experiments.seeds import mean_matrix, seed_values, spread, spread_matrix
 from mythos_jax.flop_count import forward_flops_per_token
@@ -90,7 +89,7 @@ ARMS = (
 def parameter_counts(params, cfg: MythosConfig) -> dict[str, int]:
     """Parameters of a model's param tree (arrays or shape structs) and the active ones per
     token: the routed experts' kernels count K / E (router, shared expert and the rest: 1)."""
-    total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    total = parameter_count(params)
     ffn = params["recurrent"]["block"]["ffn"]
     routed = sum(math.prod(ffn[name].shape) for name in ROUTED_KERNELS)
     idle = routed // cfg.n_experts * (cfg.n_experts - cfg.n_experts_per_tok)

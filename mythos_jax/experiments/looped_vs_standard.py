@@ -25,14 +25,13 @@ from __future__ import annotations
 import math
 import os
 
-import jax
 import numpy as np
 
-from mythos_jax import flop_count
 from mythos_jax.experiments import plots
 from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, loss_curve,
-                                            mean_training_loops, report_head)
+                                            mean_training_loops, parameter_count, report_head)
 from mythos_jax.experiments.seeds import seed_values, spread
+from mythos_jax.flop_count import flops_at_mean_loops
 from mythos_jax.train.config import TrainConfig
 
 UNIQUE_LAYERS = (2, 3, 4, 6, 8)
@@ -92,19 +91,13 @@ def evaluate(run: ArmRun) -> dict:
     the mean training loops)."""
     model_cfg = run.cfg.model_config()
     mu = mean_training_loops(run)
-    seq_len, depth = run.cfg.data.seq_len, run.cfg.loops.build().backprop_depth
-    low, high = math.floor(mu), math.ceil(mu)
-
-    def at_mean(kind: str, **extra) -> float:
-        lo, hi = (flop_count.flops(model_cfg, seq_len, n, **extra)[kind] for n in (low, high))
-        return lo + (mu - low) * (hi - lo)
-
+    size = flops_at_mean_loops(model_cfg, run.cfg.data.seq_len, mu,
+                               run.cfg.loops.build().backprop_depth)
     return {"unique_layers": unique_layers(run.arm),
             "distinct_layers": model_cfg.prelude_layers + 1 + model_cfg.coda_layers,
             "mean_loops": mu if unique_layers(run.arm) is None else None,
-            "params": int(sum(x.size for x in jax.tree.leaves(run.state.params))),
-            "flops_per_token": at_mean("forward"),
-            "train_flops_per_token": at_mean("train", backprop_depth=depth),
+            "params": parameter_count(run.state.params),
+            "flops_per_token": size["forward"], "train_flops_per_token": size["train"],
             "heldout_loss": loss_curve(run.train_report, "heldout")}
 
 

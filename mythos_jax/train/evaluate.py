@@ -20,7 +20,7 @@ from flax import nnx
 
 from mythos_jax import paths
 from mythos_jax.train import data as data_lib
-from mythos_jax.train.step import TrainPlan, TrainState, token_loss
+from mythos_jax.train.step import TrainPlan, TrainState, token_terms
 
 
 @functools.lru_cache(maxsize=16)
@@ -44,10 +44,8 @@ EVAL_SUMS = ("nll", "right", "tokens", "exact", "sequences")
 
 def eval_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """(5,) sums of ``EVAL_SUMS`` from logits (B, T, V), targets and loss mask (B, T)."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    nll, right = token_terms(logits, targets)
     scored = mask > 0
-    right = jnp.argmax(logits, axis=-1) == targets
     answered = jnp.any(scored, axis=1)
     exact = jnp.all(right | ~scored, axis=1) & answered
     weight = scored.astype(jnp.float32)
@@ -101,11 +99,9 @@ def evaluate(plan: TrainPlan, state: TrainState, loop_counts=None,
         results[split] = {}
         for n in loop_counts:
             run = eval_fn(plan, int(n))
-            sums = np.zeros(len(EVAL_SUMS), np.float64)
-            with plan.context():
-                for batch in global_batches:
-                    sums += np.asarray(jax.device_get(run(state.params, state.buffers, batch)),
-                                       np.float64)
+            with plan.context():   # one host transfer per loop count, not one per batch
+                per_batch = [run(state.params, state.buffers, batch) for batch in global_batches]
+            sums = np.asarray(jax.device_get(per_batch), np.float64).sum(axis=0)
             results[split][int(n)] = means_from_sums(sums, split)
     return results
 

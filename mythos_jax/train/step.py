@@ -131,14 +131,20 @@ def model_from_state(plan: TrainPlan, state: TrainState) -> OpenMythos:
 
 
 # ---------------------------------------------------------------------------- loss
-def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-    """Masked mean cross-entropy and accuracy: logits (B, T, V), targets/mask (B, T)."""
+def token_terms(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy (fp32) and whether the argmax is the target: logits (B, T, V),
+    targets (B, T) -> two (B, T) arrays."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return nll, jnp.argmax(logits, axis=-1) == targets
+
+
+def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """Masked mean cross-entropy and accuracy: logits (B, T, V), targets/mask (B, T)."""
+    nll, right = token_terms(logits, targets)
     weight = mask.astype(jnp.float32)
     total = jnp.maximum(jnp.sum(weight), 1.0)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return jnp.sum(nll * weight) / total, jnp.sum(correct * weight) / total
+    return jnp.sum(nll * weight) / total, jnp.sum(right * weight) / total
 
 
 def _moe_terms(info) -> dict[str, jax.Array]:
