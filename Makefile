@@ -4,6 +4,8 @@
 #                 checkpoints, the accuracy table by hops and test-time loops; rerun to resume
 #   make train-lm the byte-level LM on the stdlib sources (~9 min), its depth curve
 #   make test     set up the environment and run the test suite
+#   make plan-pods every experiment's pod preset on its TPU slice: all arms estimated, the
+#                 heaviest compiled by libtpu ahead of time (no TPU; CI runs it after the tests)
 #   make parity   convert a PyTorch OpenMythos model, print parity + speed
 # The virtualenv lives outside the clone, keyed by a hash of the requirement files, so CI and
 # later clones reuse it (torch from PyPI on Python 3.12 is the ~5 GB CUDA build).
@@ -15,6 +17,7 @@ WORKDIR ?= runs/khop
 # Two pytest workers, one test file each at a time (module fixtures stay on one worker); the
 # slowest files are named first, slowest first, so that the short ones fill the end.
 SLOW_TESTS := tests/test_train.py tests/test_generate.py tests/test_experiments.py \
+	tests/test_preemption.py tests/test_pod_presets.py \
 	tests/test_experiment_looped_vs_standard.py tests/test_experiment_stability.py \
 	tests/test_experiment_inside_the_loop.py \
 	tests/test_loops.py tests/test_moe_dispatch.py tests/test_parallel.py \
@@ -22,12 +25,17 @@ SLOW_TESTS := tests/test_train.py tests/test_generate.py tests/test_experiments.
 	tests/test_bench_moe.py tests/test_device_check.py tests/test_paths.py
 LM_WORKDIR ?= runs/cpu_small
 
-.PHONY: venv test parity bench train train-lm
+.PHONY: venv test plan-pods parity bench train train-lm
 venv:
 	bash .ci/venv.sh
 
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 $(SLOW_TESTS) tests
+
+plan-pods: venv
+	for name in $$($(PY) -c "from mythos_jax.experiments import EXPERIMENTS; print(*EXPERIMENTS)"); do \
+		$(VENV)/bin/mythos-jax plan --experiment $$name --heaviest 1 || exit 1; \
+	done
 
 train: venv
 	$(VENV)/bin/mythos-jax experiment depth_extrapolation --arms looped_random,single_loop --seeds 0 \

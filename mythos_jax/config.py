@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from mythos_jax.modes import (ACTMode, AttentionImpl, AttentionType, ComputeDtype, Injection,
-                              LoopRemat, Mode, MoEImpl)
+                              LoopRemat, Mode, MoEImpl, Positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +26,9 @@ class MythosConfig:
     ``qk_rope_head_dim``, ``qk_nope_head_dim``, ``v_head_dim``.
     MoE (recurrent block only): ``n_experts`` routed, ``n_shared_experts`` always on (hidden
     ``expert_dim * n_experts_per_tok``), ``n_experts_per_tok`` = top-K, ``expert_dim``.
-    Other: ``act_threshold`` (ACT cumulative halting threshold), ``rope_theta``, ``lora_rank``,
-    ``max_output_tokens`` (unused by the model, kept for compatibility), ``dropout``.
+    Other: ``act_threshold`` (ACT cumulative halting threshold), ``rope_theta`` (which layers
+    rotate: ``positions``), ``lora_rank``, ``max_output_tokens`` (unused by the model, kept for
+    compatibility), ``dropout``.
 
     Extensions (not in OpenMythos):
       ``dtype``: compute dtype of matmuls, "float32" (default, parity) or "bfloat16".
@@ -68,6 +69,9 @@ class MythosConfig:
         ``experiments/README.md``).
       ``prelude_norm``: RMSNorm on the prelude output before the loop (Parcae).
       ``readout``: a learned (D, D) projection of the loop output before the coda (Parcae C).
+      ``positions``: where attention applies RoPE (``rope_theta``): "rope" (every layer,
+        OpenMythos), "nope_loop" (prelude and coda only; the recurrent block's attention is
+        unrotated, its rope dims act as content dims), "nope" (no layer: causal mask only).
     """
 
     vocab_size: int = 32000
@@ -104,6 +108,7 @@ class MythosConfig:
     prelude_norm: bool = False
     readout: bool = False
     loop_embed_scale: float = 1.0
+    positions: Positions = Positions.ROPE
 
     def __post_init__(self) -> None:
         self.validate()
@@ -167,7 +172,8 @@ class MythosConfig:
         """True when the parameters and their math are OpenMythos's (convertible to and from
         PyTorch with the same logits)."""
         return (self.injection == Injection.OPENMYTHOS and not self.prelude_norm
-                and not self.readout and self.loop_embed_scale == 1.0)
+                and not self.readout and self.loop_embed_scale == 1.0
+                and self.positions == Positions.ROPE)
 
     @property
     def rope_dim(self) -> int:
@@ -245,7 +251,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 _MODE_FIELDS = {"attn_type": AttentionType, "dtype": ComputeDtype, "attention_impl": AttentionImpl,
                 "moe_impl": MoEImpl, "loop_remat": LoopRemat, "act": ACTMode,
-                "injection": Injection}
+                "injection": Injection, "positions": Positions}
 
 
 def _fail(field: str, rule: str) -> None:

@@ -26,6 +26,7 @@ from mythos_jax.layers.norm import RMSNorm
 from mythos_jax.layers.recurrence import RecurrentBlock
 from mythos_jax.layers.rope import rope_cos_sin
 from mythos_jax.loops import LoopSpec
+from mythos_jax.modes import Positions
 from mythos_jax.parallel.rules import constrain
 
 LOGIT_AXES = ("batch", "seq", "act_vocab")
@@ -136,7 +137,7 @@ class OpenMythos(nnx.Module):
             span, index = cache.span(), cache.index
             positions = jnp.maximum(index + jnp.arange(T)[None, :] - cache.start[:, None], 0)
             prelude_in, recurrent_in, coda_in = cache.prelude, cache.recurrent, cache.coda
-        rope = rope_cos_sin(positions, cfg.rope_dim, cfg.rope_theta)
+        rope, loop_rope = _rope_tables(cfg, positions)
 
         prelude_out, coda_out = ([], []) if points is not None else (None, None)
         embedded = self._embed(input_ids)
@@ -149,8 +150,9 @@ class OpenMythos(nnx.Module):
             coda_out, _ = self._coda(h, rope, span, coda_keys, coda_in, index)
             return jax.nn.log_softmax(self._head(coda_out))
 
-        loop = loops_lib.run_loops(self.recurrent, x, loops_lib.LoopContext(rope, span, loop_key),
-                                   spec, decode, recurrent_in, index, points)
+        loop = loops_lib.run_loops(self.recurrent, x,
+                                   loops_lib.LoopContext(loop_rope, span, loop_key), spec, decode,
+                                   recurrent_in, index, points)
         recurrent_out = self.recurrent.output(loop.state)
         x, coda_caches = self._coda(recurrent_out, rope, span, coda_keys, coda_in, index,
                                     coda_out)
@@ -233,6 +235,17 @@ class OpenMythos(nnx.Module):
                 raise_if_cache_not_empty(cache.index)
             elif host_checks:
                 jax.debug.callback(raise_if_cache_not_empty, cache.index)
+
+
+def _rope_tables(cfg: MythosConfig, positions: jax.Array):
+    """positions (T,) or (B, T) -> RoPE cos/sin (T | B, T, rope_dim/2) for the prelude and
+    coda, and for the loop; identity tables (cos 1, sin 0: no rotation) where
+    ``cfg.positions`` removes positions."""
+    rope = rope_cos_sin(positions, cfg.rope_dim, cfg.rope_theta)
+    if cfg.positions == Positions.ROPE:
+        return rope, rope
+    identity = (jnp.ones_like(rope[0]), jnp.zeros_like(rope[1]))
+    return (identity if cfg.positions == Positions.NOPE else rope), identity
 
 
 def _apply_layers(layers, x, rope, span, keys, caches, index, outputs=None):

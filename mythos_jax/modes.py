@@ -97,6 +97,15 @@ class Injection(Mode):
         return self in (Injection.PARCAE, Injection.FREE)
 
 
+class Positions(Mode):
+    """Where attention rotates queries and keys by position (RoPE): every layer
+    (OpenMythos), the prelude and coda only ("nope_loop"), or none ("nope": causal mask
+    only). Unrotated, the rope dims act as content dims."""
+    ROPE = "rope"
+    NOPE_LOOP = "nope_loop"
+    NOPE = "nope"
+
+
 class ExitRule(Mode):
     """When a sequence stops looping early (``mythos_jax.loops``)."""
     ACT = "act"

@@ -50,18 +50,35 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (readers see the old or the new file)."""
+    """Write ``data`` to ``path`` atomically (readers see the old or the new file) and, on a
+    local disk, durably: the bytes are synced before the rename, the folder after it."""
     target = resolve(path)
     if is_remote(target):
         target.write_bytes(data)
         return
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        tmp.write_bytes(data)
-        tmp.replace(target)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _sync_folder(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _sync_folder(folder) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -76,6 +76,58 @@ def test_an_unreadable_latest_checkpoint_is_named_and_the_run_resumes_before_it(
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.fixture
+def failing_reads(monkeypatch):
+    """``fail(error, times)``: Orbax's restore raises ``error`` the next ``times`` calls,
+    then reads; the retry waits are shortened. Returns how many calls were made."""
+    from orbax.checkpoint import CheckpointManager
+    from mythos_jax.checkpoints import training
+
+    monkeypatch.setattr(training, "RETRY_SECONDS", 0.01)
+    real, calls = CheckpointManager.restore, []
+
+    def fail(error, times):
+        def restore(manager, *args, **kwargs):
+            calls.append(1)
+            if len(calls) <= times:
+                raise error
+            return real(manager, *args, **kwargs)
+        monkeypatch.setattr(CheckpointManager, "restore", restore)
+        return calls
+    return fail
+
+
+def test_a_transient_read_error_is_retried_and_moves_nothing(run, capsys, failing_reads):
+    calls = failing_reads(ValueError("UNAVAILABLE: connection reset by peer"), times=2)
+    report = train(load_train_config("tiny", QUICK + ["steps=6"]), str(run))
+    err = capsys.readouterr().err
+    assert err.count("failed (ValueError: UNAVAILABLE: connection reset by peer); retrying") == 2
+    assert len(calls) > 2 and report["step"] == 6 and _steps(run) == [4, 6]
+    assert "resumed" not in err and not os.path.exists(os.path.join(run, "damaged_checkpoints"))
+    steps = [line["step"] for line in read_metrics(str(run)) if "eval" not in line]
+    assert steps == [1, 2, 3, 4, 5, 6]                      # resumed at 4, nothing lost
+
+
+@pytest.mark.parametrize("error, tries", [
+    (OSError(errno.EIO, "Input/output error"), 4),          # storage: retried, then a stop
+    (ValueError("DEADLINE_EXCEEDED: GCS request timed out"), 4),
+    (PermissionError(errno.EACCES, "Permission denied"), 1),  # access: no retry
+    (ValueError("Unsupported checkpoint format version 9"), 1),  # not judged as damage
+])
+def test_a_read_error_that_is_not_damage_stops_the_run_naming_it(run, capsys, failing_reads,
+                                                                 error, tries):
+    calls = failing_reads(error, times=10)
+    metrics = open(os.path.join(run, "metrics.jsonl")).read()
+    assert main(["train", "--config", "tiny", "--workdir", str(run)]
+                + [a for o in QUICK + ["steps=6"] for a in ("--set", o)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"error: checkpoint step 4 at {run}/checkpoints/4 could not be read"
+                           + (f" (tried {tries} times)" if tries > 1 else "") + ": ")
+    assert "nothing was moved" in last and len(calls) == tries
+    assert _steps(run) == [2, 4] and not os.path.exists(os.path.join(run, "damaged_checkpoints"))
+    assert open(os.path.join(run, "metrics.jsonl")).read() == metrics
+
+
 def test_readers_fall_back_or_name_the_damaged_step(run, tmp_path, capsys):
     damaged = _damage(run, 4, "json")
     assert main(["eval", "--workdir", str(run), "--batches", "1"]) == 0

@@ -30,7 +30,8 @@ def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, cap
     assert list(arms) == ["looped_random", "single_loop"]          # its quick arms (make train)
     assert [a.name for a in experiment.arms] == [
         "looped_random", "looped_fixed", "single_loop", "iso_depth_stack", "iso_flop_stack",
-        "looped_random_slots"]
+        "looped_random_slots", "looped_fixed_nope_loop", "looped_fixed_nope",
+        "looped_fixed_theta20"]
     for arm in experiment.arms:                   # the other arms' configs are valid as well
         experiment.arm_config(arm, quick=True, seed=0).model_config()
     assert results["train_max_hops"] == 4
@@ -62,17 +63,23 @@ def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, cap
     assert result_file.stat().st_mtime_ns == written
 
 
-def test_e1_controls_are_matched_on_what_their_names_say():
-    """iso_flop_stack has the forward FLOPs per token of looped_fixed within 5% (flop_count),
-    iso_depth_stack its number of block applications; the position-control arm differs from
-    looped_random in its query slots only."""
+@pytest.mark.parametrize("pod", [False, True], ids=["cpu", "pod"])
+def test_e1_controls_are_matched_on_what_their_names_say(pod):
+    """At CPU and at pod scale: iso_flop_stack has the forward FLOPs per token of
+    looped_fixed within 5% (flop_count), iso_depth_stack its number of block applications;
+    the position controls differ from looped_random in their query slots only, from
+    looped_fixed in model.positions or model.rope_theta only."""
     from mythos_jax.experiments import depth_extrapolation as e1
-    arms = {arm.name: arm for arm in e1.ARMS}
-    looped = e1.forward_flops(arms["looped_fixed"].overrides, e1.FIXED_LOOPS)
-    stack = e1.forward_flops(arms["iso_flop_stack"].overrides, 1)
-    assert abs(stack / looped - 1) < 0.05
-    assert e1.forward_flops(arms["iso_depth_stack"].overrides, 1) < 0.7 * looped
     experiment = get_experiment("depth_extrapolation")
+    experiment = experiment.at_pod_scale() if pod else experiment
+    arms = {arm.name: arm for arm in experiment.arms}
+
+    def flops(name, n_loops):
+        return e1.forward_flops(experiment.arm_config(arms[name], False, 0), n_loops)
+
+    looped = flops("looped_fixed", e1.FIXED_LOOPS)
+    assert abs(flops("iso_flop_stack", 1) / looped - 1) < 0.05
+    assert flops("iso_depth_stack", 1) < 0.7 * looped
     depth = experiment.arm_config(arms["iso_depth_stack"], False, 0).model_config()
     assert depth.prelude_layers + 1 + depth.coda_layers == 1 + e1.FIXED_LOOPS + 1
     random, slots = (experiment.arm_config(arms[n], False, 0).to_dict()
@@ -80,6 +87,41 @@ def test_e1_controls_are_matched_on_what_their_names_say():
     assert slots["data"].pop("khop_query_slots") == e1.QUERY_SLOTS
     random["data"].pop("khop_query_slots")
     assert random == slots
+    fixed = experiment.arm_config(arms["looped_fixed"], False, 0).to_dict()
+    for positions in ("nope_loop", "nope"):
+        nope = experiment.arm_config(arms[f"looped_fixed_{positions}"], False, 0).to_dict()
+        assert nope["model"].pop("positions") == positions
+        assert nope == fixed
+    unaliased = experiment.arm_config(arms["looped_fixed_theta20"], False, 0).to_dict()
+    assert unaliased["model"].pop("rope_theta") == e1.UNALIASED_THETA
+    assert unaliased == fixed
+
+
+def test_e1_position_control_states_the_rule_and_its_verdict_per_control():
+    """Per seed, looped_fixed answers 6-8 hops at 30%; nope_loop at 45% (+15 points) in
+    every seed: position; nope +15 in one seed only: mixed; looped_random_slots never learns
+    the trained hops: says nothing."""
+    from mythos_jax.experiments import depth_extrapolation as e1
+
+    def arm(trained: float, beyond: float) -> dict:
+        return {"accuracy": {str(k): {"1": 0.0, "32": trained if k <= 4 else beyond}
+                             for k in range(1, 9)}}
+
+    seeds = {str(seed): {"arms": {
+        "looped_random": arm(0.95, 0.2), "looped_random_slots": arm(0.3, 0.05),
+        "looped_fixed": arm(0.97, 0.3), "looped_fixed_nope_loop": arm(0.96, 0.45),
+        "looped_fixed_nope": arm(0.96, 0.45 if seed == 0 else 0.35)}} for seed in range(3)}
+    lines = e1._position_control({"seeds": seeds, "arms": seeds["0"]["arms"]})
+    assert "at least 10 points better" in lines[1]
+    assert lines[-3:] == [
+        "- looped_random_slots against looped_random at 6-8 hops: says nothing (it does not "
+        "learn the trained hops) (gain per seed -15.0, -15.0, -15.0 points)",
+        "- looped_fixed_nope_loop against looped_fixed at 6-8 hops: position: the collapse was "
+        "(partly) one of position (gain per seed +15.0, +15.0, +15.0 points)",
+        "- looped_fixed_nope against looped_fixed at 6-8 hops: mixed: better by that much in "
+        "some seeds only (gain per seed +15.0, +5.0, +5.0 points)"]
+    assert lines[7].startswith("| looped_fixed | 30.0% (30.0%-30.0%) |")
+    assert e1._position_control({"seeds": {}, "arms": {"looped_fixed": arm(1, 1)}}) == []
 
 
 def test_e1_exit_is_compared_with_the_cheapest_fixed_budget_as_accurate():
@@ -159,3 +201,15 @@ def test_include_in_readme_replaces_only_its_section(tmp_path):
                                   "<!-- /results:e2 -->\n")
     with pytest.raises(ValueError, match="no <!-- results:e3 -->"):
         harness.include_in_readme(str(readme), "e3", "x")
+
+
+def test_a_preempted_arm_stops_the_experiment_with_the_preemption_code(tmp_path, monkeypatch,
+                                                                     capsys):
+    """SIGTERM during an arm: the trainer saved and reports ``preempted``; the experiment
+    reports nothing for that arm, says how to resume and exits with PREEMPTED_EXIT."""
+    from mythos_jax.cli import main
+    monkeypatch.setattr(trainer, "train", lambda cfg, workdir: {"step": 3, "preempted": True})
+    assert main(["experiment", "stability", "--quick", "--out", str(tmp_path)]) == \
+        trainer.PREEMPTED_EXIT
+    assert "stopped at step 3: rerun the same command to resume" in capsys.readouterr().out
+    assert not (tmp_path / "results.json").exists()

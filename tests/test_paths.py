@@ -39,6 +39,19 @@ def test_local_writes_are_atomic_and_leave_no_temporary_file(tmp_path):
     assert target.read_text() == "two+" and os.listdir(tmp_path) == ["a.json"]
 
 
+def test_local_writes_sync_the_bytes_before_the_rename_and_the_folder_after(tmp_path,
+                                                                          monkeypatch):
+    """A crash after the rename cannot leave an empty file in place of the old one."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(
+        ("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", None))
+                        or real_replace(a, b))
+    paths.write_text(tmp_path / "a.json", "one")
+    assert events == [("fsync", False), ("replace", None), ("fsync", True)]
+
+
 @pytest.fixture
 def fake_bucket(tmp_path, monkeypatch):
     """``gs://`` served from ``tmp_path/gcs``: epath's calls, the TensorStore spec Orbax

@@ -77,6 +77,28 @@ def test_jsonl_with_tokenizer_round_trip(tmp_path):
     assert_same(batches(from_shards), batches(from_jsonl))
 
 
+def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path):
+    """A failure half way (a bad JSON line after good documents) leaves the earlier output as
+    it was and nothing beside it; a complete run replaces it."""
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS if d))
+    bad.write_text(good.read_text() + "{not json\n")
+    out = tmp_path / "shards"
+    first = prepare_data.prepare([str(good)], str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError):
+        prepare_data.prepare([str(bad)], str(out), overwrite=True, records_per_shard=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "shards"]
+    (tmp_path / "more.jsonl").write_text(good.read_text())
+    again = prepare_data.prepare([str(good), str(tmp_path / "more.jsonl")], str(out),
+                                 overwrite=True)
+    assert again["num_documents"] == 2 * first["num_documents"]
+    assert json.loads((out / "metadata.json").read_text()) == again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl",
+                                                          "more.jsonl", "shards"]
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="--input: no file matches"):
         prepare_data.prepare([str(tmp_path / "*.txt")], str(tmp_path / "out"))

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,17 +25,14 @@ from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.train.config import CheckpointConfig, TrainConfig, load_train_config
 from mythos_jax.train.optim import build_optimizer, decay_mask, learning_rate
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
-from mythos_jax.train.trainer import read_metrics, train
+from mythos_jax.train.trainer import PREEMPTED_EXIT, read_metrics, train
+from processes import cli, free_port, step_lines, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 # A few seconds per run: the tiny preset, short sequences, every loop count 1..3.
 QUICK = ["steps=8", "checkpoint.every=2", "log.every=2", "log.tensorboard=false",
          "eval.loops=[1,3]", "checkpoint.async_save=false"]
-
-
-def step_lines(workdir):
-    return {line["step"]: line for line in read_metrics(workdir) if "eval" not in line}
 
 
 # ---------------------------------------------------------------------------- config
@@ -338,6 +334,20 @@ def test_incompatible_checkpoint_is_named(tmp_path):
         train(load_train_config("tiny", QUICK + ["data.seq_len=16"]), workdir)
 
 
+def test_a_new_run_drops_the_metrics_of_an_attempt_that_never_checkpointed(tmp_path):
+    """An attempt that died before its first checkpoint left steps 1-3 and a torn line; the
+    new run logs every step once (appending would log 1-3 twice and leave the torn line in
+    the middle, where it fails every later read)."""
+    work = tmp_path / "w"
+    work.mkdir()
+    stale = "".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2, 3))
+    (work / "metrics.jsonl").write_text(stale + '{"step": 4, "lo')
+    train(load_train_config("tiny", QUICK + ["eval.loops=[1]"]), str(work))
+    records = [r for r in read_metrics(work) if "eval" not in r]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(r["loss"] != 9.0 for r in records)
+
+
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     from mythos_jax.train import trainer
     cfg = load_train_config("tiny", QUICK + ["optim.max_nonfinite=3", "log.every=1"])
@@ -442,28 +452,13 @@ def test_gradient_accumulation_averages_micro_batches():
 
 
 # ---------------------------------------------------------------------------- subprocesses
-def _cli(args):
-    return [sys.executable, "-m", "mythos_jax.cli", *args]
-
-
-def _env(cache_dir=None):
-    """Subprocess environment. JAX writes cache entries non-atomically, so processes that may
-    be killed or that compile concurrently get no persistent cache (``cache_dir=None``); the
-    resume test gives its runs a private one that only the uninterrupted run writes to."""
-    env = dict(os.environ)
-    env.pop("MYTHOS_JAX_CACHE", None)
-    if cache_dir is not None:
-        env["MYTHOS_JAX_CACHE"] = str(cache_dir)
-    return env
-
-
 # The interrupted-run tests: progress lines on (each names its step), a log line per step.
 INTERRUPTED = QUICK + ["log.every=1", "log.progress=true", "checkpoint.async_save=true",
                        "eval.loops=[1]", "log.peak_flops=1e11"]
 
 
 def _train_command(workdir, overrides=INTERRUPTED):
-    return _cli(["train", "--config", "tiny", "--workdir", str(workdir)]
+    return cli(["train", "--config", "tiny", "--workdir", str(workdir)]
                 + [a for o in overrides for a in ("--set", o)])
 
 
@@ -489,8 +484,8 @@ class Run(NamedTuple):
 def _interrupt(workdir, log, cache, ready, sig) -> Run:
     """Start a run in ``workdir`` (output to ``log``), send ``sig`` once ``ready()`` holds."""
     with open(log, "w") as out:
-        process = subprocess.Popen(_train_command(workdir), env=_env(cache), stdout=out,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(_train_command(workdir), env=subprocess_env(cache),
+                                   stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while not ready():
             assert process.poll() is None, open(log).read()       # it ended too early
@@ -509,8 +504,8 @@ def interrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupted")
     cache = root / "xla"      # written by the runs that end cleanly; the killed one gets a copy
     reference, work = root / "reference", str(root / "run")
-    subprocess.run(_train_command(reference), check=True, env=_env(cache), capture_output=True,
-                   timeout=300)
+    subprocess.run(_train_command(reference), check=True, env=subprocess_env(cache),
+                   capture_output=True, timeout=300)
     metrics = os.path.join(work, "metrics.jsonl")
     term = _interrupt(work, root / "term.log", cache, lambda: os.path.exists(metrics)
                       and os.path.getsize(metrics) > 0, signal.SIGTERM)
@@ -518,16 +513,17 @@ def interrupted(tmp_path_factory):
     shutil.copytree(cache, root / "xla-killed")
     kill = _interrupt(work, root / "kill.log", root / "xla-killed",
                       lambda: committed_steps(work)[-1] > term.committed[-1], signal.SIGKILL)
-    last = subprocess.run(_train_command(work), env=_env(cache), capture_output=True, text=True,
-                          timeout=300)
+    last = subprocess.run(_train_command(work), env=subprocess_env(cache), capture_output=True,
+                          text=True, timeout=300)
     return {"reference": step_lines(reference), "work": work, "term": term, "logged": logged,
             "kill": kill, "last": Run(last.returncode, last.stdout + last.stderr, [])}
 
 
 def test_sigterm_checkpoints_and_exits_and_the_rerun_continues_at_the_next_step(interrupted):
     term = interrupted["term"]
-    stopped = int(re.search(r"stopped at step (\d+); rerun the same command", term.output)[1])
-    assert term.code == 0, term.output
+    stopped = int(re.search(r"stopped at step (\d+) \(preempted\); rerun the same command",
+                            term.output)[1])
+    assert term.code == PREEMPTED_EXIT, term.output
     assert term.committed[-1] == stopped
     assert trained_steps(term.output) == interrupted["logged"] == list(range(1, stopped + 1))
     resumed = interrupted["kill"].output
@@ -553,12 +549,6 @@ def test_resume_after_sigkill_gives_the_same_losses(interrupted):
         assert got[step]["loss"] == ref[step]["loss"], step          # bitwise on CPU
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_launched_match_one_process_and_hand_over_the_data(tmp_path, capsys,
                                                                       monkeypatch):
     """tpu_setup/launch.sh --local 2 (two processes, one CPU device each, one coordinator)
@@ -571,10 +561,10 @@ def test_two_processes_launched_match_one_process_and_hand_over_the_data(tmp_pat
     monkeypatch.setattr(trainer, "make_mesh", lambda spec: make_mesh(spec, jax.devices()[:2]))
     single, multi = tmp_path / "single", tmp_path / "multi"
     train(cfg, str(single))
-    env = {**_env(), "XLA_FLAGS": "--xla_backend_optimization_level=0"}   # one device each
+    env = {**subprocess_env(), "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # 1 device each
     result = subprocess.run(
         ["bash", str(REPO / "tpu_setup" / "launch.sh"), "--local", "2", "--port",
-         str(_free_port()), "--workdir", str(multi), "--",
+         str(free_port()), "--workdir", str(multi), "--",
          *[a for o in overrides for a in ("--set", o)]],
         env={**env, "MYTHOS_JAX": str(Path(sys.executable).parent / "mythos-jax")},
         cwd=REPO, capture_output=True, text=True, timeout=400)

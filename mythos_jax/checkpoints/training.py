@@ -9,22 +9,29 @@ takes the target shardings from the current plan, so a checkpoint written on one
 device count is resharded onto another. The model and data sections must match the saved
 ones, and so must the data itself (``fingerprint.py``: files, token and window counts, the
 split); a mismatch raises ``ValueError`` naming what differs. ``allow_data_change`` accepts a
-changed training corpus, never a moved held-out split. An unreadable checkpoint is named
-(step, path, why) and the newest readable one is used instead; a failed save (full disk)
-raises ``CheckpointSaveError`` and leaves the earlier checkpoints as they were.
+changed training corpus, never a moved held-out split. A checkpoint whose *content* is
+invalid (unparsable or missing metadata, missing or short array files: ``read_failure``) is
+named (step, path, why) and the newest readable one is used instead; a read that fails for any
+other reason (a network or storage error: retried ``READ_ATTEMPTS`` times with backoff; a
+permission; an Orbax version) raises ``CheckpointReadError`` and moves nothing. A failed save
+(full disk) raises ``CheckpointSaveError`` and leaves the earlier checkpoints as they were.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mythos_jax import paths
+from mythos_jax.errors import CommandError
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.fingerprint import data_changes, data_fingerprint, heldout_moved
 from mythos_jax.train.step import TrainPlan, TrainState
@@ -36,8 +43,21 @@ DAMAGED_DIR = "damaged_checkpoints"
 DATA_FIELDS_FREE_TO_CHANGE = ("prefetch",)
 
 
+READ_ATTEMPTS = 4           # reads of a checkpoint tried on a transient error
+RETRY_SECONDS = 1.0         # the first wait between them, doubled after each
+# absl status codes (TensorStore's errors start with one) that mean the stored bytes are bad
+CONTENT_CODES = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS")
+TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
+                   "CANCELLED", "INTERNAL")
+
+
 class UnreadableCheckpoint(ValueError):
-    """A checkpoint whose files cannot be read (truncated, corrupt, missing)."""
+    """A checkpoint whose content is invalid (truncated, corrupt, missing files)."""
+
+
+class CheckpointReadError(CommandError):
+    """A checkpoint that could not be read for a reason other than its content (storage or
+    network, permission, version); nothing was moved."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -145,14 +165,30 @@ class Checkpointer:
         return TrainState(**restored["state"])
 
     def _read(self, step: int, read):
-        """``read()``; any failure (truncated JSON, missing or corrupt array files: Orbax and
-        TensorStore raise many kinds) becomes ``UnreadableCheckpoint`` naming the step."""
-        try:
-            return read()
-        except Exception as err:
-            raise UnreadableCheckpoint(
-                f"checkpoint step {step} at {self.directory / str(step)} cannot be read: "
-                f"{_first_line(err)}") from err
+        """``read()``, tried again after a transient failure; invalid content becomes
+        ``UnreadableCheckpoint``, any other failure ``CheckpointReadError``, both naming the
+        step. With several processes they agree: the worst outcome of any is everyone's."""
+        where = f"checkpoint step {step} at {self.directory / str(step)}"
+        delay = RETRY_SECONDS
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                result, failure, kind = read(), None, "ok"
+            except Exception as err:
+                result, failure, kind = None, err, read_failure(err)
+            kind = _agreed(kind)
+            if kind == "ok":
+                return result
+            why = _first_line(failure) if failure else "failed on another process"
+            if kind == "content":
+                raise UnreadableCheckpoint(f"{where} cannot be read: {why}") from failure
+            if kind != "transient" or attempt == READ_ATTEMPTS:
+                tries = f" (tried {attempt} times)" if attempt > 1 else ""
+                raise CheckpointReadError(
+                    f"{where} could not be read{tries}: {why}; its content was not judged and "
+                    "nothing was moved: fix the storage or its access and rerun") from failure
+            _warn(f"warning: reading {where} failed ({why}); retrying in {delay:g} s")
+            time.sleep(delay)
+            delay *= 2
 
     def _set_aside(self, step: int) -> None:
         """Move an unreadable step out of the way (process 0), so that it is not retried."""
@@ -224,6 +260,40 @@ def check_compatible(saved: dict[str, Any], current: TrainConfig) -> None:
         raise ValueError("the checkpoint was written by an incompatible config: "
                          + "; ".join(problems)
                          + " (use a new workdir, or restore the original settings)")
+
+
+def read_failure(err: BaseException) -> str:
+    """Why a checkpoint read failed: "content" (the stored bytes are invalid: unparsable
+    JSON, a missing or short file), "transient" (storage or network: worth retrying),
+    "access" (permission) or "other" (e.g. an Orbax version); the first exception of the
+    chain that says decides."""
+    while err is not None:
+        if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError)):
+            return "content"
+        if isinstance(err, PermissionError):
+            return "access"
+        if isinstance(err, (ConnectionError, TimeoutError, OSError)):
+            return "transient"
+        code = re.match(r"([A-Z_]+): ", str(err))
+        if code and code[1] in CONTENT_CODES:
+            return "content"
+        if code and code[1] in TRANSIENT_CODES:
+            return "transient"
+        if code and code[1] in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+            return "access"
+        err = err.__cause__ or err.__context__
+    return "other"
+
+
+_SEVERITY = ("ok", "content", "transient", "access", "other")
+
+
+def _agreed(kind: str) -> str:
+    """The most severe read outcome over every process (``kind`` on one process)."""
+    if jax.process_count() == 1:
+        return kind
+    codes = multihost_utils.process_allgather(np.int32(_SEVERITY.index(kind)))
+    return _SEVERITY[int(np.max(codes))]
 
 
 def _warn(text: str) -> None:

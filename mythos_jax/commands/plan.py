@@ -2,6 +2,11 @@
 
     mythos-jax plan --variant mythos_1b --topology v4-8 --mesh fsdp=4
     mythos-jax plan --variant mythos_10b --topology v5p-64 --mesh fsdp=32 --json -
+    mythos-jax plan --experiment looped_vs_standard       # every arm of its pod preset
+
+``--experiment NAME`` plans the training step of every arm of the experiment's pod preset
+(``mythos_jax.experiments``), each as its config trains, on the preset's topology and mesh
+unless given; arms whose programs differ only in constants compile once.
 
 The trainer's own step (``mythos_jax.train.step``: forward, loss, backward, AdamW update,
 router-bias update) is compiled ahead of time for the slice's TPU topology on this host
@@ -23,14 +28,23 @@ from mythos_jax.modes import AttentionImpl, MoEImpl
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare ``mythos-jax plan``'s arguments on ``parser``."""
-    parser.add_argument("--variant", required=True, metavar="NAME",
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--variant", metavar="NAME",
                         help="a named config (mythos_jax.variants), e.g. mythos_1b")
-    parser.add_argument("--topology", required=True, metavar="TYPE",
+    target.add_argument("--experiment", metavar="NAME",
+                        help="every arm of an experiment's pod preset, e.g. looped_vs_standard")
+    parser.add_argument("--arms", metavar="A,B",
+                        help="with --experiment: these arms only (default: all)")
+    parser.add_argument("--heaviest", type=int, metavar="K",
+                        help="with --experiment: estimate every arm, compile only the K "
+                             "with the largest estimates (the compiler's check in CI)")
+    parser.add_argument("--topology", metavar="TYPE",
                         help="TPU accelerator type as gcloud names it: v4-8, v5litepod-16, "
-                             "v5p-64, v6e-8, ...")
-    parser.add_argument("--mesh", default="fsdp=-1", metavar="SPEC",
+                             "v5p-64, v6e-8, ... (required with --variant; default with "
+                             "--experiment: its preset's)")
+    parser.add_argument("--mesh", metavar="SPEC",
                         help="mesh spec over the slice's chips, e.g. data=2,fsdp=16 "
-                             "(default fsdp=-1)")
+                             "(default fsdp=-1, or the experiment preset's)")
     parser.add_argument("--batch", type=int, metavar="N",
                         help="global batch in sequences (default: one per device of the "
                              "batch axes data/fsdp/expert)")
@@ -40,16 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recurrent loops per step (default: the variant's max_loop_iters)")
     parser.add_argument("--backprop-depth", type=int, metavar="K",
                         help="gradient through the last K loops only (default: all)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"),
                         help="compute dtype (parameters stay fp32; default bfloat16)")
-    parser.add_argument("--remat", default="full", choices=("full", "dots", "none"),
+    parser.add_argument("--remat", choices=("full", "dots", "none"),
                         help="loop_remat: what backprop keeps per loop (default full)")
     parser.add_argument("--moe-impl", choices=MoEImpl.names(),
                         help="MoE dispatch (default: the variant's)")
     parser.add_argument("--attention-impl", choices=AttentionImpl.names(),
                         help="MLA attention: auto (Pallas kernels on TPU), xla or pallas "
                              "(default: the variant's)")
-    parser.add_argument("--rules", default="default", metavar="PRESET",
+    parser.add_argument("--rules", metavar="PRESET",
                         help="logical-axis rules preset (mythos_jax.parallel.rules: default, "
                              "fsdp, expert, tensor)")
     parser.add_argument("--analytic", action="store_true",
@@ -64,7 +78,7 @@ def plan_spec(args: argparse.Namespace):
     from mythos_jax.plan.memory import PlanSpec
     from mythos_jax.variants import get_variant
 
-    overrides = {"dtype": args.dtype, "loop_remat": args.remat}
+    overrides = {"dtype": args.dtype or "bfloat16", "loop_remat": args.remat or "full"}
     for field in ("moe_impl", "attention_impl"):
         if getattr(args, field):
             overrides[field] = getattr(args, field)
@@ -78,14 +92,32 @@ def plan_spec(args: argparse.Namespace):
         if value is not None and (value < low or (high is not None and value > high)):
             raise ValueError(f"{name} must be in [{low}, {high or 'inf'}], got {value}")
     return PlanSpec(args.variant, overrides, batch=args.batch or 0, seq_len=seq_len,
-                    loops=loops, backprop_depth=args.backprop_depth, rules=args.rules)
+                    loops=loops, backprop_depth=args.backprop_depth,
+                    rules=args.rules or "default")
+
+
+# the step's own settings: an experiment arm takes them from its config
+_VARIANT_ONLY = ("batch", "seq_len", "loops", "backprop_depth", "dtype", "remat", "moe_impl",
+                 "attention_impl", "rules")
 
 
 def run(args: argparse.Namespace) -> int:
     """``mythos-jax plan``: 0 if the step fits, 1 if not; bad arguments raise ValueError."""
+    if args.experiment:
+        return run_experiment(args)
+    if args.arms or args.heaviest is not None:
+        raise ValueError("--arms and --heaviest go with --experiment")
+    if not args.topology:
+        raise ValueError("--topology is required with --variant")
+    return run_variant(args)
+
+
+def run_variant(args: argparse.Namespace) -> int:
+    """One variant's step on ``--topology``: the per-device table."""
     from mythos_jax.plan.topology import accelerator
 
     acc = accelerator(args.topology)
+    args.mesh = args.mesh or "fsdp=-1"
     _cpu_only()
     from mythos_jax.parallel.mesh import parse_mesh_spec
     from mythos_jax.plan.memory import plan_memory
@@ -102,14 +134,57 @@ def run(args: argparse.Namespace) -> int:
                                                          for a in batch_axes(sizes)))
     report = plan_memory(spec, acc, args.mesh, analytic=args.analytic)
     print(format_plan(report), flush=True)
-    if args.json:
-        text = json.dumps(report.to_dict(), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+    _write_json(args.json, report.to_dict())
     return 0 if report.fits else 1
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    """Every (chosen) arm of an experiment's pod preset, at seed 0: one table row each; 0 if
+    all fit."""
+    from mythos_jax.experiments import get_experiment
+    from mythos_jax.plan.memory import PlanSpec, plan_memory
+    from mythos_jax.plan.report import format_arm_plans
+    from mythos_jax.plan.topology import accelerator
+
+    given = [f"--{f.replace('_', '-')}" for f in _VARIANT_ONLY if getattr(args, f) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: with --experiment each arm's step is its own "
+                         f"config (pass these with --variant)")
+    experiment = get_experiment(args.experiment).at_pod_scale()
+    acc = accelerator(args.topology or experiment.pod.topology)
+    mesh = args.mesh or experiment.pod.mesh
+    _cpu_only()
+    if args.heaviest is not None and args.heaviest < 1:
+        raise ValueError(f"--heaviest must be >= 1, got {args.heaviest}")
+    names = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
+    specs = [PlanSpec.of_train_config(arm.name, experiment.arm_fields(arm, seed=0))
+             for arm in experiment.chosen_arms(names)]
+    estimates = [plan_memory(spec, acc, mesh, analytic=True) for spec in specs]
+    to_compile = set(range(len(specs))) if not args.analytic else set()
+    if args.heaviest is not None and not args.analytic:
+        by_size = sorted(range(len(specs)), key=lambda i: estimates[i].total, reverse=True)
+        to_compile = set(by_size[:args.heaviest])
+    compiled, reports = {}, list(estimates)
+    for i in sorted(to_compile):
+        reports[i] = plan_memory(specs[i], acc, mesh, compiled=compiled)
+        print(f"{specs[i].variant}: {reports[i].total / 2 ** 30:.2f} GiB per device, "
+              f"{reports[i].method} ({'fits' if reports[i].fits else 'DOES NOT FIT'})",
+              flush=True)
+    print(format_arm_plans(args.experiment, reports), flush=True)
+    _write_json(args.json, [r.to_dict() for r in reports])
+    return 0 if all(r.fits for r in reports) else 1
+
+
+def _write_json(path: str | None, figures) -> None:
+    """``figures`` as JSON to ``path`` ('-': stdout; None: nowhere)."""
+    if not path:
+        return
+    text = json.dumps(figures, indent=2)
+    if path == "-":
+        print(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")
 
 
 def _cpu_only() -> None:

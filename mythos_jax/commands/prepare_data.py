@@ -21,6 +21,8 @@ import argparse
 import itertools
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -62,14 +64,32 @@ def run(args: argparse.Namespace) -> int:
 def prepare(inputs: list[str], output: str, tokenizer: str = "bytes", fmt: str = "auto",
             jsonl_field: str = "text", records_per_shard: int = 100_000,
             overwrite: bool = False) -> dict:
-    """Write the shards, ``lengths.npy`` and ``metadata.json`` (returned) to ``output``."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
+    """Write the shards, ``lengths.npy`` and ``metadata.json`` (returned) to ``output``: into
+    a directory beside it first, which replaces ``output`` only once complete (with
+    ``overwrite``, an earlier output stays in place until then)."""
     if records_per_shard < 1:
         raise ValueError(f"--records-per-shard must be >= 1, got {records_per_shard}")
     files = corpus.expand_paths(inputs, field="--input")
     vocab = load_vocab(tokenizer)
-    _prepare_output(output, overwrite)
+    _check_output(output, overwrite)
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output)) + ".partial-",
+                               dir=parent)
+    try:
+        meta = _write_shards(files, vocab, fmt, jsonl_field, records_per_shard, staging, inputs)
+        _swap_in(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return meta
+
+
+def _write_shards(files: list[str], vocab, fmt: str, jsonl_field: str, records_per_shard: int,
+                  output: str, inputs: list[str]) -> dict:
+    """Tokenise ``files`` into ``output`` (an empty directory); the metadata written last."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
     dtype = np.dtype(np.uint8 if vocab.name == "bytes" else
                      np.uint16 if vocab.size <= 2**16 else np.uint32)
     lengths: list[int] = []
@@ -130,9 +150,9 @@ def _chunks(items, size: int):
         yield chunk
 
 
-def _prepare_output(output: str, overwrite: bool) -> None:
-    """Create ``output``; with ``overwrite``, first delete an earlier prepare-data output there
-    (only its own files: a directory holding anything else is refused)."""
+def _check_output(output: str, overwrite: bool) -> None:
+    """``output`` may receive the shards: absent, empty, or (with ``overwrite``) an earlier
+    prepare-data output (only its own files: a directory holding anything else is refused)."""
     if os.path.exists(output) and not os.path.isdir(output):
         raise FileExistsError(f"--output: {output} is a file, not a directory")
     existing = os.listdir(output) if os.path.isdir(output) else []
@@ -143,9 +163,19 @@ def _prepare_output(output: str, overwrite: bool) -> None:
     if foreign:
         raise FileExistsError(f"--output: {output} holds files prepare-data did not write "
                               f"({', '.join(sorted(foreign)[:3])}); choose another directory")
-    for name in existing:
-        os.remove(os.path.join(output, name))
-    os.makedirs(output, exist_ok=True)
+
+
+def _swap_in(staging: str, output: str) -> None:
+    """Put the complete ``staging`` directory in ``output``'s place; an earlier output is
+    renamed aside first and deleted only after the new one is in place."""
+    os.chmod(staging, 0o755)            # mkdtemp's 0700 would hide it from other users
+    old = None
+    if os.path.isdir(output):
+        old = staging + ".replaced"
+        os.rename(output, old)
+    os.rename(staging, output)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _is_output_file(name: str) -> bool:

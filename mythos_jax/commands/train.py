@@ -1,7 +1,8 @@
 """Train a Recurrent-Depth Transformer. CONFIG is a preset (tiny, cpu_small, khop, mythos_1b)
 or a YAML/JSON file; --set section.field=value overrides any field (see
 mythos_jax/train/config.py). Rerunning with the same --workdir resumes from its latest
-checkpoint.
+checkpoint. A run stopped by SIGTERM (preemption) checkpoints, then exits with code 143
+(``trainer.PREEMPTED_EXIT``) so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
                            local_device_count=args.local_devices)
     use_compilation_cache()
     from mythos_jax.checkpoints.training import CheckpointSaveError
-    from mythos_jax.train.trainer import TrainingDiverged, train
+    from mythos_jax.train.trainer import PREEMPTED_EXIT, TrainingDiverged, train
     from mythos_jax.train.workdir_lock import WorkdirBusy
     try:
-        train(cfg, args.workdir, allow_data_change=args.allow_data_change)
+        report = train(cfg, args.workdir, allow_data_change=args.allow_data_change)
     except (TrainingDiverged, CheckpointSaveError, WorkdirBusy) as err:
         raise CommandError(str(err)) from None
-    return 0
+    return PREEMPTED_EXIT if report.get("preempted") else 0

@@ -12,6 +12,9 @@ evaluates it, and writes ``results.json``, PNG plots and a Markdown table. The e
   inside_the_loop       E5: dense vs MoE and MLA vs GQA in the loop, MoE routing per iteration
 
 Run them as ``mythos-jax experiment NAME [--arms a,b] [--seeds 0,1,2] [--quick] [--out DIR]``.
+Each also has a pod preset (``harness.PodPreset``, ``pod``): the same arms at ~100M-1B
+parameters on a TPU slice, run with ``--pod`` and checked with ``mythos-jax plan --experiment
+NAME``.
 """
 
 EXPERIMENTS = {

@@ -18,11 +18,14 @@ Arms (each at every seed of ``SEEDS``; the seed moves the init, loop draws and d
 ``looped_random`` (Poisson depth, ACT off), ``looped_fixed`` (6 loops), ``single_loop`` (the same
 model at 1 loop: iso-parameter), ``iso_depth_stack`` (6 distinct prelude layers + 1 loop + coda:
 as many block applications as ``looped_fixed``, about 0.6x its FLOPs), ``iso_flop_stack``
-(``ISO_FLOP_PRELUDE`` distinct prelude layers + 1 loop + coda: the forward FLOPs per token of
+(``iso_flop_prelude_layers`` distinct prelude layers + 1 loop + coda: the forward FLOPs per token of
 ``looped_fixed``, from ``flop_count``), and ``looped_random_slots``: ``looped_random`` with every
 query spread over 12 relation slots padded with an identity relation, so that training puts
 relations at every position evaluation uses and the query length no longer tells the hop count
-(the position control).
+(a position control); ``looped_fixed_nope_loop`` and ``looped_fixed_nope``: ``looped_fixed``
+without rotary positions in the loop's attention, or in any attention (``model.positions``);
+``looped_fixed_theta20``: ``looped_fixed`` with a RoPE base at which no offset in the sequence
+aliases another (position controls that keep the task's queries).
 """
 
 from __future__ import annotations
@@ -34,14 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mythos_jax.experiments import plots
-from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, mean_training_loops,
-                                            parameter_count, report_head)
+from mythos_jax.experiments import plots, pod
+from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, PodPreset,
+                                            mean_training_loops, parameter_count, report_head)
 from mythos_jax.experiments.seeds import mean_matrix, seed_values, spread, spread_matrix
 from mythos_jax.flop_count import flops_at_mean_loops
 from mythos_jax.loops import LoopSpec
 from mythos_jax.train import data as data_lib
-from mythos_jax.train.config import load_train_config
+from mythos_jax.train.config import TrainConfig, load_train_config
 from mythos_jax.train.step import model_from_state
 
 TRAIN_MAX_HOPS = 4
@@ -53,61 +56,96 @@ QUERY_SLOTS = 3 * TRAIN_MAX_HOPS
 SEEDS = (0, 1, 2)
 FIXED_LOOPS = 6
 SEQ_LEN = 16
+# RoPE base whose slowest rotary pair turns < pi over SEQ_LEN positions (8 rope dims: 20^-3/4
+# = 0.106 rad per position), where the default 5e5 turns 0.0016 rad: offsets 1 and 7 alias
+UNALIASED_THETA = 20
 
+RECIPE = (
+    "model.act=off", f"model.max_seq_len={SEQ_LEN}", "model.loop_embed_scale=0.02",
+    "data.source=khop_graph", f"data.khop_train_max_hops={TRAIN_MAX_HOPS}",
+    f"data.khop_eval_hops={list(EVAL_HOPS)}", "data.khop_supervision=every_hop",
+    "data.khop_graph_seed=0", f"data.seq_len={SEQ_LEN}", "log.progress=false",
+    "log.tensorboard=false", f"eval.loops={list(TEST_LOOPS)}", "eval.batches=4",
+)
 BASE = (
-    "steps=2000",
-    "model.variant=tiny_mla", "model.act=off", "model.n_experts=1",
-    "model.n_experts_per_tok=1", "model.expert_dim=128", f"model.max_seq_len={SEQ_LEN}",
-    "model.loop_embed_scale=0.02",
-    "data.source=khop_graph", "data.khop_entities=32", "data.khop_relations=4",
-    f"data.khop_train_max_hops={TRAIN_MAX_HOPS}", f"data.khop_eval_hops={list(EVAL_HOPS)}",
-    "data.khop_supervision=every_hop", "data.khop_graph_seed=0", f"data.seq_len={SEQ_LEN}",
-    "data.batch_size=64", "data.eval_examples=256",
-    "optim.lr=3e-3", "optim.warmup_steps=50",
-    "checkpoint.every=500", "log.every=25", "log.progress=false", "log.tensorboard=false",
-    f"eval.loops={list(TEST_LOOPS)}", "eval.batches=4",
+    "steps=2000", "model.variant=tiny_mla", "model.n_experts=1", "model.n_experts_per_tok=1",
+    "model.expert_dim=128", "data.khop_entities=32", "data.khop_relations=4",
+    "data.batch_size=64", "data.eval_examples=256", "optim.lr=3e-3", "optim.warmup_steps=50",
+    "checkpoint.every=500", "log.every=25", *RECIPE,
+)
+# mythos_1b's attention, one dense FFN of 2 x 2816 channels (routed + shared, as tiny_mla's
+# is 2 x 128), one prelude and one coda layer; the largest graph the byte-level task allows.
+POD_BASE = (
+    *pod.TRAINING, "steps=20000", "optim.warmup_steps=500", "model.variant=mythos_1b",
+    "model.n_experts=1", "model.n_experts_per_tok=1", "model.n_shared_experts=1",
+    "model.expert_dim=2816", "model.prelude_layers=1", "model.coda_layers=1",
+    "data.khop_entities=128", "data.khop_relations=16", "data.batch_size=1024",
+    "data.eval_examples=4096", *RECIPE,
 )
 QUICK = ("steps=4", "optim.warmup_steps=2", "log.every=2", "checkpoint.every=2",
          "data.khop_eval_hops=[2,5]", "eval.loops=[1,3]", "eval.batches=1",
          "data.eval_examples=64")
 
 
-def forward_flops(overrides: tuple[str, ...], n_loops: float) -> float:
-    """Forward FLOPs per token of E1's model with ``overrides`` at ``n_loops`` (fractional
-    counts interpolate: the recurrent block's FLOPs are linear in the loops)."""
-    cfg = load_train_config("tiny", [*BASE, *overrides]).model_config()
-    return flops_at_mean_loops(cfg, SEQ_LEN, n_loops)["forward"]
+def forward_flops(cfg: TrainConfig, n_loops: float) -> float:
+    """Forward FLOPs per token of ``cfg``'s model at ``n_loops`` (fractional counts
+    interpolate: the recurrent block's FLOPs are linear in the loops)."""
+    return flops_at_mean_loops(cfg.model_config(), cfg.data.seq_len, n_loops)["forward"]
 
 
 @functools.cache
-def iso_flop_prelude_layers() -> int:
+def iso_flop_prelude_layers(base: str, base_overrides: tuple[str, ...]) -> int:
     """The prelude depth whose 1-loop model has the forward FLOPs per token nearest to the
-    looped model at ``FIXED_LOOPS`` loops."""
-    target = forward_flops((), FIXED_LOOPS)
-    return min(range(1, 33), key=lambda n: abs(forward_flops((f"model.prelude_layers={n}",),
-                                                            1) - target))
+    looped model of ``base`` + ``base_overrides`` at ``FIXED_LOOPS`` loops."""
+    def flops(overrides: tuple[str, ...], n_loops: int) -> float:
+        return forward_flops(load_train_config(base, [*base_overrides, *overrides]), n_loops)
+
+    target = flops((), FIXED_LOOPS)
+    return min(range(1, 33), key=lambda n: abs(flops((f"model.prelude_layers={n}",), 1) - target))
 
 
 ONE_LOOP = ("loops.schedule=fixed", "loops.n=1", "loops.max_loops=1")
+FIXED_DEPTH = ("loops.schedule=fixed", f"loops.n={FIXED_LOOPS}", f"loops.max_loops={FIXED_LOOPS}")
 RANDOM_DEPTH = ("loops.schedule=poisson", "loops.mean=6", "loops.max_loops=12",
                 "loops.backprop_depth=6")
-ARMS = (
-    Arm("looped_random", RANDOM_DEPTH,
-        "random depth: Poisson(6) loops, at most 12, backprop through the last 6"),
-    Arm("looped_fixed", ("loops.schedule=fixed", f"loops.n={FIXED_LOOPS}",
-                         f"loops.max_loops={FIXED_LOOPS}"), f"{FIXED_LOOPS} loops every step"),
-    Arm("single_loop", ONE_LOOP, "the same model at 1 loop (iso-parameter)"),
-    Arm("iso_depth_stack", (*ONE_LOOP, "model.prelude_layers=6"),
-        "6 distinct prelude layers + 1 loop + coda: 8 block applications (iso-depth)"),
-    Arm("iso_flop_stack", (*ONE_LOOP, f"model.prelude_layers={iso_flop_prelude_layers()}"),
-        f"{iso_flop_prelude_layers()} distinct prelude layers + 1 loop + coda: the forward "
-        f"FLOPs of {FIXED_LOOPS} loops (iso-FLOP)"),
-    Arm("looped_random_slots", (*RANDOM_DEPTH, f"data.khop_query_slots={QUERY_SLOTS}"),
-        f"looped_random, queries spread over {QUERY_SLOTS} slots with identity relations "
-        "(position control)"),
-)
-LOOPED_ARMS = ("looped_random", "looped_fixed", "looped_random_slots")
+def arms(base: str, base_overrides: tuple[str, ...]) -> tuple[Arm, ...]:
+    """E1's arms on the model of ``base`` + ``base_overrides`` (it sizes the iso-FLOP stack)."""
+    iso_flop = iso_flop_prelude_layers(base, base_overrides)
+    return (
+        Arm("looped_random", RANDOM_DEPTH,
+            "random depth: Poisson(6) loops, at most 12, backprop through the last 6"),
+        Arm("looped_fixed", FIXED_DEPTH, f"{FIXED_LOOPS} loops every step"),
+        Arm("single_loop", ONE_LOOP, "the same model at 1 loop (iso-parameter)"),
+        Arm("iso_depth_stack", (*ONE_LOOP, "model.prelude_layers=6"),
+            "6 distinct prelude layers + 1 loop + coda: 8 block applications (iso-depth)"),
+        Arm("iso_flop_stack", (*ONE_LOOP, f"model.prelude_layers={iso_flop}"),
+            f"{iso_flop} distinct prelude layers + 1 loop + coda: the forward FLOPs of "
+            f"{FIXED_LOOPS} loops (iso-FLOP)"),
+        Arm("looped_random_slots", (*RANDOM_DEPTH, f"data.khop_query_slots={QUERY_SLOTS}"),
+            f"looped_random, queries spread over {QUERY_SLOTS} slots with identity relations "
+            "(position control)"),
+        Arm("looped_fixed_nope_loop", (*FIXED_DEPTH, "model.positions=nope_loop"),
+            "looped_fixed, no rotary positions inside the loop (position control)"),
+        Arm("looped_fixed_nope", (*FIXED_DEPTH, "model.positions=nope"),
+            "looped_fixed, no rotary positions anywhere (position control)"),
+        Arm(f"looped_fixed_theta{UNALIASED_THETA}",
+            (*FIXED_DEPTH, f"model.rope_theta={UNALIASED_THETA}"),
+            f"looped_fixed, RoPE theta {UNALIASED_THETA}: no offset up to {SEQ_LEN} aliases "
+            "(position control)"),
+    )
+
+
+CPU_BASE = "tiny"
+ARMS = arms(CPU_BASE, BASE)
+LOOPED_ARMS = ("looped_random", "looped_fixed", "looped_random_slots", "looped_fixed_nope_loop",
+               "looped_fixed_nope", f"looped_fixed_theta{UNALIASED_THETA}")
 CONTROLS = ("single_loop", "iso_depth_stack", "iso_flop_stack")
+POSITION_CONTROLS = {"looped_random": ("looped_random_slots",),
+                     "looped_fixed": ("looped_fixed_nope_loop", "looped_fixed_nope",
+                                      f"looped_fixed_theta{UNALIASED_THETA}")}
+COLLAPSE_HOPS = ("6", "7", "8")     # where looped_fixed falls from ~97% (5 hops) towards chance
+POSITION_GAIN = 0.10                # a control this much better at COLLAPSE_HOPS: position
+LEARNED = 0.90                      # a control must reach this on its worst trained hop count
 
 
 def evaluate(run: ArmRun) -> dict:
@@ -121,7 +159,7 @@ def evaluate(run: ArmRun) -> dict:
     loops = mean_training_loops(run)
     result = {"accuracy": accuracy, "train_mean_loops": loops,
               "params": parameter_count(run.state.params),
-              "flops_per_token": forward_flops(run.arm.overrides, loops)}
+              "flops_per_token": forward_flops(run.cfg, loops)}
     if run.arm.name in LOOPED_ARMS:
         result["exits"] = _exit_sweep(run, 3 if run.quick else MAX_EXIT_LOOPS)
     return result
@@ -215,6 +253,7 @@ def report(results: dict, out: str) -> str:
                       f"over {len(matrices)} seed(s)" + (" (min-max)" if len(matrices) > 1
                                                          else ""), ""]
         lines += spread_matrix(matrices, "hops")
+    lines += _position_control(results)
     for name in results["exits"]:
         lines += ["", f"**{name}, adaptive exits** (at most "
                       f"{results['exits'][name]['kl']['max_loops']} loops) against the cheapest "
@@ -232,6 +271,60 @@ def report(results: dict, out: str) -> str:
                              f"| {budget} |")
     lines += ["", "![accuracy](accuracy.png)"]
     return "\n".join(lines)
+
+
+def _position_control(results: dict) -> list[str]:
+    """Each position control against its arm beyond training (mean (min-max) over seeds) and
+    the verdict of the rule stated above the table; nothing when no control ran or the
+    collapse hops were not evaluated (--quick)."""
+    pairs = [(arm, control) for arm, controls in POSITION_CONTROLS.items()
+             for control in controls if {arm, control} <= set(results["arms"])]
+    if not pairs or not set(COLLAPSE_HOPS) <= set(results["arms"][pairs[0][0]]["accuracy"]):
+        return []
+    hops = f"{COLLAPSE_HOPS[0]}-{COLLAPSE_HOPS[-1]} hops"
+    most = str(max(TEST_LOOPS))
+
+    def collapse(a):
+        return best_over_loops(a["accuracy"], list(COLLAPSE_HOPS))
+
+    def learned(a):
+        return worst_in_distribution(a["accuracy"])
+
+    columns = {f"{k} hops": lambda a, k=str(k): max(a["accuracy"][k].values())
+               for k in range(TRAIN_MAX_HOPS + 1, 2 * TRAIN_MAX_HOPS + 1)}
+    columns[hops] = collapse
+    columns[f"{hops} at {most} loops"] = lambda a: float(np.mean([a["accuracy"][k][most]
+                                                                 for k in COLLAPSE_HOPS]))
+    columns["worst trained hop count"] = learned
+    lines = ["", f"**Position control**: no training query has a relation past position "
+                 f"{TRAIN_MAX_HOPS}, so the collapse at {hops} may be one of position, not "
+                 "depth. Exact match at each hop count's best test-loop count, at the best "
+                 f"single count for {hops} and at {most} loops; mean (min-max) over seeds. "
+                 f"Rule: a control at least {POSITION_GAIN * 100:.0f} points better than its "
+                 f"arm at {hops} in every seed (paired by seed) means the collapse was "
+                 "(partly) one of position; that much better in no seed, one of depth; a "
+                 f"control whose worst trained hop count is below {LEARNED:.0%} in a seed did "
+                 "not learn the task and says nothing.", "",
+             "| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in dict.fromkeys(name for pair in pairs for name in pair):
+        cells = [spread(seed_values(results, name, pick)) for pick in columns.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for arm, control in pairs:
+        both = [one["arms"] for one in results["seeds"].values()
+                if {arm, control} <= set(one["arms"])]
+        gains = [collapse(s[control]) - collapse(s[arm]) for s in both]
+        if min(learned(s[control]) for s in both) < LEARNED:
+            verdict = "says nothing (it does not learn the trained hops)"
+        elif min(gains) >= POSITION_GAIN:
+            verdict = "position: the collapse was (partly) one of position"
+        elif max(gains) < POSITION_GAIN:
+            verdict = "depth: no better without those positions"
+        else:
+            verdict = "mixed: better by that much in some seeds only"
+        lines.append(f"- {control} against {arm} at {hops}: {verdict} (gain per seed "
+                     f"{', '.join(f'{g * 100:+.1f}' for g in gains)} points)")
+    return lines
 
 
 def _targets(results: dict, arms: list[str]) -> list[dict]:
@@ -296,6 +389,7 @@ EXPERIMENT = Experiment(
     claim="A looped model trained on <= K hops answers more hops when given more test-time "
           "loops; the same model at 1 loop, and stacks of distinct layers of equal depth or "
           "equal FLOPs, cannot (Kohli et al.)",
-    base="tiny", base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
+    base=CPU_BASE, base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
+    pod=PodPreset(pod.BASE, POD_BASE, arms(pod.BASE, POD_BASE), pod.TOPOLOGY, pod.MESH),
     evaluate=evaluate, report=report, quick_arms=("looped_random", "single_loop"),
     seeds=SEEDS)

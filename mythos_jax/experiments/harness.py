@@ -38,11 +38,15 @@ from mythos_jax.runtime import release_compiled_programs
 from mythos_jax.train import trainer
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.checkpoints.training import Checkpointer
-from mythos_jax.train.config import TrainConfig, load_train_config
+from mythos_jax.train.config import TrainConfig, load_train_config, train_config_fields
 from mythos_jax.train.step import TrainPlan, TrainState, build_plan
 
 RESULT_FILE = "result.json"
 README_MARKERS = ("<!-- results:{name} -->", "<!-- /results:{name} -->")
+
+
+class ExperimentPreempted(Exception):
+    """SIGTERM stopped an arm's training (its checkpoint is saved): the experiment stops."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,19 @@ class ArmRun:
 
 
 @dataclasses.dataclass(frozen=True)
+class PodPreset:
+    """An experiment at pod scale (models of ~100M-1B parameters, ``arrayrecord`` data from
+    ``prepare-data`` for the language-model experiments): ``base`` and ``base_overrides``
+    replace the CPU ones and ``arms`` the CPU arms (the same names, sized for the pod);
+    ``mythos-jax plan --experiment NAME`` compiles every arm for ``topology`` with ``mesh``."""
+    base: str
+    base_overrides: tuple[str, ...]
+    arms: tuple[Arm, ...]
+    topology: str
+    mesh: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """Arms, how to evaluate one, and how to report them all."""
     name: str
@@ -81,12 +98,43 @@ class Experiment:
     report: Callable[[dict, str], str]
     quick_arms: tuple[str, ...] | None = None     # the arms --quick runs (None: all)
     seeds: tuple[int, ...] = (0,)                  # a full run's seeds (--quick: the first)
+    pod: PodPreset | None = None                   # the same arms at pod scale
+    extra_overrides: tuple[str, ...] = ()          # the user's --set, after the arm's own
 
     def arm_config(self, arm: Arm, quick: bool, seed: int) -> TrainConfig:
-        overrides = [*self.base_overrides, *arm.overrides,
-                     *(self.quick_overrides if quick else ()), f"seed={seed}",
-                     f"data.seed={seed}"]
-        return load_train_config(self.base, overrides)
+        return load_train_config(self.base, self._arm_overrides(arm, quick, seed))
+
+    def arm_fields(self, arm: Arm, seed: int) -> dict:
+        """``arm``'s config fields before they are built (building reads the data)."""
+        return train_config_fields(self.base, self._arm_overrides(arm, False, seed))
+
+    def _arm_overrides(self, arm: Arm, quick: bool, seed: int) -> list[str]:
+        return [*self.base_overrides, *arm.overrides, *(self.quick_overrides if quick else ()),
+                *self.extra_overrides, f"seed={seed}", f"data.seed={seed}"]
+
+    def chosen_arms(self, names: list[str] | None) -> list[Arm]:
+        """The arms called ``names`` (None: all); unknown names raise ValueError."""
+        by_name = {arm.name: arm for arm in self.arms}
+        if names is None:
+            return list(self.arms)
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"experiment {self.name!r} has no arm(s) {unknown}; its arms: "
+                             f"{sorted(by_name)}")
+        return [by_name[n] for n in names]
+
+    def at_pod_scale(self) -> "Experiment":
+        """This experiment with its pod preset's base and arms (the same evaluation and
+        report); ValueError if it has none."""
+        if self.pod is None:
+            raise ValueError(f"experiment {self.name!r} has no pod preset")
+        return dataclasses.replace(self, base=self.pod.base,
+                                   base_overrides=self.pod.base_overrides, arms=self.pod.arms)
+
+    def with_overrides(self, overrides: tuple[str, ...]) -> "Experiment":
+        """This experiment with ``overrides`` (``section.field=value``) applied to every arm
+        after its own (``--set``: a corpus path, a mesh)."""
+        return dataclasses.replace(self, extra_overrides=(*self.extra_overrides, *overrides))
 
 
 def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: bool = False,
@@ -96,7 +144,7 @@ def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: 
     only its first with ``quick``) into ``out``; write results.json, the Markdown table and
     the plots; return the results. ``report_only``: train nothing, report the (arm, seed)
     pairs already finished for their current config (a partial run says which are missing)."""
-    chosen = _choose_arms(experiment, arms if arms or not quick else experiment.quick_arms)
+    chosen = experiment.chosen_arms(arms if arms or not quick else experiment.quick_arms)
     if seeds is None:
         seeds = experiment.seeds[:1] if quick else experiment.seeds
     if not seeds or len(set(seeds)) != len(seeds):
@@ -178,6 +226,9 @@ def _run_arm(experiment: Experiment, arm: Arm, out: str, quick: bool, seed: int,
         report = trainer.train(cfg, workdir)
     except trainer.TrainingDiverged as err:
         report, diverged = {}, str(err)
+    if report.get("preempted"):
+        raise ExperimentPreempted(f"{experiment.name}/{arm.name} (seed {seed}) stopped at step "
+                                  f"{report['step']}: rerun the same command to resume")
     plan = build_plan(cfg, make_mesh(cfg.mesh))
     checkpointer = Checkpointer(workdir, plan)
     try:
@@ -208,17 +259,6 @@ def _read_result(path: str, cfg: TrainConfig) -> dict | None:
     with open(path) as f:
         result = json.load(f)
     return result if result.get("config") == json.loads(cfg.to_json()) else None
-
-
-def _choose_arms(experiment: Experiment, names: list[str] | None) -> list[Arm]:
-    by_name = {arm.name: arm for arm in experiment.arms}
-    if names is None:
-        return list(experiment.arms)
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise ValueError(f"experiment {experiment.name!r} has no arm(s) {unknown}; its arms: "
-                         f"{sorted(by_name)}")
-    return [by_name[n] for n in names]
 
 
 def mean_training_loops(run: ArmRun) -> float:

@@ -40,14 +40,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from mythos_jax.config import MythosConfig
-from mythos_jax.experiments import plots
-from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, loss_curve,
+from mythos_jax.experiments import plots, pod
+from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, PodPreset, loss_curve,
                                             mean_training_loops, parameter_count, report_head)
 from mythos_jax.experiments.routing import routing_by_loop
 from mythos_jax.experiments.seeds import mean_matrix, seed_values, spread, spread_matrix
 from mythos_jax.flop_count import forward_flops_per_token
 from mythos_jax.train import data as data_lib
+from mythos_jax.train.config import load_train_config
 from mythos_jax.train.step import model_from_state
+from mythos_jax.variants import get_variant
 
 TRAIN_LOOPS = 4
 TEST_LOOPS = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -60,30 +62,44 @@ ROUTING_ROWS = {"max_over_mean": ("load max / mean", ".2f"),      # routing key:
                 "effective_experts": ("effective experts", ".1f"),
                 "topk_changed": ("top-K changed", ".0%"), "z_loss": ("router z-loss", ".2f")}
 
+RECIPE = ("log.progress=false", "log.tensorboard=false", "eval.every=0",
+          f"eval.loops={list(TEST_LOOPS)}", "model.act=off",
+          "loops.schedule=poisson", f"loops.mean={TRAIN_LOOPS}", "loops.max_loops=16",
+          f"loops.backprop_depth={TRAIN_LOOPS}")
 BASE = ("steps=800", "optim.warmup_steps=50", "checkpoint.every=400", "log.every=25",
-        "log.progress=false", "log.tensorboard=false", "eval.every=0", "eval.batches=4",
-        f"eval.loops={list(TEST_LOOPS)}", "model.act=off",
-        "loops.schedule=poisson", f"loops.mean={TRAIN_LOOPS}", "loops.max_loops=16",
-        f"loops.backprop_depth={TRAIN_LOOPS}")
+        "eval.batches=4", *RECIPE)
 QUICK = ("steps=6", "optim.warmup_steps=2", "log.every=3", "checkpoint.every=3",
          "data.seq_len=32", "eval.batches=1", "eval.loops=[1,2,4]", "data.eval_examples=16")
 
 
-def dense(width: int) -> tuple[str, ...]:
-    """A dense looped FFN of ``width`` channels: one routed expert at top-1 of ``width / 2``
-    and the shared expert (as wide: ``expert_dim * n_experts_per_tok``)."""
-    return ("model.n_experts=1", "model.n_experts_per_tok=1", f"model.expert_dim={width // 2}")
+def dense(width: int, shared: int) -> tuple[str, ...]:
+    """A dense looped FFN of ``width`` channels: one routed expert at top-1 and ``shared``
+    shared experts (as wide: ``expert_dim * n_experts_per_tok``), ``width / (1 + shared)``
+    each."""
+    return ("model.n_experts=1", "model.n_experts_per_tok=1",
+            f"model.expert_dim={width // (1 + shared)}")
 
 
-ARMS = (
-    Arm("moe_mla", (), "8 experts of 64, top-2, + shared 128; MLA"),
-    Arm("moe_gqa", ("model.attn_type=gqa",), "moe_mla with GQA attention"),
-    Arm("dense_active", dense(256), "dense FFN of 256: moe_mla's active parameters"),
-    Arm("dense_total", dense(640), "dense FFN of 640: moe_mla's total parameters"),
-    Arm("moe_fast_bias", ("optim.router_bias_rate=0.01",), "moe_mla, bias rate 0.01 (10x)"),
-    Arm("moe_aux", ("optim.aux_loss_weight=0.01",),
-        "moe_mla + balance loss 0.01 (per sequence and iteration)"),
-)
+def arms(moe: MythosConfig) -> tuple[Arm, ...]:
+    """The arms around ``moe``, the MoE arms' model: its dense twins have the FFN width of its
+    active experts per token (routed top-K + shared) and of all its experts."""
+    k, f, shared = moe.n_experts_per_tok, moe.expert_dim, moe.n_shared_experts
+    active, total = (k + shared * k) * f, (moe.n_experts + shared * k) * f
+    return (
+        Arm("moe_mla", (), f"{moe.n_experts} experts of {f}, top-{k}, + {shared} shared of "
+                           f"{moe.shared_hidden}; MLA"),
+        Arm("moe_gqa", ("model.attn_type=gqa",), "moe_mla with GQA attention"),
+        Arm("dense_active", dense(active, shared),
+            f"dense FFN of {active}: moe_mla's active parameters"),
+        Arm("dense_total", dense(total, shared),
+            f"dense FFN of {total}: moe_mla's total parameters"),
+        Arm("moe_fast_bias", ("optim.router_bias_rate=0.01",), "moe_mla, bias rate 0.01 (10x)"),
+        Arm("moe_aux", ("optim.aux_loss_weight=0.01",),
+            "moe_mla + balance loss 0.01 (per sequence and iteration)"),
+    )
+
+
+ARMS = arms(load_train_config("cpu_small").model_config())
 
 
 def parameter_counts(params, cfg: MythosConfig) -> dict[str, int]:
@@ -264,4 +280,6 @@ EXPERIMENT = Experiment(
           "nears one of as many total parameters, MLA matches GQA, and the bias balancing "
           "keeps the routing balanced at every loop depth",
     base="cpu_small", base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
+    pod=PodPreset(pod.BASE, (*pod.TRAINING, *pod.LM_DATA, *pod.MOE_MYTHOS_1B, "steps=20000",
+                             *RECIPE), arms(get_variant("mythos_1b")), pod.TOPOLOGY, pod.MESH),
     evaluate=evaluate, report=report, quick_arms=("moe_mla",), seeds=SEEDS)

@@ -27,8 +27,8 @@ import os
 
 import numpy as np
 
-from mythos_jax.experiments import plots
-from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, loss_curve,
+from mythos_jax.experiments import plots, pod
+from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, PodPreset, loss_curve,
                                             mean_training_loops, parameter_count, report_head)
 from mythos_jax.experiments.seeds import seed_values, spread
 from mythos_jax.flop_count import flops_at_mean_loops
@@ -43,15 +43,16 @@ ISO_PARAM, TWICE_PARAMS = f"standard_{ISO_LAYERS}", f"standard_{TWICE_LAYERS}"
 SEEDS = (0, 1, 2)
 SEQ_LEN = 128
 
+RECIPE = ("model.act=off", "model.coda_layers=1", "log.progress=false",
+          "log.tensorboard=false", "eval.every=0")
 BASE = (
     "steps=600", "model.variant=tiny_mla", "model.dim=96", "model.n_heads=4",
     f"model.max_seq_len={SEQ_LEN}", "model.kv_lora_rank=32", "model.q_lora_rank=48",
     "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=24",
     "model.n_experts=1", "model.n_experts_per_tok=1", "model.n_shared_experts=0",
-    "model.expert_dim=128", "model.act=off", "model.coda_layers=1",
-    "data.source=stdlib", f"data.seq_len={SEQ_LEN}", "data.batch_size=16",
-    "optim.lr=3e-3", "optim.warmup_steps=50", "checkpoint.every=300", "log.every=50",
-    "log.progress=false", "log.tensorboard=false", "eval.every=0", "eval.batches=8",
+    "model.expert_dim=128", "data.source=stdlib", f"data.seq_len={SEQ_LEN}",
+    "data.batch_size=16", "optim.lr=3e-3", "optim.warmup_steps=50", "checkpoint.every=300",
+    "log.every=50", "eval.batches=8", *RECIPE,
 )
 QUICK = ("steps=4", "optim.warmup_steps=1", "log.every=2", "checkpoint.every=2",
          "data.seq_len=32", "eval.batches=1", "data.eval_examples=16")
@@ -263,5 +264,7 @@ EXPERIMENT = Experiment(
     claim="A looped model (prelude + one shared block + coda) reaches most of the quality of a "
           "standard transformer of twice its parameters at equal FLOPs (Parcae)",
     base="tiny", base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
+    pod=PodPreset(pod.BASE, (*pod.TRAINING, *pod.LM_DATA, *pod.DENSE_MYTHOS_1B, "steps=20000",
+                             *RECIPE), ARMS, pod.TOPOLOGY, pod.MESH),
     evaluate=evaluate, report=report, quick_arms=(ISO_PARAM, TWICE_PARAMS, "looped_lti"),
     seeds=SEEDS)

@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mythos_jax.experiments import plots
-from mythos_jax.experiments.harness import Arm, ArmRun, Experiment, loss_curve, report_head
+from mythos_jax.experiments import plots, pod
+from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, PodPreset, loss_curve,
+                                            report_head)
 from mythos_jax.modes import Injection
 from mythos_jax.train import data as data_lib
 from mythos_jax.train.evaluate import evaluate as evaluate_depths
@@ -57,27 +58,35 @@ STEPS = 200
 NOCLIP = "_noclip"
 STABLE = (Injection.OPENMYTHOS, Injection.PARCAE)
 
-BASE = (f"steps={STEPS}", "model.variant=tiny_mla", "model.act=off",
-        f"model.max_loop_iters={TRAIN_LOOPS}", "model.prelude_norm=true", "model.readout=true",
-        "data.source=stdlib", "data.seq_len=64", "data.batch_size=16",
-        "loops.schedule=fixed", f"loops.n={TRAIN_LOOPS}", f"loops.max_loops={TRAIN_LOOPS}",
-        "loops.backprop_depth=null", "optim.warmup_steps=30", "optim.max_nonfinite=20",
-        f"checkpoint.every={STEPS // 4}", "log.every=1", "log.progress=false",
-        "log.tensorboard=false", "eval.batches=2", f"eval.loops={list(HELDOUT_LOOPS)}")
+RECIPE = ("model.act=off", f"model.max_loop_iters={TRAIN_LOOPS}", "model.prelude_norm=true",
+          "model.readout=true", "loops.schedule=fixed", f"loops.n={TRAIN_LOOPS}",
+          f"loops.max_loops={TRAIN_LOOPS}", "loops.backprop_depth=null",
+          "optim.max_nonfinite=20", "log.every=1", "log.progress=false",
+          "log.tensorboard=false", f"eval.loops={list(HELDOUT_LOOPS)}")
+BASE = (f"steps={STEPS}", "model.variant=tiny_mla", "data.source=stdlib", "data.seq_len=64",
+        "data.batch_size=16", "optim.warmup_steps=30", f"checkpoint.every={STEPS // 4}",
+        "eval.batches=2", *RECIPE)
+POD_LR = 3e-4           # the pod preset's x1: the mythos_1b preset's learning rate
+POD_STEPS = 5000
 QUICK = ("steps=4", "optim.warmup_steps=1", "checkpoint.every=4", "data.seq_len=32",
          "eval.batches=1", "data.eval_examples=16", f"eval.loops=[{TRAIN_LOOPS},16]")
 
 
-def _arm(injection: str, multiplier: int, clip: bool) -> Arm:
-    lr = BASE_LR * multiplier
+def _arm(injection: str, multiplier: int, clip: bool, base_lr: float) -> Arm:
+    lr = base_lr * multiplier
     return Arm(f"{injection}@x{multiplier}{'' if clip else NOCLIP}",
                (f"model.injection={injection}", f"optim.lr={lr:g}",
                 *(() if clip else ("optim.clip_norm=0",))),
                f"injection {injection}, lr {lr:g}, {'clipped at norm 1' if clip else 'no clip'}")
 
 
-ARMS = tuple(_arm(injection, m, clip) for injection in Injection.names()
-             for clip in (True, False) for m in MULTIPLIERS)
+def arms(base_lr: float) -> tuple[Arm, ...]:
+    """Every injection x clipping x learning rate ``m * base_lr`` (m in ``MULTIPLIERS``)."""
+    return tuple(_arm(injection, m, clip, base_lr) for injection in Injection.names()
+                 for clip in (True, False) for m in MULTIPLIERS)
+
+
+ARMS = arms(BASE_LR)
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -330,5 +339,8 @@ EXPERIMENT = Experiment(
           "clipping where the stable injections (LTI, Parcae) train; rho(A) stays below 1 "
           "for them and crosses 1 where training diverges",
     base="tiny", base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
+    pod=PodPreset(pod.BASE, (*pod.TRAINING, *pod.LM_DATA, *pod.MOE_MYTHOS_1B,
+                             f"steps={POD_STEPS}", "optim.warmup_steps=500", *RECIPE),
+                  arms(POD_LR), pod.TOPOLOGY, pod.MESH),
     evaluate=evaluate, report=report, quick_arms=("free@x30", "free@x30_noclip"),
     seeds=SEEDS)

@@ -17,18 +17,19 @@ import os
 
 import numpy as np
 
-from mythos_jax.experiments import plots
+from mythos_jax.experiments import plots, pod
 from mythos_jax.experiments.fit import fit_saturating_exponential
-from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, loss_curve,
+from mythos_jax.experiments.harness import (Arm, ArmRun, Experiment, PodPreset, loss_curve,
                                             mean_training_loops, report_head)
 from mythos_jax.experiments.seeds import mean_matrix, seed_values, spread
 
 TEST_LOOPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 TRAIN_LOOPS = 4
 
+RECIPE = ("log.progress=false", "log.tensorboard=false", "eval.every=0",
+          f"eval.loops={list(TEST_LOOPS)}")
 BASE = ("steps=800", "optim.warmup_steps=50", "checkpoint.every=400", "log.every=25",
-        "log.progress=false", "log.tensorboard=false", "eval.every=0", "eval.batches=4",
-        f"eval.loops={list(TEST_LOOPS)}")
+        "eval.batches=4", *RECIPE)
 QUICK = ("steps=6", "optim.warmup_steps=2", "log.every=3", "checkpoint.every=3",
          "data.seq_len=32", "eval.batches=1", "eval.loops=[1,2,4,8]", "data.eval_examples=16")
 RANDOM = ("loops.schedule=poisson", f"loops.mean={TRAIN_LOOPS}", "loops.max_loops=16",
@@ -142,5 +143,7 @@ EXPERIMENT = Experiment(
     claim="Random-depth training without ACT gives a loss that falls with test-time loops and "
           "stays flat far beyond the training depth; fixed depth with ACT does not",
     base="cpu_small", base_overrides=BASE, quick_overrides=QUICK, arms=ARMS,
+    pod=PodPreset(pod.BASE, (*pod.TRAINING, *pod.LM_DATA, *pod.MOE_MYTHOS_1B, "steps=20000",
+                             *RECIPE), ARMS, pod.TOPOLOGY, pod.MESH),
     evaluate=evaluate, report=report, quick_arms=("parcae_random", "non_looped"),
     seeds=(0, 1, 2))

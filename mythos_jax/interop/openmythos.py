@@ -243,9 +243,10 @@ def _require_openmythos_weights(cfg: MythosConfig) -> None:
     if not cfg.has_openmythos_weights:
         raise ValueError("this MythosConfig has parameters or math OpenMythos does not have "
                          f"(injection={cfg.injection!r}, prelude_norm={cfg.prelude_norm}, "
-                         f"readout={cfg.readout}, loop_embed_scale={cfg.loop_embed_scale}); "
-                         "only injection='openmythos' without prelude_norm/readout and "
-                         "loop_embed_scale=1.0 converts to or from PyTorch")
+                         f"readout={cfg.readout}, loop_embed_scale={cfg.loop_embed_scale}, "
+                         f"positions={cfg.positions!r}); only injection='openmythos' without "
+                         "prelude_norm/readout, loop_embed_scale=1.0 and positions='rope' "
+                         "(OpenMythos has RoPE in every layer) converts to or from PyTorch")
 
 
 def _to_numpy(tensor) -> np.ndarray:

@@ -37,13 +37,41 @@ class PlanSpec:
     loops: int
     backprop_depth: int | None = None
     rules: str = "default"
+    train: Any = None       # a whole TrainConfig (see ``of_train_config``)
+
+    @classmethod
+    def of_train_config(cls, name: str, fields: dict) -> "PlanSpec":
+        """The step of the TrainConfig built from ``fields`` (an experiment's arm, see
+        ``train_config_fields``) as it trains, called ``name``: its loops, optimizer and loss
+        terms, computing in bfloat16 unless ``model.dtype`` says otherwise (as the trainer
+        does on a TPU). Planning reads no data: a corpus on disk (``data.paths``) is replaced
+        by byte-level data of the same shape, so ``model.vocab_size`` must then be set
+        (ValueError otherwise)."""
+        from mythos_jax.train.config import TrainConfig
+
+        fields = {**fields, "model": {"dtype": "bfloat16", **fields.get("model", {})}}
+        data = fields.get("data", {})
+        if data.get("paths"):
+            if "vocab_size" not in fields.get("model", {}):
+                raise ValueError(f"{name}: model.vocab_size must be set to plan a config whose "
+                                 f"vocabulary comes from its corpus (data.paths)")
+            fields = {**fields, "data": {"source": "stdlib", **{
+                k: data[k] for k in ("seq_len", "batch_size", "seed") if k in data}}}
+        cfg = TrainConfig.from_dict(fields)
+        return cls(name, dict(cfg.model), batch=cfg.data.batch_size, seq_len=cfg.data.seq_len,
+                   loops=cfg.loops.max_loops, backprop_depth=cfg.loops.backprop_depth,
+                   rules=cfg.rules, train=cfg)
 
     def train_config(self):
-        """The TrainConfig of this step (the trainer's optimizer and loss defaults). The
-        model keeps the variant's ``dtype`` unless ``model`` sets one (so that the mesh's
-        platform does not choose it) and the variant's ``vocab_size``, raised to the
-        byte-level data's when smaller (the trainer refuses a vocabulary below its data's)."""
+        """The TrainConfig of this step: ``train`` when given; else the trainer's optimizer
+        and loss defaults, and the model keeps the variant's ``dtype`` unless ``model`` sets
+        one (so that the mesh's platform does not choose it) and the variant's
+        ``vocab_size``, raised to the byte-level data's when smaller (the trainer refuses a
+        vocabulary below its data's)."""
         from mythos_jax.train.config import TrainConfig
+
+        if self.train is not None:
+            return self.train
         from mythos_jax.train.data import vocab_size
         from mythos_jax.train.data_config import StdlibData
         from mythos_jax.variants import get_variant
@@ -112,6 +140,7 @@ class MemoryPlan:
     hbm_nominal: int
     compiler_message: str | None = None
     compile_seconds: float | None = None
+    program: str | None = None            # a hash of the step's program, constants aside
     libtpu: str | None = None
     flops: float | None = None            # the compiled step's cost analysis, per device
     bytes_accessed: float | None = None
@@ -137,13 +166,15 @@ def analytic_temporaries(cfg, spec: PlanSpec, mesh_shape: dict[str, int], gradie
       * gradients, sharded like the parameters (``gradients`` bytes);
       * with fsdp > 1, the recurrent block's ``block_params`` gathered whole (fp32 + compute
         copy + its full gradient before the reduce-scatter), split only by tensor/expert;
-      * logits and their gradient (fp32); the attention probabilities of each prelude/coda
+      * for one micro-batch (the global batch over ``optim.grad_accum``): logits and their
+        gradient (fp32); the attention probabilities of each prelude/coda
         layer (kept for backward) plus one layer's scores, probabilities and gradient;
       * per layer ~12 residual-stream-sized activations, per differentiated loop 4 fp32
         carries (loops are rematerialised), and the routed MoE rows of one loop.
     It ignores fusion, buffer reuse and collective buffers: compile when you can.
     """
-    b, t, d = _local_batch(spec, mesh_shape), spec.seq_len, cfg.dim
+    micro_batches = spec.train_config().optim.grad_accum
+    b, t, d = _local_batch(spec, mesh_shape) // micro_batches, spec.seq_len, cfg.dim
     c = 2 if cfg.dtype == "bfloat16" else 4
     tensor = mesh_shape.get("tensor", 1)
     heads = cfg.n_heads // tensor if cfg.n_heads % tensor == 0 else cfg.n_heads
@@ -175,10 +206,13 @@ def _human_bytes(number: str, unit: str) -> int:
     return int(float(number) * 1024 ** " KMGT".index(unit or " "))
 
 
-def plan_memory(spec: PlanSpec, acc: Accelerator, mesh_spec: str,
-                analytic: bool = False) -> MemoryPlan:
+def plan_memory(spec: PlanSpec, acc: Accelerator, mesh_spec: str, analytic: bool = False,
+                compiled: dict | None = None) -> MemoryPlan:
     """Compile the trainer's step for ``spec`` on ``acc`` (or estimate it, see module
-    docstring); a mesh or batch that does not match the slice raises ValueError."""
+    docstring); a mesh or batch that does not match the slice raises ValueError.
+    ``compiled``: the compiler's figures by program (``MemoryPlan.program``), shared by the
+    calls of one session, so that steps which differ only in constants (a learning rate, a
+    seed) compile once."""
     from jax.sharding import AbstractMesh
 
     from mythos_jax.budget import per_device_bytes
@@ -226,12 +260,21 @@ def plan_memory(spec: PlanSpec, acc: Accelerator, mesh_spec: str,
             cfg, spec, sizes, per_device_bytes(state.params, shardings.params),
             _count(state.params["recurrent"]))
         return report
-    _compile(report, build_plan(train_cfg, make_mesh(mesh_spec, devices)), batch)
+    _compile(report, build_plan(train_cfg, make_mesh(mesh_spec, devices)), batch,
+             {} if compiled is None else compiled)
     return report
 
 
-def _compile(report: MemoryPlan, plan, batch: dict) -> None:
-    """Fill ``report``'s temporaries from libtpu (or its out-of-memory message)."""
+_COMPILER_FIELDS = ("temporaries", "generated_code", "compiler_message", "flops",
+                    "bytes_accessed", "compile_seconds")
+# StableHLO constants: their values do not change a program's buffers
+_CONSTANT = re.compile(r"dense<[^>]*>")
+
+
+def _compile(report: MemoryPlan, plan, batch: dict, compiled: dict) -> None:
+    """Fill ``report``'s temporaries from libtpu (or its out-of-memory message), from
+    ``compiled`` when the same program was compiled before (and into it when not)."""
+    import hashlib
     import time
 
     import jax
@@ -239,10 +282,18 @@ def _compile(report: MemoryPlan, plan, batch: dict) -> None:
     from mythos_jax.errors import CommandError
 
     start = time.perf_counter()
+    lowered = lower_train_step(plan, batch)
+    program = _CONSTANT.sub("dense<_>", lowered.as_text())
+    report.program = hashlib.sha256(program.encode()).hexdigest()[:12]
+    report.method, report.libtpu = "compiled", _libtpu_version()
+    if report.program in compiled:
+        for field, value in compiled[report.program].items():
+            setattr(report, field, value)
+        return
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)   # compile-only: not loadable
     try:
-        compiled = lower_train_step(plan, batch).compile()
+        executable = lowered.compile()
     except Exception as err:
         match = _OOM.search(str(err))
         if match is None:
@@ -251,15 +302,15 @@ def _compile(report: MemoryPlan, plan, batch: dict) -> None:
         report.temporaries = _human_bytes(*match.group(1, 2))
         report.compiler_message = _first(err)
     else:
-        stats = compiled.memory_analysis()
+        stats = executable.memory_analysis()
         report.temporaries = stats.temp_size_in_bytes
         report.generated_code = stats.generated_code_size_in_bytes
-        cost = compiled.cost_analysis() or {}
+        cost = executable.cost_analysis() or {}
         report.flops, report.bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
-    report.method, report.compile_seconds = "compiled", time.perf_counter() - start
-    report.libtpu = _libtpu_version()
+    report.compile_seconds = time.perf_counter() - start
+    compiled[report.program] = {f: getattr(report, f) for f in _COMPILER_FIELDS}
 
 
 def _count(tree) -> int:

@@ -36,3 +36,25 @@ def format_plan(report: MemoryPlan) -> str:
         lines.append(f"compiler: {report.compiler_message}")
     return "\n".join(lines)
 
+
+
+def format_arm_plans(experiment: str, reports: list[MemoryPlan]) -> str:
+    """One row per arm of ``experiment``'s pod preset: parameters, the program (arms with the
+    same one compiled once), GiB per device against the chip's usable HBM, and the verdict."""
+    first = reports[0]
+    mesh = ",".join(f"{a}={n}" for a, n in first.mesh.items() if n > 1) or "1 device"
+    compiled = [r for r in reports if r.method == "compiled"]
+    how = (f"{len(compiled)} compiled by libtpu {compiled[0].libtpu}, "
+           f"{len(reports) - len(compiled)} estimated" if compiled
+           else f"analytic estimates, not compiled: {first.reason}")
+    lines = [f"{experiment}: {len(reports)} arms at pod scale on {first.accelerator} "
+             f"({first.chips} chips, {first.hosts} host{'s' if first.hosts > 1 else ''}), "
+             f"mesh {mesh}; {how}", "",
+             f"{'arm':<26}{'params':>8}  {'method':<10}{'program':<14}{'GiB/device':>11}"
+             f"{'usable':>8}  fits"]
+    for r in reports:
+        lines.append(f"{r.variant:<26}{r.n_params / 1e6:>7.0f}M  {r.method:<10}"
+                     f"{r.program or '-':<14}{r.total / GIB:>11.2f}{r.hbm_usable / GIB:>8.2f}  "
+                     f"{'yes' if r.fits else 'NO'}")
+    lines += [f"{r.variant}: {r.compiler_message}" for r in reports if r.compiler_message]
+    return "\n".join(lines)

@@ -246,6 +246,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 def load_train_config(source: str | None, overrides: list[str] = ()) -> TrainConfig:
     """A preset name, a ``.yaml``/``.yml``/``.json`` file or None (defaults), then
     ``section.field=value`` overrides (values parsed as YAML scalars/lists)."""
+    return TrainConfig.from_dict(train_config_fields(source, overrides))
+
+
+def train_config_fields(source: str | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The fields ``load_train_config`` builds its TrainConfig from (nothing validated yet:
+    building one reads the data's vocabulary)."""
     if source is None:
         fields: dict[str, Any] = {}
     elif source in PRESETS:
@@ -266,7 +272,7 @@ def load_train_config(source: str | None, overrides: list[str] = ()) -> TrainCon
             if not isinstance(target, dict):
                 raise ValueError(f"override {text!r}: {section!r} is not a section")
         target[name] = _parse_scalar(raw)
-    return TrainConfig.from_dict(merge(TrainConfig, fields, changes))
+    return merge(TrainConfig, fields, changes)
 
 
 def _parse_scalar(raw: str) -> Any:

@@ -68,6 +68,12 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
             self.tensorboard = SummaryWriter(str(paths.join(workdir, "tensorboard")))
 
+    def start_fresh(self) -> None:
+        """A new run: drop the records of an earlier attempt that ended before its first
+        checkpoint (read whole or damaged, they would be logged twice)."""
+        if self.is_writer and self.path.exists():
+            paths.write_text(self.path, "")
+
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after ``step`` (a resumed run writes them again) and a
         damaged last line; the file is replaced atomically."""

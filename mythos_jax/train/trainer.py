@@ -4,8 +4,13 @@
 
 Restarting with the same workdir resumes from the latest checkpoint (parameters, optimizer,
 step and the data stream's position), so a killed run continues with the same per-step losses
-and no batch repeated or skipped. SIGTERM (preemption) saves a checkpoint at the next step
-boundary and exits. A workdir holds one trainer (``train.lock``, taken by process 0); an
+and no batch repeated or skipped. SIGTERM (preemption) saves a checkpoint at a step boundary
+and leaves (the report says ``preempted``; ``mythos-jax train`` then exits with code
+``PREEMPTED_EXIT``). With several processes every one of them stops at the same step, whichever
+got the signal and when: JAX's preemption service (on by default in ``jax.distributed``) hears
+SIGTERM on any host and agrees with all of them on the next step every host can reach
+(``multihost_utils.reached_preemption_sync_point``, asked at every step: a local flag, no
+collective), so they save one checkpoint together. A workdir holds one trainer (``train.lock``, taken by process 0); an
 unreadable latest checkpoint is reported and set aside, and the newest readable one resumes.
 The run ends with an evaluation at every ``eval.loops`` count (the depth curve), printed and
 plotted to ``<workdir>/depth_curve.png``.
@@ -34,6 +39,7 @@ from mythos_jax.train.workdir_lock import WorkdirLock
 
 CONFIG_FILE = "train_config.json"
 PLOT_FILE = "depth_curve.png"
+PREEMPTED_EXIT = 143        # 128 + SIGTERM: what a shell reports for a run SIGTERM ended
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,18 +76,20 @@ def _train(cfg: TrainConfig, workdir, stop_after: int | None,
         print_message(f"resumed from {checkpointer.directory} at step {int(state.step)}")
     else:
         state = init_train_state(plan)
+        logger.start_fresh()
         _write_config(cfg, workdir)
         print_message(f"new run in {workdir}: {_describe(plan)}; MFU peak: {peak_source}")
 
     step_fn = make_train_step(plan)
-    stop = _PreemptionFlag()
+    stop = preemption_notice()
     step, steps_this_call, summary = int(state.step), 0, {}
     try:
         while step < cfg.steps:
             state, metrics = step_fn(state, global_batch(plan, next(data_iterator)))
             step, steps_this_call = step + 1, steps_this_call + 1
             logger.add(step, metrics)
-            leaving = stop.raised or step == cfg.steps or steps_this_call == stop_after
+            preempted = stop.reached(step)
+            leaving = preempted or step == cfg.steps or steps_this_call == stop_after
             if step % cfg.log.every == 0 or leaving:
                 summary = logger.flush()
                 if summary["nonfinite_streak"] >= cfg.optim.max_nonfinite:
@@ -93,9 +101,10 @@ def _train(cfg: TrainConfig, workdir, stop_after: int | None,
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
                 logger.log_eval(step, _json_keys(evaluate(plan, state)))
             if leaving and step < cfg.steps:
-                print_message(f"stopped at step {step}; rerun the same command to resume")
+                print_message(f"stopped at step {step}{' (preempted)' if preempted else ''}; "
+                              "rerun the same command to resume")
                 logger.close()
-                return {"step": step, "train": summary}
+                return {"step": step, "train": summary, "preempted": preempted}
     finally:
         checkpointer.close()
         stop.restore()
@@ -137,7 +146,20 @@ def _json_keys(results: dict) -> dict:
             results.items()}
 
 
-class _PreemptionFlag:
+def preemption_notice():
+    """Whether to save and leave after a step: ``.reached(step)``, then ``.restore()``. One
+    process: its own SIGTERM. Several: the step all of them agreed on through JAX's
+    preemption service (its SIGTERM handler must stay installed: no Python handler here)."""
+    if jax.process_count() == 1:
+        return _SignalFlag()
+    from jax._src import distributed
+    if distributed.global_state.preemption_sync_manager is None:
+        raise ValueError("several processes need JAX's preemption service to stop together "
+                           "on SIGTERM: leave jax_enable_preemption_service on")
+    return _AgreedStep()
+
+
+class _SignalFlag:
     """Set by SIGTERM; the loop checkpoints and leaves at the next step boundary."""
 
     def __init__(self):
@@ -147,8 +169,23 @@ class _PreemptionFlag:
     def _handle(self, signum, frame) -> None:
         self.raised = True
 
+    def reached(self, step: int) -> bool:
+        return self.raised
+
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)
+
+
+class _AgreedStep:
+    """True at the step every process agreed on after any of them got SIGTERM."""
+
+    @staticmethod
+    def reached(step: int) -> bool:
+        from jax.experimental import multihost_utils
+        return multihost_utils.reached_preemption_sync_point(step)
+
+    def restore(self) -> None:
+        pass
 
 
 def read_metrics(workdir: str) -> list[dict]:
