@@ -91,7 +91,8 @@ def test_steps_that_differ_only_in_constants_compile_once():
     compiled = {}
 
     def plan(*overrides):
-        fields = train_config_fields("tiny", ["model.attention_impl=xla", "loops.max_loops=2",
+        fields = train_config_fields("tiny", ["model.attention_impl=xla", "loops.max_loops=1",
+                                              "model.prelude_layers=0", "model.coda_layers=0",
                                               "data.batch_size=4", *overrides])
         return memory.plan_memory(memory.PlanSpec.of_train_config("tiny", fields), acc,
                                   "fsdp=4", compiled=compiled)

@@ -71,8 +71,7 @@ def test_export_to_openmythos_refuses_a_model_without_rope(positions):
     assert config_from_torch(openmythos_fields(cfg)).positions == "rope"
 
 
-@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
-@pytest.mark.parametrize("positions", ["nope_loop", "nope"])
+@pytest.mark.parametrize("positions, attn_type", [("nope_loop", "mla"), ("nope", "gqa")])
 def test_cached_decode_equals_full_forward(positions, attn_type):
     """Left-padded prefill then teacher-forced decode (the cache holds unrotated loop keys)
     against the uncached forward of each whole sequence; greedy generate agrees too."""
