@@ -7,9 +7,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,7 +77,7 @@ INSTALL_FROM_GIT = (
     INSTALL_HEAD
     + "[ -d mythos-jax/.git ] || git clone --quiet -- https://example.com/mythos-jax.git "
       "mythos-jax\n"
-      "git -C mythos-jax fetch --quiet origin v0.1\n"
+      "git -C mythos-jax fetch --quiet -- origin v0.1\n"
       "git -C mythos-jax checkout --quiet --detach FETCH_HEAD\n" + INSTALL_TAIL)
 
 DRY_RUNS = {
@@ -206,9 +208,19 @@ def test_install_quotes_hostile_refs_and_specs_for_the_remote_shell():
                     "jax[tpu]==0.12.0.1;rm -rf ~", "--repo", "https://example.com/r.git;id")
     assert result.returncode == 0, result.stderr
     remote = shlex.split(result.stdout)[-1].removeprefix("--command=")
-    assert "fetch --quiet origin 'v1;id'\n" in remote
+    assert "fetch --quiet -- origin 'v1;id'\n" in remote
     assert "'jax[tpu]==0.12.0.1;rm -rf ~'" in remote
     assert "git clone --quiet -- 'https://example.com/r.git;id' mythos-jax" in remote
+
+
+def test_install_refuses_a_ref_git_would_read_as_an_option(fake_gcloud):
+    env, calls = fake_gcloud
+    for copy in ([], ["--copy"]):
+        result = script("install.sh", *SLICE, "--ref", "-u/tmp/owned", *copy,
+                        env=env)
+        assert result.returncode != 0
+        assert "--ref must not start with '-'" in result.stderr
+        assert not calls.exists()
 
 
 def test_launch_quotes_hostile_values_and_refuses_unsafe_venvs(fake_gcloud):
@@ -363,3 +375,29 @@ def test_local_launch_stops_every_process_when_one_fails(tmp_path):
                     env={"MYTHOS_JAX": str(fake)}, timeout=20)
     assert result.returncode == 1
     assert "process 1 failed (exit 3)" in result.stderr and "boom" in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_local_launch_forwards_a_stop_to_every_process(tmp_path, sig):
+    """Ctrl-C (SIGINT) or SIGTERM to launch.sh --local: each trainer gets SIGTERM (as on a
+    preempted pod), and launch.sh waits for them and exits 143 like they do."""
+    fake = tmp_path / "mythos-jax"
+    fake.write_text("#!/usr/bin/env bash\ntrap 'echo saved; exit 143' TERM\necho started\n"
+                    "for _ in $(seq 600); do sleep 0.1; done\n")
+    fake.chmod(0o755)
+    logs = tmp_path / "w" / "logs"
+    launcher = subprocess.Popen(["bash", str(REPO / "tpu_setup" / "launch.sh"), "--local", "2",
+                                 "--workdir", str(tmp_path / "w")],
+                                env={**os.environ, "MYTHOS_JAX": str(fake)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not all((logs / f"{i}.log").exists() and "started" in (logs / f"{i}.log").read_text()
+                  for i in range(2)):
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+    launcher.send_signal(sig)
+    _, err = launcher.communicate(timeout=20)
+    assert launcher.returncode == 143, err
+    assert all((logs / f"{i}.log").read_text() == "started\nsaved\n" for i in range(2))
+    assert "stopped; rerun the same command to resume" in err
+

@@ -71,6 +71,7 @@ safe_relative --venv "$remote_venv"
 checkout=$(cd "$here/.." && pwd)
 [[ -n $ref ]] || ref=$(git -C "$checkout" rev-parse HEAD 2>/dev/null) ||
   die "give --ref (this is not a git checkout)"
+[[ $ref != -* ]] || die "--ref must not start with '-' (git would read it as an option): '$ref'"
 if [[ $copy == 0 && -z $repo ]]; then
   repo=$(git -C "$checkout" config --get remote.origin.url) ||
     die "give --repo URL (this checkout has no 'origin' remote) or --copy"
@@ -94,7 +95,7 @@ if [[ $copy == 1 ]]; then
 tar -xzf mythos-jax-src.tar.gz -C $dir && rm -f mythos-jax-src.tar.gz"
 else
   get_source="[ -d $dir/.git ] || git clone --quiet -- $(quote "$repo") $dir
-git -C $dir fetch --quiet origin $(quote "$ref")
+git -C $dir fetch --quiet -- origin $(quote "$ref")
 git -C $dir checkout --quiet --detach FETCH_HEAD"
 fi
 remote_script="set -euo pipefail

@@ -107,7 +107,18 @@ launch_local() {
     return 0
   fi
   echo "$n processes on 127.0.0.1:$port, logs in $logs/<process>.log" >&2
+  # Ctrl-C or SIGTERM here: every trainer gets SIGTERM, checkpoints and exits (background
+  # processes of a script ignore Ctrl-C's SIGINT, and would run on holding the lock)
+  trap 'stop_all "${pids[@]}"' INT TERM
   wait_all "${pids[@]}"
+}
+
+# stop_all PID...: send SIGTERM to the processes (a preemption: each saves, then exits 143).
+stopping=0
+stop_all() {
+  stopping=1
+  echo "stopping: SIGTERM to every process; each checkpoints and exits" >&2
+  kill -TERM "$@" 2>/dev/null || true
 }
 
 free_port() {
@@ -129,7 +140,7 @@ wait_all() {
       status=0
       wait "${pids[i]}" || status=$?
       pids[i]=""
-      if [[ $status -ne 0 && -z $failed ]]; then
+      if [[ $status -ne 0 && -z $failed && ! ($stopping == 1 && $status == 143) ]]; then
         failed=$i
         echo "process $i failed (exit $status); the end of $logs/$i.log:" >&2
         tail -n 20 "$logs/$i.log" >&2
@@ -142,6 +153,10 @@ wait_all() {
     sleep 0.5
   done
   [[ -z $failed ]] || exit 1
+  if [[ $stopping == 1 ]]; then
+    echo "all ${#pids[@]} processes stopped; rerun the same command to resume" >&2
+    exit 143
+  fi
   echo "all ${#pids[@]} processes finished" >&2
 }
 
