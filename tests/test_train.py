@@ -332,6 +332,11 @@ def test_incompatible_checkpoint_is_named(tmp_path):
         train(load_train_config("tiny", QUICK + ["model.dim=32"]), workdir)
     with pytest.raises(ValueError, match=r"data\.seq_len: checkpoint 32, config 16"):
         train(load_train_config("tiny", QUICK + ["data.seq_len=16"]), workdir)
+    with pytest.raises(ValueError, match=r"optimizer state has another structure than this "
+                                         r"config's \(optim\.clip_norm: checkpoint 1\.0, "
+                                         r"config 0\.0\)"):
+        train(load_train_config("tiny", QUICK + ["optim.clip_norm=0"]), workdir)
+    train(load_train_config("tiny", QUICK + ["optim.lr=1e-4"]), workdir)   # same structure
 
 
 def test_a_new_run_drops_the_metrics_of_an_attempt_that_never_checkpointed(tmp_path):

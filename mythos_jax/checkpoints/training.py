@@ -34,6 +34,7 @@ from mythos_jax import paths
 from mythos_jax.errors import CommandError
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.fingerprint import data_changes, data_fingerprint, heldout_moved
+from mythos_jax.train.optim import build_optimizer
 from mythos_jax.train.step import TrainPlan, TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -150,6 +151,7 @@ class Checkpointer:
     def _restore(self, step: int, data_iterator, allow_data_change: bool) -> TrainState:
         saved = self._read(step, lambda: self.saved_config(step))
         check_compatible(saved, self.plan.cfg)
+        self._check_optimizer_state(saved)
         self.check_data(step, allow_data_change)
         target = jax.tree.map(
             lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
@@ -163,6 +165,22 @@ class Checkpointer:
         if data_iterator is not None:
             data_iterator.set_state(restored["data"])
         return TrainState(**restored["state"])
+
+    def _check_optimizer_state(self, saved: dict[str, Any]) -> None:
+        """``ValueError`` naming the ``optim`` fields that differ when the saved config's
+        optimizer state has another structure than the plan's (e.g. clipping turned off)."""
+        saved_cfg = TrainConfig.from_dict(saved)
+        optimizer = build_optimizer(saved_cfg.optim, saved_cfg.steps)
+        saved_tree = jax.eval_shape(optimizer.init, self.plan.abstract_state.params)
+        if jax.tree.structure(saved_tree) == jax.tree.structure(
+                self.plan.abstract_state.opt_state):
+            return
+        old, new = saved.get("optim", {}), self.plan.cfg.to_dict()["optim"]
+        changed = [f"optim.{name}: checkpoint {old.get(name)!r}, config {new.get(name)!r}"
+                   for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+        raise ValueError("the checkpoint's optimizer state has another structure than this "
+                         f"config's ({'; '.join(changed) or 'optim'}): use a new workdir, or "
+                         "restore the original settings")
 
     def _read(self, step: int, read):
         """``read()``, tried again after a transient failure; invalid content becomes
