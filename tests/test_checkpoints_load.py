@@ -175,3 +175,30 @@ def test_parity_trace_of_a_trained_model_against_pytorch(workdir, tmp_path, caps
     assert main(["parity", "--trace", "--checkpoint", str(exported), "--seq-len", "8",
                  "--json", str(exported_json)]) == 0
     assert json.loads(exported_json.read_text()) == report
+
+
+def test_a_workdir_whose_corpus_is_gone_still_exports_converts_and_generates(tmp_path, capsys):
+    """A run trained on text files elsewhere (a pod run copied to a laptop): its stored
+    config carries the vocabulary size, so the readers need only the checkpoint; eval, which
+    needs the held-out text, says so in one line, and so does resuming training."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n" * 40)
+    overrides = QUICK + [f"data.source=text", f"data.paths=[{corpus}/*.txt]"]
+    work = tmp_path / "run"
+    train(load_train_config("tiny", overrides), str(work))
+    corpus.rename(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["convert", str(work), str(tmp_path / "model")]) == 0
+    assert main(["export", str(work), str(tmp_path / "model.pt")]) == 0
+    assert main(["generate", "--checkpoint", str(work), "--prompt", "def",
+                 "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval needs the run's held-out data" in err
+    assert f"{corpus}/" in err
+    assert main(["train", "--config", "tiny", "--workdir", str(work)]
+                + [a for o in overrides + ["steps=6"] for a in ("--set", o)]) == 2
+    assert "DataConfig.paths" in capsys.readouterr().err

@@ -91,8 +91,8 @@ def test_a_changed_training_file_is_refused_unless_allowed(checkpointed, corpus_
     train_doc = _grow_a_training_file(corpus_dir)
     with pytest.raises(ValueError, match=rf"files changed size: {train_doc}.*train\.tokens: "
                                          r".*--allow-data-change"):
-        checkpointed().restore()
-    checkpointed().restore(allow_data_change=True)
+        checkpointed().check_data(1)
+    checkpointed().check_data(1, allow_data_change=True)
     assert "warning: training on changed data" in capsys.readouterr().out
 
 
@@ -123,10 +123,10 @@ def test_a_moved_heldout_split_is_refused_even_when_allowed(checkpointed, corpus
     changed(corpus_dir, lambda folder: (folder / held_doc).unlink())
     with pytest.raises(ValueError, match=rf"held-out split moved \(files removed: {held_doc}"
                                          r".*leak into eval"):
-        checkpointed().restore(allow_data_change=True)
+        checkpointed().check_data(1, allow_data_change=True)
 
 
 def test_a_glob_matching_more_files_is_named(checkpointed, corpus_dir):
     changed(corpus_dir, lambda folder: (folder / "new.txt").write_bytes(b"new document"))
     with pytest.raises(ValueError, match=rf"files added: {corpus_dir}/new\.txt"):
-        checkpointed().restore()
+        checkpointed().check_data(1)

@@ -119,8 +119,8 @@ class Checkpointer:
 
     def restore(self, data_iterator=None, step: int | None = None, *,
                 set_aside_damaged: bool = False, allow_data_change: bool = False) -> TrainState:
-        """The state at ``step`` in the plan's shardings; ``data_iterator`` (if given) is moved
-        to the saved position. Without ``step``: the newest readable checkpoint, each
+        """The state at ``step`` in the plan's shardings; ``data_iterator`` (if given: training
+        resumes) is moved to the saved position after the data is checked (``check_data``). Without ``step``: the newest readable checkpoint, each
         unreadable newer one reported (and, with ``set_aside_damaged``, moved to
         ``<workdir>/damaged_checkpoints/`` so that the run can write its step again).
         ``UnreadableCheckpoint`` names the step, the path and why; a changed corpus raises
@@ -152,7 +152,8 @@ class Checkpointer:
         saved = self._read(step, lambda: self.saved_config(step))
         check_compatible(saved, self.plan.cfg)
         self._check_optimizer_state(saved)
-        self.check_data(step, allow_data_change)
+        if data_iterator is not None:       # training resumes: the data must be the same
+            self.check_data(step, allow_data_change)
         target = jax.tree.map(
             lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
                                                          sharding=sharding),

@@ -50,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
     checkpointer = Checkpointer(workdir, plan)
     state = checkpointer.restore(step=step)
     loops = None if args.loops is None else [int(n) for n in args.loops.split(",")]
-    results = evaluate(plan, state, loops, args.batches)
+    try:
+        checkpointer.check_data(int(state.step), allow_data_change=True)   # held-out unmoved
+        results = evaluate(plan, state, loops, args.batches)
+    except FileNotFoundError as err:
+        raise CommandError(f"eval needs the run's held-out data, which is gone: "
+                           f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")) from None
     print(f"checkpoint step {int(state.step)}")
     print(depth_curve_table(results))
     if args.json:

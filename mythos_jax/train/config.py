@@ -155,22 +155,31 @@ class TrainConfig:
 
     def model_config(self) -> MythosConfig:
         """The MythosConfig: ``model.variant`` with the other ``model.*`` fields applied;
-        ``vocab_size`` defaults to the data's."""
+        ``vocab_size`` defaults to the data's (read from its tokenizer or shards only then)."""
         fields = dict(self.model)
         name = fields.pop("variant", "tiny_mla")
         try:
             base = variants.get_variant(name)
         except ValueError as err:
             raise ValueError(f"model.variant: {err}") from None
-        fields.setdefault("vocab_size", vocab_size(self.data))
+        if "vocab_size" not in fields:
+            fields["vocab_size"] = vocab_size(self.data)
         cfg = base.replace(**{k: _coerce_model_field(k, v) for k, v in fields.items()})
-        if cfg.vocab_size < vocab_size(self.data):
-            fail("model.vocab_size", f"{cfg.vocab_size} is smaller than the data's vocabulary "
-                                      f"({vocab_size(self.data)})")
         if cfg.max_seq_len < self.data.seq_len:
             fail("model.max_seq_len", f"{cfg.max_seq_len} is shorter than data.seq_len="
                                        f"{self.data.seq_len}")
         return cfg
+
+    def with_data_vocab(self) -> "TrainConfig":
+        """This config with ``model.vocab_size`` written out (the data's unless given), so
+        that what a run stores describes its model without the data; ``ValueError`` if the
+        given size is smaller than the data's vocabulary."""
+        data_vocab = vocab_size(self.data)
+        size = self.model.get("vocab_size", data_vocab)
+        if int(size) < data_vocab:
+            fail("model.vocab_size", f"{size} is smaller than the data's vocabulary "
+                                      f"({data_vocab})")
+        return dataclasses.replace(self, model={**self.model, "vocab_size": size})
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

@@ -55,7 +55,7 @@ def train(cfg: TrainConfig, workdir: str, *, stop_after: int | None = None,
     workdir = paths.resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with WorkdirLock(workdir, enabled=jax.process_index() == 0):
-        return _train(cfg, workdir, stop_after, allow_data_change)
+        return _train(cfg.with_data_vocab(), workdir, stop_after, allow_data_change)
 
 
 def _train(cfg: TrainConfig, workdir, stop_after: int | None,
