@@ -179,8 +179,10 @@ def evaluate(run: ArmRun) -> dict:
 
 # ---------------------------------------------------------------------------- report
 def per_seed(results: dict, arm: str, pick) -> list:
-    """``pick(arm result)`` at every seed, in the order the seeds ran."""
-    return [pick(one["arms"][arm]) for one in results["seeds"].values()]
+    """``pick(arm result)`` at every seed, in the order the seeds ran (None where the arm
+    has not finished at that seed: a partial report)."""
+    return [pick(one["arms"][arm]) if arm in one["arms"] else None
+            for one in results["seeds"].values()]
 
 
 def _cell(values: list, fmt) -> str:
@@ -234,8 +236,9 @@ def _injection_rows(results: dict) -> list[str]:
     """Per injection: how many of its arms diverged, spiked, crossed rho 1; its max rho."""
     rows = []
     for injection in dict.fromkeys(split_name(name)[0] for name in results["arms"]):
-        by_seed = [[a for n, a in one["arms"].items() if split_name(n)[0] == injection]
-                   for one in results["seeds"].values()]
+        by_seed = [arms for one in results["seeds"].values()     # seeds with such arms
+                   if (arms := [a for n, a in one["arms"].items()
+                                if split_name(n)[0] == injection])]
         count = lambda test: _cell([f"{sum(map(test, arms))}/{len(arms)}" for arms in by_seed],
                                    str)
         rows.append(f"| {injection} | {count(lambda a: a['diverged'])} | "
