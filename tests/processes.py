@@ -32,3 +32,10 @@ def free_port() -> int:
 def step_lines(workdir) -> dict[int, dict]:
     """The training records of ``<workdir>/metrics.jsonl`` by step."""
     return {line["step"]: line for line in read_metrics(workdir) if "eval" not in line}
+
+
+def committed_steps(workdir) -> list[int]:
+    """The checkpoint steps Orbax has committed (renamed from their temporary directories)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+        directory) else []

@@ -18,7 +18,7 @@ from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train import trainer
 from mythos_jax.train.config import load_train_config
 from mythos_jax.train.trainer import PREEMPTED_EXIT, read_metrics
-from processes import cli, free_port, step_lines, subprocess_env
+from processes import cli, committed_steps, free_port, step_lines, subprocess_env
 
 STEPS = 120
 OVERRIDES = [f"steps={STEPS}", "checkpoint.every=1000", "log.every=1", "log.progress=false",
@@ -53,11 +53,6 @@ def logged_step(workdir) -> int:
     return max(steps, default=0)
 
 
-def committed(workdir) -> list[int]:
-    directory = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-
-
 def saving(workdir) -> bool:
     """A checkpoint is being written (Orbax's temporary directory exists)."""
     directory = os.path.join(workdir, "checkpoints")
@@ -84,7 +79,7 @@ def preempt(workdir, tmp_path, name, ready, signals, overrides=OVERRIDES) -> int
     stops = re.findall(r"stopped at step (\d+) \(preempted\)", outputs[0])   # process 0 logs
     assert len(stops) == 1, "\n".join(outputs)
     step = int(stops[0])
-    assert committed(workdir)[-1] == step and logged_step(workdir) == step
+    assert committed_steps(workdir)[-1] == step and logged_step(workdir) == step
     return step
 
 

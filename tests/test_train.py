@@ -26,7 +26,7 @@ from mythos_jax.train.config import CheckpointConfig, TrainConfig, load_train_co
 from mythos_jax.train.optim import build_optimizer, decay_mask, learning_rate
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
 from mythos_jax.train.trainer import PREEMPTED_EXIT, read_metrics, train
-from processes import cli, free_port, step_lines, subprocess_env
+from processes import cli, committed_steps, free_port, step_lines, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -465,13 +465,6 @@ INTERRUPTED = QUICK + ["log.every=1", "log.progress=true", "checkpoint.async_sav
 def _train_command(workdir, overrides=INTERRUPTED):
     return cli(["train", "--config", "tiny", "--workdir", str(workdir)]
                 + [a for o in overrides for a in ("--set", o)])
-
-
-def committed_steps(workdir) -> list[int]:
-    """The checkpoint steps Orbax has committed (renamed from their temporary directories)."""
-    directory = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
-        directory) else []
 
 
 def trained_steps(output: str) -> list[int]:

@@ -159,21 +159,20 @@ class MemoryPlan:
 
 
 def analytic_temporaries(cfg, spec: PlanSpec, mesh_shape: dict[str, int], gradients: int,
-                         block_params: int) -> int:
+                         block_params: int, micro_batches: int = 1) -> int:
     """A rough per-device estimate of the step's temporaries (what the compiler would report
     as ``temp_size``), bytes, for model ``cfg`` (a MythosConfig); it counts:
 
       * gradients, sharded like the parameters (``gradients`` bytes);
       * with fsdp > 1, the recurrent block's ``block_params`` gathered whole (fp32 + compute
         copy + its full gradient before the reduce-scatter), split only by tensor/expert;
-      * for one micro-batch (the global batch over ``optim.grad_accum``): logits and their
+      * for one micro-batch (the global batch over ``micro_batches``): logits and their
         gradient (fp32); the attention probabilities of each prelude/coda
         layer (kept for backward) plus one layer's scores, probabilities and gradient;
       * per layer ~12 residual-stream-sized activations, per differentiated loop 4 fp32
         carries (loops are rematerialised), and the routed MoE rows of one loop.
     It ignores fusion, buffer reuse and collective buffers: compile when you can.
     """
-    micro_batches = spec.train_config().optim.grad_accum
     b, t, d = _local_batch(spec, mesh_shape) // micro_batches, spec.seq_len, cfg.dim
     c = 2 if cfg.dtype == "bfloat16" else 4
     tensor = mesh_shape.get("tensor", 1)
@@ -258,7 +257,7 @@ def plan_memory(spec: PlanSpec, acc: Accelerator, mesh_spec: str, analytic: bool
     if report.reason is not None:
         report.temporaries = analytic_temporaries(
             cfg, spec, sizes, per_device_bytes(state.params, shardings.params),
-            _count(state.params["recurrent"]))
+            _count(state.params["recurrent"]), train_cfg.optim.grad_accum)
         return report
     _compile(report, build_plan(train_cfg, make_mesh(mesh_spec, devices)), batch,
              {} if compiled is None else compiled)
