@@ -17,7 +17,8 @@ from quick_runs import run_quick
 def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, capsys):
     """E1 --quick at two seeds with its single_loop arm interrupted at step 2 beforehand (seed
     0): that arm resumes, every arm is evaluated at both seeds and the tables show the spread;
-    a rerun skips the finished arm without rewriting it."""
+    a rerun skips the finished arm without rewriting it. Then E1b --quick in the same folder:
+    its looped_random is E1's (the same config), skipped; its slots control trains."""
     experiment = get_experiment("depth_extrapolation")
     single = next(a for a in experiment.arms if a.name == "single_loop")
     single_dir = harness.arm_workdir(str(tmp_path), "single_loop", 0)
@@ -29,9 +30,7 @@ def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, cap
     arms = results["arms"]
     assert list(arms) == ["looped_random", "single_loop"]          # its quick arms (make train)
     assert [a.name for a in experiment.arms] == [
-        "looped_random", "looped_fixed", "single_loop", "iso_depth_stack", "iso_flop_stack",
-        "looped_random_slots", "looped_fixed_nope_loop", "looped_fixed_nope",
-        "looped_fixed_theta20"]
+        "looped_random", "looped_fixed", "single_loop", "iso_depth_stack", "iso_flop_stack"]
     for arm in experiment.arms:                   # the other arms' configs are valid as well
         experiment.arm_config(arm, quick=True, seed=0).model_config()
     assert results["train_max_hops"] == 4
@@ -62,13 +61,20 @@ def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, cap
     assert "single_loop: done earlier" in capsys.readouterr().out
     assert result_file.stat().st_mtime_ns == written
 
+    e1b = run_quick("position_control", tmp_path)
+    assert "position_control/looped_random: done earlier" in capsys.readouterr().out
+    assert list(e1b["arms"]) == ["looped_random", "looped_random_slots"]
+    assert e1b["arms"]["looped_random"] == results["seeds"]["0"]["arms"]["looped_random"]
+    slots = e1b["arms"]["looped_random_slots"]
+    assert slots["steps"] == 4 and slots["config"]["data"]["khop_query_slots"] == 12
+    assert set(e1b["exits"]) == {"looped_random", "looped_random_slots"}
+    assert e1b["targets"] == [] and "**Position control**" not in e1b["table"]   # no 6-8 hops
+
 
 @pytest.mark.parametrize("pod", [False, True], ids=["cpu", "pod"])
 def test_e1_controls_are_matched_on_what_their_names_say(pod):
     """At CPU and at pod scale: iso_flop_stack has the forward FLOPs per token of
-    looped_fixed within 5% (flop_count), iso_depth_stack its number of block applications;
-    the position controls differ from looped_random in their query slots only, from
-    looped_fixed in model.positions or model.rope_theta only."""
+    looped_fixed within 5% (flop_count), iso_depth_stack its number of block applications."""
     from mythos_jax.experiments import depth_extrapolation as e1
     experiment = get_experiment("depth_extrapolation")
     experiment = experiment.at_pod_scale() if pod else experiment
@@ -82,26 +88,47 @@ def test_e1_controls_are_matched_on_what_their_names_say(pod):
     assert flops("iso_depth_stack", 1) < 0.7 * looped
     depth = experiment.arm_config(arms["iso_depth_stack"], False, 0).model_config()
     assert depth.prelude_layers + 1 + depth.coda_layers == 1 + e1.FIXED_LOOPS + 1
-    random, slots = (experiment.arm_config(arms[n], False, 0).to_dict()
-                     for n in ("looped_random", "looped_random_slots"))
-    assert slots["data"].pop("khop_query_slots") == e1.QUERY_SLOTS
+
+
+@pytest.mark.parametrize("pod", [False, True], ids=["cpu", "pod"])
+def test_position_controls_differ_from_their_e1_arm_in_one_field(pod):
+    """At CPU and at pod scale: E1b's reference arms are E1's, config for config (so their
+    runs are the same); looped_random_slots differs from looped_random in its query slots
+    only, the others from looped_fixed in model.positions or model.rope_theta only."""
+    from mythos_jax.experiments import position_control as e1b
+    e1, experiment = (get_experiment(name) for name in ("depth_extrapolation",
+                                                         "position_control"))
+    if pod:
+        e1, experiment = e1.at_pod_scale(), experiment.at_pod_scale()
+    arms = {arm.name: arm for arm in experiment.arms}
+
+    def config(name):
+        return experiment.arm_config(arms[name], False, 0).to_dict()
+
+    reference = {arm.name: arm for arm in e1.arms}
+    for seed in e1.seeds:
+        for name in e1b.POSITION_CONTROLS:
+            assert experiment.arm_config(arms[name], False, seed) == \
+                e1.arm_config(reference[name], False, seed)
+    random, slots = config("looped_random"), config("looped_random_slots")
+    assert slots["data"].pop("khop_query_slots") == e1b.QUERY_SLOTS
     random["data"].pop("khop_query_slots")
     assert random == slots
-    fixed = experiment.arm_config(arms["looped_fixed"], False, 0).to_dict()
+    fixed = config("looped_fixed")
     for positions in ("nope_loop", "nope"):
-        nope = experiment.arm_config(arms[f"looped_fixed_{positions}"], False, 0).to_dict()
+        nope = config(f"looped_fixed_{positions}")
         assert nope["model"].pop("positions") == positions
         assert nope == fixed
-    unaliased = experiment.arm_config(arms["looped_fixed_theta20"], False, 0).to_dict()
-    assert unaliased["model"].pop("rope_theta") == e1.UNALIASED_THETA
+    unaliased = config("looped_fixed_theta20")
+    assert unaliased["model"].pop("rope_theta") == e1b.UNALIASED_THETA
     assert unaliased == fixed
 
 
-def test_e1_position_control_states_the_rule_and_its_verdict_per_control():
+def test_position_control_states_the_rule_and_its_verdict_per_control():
     """Per seed, looped_fixed answers 6-8 hops at 30%; nope_loop at 45% (+15 points) in
-    every seed: position; nope +15 in one seed only: mixed; looped_random_slots never learns
-    the trained hops: says nothing."""
-    from mythos_jax.experiments import depth_extrapolation as e1
+    every seed: position; nope +15 in one seed only: mixed; theta20 +2: depth (the only
+    target met); looped_random_slots never learns the trained hops: says nothing."""
+    from mythos_jax.experiments import position_control as e1b
 
     def arm(trained: float, beyond: float) -> dict:
         return {"accuracy": {str(k): {"1": 0.0, "32": trained if k <= 4 else beyond}
@@ -110,18 +137,23 @@ def test_e1_position_control_states_the_rule_and_its_verdict_per_control():
     seeds = {str(seed): {"arms": {
         "looped_random": arm(0.95, 0.2), "looped_random_slots": arm(0.3, 0.05),
         "looped_fixed": arm(0.97, 0.3), "looped_fixed_nope_loop": arm(0.96, 0.45),
-        "looped_fixed_nope": arm(0.96, 0.45 if seed == 0 else 0.35)}} for seed in range(3)}
-    lines = e1._position_control({"seeds": seeds, "arms": seeds["0"]["arms"]})
+        "looped_fixed_nope": arm(0.96, 0.45 if seed == 0 else 0.35),
+        "looped_fixed_theta20": arm(0.96, 0.32)}} for seed in range(3)}
+    results = {"seeds": seeds, "arms": seeds["0"]["arms"]}
+    lines = e1b._position_control(results)
     assert "at least 10 points better" in lines[1]
-    assert lines[-3:] == [
+    assert lines[-4:] == [
         "- looped_random_slots against looped_random at 6-8 hops: says nothing (it does not "
         "learn the trained hops) (gain per seed -15.0, -15.0, -15.0 points)",
         "- looped_fixed_nope_loop against looped_fixed at 6-8 hops: position: the collapse was "
         "(partly) one of position (gain per seed +15.0, +15.0, +15.0 points)",
         "- looped_fixed_nope against looped_fixed at 6-8 hops: mixed: better by that much in "
-        "some seeds only (gain per seed +15.0, +5.0, +5.0 points)"]
+        "some seeds only (gain per seed +15.0, +5.0, +5.0 points)",
+        "- looped_fixed_theta20 against looped_fixed at 6-8 hops: depth: no better without "
+        "those positions (gain per seed +2.0, +2.0, +2.0 points)"]
     assert lines[7].startswith("| looped_fixed | 30.0% (30.0%-30.0%) |")
-    assert e1._position_control({"seeds": {}, "arms": {"looped_fixed": arm(1, 1)}}) == []
+    assert [t["met"] for t in e1b._targets(results)] == [False, False, False, True]
+    assert e1b._position_control({"seeds": {}, "arms": {"looped_fixed": arm(1, 1)}}) == []
 
 
 def test_e1_exit_is_compared_with_the_cheapest_fixed_budget_as_accurate():

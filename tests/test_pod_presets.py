@@ -40,7 +40,7 @@ def test_pod_preset_has_every_arm_at_scale_and_fits_by_estimate(name, capsys):
     assert all(80 <= int(r[1]) <= 1200 and r[2] == "analytic" and r[6] == "yes" for r in rows)
     assert f"on {pod.TOPOLOGY} " in out
     fields = scaled.arm_fields(scaled.arms[0], seed=0)
-    if name == "depth_extrapolation":
+    if name in ("depth_extrapolation", "position_control"):
         assert fields["data"]["source"] == "khop_graph"
     else:
         assert fields["data"]["source"] == "arrayrecord"

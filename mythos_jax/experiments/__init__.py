@@ -6,6 +6,7 @@ every arm in its own workdir (a rerun skips finished arms and resumes an interru
 evaluates it, and writes ``results.json``, PNG plots and a Markdown table. The experiments:
 
   depth_extrapolation   E1: k-hop composition over a knowledge graph, hops beyond training
+  position_control      E1b: E1's looped arms against controls of position (depth or position?)
   test_time_depth       E2: byte-level LM loss against test-time loops, L(T) fits
   stability             E3: learning-rate sweep of the injection forms, divergence and rho(A)
   looped_vs_standard    E4: a looped core against transformers of 2-8 unique layers
@@ -19,6 +20,7 @@ NAME``.
 
 EXPERIMENTS = {
     "depth_extrapolation": "mythos_jax.experiments.depth_extrapolation",
+    "position_control": "mythos_jax.experiments.position_control",
     "looped_vs_standard": "mythos_jax.experiments.looped_vs_standard",
     "test_time_depth": "mythos_jax.experiments.test_time_depth",
     "stability": "mythos_jax.experiments.stability",

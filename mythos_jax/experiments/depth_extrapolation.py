@@ -17,15 +17,10 @@ token embeddings' size (``loop_embed_scale=0.02``).
 Arms (each at every seed of ``SEEDS``; the seed moves the init, loop draws and data order only):
 ``looped_random`` (Poisson depth, ACT off), ``looped_fixed`` (6 loops), ``single_loop`` (the same
 model at 1 loop: iso-parameter), ``iso_depth_stack`` (6 distinct prelude layers + 1 loop + coda:
-as many block applications as ``looped_fixed``, about 0.6x its FLOPs), ``iso_flop_stack``
+as many block applications as ``looped_fixed``, about 0.6x its FLOPs) and ``iso_flop_stack``
 (``iso_flop_prelude_layers`` distinct prelude layers + 1 loop + coda: the forward FLOPs per token of
-``looped_fixed``, from ``flop_count``), and ``looped_random_slots``: ``looped_random`` with every
-query spread over 12 relation slots padded with an identity relation, so that training puts
-relations at every position evaluation uses and the query length no longer tells the hop count
-(a position control); ``looped_fixed_nope_loop`` and ``looped_fixed_nope``: ``looped_fixed``
-without rotary positions in the loop's attention, or in any attention (``model.positions``);
-``looped_fixed_theta20``: ``looped_fixed`` with a RoPE base at which no offset in the sequence
-aliases another (position controls that keep the task's queries).
+``looped_fixed``, from ``flop_count``). The looped arms' position controls are E1b
+(``position_control``), which reuses this task, evaluation and report (``khop_report``).
 """
 
 from __future__ import annotations
@@ -52,13 +47,9 @@ EVAL_HOPS = tuple(range(1, 3 * TRAIN_MAX_HOPS + 1))
 TEST_LOOPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 EXIT_RULES = {"kl": 5e-4, "kl_entropy": 1e-3}
 MAX_EXIT_LOOPS = 32
-QUERY_SLOTS = 3 * TRAIN_MAX_HOPS
 SEEDS = (0, 1, 2)
 FIXED_LOOPS = 6
 SEQ_LEN = 16
-# RoPE base whose slowest rotary pair turns < pi over SEQ_LEN positions (8 rope dims: 20^-3/4
-# = 0.106 rad per position), where the default 5e5 turns 0.0016 rad: offsets 1 and 7 alias
-UNALIASED_THETA = 20
 
 RECIPE = (
     "model.act=off", f"model.max_seq_len={SEQ_LEN}", "model.loop_embed_scale=0.02",
@@ -108,50 +99,35 @@ ONE_LOOP = ("loops.schedule=fixed", "loops.n=1", "loops.max_loops=1")
 FIXED_DEPTH = ("loops.schedule=fixed", f"loops.n={FIXED_LOOPS}", f"loops.max_loops={FIXED_LOOPS}")
 RANDOM_DEPTH = ("loops.schedule=poisson", "loops.mean=6", "loops.max_loops=12",
                 "loops.backprop_depth=6")
+LOOPED_RANDOM = Arm("looped_random", RANDOM_DEPTH,
+                    "random depth: Poisson(6) loops, at most 12, backprop through the last 6")
+LOOPED_FIXED = Arm("looped_fixed", FIXED_DEPTH, f"{FIXED_LOOPS} loops every step")
+
+
 def arms(base: str, base_overrides: tuple[str, ...]) -> tuple[Arm, ...]:
     """E1's arms on the model of ``base`` + ``base_overrides`` (it sizes the iso-FLOP stack)."""
     iso_flop = iso_flop_prelude_layers(base, base_overrides)
     return (
-        Arm("looped_random", RANDOM_DEPTH,
-            "random depth: Poisson(6) loops, at most 12, backprop through the last 6"),
-        Arm("looped_fixed", FIXED_DEPTH, f"{FIXED_LOOPS} loops every step"),
+        LOOPED_RANDOM, LOOPED_FIXED,
         Arm("single_loop", ONE_LOOP, "the same model at 1 loop (iso-parameter)"),
         Arm("iso_depth_stack", (*ONE_LOOP, "model.prelude_layers=6"),
             "6 distinct prelude layers + 1 loop + coda: 8 block applications (iso-depth)"),
         Arm("iso_flop_stack", (*ONE_LOOP, f"model.prelude_layers={iso_flop}"),
             f"{iso_flop} distinct prelude layers + 1 loop + coda: the forward FLOPs of "
             f"{FIXED_LOOPS} loops (iso-FLOP)"),
-        Arm("looped_random_slots", (*RANDOM_DEPTH, f"data.khop_query_slots={QUERY_SLOTS}"),
-            f"looped_random, queries spread over {QUERY_SLOTS} slots with identity relations "
-            "(position control)"),
-        Arm("looped_fixed_nope_loop", (*FIXED_DEPTH, "model.positions=nope_loop"),
-            "looped_fixed, no rotary positions inside the loop (position control)"),
-        Arm("looped_fixed_nope", (*FIXED_DEPTH, "model.positions=nope"),
-            "looped_fixed, no rotary positions anywhere (position control)"),
-        Arm(f"looped_fixed_theta{UNALIASED_THETA}",
-            (*FIXED_DEPTH, f"model.rope_theta={UNALIASED_THETA}"),
-            f"looped_fixed, RoPE theta {UNALIASED_THETA}: no offset up to {SEQ_LEN} aliases "
-            "(position control)"),
     )
 
 
 CPU_BASE = "tiny"
 ARMS = arms(CPU_BASE, BASE)
-LOOPED_ARMS = ("looped_random", "looped_fixed", "looped_random_slots", "looped_fixed_nope_loop",
-               "looped_fixed_nope", f"looped_fixed_theta{UNALIASED_THETA}")
+LOOPED_ARMS = ("looped_random", "looped_fixed")
 CONTROLS = ("single_loop", "iso_depth_stack", "iso_flop_stack")
-POSITION_CONTROLS = {"looped_random": ("looped_random_slots",),
-                     "looped_fixed": ("looped_fixed_nope_loop", "looped_fixed_nope",
-                                      f"looped_fixed_theta{UNALIASED_THETA}")}
-COLLAPSE_HOPS = ("6", "7", "8")     # where looped_fixed falls from ~97% (5 hops) towards chance
-POSITION_GAIN = 0.10                # a control this much better at COLLAPSE_HOPS: position
-LEARNED = 0.90                      # a control must reach this on its worst trained hop count
 
 
 def evaluate(run: ArmRun) -> dict:
     """Exact match per (hops, test loops) from the trainer's depth curve, the arm's size
     (parameters, forward FLOPs per token at its mean training loops); adaptive exits for the
-    looped arms."""
+    looped arms (more than one loop)."""
     curve = run.train_report["depth_curve"]
     accuracy = {split.split("=")[1]: {str(n): float(v["exact_match"]) for n, v in
                                       sorted(by_loops.items())}
@@ -160,7 +136,7 @@ def evaluate(run: ArmRun) -> dict:
     result = {"accuracy": accuracy, "train_mean_loops": loops,
               "params": parameter_count(run.state.params),
               "flops_per_token": forward_flops(run.cfg, loops)}
-    if run.arm.name in LOOPED_ARMS:
+    if run.cfg.loops.max_loops > 1:
         result["exits"] = _exit_sweep(run, 3 if run.quick else MAX_EXIT_LOOPS)
     return result
 
@@ -226,8 +202,15 @@ def exit_against_fixed(arm: dict, rule: str) -> dict:
 
 # ---------------------------------------------------------------------------- report
 def report(results: dict, out: str) -> str:
+    """E1's table (``khop_report``) with its targets."""
+    return khop_report(results, out, "E1", _targets(results, list(results["arms"])))
+
+
+def khop_report(results: dict, out: str, label: str, targets: list[dict],
+                sections: list[str] | None = None) -> str:
     """The targets table, per-arm sizes, mean accuracy matrices with the spread over seeds,
-    the exits against the best fixed budget; writes accuracy.png (seed means)."""
+    ``sections`` (lines), the exits against the best fixed budget; writes accuracy.png (seed
+    means, its title starting with ``label``)."""
     arms = list(results["arms"])
     results["train_max_hops"] = TRAIN_MAX_HOPS
     results["exits"] = {name: arm["exits"] for name, arm in results["arms"].items()
@@ -235,10 +218,10 @@ def report(results: dict, out: str) -> str:
     means = {name: mean_matrix(seed_values(results, name, lambda a: a["accuracy"]))
              for name in arms}
     results["mean_accuracy"] = means
-    results["targets"] = targets = _targets(results, arms)
+    results["targets"] = targets
     n_seeds = len(results["seeds"])
     plots.accuracy_grid(means, os.path.join(out, "accuracy.png"),
-                        f"E1 k-hop exact match by test loops (trained on <= {TRAIN_MAX_HOPS} "
+                        f"{label} k-hop exact match by test loops (trained on <= {TRAIN_MAX_HOPS} "
                         f"hops; mean of {n_seeds} seed{'s' if n_seeds > 1 else ''})")
     lines = report_head(results, targets)
     lines += ["", "| arm | parameters | forward FLOPs / token (at its mean training loops) | "
@@ -253,7 +236,7 @@ def report(results: dict, out: str) -> str:
                       f"over {len(matrices)} seed(s)" + (" (min-max)" if len(matrices) > 1
                                                          else ""), ""]
         lines += spread_matrix(matrices, "hops")
-    lines += _position_control(results)
+    lines += sections or []
     for name in results["exits"]:
         lines += ["", f"**{name}, adaptive exits** (at most "
                       f"{results['exits'][name]['kl']['max_loops']} loops) against the cheapest "
@@ -271,60 +254,6 @@ def report(results: dict, out: str) -> str:
                              f"| {budget} |")
     lines += ["", "![accuracy](accuracy.png)"]
     return "\n".join(lines)
-
-
-def _position_control(results: dict) -> list[str]:
-    """Each position control against its arm beyond training (mean (min-max) over seeds) and
-    the verdict of the rule stated above the table; nothing when no control ran or the
-    collapse hops were not evaluated (--quick)."""
-    pairs = [(arm, control) for arm, controls in POSITION_CONTROLS.items()
-             for control in controls if {arm, control} <= set(results["arms"])]
-    if not pairs or not set(COLLAPSE_HOPS) <= set(results["arms"][pairs[0][0]]["accuracy"]):
-        return []
-    hops = f"{COLLAPSE_HOPS[0]}-{COLLAPSE_HOPS[-1]} hops"
-    most = str(max(TEST_LOOPS))
-
-    def collapse(a):
-        return best_over_loops(a["accuracy"], list(COLLAPSE_HOPS))
-
-    def learned(a):
-        return worst_in_distribution(a["accuracy"])
-
-    columns = {f"{k} hops": lambda a, k=str(k): max(a["accuracy"][k].values())
-               for k in range(TRAIN_MAX_HOPS + 1, 2 * TRAIN_MAX_HOPS + 1)}
-    columns[hops] = collapse
-    columns[f"{hops} at {most} loops"] = lambda a: float(np.mean([a["accuracy"][k][most]
-                                                                 for k in COLLAPSE_HOPS]))
-    columns["worst trained hop count"] = learned
-    lines = ["", f"**Position control**: no training query has a relation past position "
-                 f"{TRAIN_MAX_HOPS}, so the collapse at {hops} may be one of position, not "
-                 "depth. Exact match at each hop count's best test-loop count, at the best "
-                 f"single count for {hops} and at {most} loops; mean (min-max) over seeds. "
-                 f"Rule: a control at least {POSITION_GAIN * 100:.0f} points better than its "
-                 f"arm at {hops} in every seed (paired by seed) means the collapse was "
-                 "(partly) one of position; that much better in no seed, one of depth; a "
-                 f"control whose worst trained hop count is below {LEARNED:.0%} in a seed did "
-                 "not learn the task and says nothing.", "",
-             "| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name in dict.fromkeys(name for pair in pairs for name in pair):
-        cells = [spread(seed_values(results, name, pick)) for pick in columns.values()]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    for arm, control in pairs:
-        both = [one["arms"] for one in results["seeds"].values()
-                if {arm, control} <= set(one["arms"])]
-        gains = [collapse(s[control]) - collapse(s[arm]) for s in both]
-        if min(learned(s[control]) for s in both) < LEARNED:
-            verdict = "says nothing (it does not learn the trained hops)"
-        elif min(gains) >= POSITION_GAIN:
-            verdict = "position: the collapse was (partly) one of position"
-        elif max(gains) < POSITION_GAIN:
-            verdict = "depth: no better without those positions"
-        else:
-            verdict = "mixed: better by that much in some seeds only"
-        lines.append(f"- {control} against {arm} at {hops}: {verdict} (gain per seed "
-                     f"{', '.join(f'{g * 100:+.1f}' for g in gains)} points)")
-    return lines
 
 
 def _targets(results: dict, arms: list[str]) -> list[dict]:
