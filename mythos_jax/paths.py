@@ -7,7 +7,8 @@ Local paths are made absolute; ``gs://`` URLs are kept as they are (Orbax writes
 through TensorStore's GCS driver, everything else goes through ``etils.epath``). Any other
 ``scheme://`` is refused naming it, so a URL never turns into a local folder named ``gs:``.
 Writes are atomic: locally a temporary sibling renamed into place; in a bucket an object upload
-(all or nothing). Object stores cannot append, so ``append_text`` there rewrites the object.
+(all or nothing). Logs that grow are :mod:`mythos_jax.train.log_files`' (object stores cannot
+append).
 """
 
 from __future__ import annotations
@@ -84,14 +85,3 @@ def _sync_folder(folder) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     write_bytes(path, text.encode("utf-8"))
-
-
-def append_text(path: str | os.PathLike, text: str) -> None:
-    """Append ``text`` to ``path`` (created if missing); in a bucket the object is rewritten."""
-    target = resolve(path)
-    if not is_remote(target):
-        with target.open("a") as f:
-            f.write(text)
-        return
-    old = target.read_text() if target.exists() else ""
-    target.write_text(old + text)

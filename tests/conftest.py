@@ -36,6 +36,9 @@ OWN_CACHE = None if os.environ.get("MYTHOS_JAX_CACHE") else os.path.join(
     tempfile.gettempdir(), f"mythos-jax-tests-xla-{os.getpid()}")     # xdist workers inherit it
 if OWN_CACHE:
     os.environ["MYTHOS_JAX_CACHE"] = OWN_CACHE
+# The data fingerprint's file-digest cache: one per suite run too, never the user's.
+os.environ.setdefault("MYTHOS_JAX_DIGESTS", os.path.join(
+    tempfile.gettempdir(), f"mythos-jax-tests-digests-{os.getpid()}.json"))
 
 import jax  # noqa: E402
 

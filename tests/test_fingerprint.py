@@ -1,6 +1,9 @@
 """The data fingerprint: stored in every checkpoint, a changed corpus refused on resume naming
 what changed, an override for the training files, never for a moved held-out split."""
 
+import hashlib
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -9,6 +12,7 @@ from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train import data
 from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.train.config import load_train_config
+from mythos_jax.train import fingerprint as fingerprint_lib
 from mythos_jax.train.fingerprint import data_changes, data_fingerprint
 from mythos_jax.train.step import build_plan, init_train_state
 
@@ -66,8 +70,11 @@ def checkpointed(corpus_dir, tmp_path, initial_state):
 def test_fingerprint_lists_files_counts_and_split(corpus_dir):
     cfg = config(corpus_dir).data
     fingerprint = data_fingerprint(cfg)
-    assert [size for _, size in fingerprint["files"]] == [
+    assert [size for _, size, _ in fingerprint["files"]] == [
         (corpus_dir / f"doc{i}.txt").stat().st_size for i in range(10)]
+    assert [digest for _, _, digest in fingerprint["files"]] == [
+        hashlib.sha256((corpus_dir / f"doc{i}.txt").read_bytes()).hexdigest()[:16]
+        for i in range(10)]
     assert fingerprint["train"]["documents"] == 8 and fingerprint["heldout"]["documents"] == 2
     train, held = data.lm_streams(cfg)
     assert fingerprint["train"]["windows"] == train.num_windows
@@ -130,3 +137,30 @@ def test_a_glob_matching_more_files_is_named(checkpointed, corpus_dir):
     changed(corpus_dir, lambda folder: (folder / "new.txt").write_bytes(b"new document"))
     with pytest.raises(ValueError, match=rf"files added: {corpus_dir}/new\.txt"):
         checkpointed().check_data(1)
+
+
+def test_a_same_size_edit_is_named(checkpointed, corpus_dir):
+    """An edit that keeps every size and count (one byte replaced) shows in the digests."""
+    train_doc = sorted(set(map(str, corpus_dir.glob("*.txt"))) - heldout_files(
+        config(corpus_dir).data))[0]
+    text = open(train_doc, "rb").read()
+    changed(corpus_dir, lambda _: open(train_doc, "wb").write(b"X" + text[1:]))
+    with pytest.raises(ValueError, match=rf"files changed content: {train_doc}"):
+        checkpointed().check_data(1)
+
+
+def test_digests_are_computed_once_per_file_version(tmp_path, monkeypatch):
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for f in files:
+        f.write_bytes(b"one")
+    computed = []
+    real = fingerprint_lib._sha256
+    monkeypatch.setattr(fingerprint_lib, "_sha256", lambda p: computed.append(p) or real(p))
+    cache = str(tmp_path / "digests.json")
+    first = fingerprint_lib.file_digests(list(map(str, files)), cache)
+    assert fingerprint_lib.file_digests(list(map(str, files)), cache) == first
+    assert len(computed) == 2                                    # the second call read none
+    files[0].write_bytes(b"two")                                 # same size, new content
+    os.utime(files[0], ns=(0, os.stat(files[1]).st_mtime_ns + 10 ** 9))
+    again = fingerprint_lib.file_digests(list(map(str, files)), cache)
+    assert len(computed) == 3 and again[str(files[0])] != first[str(files[0])]

@@ -1,10 +1,12 @@
-"""One trainer per workdir: a live holder is named and refused, a dead one is taken over."""
+"""One trainer per workdir: a live holder is named and refused, a dead one is taken over (a
+lock in a bucket: tests/test_buckets.py)."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -26,6 +28,29 @@ def live_pid():
     process.wait()
 
 
+HOLD = """
+import fcntl, json, os, socket, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                         "started": "2026-01-01T00:00:00+00:00"}).encode())
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A live process holding ``tmp_path``'s lock as a trainer does (flock and record); its
+    pid. The lock is dropped when the process ends (``.kill()`` of the returned Popen)."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / LOCK_FILE)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "held\n"
+    yield process
+    process.kill()
+    process.wait()
+
+
 def test_the_lock_names_its_holder_and_is_released(tmp_path):
     with WorkdirLock(str(tmp_path)):
         record = json.loads((tmp_path / LOCK_FILE).read_text())
@@ -35,11 +60,16 @@ def test_the_lock_names_its_holder_and_is_released(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
-def test_a_live_holder_is_refused(tmp_path, live_pid):
-    _write_lock(tmp_path, pid=live_pid)
+def test_a_live_holder_is_refused_and_its_lock_is_free_once_it_is_killed(tmp_path, holder,
+                                                                          capsys):
     with pytest.raises(WorkdirBusy, match=rf"in use by another trainer: host .*, pid "
-                                          rf"{live_pid}, started 2026-01-01"):
+                                          rf"{holder.pid}, started 2026-01-01"):
         WorkdirLock(str(tmp_path)).acquire()
+    holder.kill()                        # SIGKILL: no cleanup; the kernel drops the flock
+    holder.wait()
+    with WorkdirLock(str(tmp_path)):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert f"gone: host {socket.gethostname()}, pid {holder.pid}" in capsys.readouterr().out
 
 
 def test_another_hosts_lock_is_never_taken_over(tmp_path):
@@ -65,16 +95,36 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys, live_pid, r
     lock.release()
 
 
-def test_non_owners_and_remote_workdirs_take_no_lock(tmp_path):
-    with WorkdirLock(str(tmp_path), enabled=False):        # processes other than 0
+def test_processes_other_than_the_first_take_no_lock(tmp_path):
+    with WorkdirLock(str(tmp_path), enabled=False):
         assert not (tmp_path / LOCK_FILE).exists()
-    WorkdirLock("gs://bucket/run").acquire()               # no exclusive create there
 
 
-def test_a_second_train_command_is_refused_at_once(tmp_path, live_pid):
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    _write_lock(workdir, pid=live_pid)
+def test_only_one_of_many_racing_takers_of_a_stale_lock_wins(tmp_path):
+    """Eight takers (threads: each opens the file itself, so their flocks conflict as those of
+    processes do) take over one dead trainer's lock at once: exactly one holds it."""
+    _write_lock(tmp_path, pid=None)
+    start, outcomes = threading.Barrier(8), []
+
+    def take():
+        start.wait()
+        try:
+            WorkdirLock(str(tmp_path)).acquire()
+            outcomes.append("won")
+        except WorkdirBusy:
+            outcomes.append("busy")
+
+    takers = [threading.Thread(target=take) for _ in range(8)]
+    for thread in takers:
+        thread.start()
+    for thread in takers:
+        thread.join()
+    assert sorted(outcomes) == ["busy"] * 7 + ["won"]
+
+
+def test_a_second_train_command_is_refused_at_once(tmp_path, holder):
+    workdir = tmp_path
+    live_pid = holder.pid
     env = {k: v for k, v in os.environ.items() if k != "MYTHOS_JAX_CACHE"}
     result = subprocess.run(
         [sys.executable, "-m", "mythos_jax.cli", "train", "--config", "tiny", "--workdir",

@@ -12,7 +12,9 @@ same dropout masks. ``config.json`` is ``MythosConfig.to_json()``. The train/eva
 
 Writes are atomic: the directory is built under a temporary sibling and renamed into place,
 so an interrupted save never leaves a partial checkpoint at ``path``. Paths may be ``gs://``
-URLs (``mythos_jax.paths``; a bucket "rename" is a copy). Single-process only.
+URLs (``mythos_jax.paths``). A bucket "rename" is a copy, object by object, so there the save
+ends by writing ``COMMITTED`` into the directory, readers require it, and an overwrite
+deletes it before touching anything else. Single-process only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from mythos_jax.model import OpenMythos
 
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"
+COMMIT_FILE = "COMMITTED"      # the last object of a save into a bucket
 
 
 def save_model(model: OpenMythos, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -59,6 +62,8 @@ def save_model(model: OpenMythos, path: str | os.PathLike, *, overwrite: bool = 
     except BaseException:
         tmp.rmtree(missing_ok=True)
         raise
+    if paths.is_remote(path):
+        paths.write_text(path / COMMIT_FILE, "")
 
 
 def load_model_dir(path: str | os.PathLike) -> OpenMythos:
@@ -97,8 +102,9 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return checkpoint_problem(paths.resolve(path)) is None
 
 
-def checkpoint_problem(path) -> str | None:
-    """None for a checkpoint directory, else what is missing, e.g. "missing config.json"."""
+def checkpoint_problem(path, *, committed: bool = True) -> str | None:
+    """None for a checkpoint directory, else what is missing, e.g. "missing config.json"
+    (``committed=False``: a bucket directory without its commit marker passes)."""
     if not path.exists():
         return "no such file or directory"
     if not path.is_dir():
@@ -108,6 +114,8 @@ def checkpoint_problem(path) -> str | None:
         missing.append(CONFIG_FILE)
     if not (path / STATE_DIR).is_dir():
         missing.append(f"{STATE_DIR}/")
+    if committed and paths.is_remote(path) and not (path / COMMIT_FILE).is_file():
+        missing.append(f"{COMMIT_FILE} (its save did not finish)")
     return f"missing {' and '.join(missing)}" if missing else None
 
 
@@ -135,7 +143,7 @@ def _check_replaceable(path, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
     if path.is_dir() and not _is_link(path) and (
-            is_checkpoint(path) or not any(path.iterdir())):
+            checkpoint_problem(path, committed=False) is None or not any(path.iterdir())):
         return
     raise FileExistsError(f"{path} exists and is not a mythos-jax checkpoint or an empty "
                           "directory; refusing to replace it")
@@ -147,6 +155,8 @@ def _move_into_place(tmp, path, overwrite: bool) -> None:
         tmp.replace(path)
         return
     _check_replaceable(path, overwrite)  # it may have appeared while we were writing
+    if paths.is_remote(path):
+        (path / COMMIT_FILE).unlink(missing_ok=True)   # a copy stopped half-way is no checkpoint
     old = _sibling(path, "old")
     path.replace(old)
     try:

@@ -1,10 +1,11 @@
-"""The model a command reads from a path (``parity --checkpoint``, ``generate --checkpoint``)."""
+"""The model a command reads from a path or a ``gs://`` URL (``parity --checkpoint``,
+``generate --checkpoint``)."""
 
 from __future__ import annotations
 
-import os
 import sys
 
+from mythos_jax import paths
 from mythos_jax.errors import CommandError
 
 
@@ -13,7 +14,11 @@ def checkpoint_model(path: str, step: int | None):
     stderr."""
     from mythos_jax.checkpoints.load import load_model_and_source
 
-    if not os.path.exists(path):
+    try:
+        found = paths.resolve(path).exists()
+    except ValueError as err:                  # an unsupported URL scheme
+        raise CommandError(str(err)) from None
+    if not found:
         raise CommandError(f"{path}: no such file or directory")
     model, source = load_model_and_source(path, step=step)
     print(f"model: {source}", file=sys.stderr, flush=True)

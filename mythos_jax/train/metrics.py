@@ -1,7 +1,8 @@
 """What a training run shows and records: a progress line, JSON lines, TensorBoard, MFU.
 
 ``<workdir>/metrics.jsonl`` gets one line per step (every scalar metric) and one per
-evaluation; TensorBoard event files go to ``<workdir>/tensorboard``. Only process 0 writes.
+evaluation; TensorBoard event files go to ``<workdir>/tensorboard``. Only process 0 writes;
+in a bucket both are uploaded as new objects, never rewritten (:mod:`mythos_jax.train.log_files`).
 MFU counts loop-aware useful FLOPs (active experts only, the loops drawn that step, truncated
 backprop's no-grad loops at 1x; :func:`mythos_jax.flop_count.flops`).
 """
@@ -12,7 +13,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from typing import Any
 
 import jax
@@ -20,6 +20,7 @@ import numpy as np
 
 from mythos_jax import paths
 from mythos_jax.chips import chip
+from mythos_jax.train.log_files import EventLog, LineLog, unique_records
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -62,25 +63,33 @@ class MetricsLogger:
         self.progress = progress and self.is_writer
         self.pending: list[tuple[int, dict]] = []
         self.last_time = self.start_time = time.perf_counter()
-        self.path = paths.join(workdir, METRICS_FILE)
+        self.lines = LineLog(paths.join(workdir, METRICS_FILE))
         self.tensorboard = None
         if self.is_writer and tensorboard:
-            from tensorboardX import SummaryWriter
-            self.tensorboard = SummaryWriter(str(paths.join(workdir, "tensorboard")))
+            self.tensorboard = EventLog(paths.join(workdir, "tensorboard"))
 
     def start_fresh(self) -> None:
         """A new run: drop the records of an earlier attempt that ended before its first
         checkpoint (read whole or damaged, they would be logged twice)."""
-        if self.is_writer and self.path.exists():
-            paths.write_text(self.path, "")
+        if self.is_writer and self.lines.exists():
+            self.lines.replace("")
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after ``step`` (a resumed run writes them again) and a
-        damaged last line; the file is replaced atomically."""
-        if not self.is_writer or not self.path.exists():
+        damaged last line; the log is replaced atomically."""
+        if not self.is_writer or not self.lines.exists():
             return
-        kept = [r for r in read_metrics_file(self.path) if r.get("step", 0) <= step]
-        paths.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in unique_records(self.lines.read_text(), self.lines.path)
+                if r.get("step", 0) <= step]
+        self.lines.replace("".join(json.dumps(r) + "\n" for r in kept))
+
+    def sync(self) -> None:
+        """Upload what a bucket workdir has not received yet (before a checkpoint is saved, so
+        that the logs cover every step it holds)."""
+        if self.is_writer:
+            self.lines.sync()
+            if self.tensorboard is not None:
+                self.tensorboard.sync()
 
     def add(self, step: int, metrics: dict) -> None:
         """Queue the metrics of ``step`` (device arrays; no host sync here)."""
@@ -104,14 +113,13 @@ class MetricsLogger:
         summary["mfu"] = summary["tokens_per_s"] * step_flops / self.peak_flops
         last_step, last = rows[-1]
         if self.is_writer:
-            paths.append_text(self.path, "".join(
-                json.dumps({"step": step, **_jsonable(metrics)}) + "\n" for step, metrics in rows))
+            self.lines.append("".join(json.dumps({"step": step, **_jsonable(metrics)}) + "\n"
+                                      for step, metrics in rows), step=rows[0][0])
             if self.tensorboard is not None:
                 for name, value in summary.items():
-                    self.tensorboard.add_scalar(f"train/{name}", value, last_step)
-                self.tensorboard.add_histogram("train/expert_load", last["expert_load"],
-                                               last_step)
-                self.tensorboard.flush()     # in the workdir at every log, as metrics.jsonl
+                    self.tensorboard.scalar(f"train/{name}", value, last_step)
+                self.tensorboard.histogram("train/expert_load", last["expert_load"], last_step)
+                self.tensorboard.flush()
         if self.progress:
             eta = seconds / len(rows) * (self.total_steps - last_step)   # at this interval's pace
             print(progress_line(last_step, self.total_steps, summary, now - self.start_time, eta),
@@ -122,33 +130,30 @@ class MetricsLogger:
         """Write an evaluation (``{split: {loops: {metric: value}}}``)."""
         if not self.is_writer:
             return
-        paths.append_text(self.path, json.dumps({"step": step, "eval": results}) + "\n")
+        self.lines.append(json.dumps({"step": step, "eval": results}) + "\n", step=step)
         if self.tensorboard is not None:
             for split, by_loops in results.items():
                 for n, values in by_loops.items():
                     for name, value in values.items():
-                        self.tensorboard.add_scalar(f"eval/{split}/{name}@{n}loops", value, step)
+                        self.tensorboard.scalar(f"eval/{split}/{name}@{n}loops", value, step)
             self.tensorboard.flush()
 
     def close(self) -> None:
+        """Upload what is pending and close the TensorBoard writer."""
+        if self.is_writer:
+            self.lines.sync()
         if self.tensorboard is not None:
             self.tensorboard.close()
 
 
 def read_metrics_file(path) -> list[dict]:
-    """The records of a ``metrics.jsonl``. A damaged last line (a kill during a write) is
-    skipped with a warning naming the file; a damaged earlier line is a ``ValueError``."""
-    lines = paths.read_text(path).splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number < len(lines):
-                raise ValueError(f"{path}:{number}: damaged line ({err.msg})") from None
-            warnings.warn(f"{path}:{number}: skipping a damaged last line (an interrupted "
-                          f"write): {line[:60]!r}", stacklevel=2)
-    return records
+    """The records of a ``metrics.jsonl`` (with its bucket parts). A damaged last line (a kill
+    during a write) is skipped with a warning naming the file; a damaged earlier line is a
+    ``ValueError``."""
+    lines = LineLog(path)
+    if not lines.exists():
+        raise FileNotFoundError(f"{path}: no such metrics file")
+    return unique_records(lines.read_text(), lines.path)
 
 
 def progress_line(step: int, total: int, summary: dict[str, float], elapsed: float,

@@ -97,6 +97,7 @@ def _train(cfg: TrainConfig, workdir, stop_after: int | None,
                         f"{cfg.optim.max_nonfinite} non-finite steps in a row at step {step} "
                         "(each was skipped); lower optim.lr or check the data")
             if step % cfg.checkpoint.every == 0 or leaving:
+                logger.sync()        # the logs cover every step the checkpoint holds
                 checkpointer.save(step, state, data_iterator)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
                 logger.log_eval(step, _json_keys(evaluate(plan, state)))
