@@ -132,7 +132,26 @@ DRY_RUNS = {
             f"--process-id {i} --local-devices 2 > /tmp/w/logs/{i}.log 2>&1 &\n"
             for i in range(2)) + "wait"),
     "delete": (
-        "delete.sh", SLICE, "gcloud compute tpus tpu-vm delete run1 --zone=us-east5-a --quiet"),
+        "delete.sh", SLICE, "gcloud compute tpus queued-resources delete run1 --zone=us-east5-a "
+        "--force --quiet || gcloud compute tpus tpu-vm delete run1 --zone=us-east5-a --quiet"),
+    "launch, then delete the slice": (
+        "launch.sh", [*SLICE, "--accelerator", "v4-8", "--workdir", "gs://b/r",
+                      "--delete-when-done"],
+        "mkdir -p logs/run1\n"
+        "gcloud compute tpus tpu-vm ssh run1 --zone=us-east5-a --worker=all "
+        "--command='MYTHOS_JAX_DISTRIBUTED=1 mythos-venv/bin/mythos-jax train --config "
+        "mythos_1b --workdir gs://b/r' --output-directory=logs/run1\n"
+        "gcloud compute tpus queued-resources delete run1 --zone=us-east5-a --force --quiet || "
+        "gcloud compute tpus tpu-vm delete run1 --zone=us-east5-a --quiet"),
+    "launch detached, the workers delete the slice": (
+        "launch.sh", [*SLICE, "--accelerator", "v4-8", "--workdir", "gs://b/r", "--detach",
+                      "--delete-when-done"],
+        "gcloud compute tpus tpu-vm ssh run1 --zone=us-east5-a --worker=all "
+        "--command='mkdir -p mythos-logs && nohup env sh -c '\\''MYTHOS_JAX_DISTRIBUTED=1 "
+        "mythos-venv/bin/mythos-jax train --config mythos_1b --workdir gs://b/r; gcloud compute "
+        "tpus queued-resources delete run1 --zone=us-east5-a --force --quiet || gcloud compute "
+        "tpus tpu-vm delete run1 --zone=us-east5-a --quiet'\\'' > mythos-logs/train.log 2>&1 "
+        "< /dev/null &'"),
     "delete queued": (
         "delete.sh", [*SLICE, "--queued", "--project", "p"],
         "gcloud compute tpus queued-resources delete run1 --zone=us-east5-a --project=p "
@@ -266,12 +285,40 @@ def test_gpu_launch_takes_process_layout_from_slurm(tmp_path):
 
 @pytest.fixture
 def fake_gcloud(tmp_path):
-    """A gcloud that records its arguments (one call per line) and succeeds."""
+    """A gcloud that records its arguments (one call per line) and succeeds; but ``queued-
+    resources describe`` fails unless $FAKE_QUEUED is set, and ``ssh`` exits $FAKE_SSH_EXIT."""
     calls = tmp_path / "calls"
     fake = tmp_path / "gcloud"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n'
+                    'case "$*" in *"queued-resources describe"*) [[ -n $FAKE_QUEUED ]] ;;\n'
+                    '  *" ssh "*) exit "${FAKE_SSH_EXIT:-0}" ;; esac\n')
     fake.chmod(0o755)
     return {"GCLOUD": str(fake)}, calls
+
+
+@pytest.mark.parametrize("queued", [True, False])
+def test_delete_finds_the_queued_resource_itself(fake_gcloud, queued):
+    """Without --queued, delete.sh asks gcloud whether NAME is a queued resource and deletes
+    that (with its slice) when it is, the TPU VM alone when it is not."""
+    env, calls = fake_gcloud
+    result = script("delete.sh", *SLICE, env={**env, "FAKE_QUEUED": "1" if queued else ""})
+    assert result.returncode == 0, result.stderr
+    describe, delete = calls.read_text().splitlines()
+    assert describe == "compute tpus queued-resources describe run1 --zone=us-east5-a"
+    assert delete == ("compute tpus queued-resources delete run1 --zone=us-east5-a --force "
+                      "--quiet" if queued else "compute tpus tpu-vm delete run1 "
+                      "--zone=us-east5-a --quiet")
+
+
+def test_launch_deletes_the_slice_when_the_run_fails(fake_gcloud):
+    env, calls = fake_gcloud
+    result = script("launch.sh", *SLICE, "--accelerator", "v4-8", "--workdir", "gs://b/r",
+                    "--delete-when-done", "--logs", str(calls.parent / "logs"),
+                    env={**env, "FAKE_SSH_EXIT": "3"})
+    assert result.returncode == 3                          # the run's status, after the delete
+    assert "the run ended (exit 3): deleting run1" in result.stderr
+    assert calls.read_text().splitlines()[-1] == "compute tpus tpu-vm delete run1 " \
+                                                 "--zone=us-east5-a --quiet"
 
 
 def test_real_run_executes_what_the_dry_run_prints(fake_gcloud):

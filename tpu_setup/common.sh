@@ -123,6 +123,31 @@ set_location_flags() {
   [[ -z $PROJECT ]] || LOCATION_FLAGS+=(--project="$PROJECT")
 }
 
+# delete_slice: delete TPU_NAME, through its queued resource when it has one (a queued
+# resource's slice deleted alone leaves the resource behind); billing stops when it returns.
+delete_slice() {
+  local delete_queued=("$GCLOUD" compute tpus queued-resources delete "$TPU_NAME" "${LOCATION_FLAGS[@]}"
+    --force --quiet)
+  local delete_vm=("$GCLOUD" compute tpus tpu-vm delete "$TPU_NAME" "${LOCATION_FLAGS[@]}" --quiet)
+  if [[ $DRY_RUN == 1 ]]; then
+    echo "$(quote "${delete_queued[@]}") || $(quote "${delete_vm[@]}")"
+  elif "$GCLOUD" compute tpus queued-resources describe "$TPU_NAME" "${LOCATION_FLAGS[@]}" \
+      >/dev/null 2>&1; then
+    echo "$TPU_NAME came through a queued resource: deleting it with its slice" >&2
+    "${delete_queued[@]}"
+  else
+    "${delete_vm[@]}"
+  fi
+}
+
+# remote_delete_slice: the shell text of delete_slice for a worker's own shell (a detached
+# run's guard: the worker has gcloud, and this laptop may be closed).
+remote_delete_slice() {
+  echo "$(quote gcloud compute tpus queued-resources delete "$TPU_NAME" "${LOCATION_FLAGS[@]}" \
+    --force --quiet) || $(quote gcloud compute tpus tpu-vm delete "$TPU_NAME" \
+    "${LOCATION_FLAGS[@]}" --quiet)"
+}
+
 # ---------------------------------------------------------------------------- accelerators
 # accelerator_chips TYPE: chips in a slice of gcloud accelerator type TYPE, or die. The same
 # table as mythos_jax/plan/topology.py (tests/test_tpu_setup.py checks that they agree):

@@ -3,11 +3,12 @@
 #
 #   tpu_setup/delete.sh --name NAME --zone ZONE [--queued] [--dry-run]
 #
+# A slice made through a queued resource (create.sh --queued) is found and deleted with it.
+#
 #   --name NAME          TPU VM name                                [MYTHOS_TPU_NAME]
 #   --zone ZONE          its zone                                   [MYTHOS_TPU_ZONE]
 #   --project PROJECT    default: gcloud's configured project       [MYTHOS_TPU_PROJECT]
-#   --queued             it was made with create.sh --queued: delete the queued resource and
-#                        its slice together
+#   --queued             delete the queued resource and its slice without looking first
 #   --dry-run            print the gcloud command instead of running it
 # [VARIABLE]: the environment variable the value defaults to. GCLOUD: the gcloud executable.
 # Checkpoints in the gs:// workdir stay; the workers' disks go.
@@ -38,5 +39,5 @@ if [[ $queued == 1 ]]; then
   run "$GCLOUD" compute tpus queued-resources delete "$TPU_NAME" "${LOCATION_FLAGS[@]}" \
     --force --quiet
 else
-  run "$GCLOUD" compute tpus tpu-vm delete "$TPU_NAME" "${LOCATION_FLAGS[@]}" --quiet
+  delete_slice
 fi

@@ -23,6 +23,9 @@
 #                        a closed laptop) and return; each worker logs to
 #                        ~/mythos-logs/train.log
 #   --collect            TPU: fetch every worker's log of a detached run into --logs
+#   --delete-when-done   TPU: delete the slice (and its queued resource) once the run ends,
+#                        finished or failed, so that it stops billing; a detached run's
+#                        workers delete it themselves. Checkpoints in the gs:// workdir stay
 #   --venv DIR           venv on the workers, from their home (mythos-venv, as install.sh
 #                        makes it; a plain relative path); the command runs in the
 #                        workers' home directory. Every value reaching the workers' shell
@@ -45,6 +48,7 @@ mesh=""                             # --mesh
 logs=""                             # --logs
 detach=0                            # --detach
 collect=0                           # --collect
+delete_when_done=0                  # --delete-when-done
 remote_venv=mythos-venv             # --venv
 local_processes=""                  # --local
 local_devices=1                     # --local-devices
@@ -65,6 +69,7 @@ while [[ $# -gt 0 ]]; do
     --logs) logs=$(value "$@"); shift ;;
     --detach) detach=1 ;;
     --collect) collect=1 ;;
+    --delete-when-done) delete_when_done=1 ;;
     --venv) remote_venv=$(value "$@"); shift ;;
     --local) local_processes=$(value "$@"); shift ;;
     --local-devices) local_devices=$(value "$@"); shift ;;
@@ -185,13 +190,20 @@ launch_tpu() {
   # jax.distributed.initialize() (mythos_jax/train/distributed.py).
   train="MYTHOS_JAX_DISTRIBUTED=1 $(quote "$remote_venv/bin/mythos-jax" "${TRAIN_ARGS[@]}")"
   if [[ $detach == 1 ]]; then
+    [[ $delete_when_done == 0 ]] || train="sh -c $(quote "$train; $(remote_delete_slice)")"
     run "${ssh_all[@]}" --command="mkdir -p ${remote_log%/*} && nohup env $train > $remote_log 2>&1 < /dev/null &"
     echo "started; fetch the logs with: $0 --collect --name $TPU_NAME --zone $ZONE" >&2
     return 0
   fi
   run mkdir -p "$logs"
   echo "running on every worker of $TPU_NAME; logs: $logs/<worker>.log (tail -f $logs/0.log)" >&2
-  run "${ssh_all[@]}" --command="$train" --output-directory="$logs"
+  local status=0
+  run "${ssh_all[@]}" --command="$train" --output-directory="$logs" || status=$?
+  if [[ $delete_when_done == 1 ]]; then
+    echo "the run ended (exit $status): deleting $TPU_NAME (--delete-when-done)" >&2
+    delete_slice
+  fi
+  return "$status"
 }
 
 if [[ -n $local_processes ]]; then launch_local; else launch_tpu; fi
