@@ -43,12 +43,15 @@ FAULTS = (
           "one job, not N lone ones writing one workdir",
           ("test_distributed::test_a_tpu_vm_joins_its_slice_from_the_metadata_server",
            "test_distributed::test_a_gke_tpu_pod_joins_from_its_worker_host_names")),
-    Fault("a transient storage error reading a checkpoint",
-          "retried 4 times with backoff, then the run stops naming the error",
+    Fault("a transient storage error reading a checkpoint, on one host or all",
+          "every host retries together, 4 times with backoff, then the run stops naming the "
+          "error",
           "every checkpoint, untouched",
           ("test_checkpoints_training::test_a_transient_read_error_is_retried_and_moves_"
            "nothing", "test_checkpoints_training::test_a_read_error_that_is_not_damage_stops_"
-                      "the_run_naming_it")),
+                      "the_run_naming_it",
+           "test_preemption::test_sigterm_on_one_host_then_on_both_at_different_steps_during_a_"
+           "save")),
     Fault("a damaged checkpoint (truncated or missing files)",
           "named and set aside in damaged_checkpoints/; the run resumes from the newest "
           "readable one", "every readable checkpoint",

@@ -3,12 +3,15 @@
 one host; then both, 0.3 s apart, the first while a checkpoint is being written. Each time both
 processes save the same checkpoint and exit with ``PREEMPTED_EXIT`` within a bounded
 time, and the rerun continues at the next step: the whole run logs every step once, with the
-batches and losses of an uninterrupted run."""
+batches and losses of an uninterrupted run. That rerun also meets a transient read error on one
+host only: both hosts retry together (process 0 reports the failure "on another process") and
+nothing is set aside."""
 
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -26,15 +29,31 @@ OVERRIDES = [f"steps={STEPS}", "checkpoint.every=1000", "log.every=1", "log.prog
 EXIT_WITHIN = 120       # seconds from the last signal to both processes' exit
 
 
-def start_hosts(workdir, overrides, logs):
+# ``mythos-jax`` whose process 1 fails its first two checkpoint reads with a transient error
+FLAKY_READS_ON_HOST_1 = """
+import sys, jax
+from mythos_jax.checkpoints import training
+read, failures = training.Checkpointer.saved_config, [2]
+def flaky(self, step):
+    if jax.process_index() == 1 and failures[0]:
+        failures[0] -= 1
+        raise ConnectionError("injected: storage unreachable")
+    return read(self, step)
+training.Checkpointer.saved_config, training.RETRY_SECONDS = flaky, 0.05
+from mythos_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_hosts(workdir, overrides, logs, flaky_reads=False):
     """Two processes of one run, one CPU device each, their output to ``logs``."""
     port = free_port()
     env = {**subprocess_env(), "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     sets = [a for o in overrides for a in ("--set", o)]
-    return [subprocess.Popen(cli(["train", "--config", "tiny", "--workdir", str(workdir), *sets,
-                                  "--coordinator-address", f"127.0.0.1:{port}",
-                                  "--num-processes", "2", "--process-id", str(i),
-                                  "--local-devices", "1"]),
+    args = ["train", "--config", "tiny", "--workdir", str(workdir), *sets,
+            "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+    command = [sys.executable, "-c", FLAKY_READS_ON_HOST_1] if flaky_reads else cli([])
+    return [subprocess.Popen(command + args + ["--process-id", str(i), "--local-devices", "1"],
                              env=env, stdout=open(logs[i], "w"), stderr=subprocess.STDOUT)
             for i in range(2)]
 
@@ -93,9 +112,13 @@ def test_sigterm_on_one_host_then_on_both_at_different_steps_during_a_save(tmp_p
     assert second > first
 
     logs = [tmp_path / f"last-{i}.log" for i in range(2)]
-    hosts = start_hosts(work, OVERRIDES, logs)
+    hosts = start_hosts(work, OVERRIDES, logs, flaky_reads=True)
     assert [host.wait(timeout=600) for host in hosts] == [0, 0], open(logs[0]).read()
-    assert f"resumed from {work}/checkpoints at step {second}" in open(logs[0]).read()
+    output = open(logs[0]).read()
+    assert f"resumed from {work}/checkpoints at step {second}" in output
+    assert output.count(f"warning: reading checkpoint step {second} at {work}/checkpoints/"
+                        f"{second} failed (failed on another process); retrying") == 2, output
+    assert not (work / "damaged_checkpoints").exists()
     assert [r["step"] for r in read_metrics(work) if "eval" not in r] == list(range(1, STEPS + 1))
 
     # The same run uninterrupted, one process on two devices: the same batches and losses

@@ -39,6 +39,7 @@ from mythos_jax.train.step import TrainPlan, TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 FINGERPRINT_ITEM = "fingerprint"
+JSON_ITEM_FILE = "metadata"  # where Orbax's JsonCheckpointHandler puts an item's JSON
 DAMAGED_DIR = "damaged_checkpoints"
 # Data fields that may change between a run and its resumption without moving the stream.
 DATA_FIELDS_FREE_TO_CHANGE = ("prefetch",)
@@ -223,16 +224,20 @@ class Checkpointer:
 
     def saved_config(self, step: int) -> dict[str, Any]:
         """The TrainConfig (as a dict) stored with checkpoint ``step``."""
-        return self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"]
+        return self._json_item(step, "config")
+
+    def _json_item(self, step: int, item: str) -> Any:
+        """A JSON item of checkpoint ``step``, read as a file by each process on its own: an
+        Orbax restore synchronises the processes, so one whose read failed before reaching
+        it would leave the others waiting in a different collective."""
+        return json.loads((self.directory / str(step) / item / JSON_ITEM_FILE).read_text())
 
     def check_data(self, step: int, allow_data_change: bool = False) -> None:
         """``ValueError`` naming what changed when the data differs from checkpoint ``step``'s
         (checkpoints written before fingerprints existed are not checked)."""
         if not (self.directory / str(step) / FINGERPRINT_ITEM).exists():
             return
-        saved = self._read(step, lambda: self.manager.restore(step, args=ocp.args.Composite(
-            **{FINGERPRINT_ITEM: ocp.args.JsonRestore()}))[FINGERPRINT_ITEM])
+        saved = self._read(step, lambda: self._json_item(step, FINGERPRINT_ITEM))
         changes = data_changes(saved, self.fingerprint)
         if not changes:
             return
@@ -312,7 +317,11 @@ def _agreed(kind: str) -> str:
     if jax.process_count() == 1:
         return kind
     codes = multihost_utils.process_allgather(np.int32(_SEVERITY.index(kind)))
-    return _SEVERITY[int(np.max(codes))]
+    worst = int(np.max(codes))
+    if not 0 <= worst < len(_SEVERITY):
+        raise RuntimeError(f"the processes are out of step while reading a checkpoint (got "
+                           f"outcome codes {np.asarray(codes).tolist()})")
+    return _SEVERITY[worst]
 
 
 def _warn(text: str) -> None:
