@@ -55,14 +55,19 @@ def test_text_files_round_trip_through_shards(tmp_path, capsys):
         prepare_data.run(parse(*argv, "--overwrite"))
 
 
-def test_jsonl_with_tokenizer_round_trip(tmp_path):
+def word_tokenizer(path) -> str:
+    """A word-level tokenizer.json of DOCS at ``path`` (EOS "</s>"); its path."""
     import tokenizers
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.train_from_iterator(DOCS, tokenizers.trainers.WordLevelTrainer(
         special_tokens=["[UNK]", "</s>"]))
-    tok_path = str(tmp_path / "tokenizer.json")
-    tok.save(tok_path)
+    tok.save(str(path))
+    return str(path)
+
+
+def test_jsonl_with_tokenizer_round_trip(tmp_path):
+    tok_path = word_tokenizer(tmp_path / "tokenizer.json")
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS))
     out = str(tmp_path / "shards")
@@ -178,3 +183,29 @@ def test_record_lengths_are_checked(prepared):
     data._store.cache_clear()                  # the store of the same paths is cached
     with pytest.raises(ValueError, match="must be a 1-D array"):
         data.train_iterator(ArrayRecordData(paths=(str(prepared),)))
+
+
+def test_the_tokenizer_travels_with_the_shards_the_run_and_the_exported_model(tmp_path):
+    """prepare-data copies the tokenizer.json next to the shards, a run on them into its
+    workdir, and convert into the model checkpoint: each usable after the original is gone."""
+    from mythos_jax.cli import main
+    from mythos_jax.train.config import load_train_config
+    from mythos_jax.train.tokenizer import TOKENIZER_FILE
+    from mythos_jax.train.trainer import train
+    (tmp_path / "tok").mkdir()
+    original = word_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    (tmp_path / "docs.txt").write_text("\n".join(DOCS * 20))
+    shards = tmp_path / "shards"
+    prepare_data.prepare([str(tmp_path / "docs.txt")], str(shards), tokenizer=original)
+    content = open(original, "rb").read()
+    os.remove(original)
+    assert (shards / TOKENIZER_FILE).read_bytes() == content
+    cfg = load_train_config("tiny", [
+        "data.source=arrayrecord", f"data.paths=[{shards}]", "data.seq_len=8",
+        "data.eval_fraction=0.5", "steps=1", "eval.loops=[1]", "eval.batches=1",
+        "log.tensorboard=false", "checkpoint.async_save=false"])
+    assert data.get_vocab(cfg.data).name == str(shards / TOKENIZER_FILE)
+    train(cfg, str(tmp_path / "run"))
+    assert (tmp_path / "run" / TOKENIZER_FILE).read_bytes() == content
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "model")]) == 0
+    assert (tmp_path / "model" / TOKENIZER_FILE).read_bytes() == content

@@ -27,6 +27,7 @@ from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.config_file import parse_json
 from mythos_jax.train.step import build_plan
+from mythos_jax.train.tokenizer import TOKENIZER_FILE
 from mythos_jax.train.trainer import CONFIG_FILE
 
 
@@ -79,6 +80,16 @@ def training_source(path: str | os.PathLike,
     if step is not None and step != int(name):
         raise ValueError(f"{path} is the checkpoint of step {name}, not {step}")
     return os.fspath(path.parent.parent), int(name)
+
+
+def stored_tokenizer(path: str | os.PathLike):
+    """The tokenizer.json stored with the model at ``path`` (a training workdir, one of its
+    checkpoints, or a model checkpoint), or None: byte-level runs and OpenMythos files have
+    none."""
+    source = training_source(path)
+    folder = paths.resolve(source[0] if source else path)
+    copy = folder / TOKENIZER_FILE
+    return copy if folder.is_dir() and copy.is_file() else None
 
 
 def read_train_config(workdir: str) -> TrainConfig:

@@ -30,14 +30,17 @@ from mythos_jax import paths
 from mythos_jax.budget import check_fits, tree_bytes
 from mythos_jax.config import MythosConfig
 from mythos_jax.model import OpenMythos
+from mythos_jax.train.tokenizer import copy_tokenizer
 
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"
 COMMIT_FILE = "COMMITTED"      # the last object of a save into a bucket
 
 
-def save_model(model: OpenMythos, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Write ``model`` (config and full state) to the directory ``path``.
+def save_model(model: OpenMythos, path: str | os.PathLike, *, overwrite: bool = False,
+               tokenizer: str | os.PathLike | None = None) -> None:
+    """Write ``model`` (config and full state) to the directory ``path``, with a copy of the
+    ``tokenizer`` json file (path or URL) it reads, if given.
 
     An existing ``path`` raises ``FileExistsError`` unless ``overwrite=True``; even then only an
     existing mythos-jax checkpoint or an empty directory is replaced (anything else raises
@@ -55,6 +58,7 @@ def save_model(model: OpenMythos, path: str | os.PathLike, *, overwrite: bool = 
     tmp.mkdir()                                    # honours the umask, unlike mkdtemp (0700)
     try:
         (tmp / CONFIG_FILE).write_text(model.cfg.to_json() + "\n")
+        copy_tokenizer(tokenizer, tmp)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / STATE_DIR, nnx.state(model))
             checkpointer.wait_until_finished()

@@ -6,7 +6,8 @@ weights (.pt/.pth, read without running code from the pickle; .safetensors). DST
 or .safetensors file (OpenMythos weights that open_mythos.main.OpenMythos(cfg)
 .load_state_dict(..., strict=True) accepts; the config rides along: 'cfg' in a .pt,
 metadata 'mythos_config' in a .safetensors), or else a directory that becomes a standalone
-mythos-jax model checkpoint (parameters and config, no optimizer state).
+mythos-jax model checkpoint (parameters and config, no optimizer state; the run's
+tokenizer.json with it when it has one).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Read SRC (any form), write DST (form from its suffix)."""
     from mythos_jax import paths
-    from mythos_jax.checkpoints.load import load_model_and_source
+    from mythos_jax.checkpoints.load import load_model_and_source, stored_tokenizer
     from mythos_jax.checkpoints.model import parameter_count, save_model
     from mythos_jax.interop.files import is_openmythos_file
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         _write_file(model, dst)
         kind = "OpenMythos checkpoint"
     else:
-        save_model(model, dst, overwrite=args.overwrite)
+        save_model(model, dst, overwrite=args.overwrite, tokenizer=stored_tokenizer(src))
         kind = "mythos-jax checkpoint"
     cfg = model.cfg
     print(f"wrote {kind} {dst} ({parameter_count(model):,} parameters, "

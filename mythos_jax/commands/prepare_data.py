@@ -27,7 +27,7 @@ import tempfile
 import numpy as np
 
 from mythos_jax.train import corpus
-from mythos_jax.train.tokenizer import load_vocab
+from mythos_jax.train.tokenizer import copy_tokenizer, load_vocab
 
 ENCODE_CHUNK = 512      # documents tokenised per encode_batch call
 
@@ -78,6 +78,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "bytes", fmt: str =
                                dir=parent)
     try:
         meta = _write_shards(files, vocab, fmt, jsonl_field, records_per_shard, staging, inputs)
+        copy_tokenizer(vocab.name, staging)        # the shards' tokenizer travels with them
         _swap_in(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -26,6 +26,7 @@ past the data (LM only) are all PAD with a zero mask.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import grain
@@ -33,7 +34,7 @@ import numpy as np
 
 from mythos_jax.train import corpus, tasks
 from mythos_jax.train.data_config import TASK_SOURCES, DataConfig
-from mythos_jax.train.tokenizer import BYTES, Vocab, load_vocab
+from mythos_jax.train.tokenizer import BYTES, TOKENIZER_FILE, Vocab, load_vocab
 
 TASK_STREAM_LENGTH = 2**62      # "infinite" train stream of task examples
 Batch = dict[str, np.ndarray]
@@ -43,9 +44,11 @@ Batch = dict[str, np.ndarray]
 def get_vocab(cfg: DataConfig) -> Vocab:
     """The vocabulary of ``cfg``'s tokens (sizes and special ids)."""
     if cfg.source == "arrayrecord":
-        meta = corpus.read_arrayrecord_metadata(
-            corpus.expand_paths(cfg.paths, directories=True)[0])
-        return Vocab(meta["tokenizer"], meta["vocab_size"], meta["eos_id"], meta["pad_id"])
+        directory = corpus.expand_paths(cfg.paths, directories=True)[0]
+        meta = corpus.read_arrayrecord_metadata(directory)
+        copy = os.path.join(directory, TOKENIZER_FILE)     # prepare-data's copy, if any
+        name = copy if meta["tokenizer"] != "bytes" and os.path.isfile(copy) else meta["tokenizer"]
+        return Vocab(name, meta["vocab_size"], meta["eos_id"], meta["pad_id"])
     return BYTES if cfg.source in TASK_SOURCES else load_vocab(cfg.tokenizer)
 
 

@@ -9,6 +9,9 @@ vocabulary size is the largest id + 1 (ids may be sparse), so every id is below 
 the first of ``EOS_NAMES`` the vocabulary has, else a new id past the largest (never a real
 one); PAD is the first of ``PAD_NAMES`` it has, else EOS (padding is masked out of the loss
 either way).
+
+A run, a ``prepare-data`` output and a model checkpoint carry their tokenizer as
+``TOKENIZER_FILE`` (``copy_tokenizer``), so that they can be used where the original file is not.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from typing import Sequence
 
 import numpy as np
 
+from mythos_jax import paths
+
 BYTE_EOS = 256
 BYTE_PAD = 257
 BYTE_VOCAB_SIZE = 258
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")
 PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +59,18 @@ class Vocab:
 
 
 BYTES = Vocab("bytes", BYTE_VOCAB_SIZE, BYTE_EOS, BYTE_PAD)
+
+
+def copy_tokenizer(source: str | os.PathLike | None, folder: str | os.PathLike) -> bool:
+    """Copy the tokenizer.json at ``source`` (a path or URL; ``"bytes"`` or None: nothing to
+    copy) into ``folder`` as ``TOKENIZER_FILE``, atomically; whether there was one."""
+    if source is None or os.fspath(source) == "bytes":
+        return False
+    tokenizer = paths.resolve(source)
+    if not tokenizer.is_file():
+        return False
+    paths.write_bytes(paths.join(folder, TOKENIZER_FILE), tokenizer.read_bytes())
+    return True
 
 
 def load_vocab(spec: str) -> Vocab:

@@ -35,6 +35,7 @@ from mythos_jax.train.evaluate import (depth_curve_table, evaluate, global_batch
 from mythos_jax.train.metrics import (METRICS_FILE, MetricsLogger, peak_flops_per_device,
                                       print_message, read_metrics_file)
 from mythos_jax.train.step import build_plan, init_train_state, make_train_step
+from mythos_jax.train.tokenizer import copy_tokenizer
 from mythos_jax.train.workdir_lock import WorkdirLock
 
 CONFIG_FILE = "train_config.json"
@@ -138,8 +139,11 @@ def _describe(plan) -> str:
 
 
 def _write_config(cfg: TrainConfig, workdir) -> None:
+    """The run's config and, for a tokenizer.json vocabulary, a copy of it (``TOKENIZER_FILE``):
+    what readers of the workdir need besides the checkpoints."""
     if jax.process_index() == 0:
         paths.write_text(workdir / CONFIG_FILE, cfg.to_json() + "\n")
+        copy_tokenizer(data_lib.get_vocab(cfg.data).name, workdir)
 
 
 def _json_keys(results: dict) -> dict:
