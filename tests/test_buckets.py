@@ -5,14 +5,14 @@ model checkpoints committed with a marker; generate and parity reading bucket ch
 import json
 import os
 import socket
-import threading
 import time
 
 import numpy as np
 import pytest
 from tensorboardX.proto.event_pb2 import Event
 
-from gcs_emulator import gcs, gcs_server  # noqa: F401  (fixtures)
+from gcs_emulator import GcsEmulator
+from lock_race import race_for_the_lock
 from mythos_jax import paths
 from mythos_jax.train import workdir_lock
 from mythos_jax.train.config import load_train_config
@@ -20,6 +20,30 @@ from mythos_jax.train.trainer import read_metrics, train
 from mythos_jax.train.workdir_lock import WorkdirBusy, WorkdirLock
 
 RUN = ["checkpoint.async_save=false", "log.peak_flops=1e9", "eval.loops=[1]", "eval.batches=1"]
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    server = GcsEmulator(str(tmp_path_factory.mktemp("gcs")),
+                         str(tmp_path_factory.mktemp("gcs-log") / "access.log"))
+    saved = {k: os.environ.get(k) for k in server.environment()}
+    os.environ.update(server.environment())
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server, tmp_path, monkeypatch):
+    """The emulator, with the test running in ``tmp_path/cwd`` (where a URL turned into a
+    local path would land: tests check that it stays empty)."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return gcs_server
 
 
 def event_tags(data: bytes) -> dict[str, list[int]]:
@@ -144,25 +168,9 @@ def test_the_bucket_lock_holder_keeps_its_heartbeat_fresh(gcs, monkeypatch):
 def test_only_one_of_many_racing_takers_of_a_stale_bucket_lock_wins(gcs):
     url = gcs.new_bucket() + "/run"
     _put_lock(url, host="gone-host", heartbeat_unix=time.time() - 3600)
-    start, outcomes, locks = threading.Barrier(6), [], []
-
-    def take():
-        lock = WorkdirLock(url)
-        start.wait()
-        try:
-            lock.acquire()
-            outcomes.append("won")
-            locks.append(lock)
-        except WorkdirBusy:
-            outcomes.append("busy")
-
-    takers = [threading.Thread(target=take) for _ in range(6)]
-    for thread in takers:
-        thread.start()
-    for thread in takers:
-        thread.join()
-    assert sorted(outcomes) == ["busy"] * 5 + ["won"]
-    locks[0].release()
+    won = race_for_the_lock(url, 6)
+    assert len(won) == 1
+    won[0].release()
 
 
 def test_a_model_checkpoint_in_a_bucket_is_committed_last_and_read_only_when_committed(gcs):

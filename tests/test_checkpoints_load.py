@@ -185,7 +185,7 @@ def test_a_workdir_whose_corpus_is_gone_still_exports_converts_and_generates(tmp
     corpus.mkdir()
     for i in range(4):
         (corpus / f"{i}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n" * 40)
-    overrides = QUICK + [f"data.source=text", f"data.paths=[{corpus}/*.txt]"]
+    overrides = QUICK + ["data.source=text", f"data.paths=[{corpus}/*.txt]"]
     work = tmp_path / "run"
     train(load_train_config("tiny", overrides), str(work))
     corpus.rename(tmp_path / "elsewhere")

@@ -6,11 +6,11 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
+from lock_race import race_for_the_lock
 from mythos_jax.train.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 
 
@@ -101,25 +101,11 @@ def test_processes_other_than_the_first_take_no_lock(tmp_path):
 
 
 def test_only_one_of_many_racing_takers_of_a_stale_lock_wins(tmp_path):
-    """Eight takers (threads: each opens the file itself, so their flocks conflict as those of
-    processes do) take over one dead trainer's lock at once: exactly one holds it."""
+    """Eight takers take over one dead trainer's lock at once: exactly one holds it."""
     _write_lock(tmp_path, pid=None)
-    start, outcomes = threading.Barrier(8), []
-
-    def take():
-        start.wait()
-        try:
-            WorkdirLock(str(tmp_path)).acquire()
-            outcomes.append("won")
-        except WorkdirBusy:
-            outcomes.append("busy")
-
-    takers = [threading.Thread(target=take) for _ in range(8)]
-    for thread in takers:
-        thread.start()
-    for thread in takers:
-        thread.join()
-    assert sorted(outcomes) == ["busy"] * 7 + ["won"]
+    won = race_for_the_lock(str(tmp_path), 8)
+    assert len(won) == 1
+    won[0].release()
 
 
 def test_a_second_train_command_is_refused_at_once(tmp_path, holder):
