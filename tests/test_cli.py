@@ -199,6 +199,11 @@ def test_generate_needs_a_byte_vocabulary(tmp_path, capsys):
     ckpt = tmp_path / "small_vocab"
     save_model(OpenMythos(variants.tiny_mla(vocab_size=128), rngs=nnx.Rngs(0)), ckpt)
     assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {ckpt}: no tokenizer.json is stored with this model (a vocabulary of 128 ids, "
+        "not byte level): give its tokenizer with --tokenizer")
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "hi",
+                 "--tokenizer", "bytes"]) == 2
     assert "need vocab_size >= 256" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     assert "no such file or directory" in capsys.readouterr().err

@@ -185,9 +185,10 @@ def test_record_lengths_are_checked(prepared):
         data.train_iterator(ArrayRecordData(paths=(str(prepared),)))
 
 
-def test_the_tokenizer_travels_with_the_shards_the_run_and_the_exported_model(tmp_path):
+def test_the_tokenizer_travels_with_the_shards_the_run_and_the_exported_model(tmp_path, capsys):
     """prepare-data copies the tokenizer.json next to the shards, a run on them into its
-    workdir, and convert into the model checkpoint: each usable after the original is gone."""
+    workdir, and convert into the model checkpoint: each usable after the original is gone;
+    generate encodes and decodes with it (its words, never bytes), from the run or the model."""
     from mythos_jax.cli import main
     from mythos_jax.train.config import load_train_config
     from mythos_jax.train.tokenizer import TOKENIZER_FILE
@@ -209,3 +210,12 @@ def test_the_tokenizer_travels_with_the_shards_the_run_and_the_exported_model(tm
     assert (tmp_path / "run" / TOKENIZER_FILE).read_bytes() == content
     assert main(["convert", str(tmp_path / "run"), str(tmp_path / "model")]) == 0
     assert (tmp_path / "model" / TOKENIZER_FILE).read_bytes() == content
+    capsys.readouterr()
+    texts = []
+    for source in ("run", "model"):
+        assert main(["generate", "--checkpoint", str(tmp_path / source), "--prompt",
+                     "alpha beta", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+        texts.append(capsys.readouterr().out)
+    words = set(json.loads(content)["model"]["vocab"]) - {"[UNK]"}
+    assert texts[0] == texts[1] and texts[0].startswith("alpha beta")
+    assert set(texts[0].split()) <= words, texts[0]

@@ -14,7 +14,9 @@ optimizer state is read too, then dropped: the restore takes the whole saved sta
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 
 import jax
 from flax import nnx
@@ -27,7 +29,8 @@ from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train.config import TrainConfig
 from mythos_jax.train.config_file import parse_json
 from mythos_jax.train.step import build_plan
-from mythos_jax.train.tokenizer import TOKENIZER_FILE
+from mythos_jax.train.data import get_vocab
+from mythos_jax.train.tokenizer import BYTES, TOKENIZER_FILE, Vocab, load_vocab
 from mythos_jax.train.trainer import CONFIG_FILE
 
 
@@ -90,6 +93,40 @@ def stored_tokenizer(path: str | os.PathLike):
     folder = paths.resolve(source[0] if source else path)
     copy = folder / TOKENIZER_FILE
     return copy if folder.is_dir() and copy.is_file() else None
+
+
+def model_vocab(path: str | os.PathLike, vocab_size: int) -> Vocab:
+    """The vocabulary the model stored at ``path`` reads: its tokenizer.json; else a training
+    run's own (byte level, or its tokenizer where the file still is); else byte level for a
+    model of 256-258 ids. ``ValueError`` naming the path otherwise (never a guess)."""
+    stored = stored_tokenizer(path)
+    if stored is not None:
+        return load_vocab(local_file(stored))
+    source = training_source(path)
+    if source is not None:
+        try:
+            vocab = get_vocab(read_train_config(source[0]).data)
+        except (OSError, ValueError):
+            vocab = None                   # its corpus or tokenizer is not here
+        if vocab is not None and (vocab.name == "bytes" or os.path.isfile(vocab.name)):
+            return vocab if vocab.name == "bytes" else load_vocab(vocab.name)
+    elif 256 <= vocab_size <= BYTES.size:
+        return BYTES
+    raise ValueError(f"{path}: no {TOKENIZER_FILE} is stored with this model (a vocabulary of "
+                     f"{vocab_size} ids, not byte level): give its tokenizer with --tokenizer")
+
+
+def local_file(path) -> str:
+    """``path`` as a local file: a bucket object is copied to the temporary folder once (by
+    content), as the tokenizers package reads local files only."""
+    if not paths.is_remote(path):
+        return os.fspath(path)
+    data = paths.resolve(path).read_bytes()
+    local = os.path.join(tempfile.gettempdir(),
+                         f"mythos-jax-{hashlib.sha256(data).hexdigest()[:16]}-{path.name}")
+    if not os.path.exists(local):
+        paths.write_bytes(local, data)
+    return local
 
 
 def read_train_config(workdir: str) -> TrainConfig:

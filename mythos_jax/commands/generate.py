@@ -1,8 +1,12 @@
-"""Generate text with byte-level tokens: each prompt is its UTF-8 bytes (token id = byte value, so
-the model needs vocab_size >= 256) and generated ids < 256 are decoded back as bytes (invalid UTF-8
-becomes U+FFFD, control characters are escaped, ids >= 256 print as <id>). One prompt: the text is
-streamed to stdout as it is generated. Several prompts: the first is streamed to stderr, then
-stdout gets one line per prompt (prompt + continuation, newlines escaped).
+"""Generate text in the model's own vocabulary: the tokenizer.json stored with a run or a model
+checkpoint (``--tokenizer`` gives one), else byte level for a byte-level run, a model of 256-258
+ids or a ``--variant``; a checkpoint whose tokenizer is unknown is refused, never read as bytes.
+Byte level: each prompt is its UTF-8 bytes (token id = byte value) and generated ids < 256 are
+decoded back as bytes (invalid UTF-8 becomes U+FFFD, control characters are escaped, ids >= 256
+print as <id>). With a tokenizer.json, generation stops at its EOS unless ``--eos-id`` says
+otherwise. One prompt: the text is streamed to stdout as it is generated. Several prompts: the
+first is streamed to stderr, then stdout gets one line per prompt (prompt + continuation,
+newlines escaped).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="a named config (mythos_jax.variants, e.g. tiny_mla) with "
                              "random weights drawn from --seed")
     p.add_argument("--step", type=int, metavar="N", help="checkpoint step of a training workdir")
+    p.add_argument("--tokenizer", metavar="SPEC",
+                   help="'bytes' or a tokenizer.json (default: the one stored with the model)")
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="prompt text; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, metavar="N",
@@ -44,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Byte-level generation; streams the first sequence (see the module docstring)."""
+    """Generation in the model's vocabulary; streams the first sequence (see the module
+    docstring)."""
     import time
 
     from mythos_jax.inference.generate import check_generation_args, generate
@@ -53,28 +60,32 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.n_loops is not None and args.n_loops < 1:
         raise CommandError(f"--n-loops must be >= 1, got {args.n_loops}")
-    prompts = [list(text.encode("utf-8")) for text in args.prompt]
-    if any(not p for p in prompts):
+    if any(not text for text in args.prompt):
         raise CommandError("--prompt must not be empty")
 
     model = _generation_model(args)
     cfg = model.cfg
-    if cfg.vocab_size < 256:
-        raise CommandError(f"byte-level prompts need vocab_size >= 256, this model has "
-                           f"{cfg.vocab_size}")
+    vocab = _generation_vocab(args, cfg.vocab_size)
+    prompts = [[int(i) for i in ids] for ids in vocab.encode_batch(args.prompt)]
+    if any(not p for p in prompts):
+        raise CommandError(f"a --prompt encodes to no token with {vocab.name}")
     longest = max(len(p) for p in prompts)
     if longest >= cfg.max_seq_len:
-        raise CommandError(f"prompt of {longest} bytes leaves no room for new tokens: the "
+        raise CommandError(f"prompt of {longest} tokens leaves no room for new tokens: the "
                            f"model's max_seq_len is {cfg.max_seq_len}")
     max_new_tokens = (min(DEFAULT_NEW_TOKENS, cfg.max_seq_len - longest)
                       if args.max_new_tokens is None else args.max_new_tokens)
+    eos_id = args.eos_id
+    if eos_id is None and vocab.name != "bytes" and vocab.eos_id < cfg.vocab_size:
+        eos_id = vocab.eos_id
     # Every argument error before the first byte of output.
     check_generation_args(cfg, longest, max_new_tokens, args.temperature, args.top_k,
-                          args.top_p, args.eos_id)
+                          args.top_p, eos_id)
 
     single = len(prompts) == 1
     stream = sys.stdout if single else sys.stderr
-    printer = _ByteStream(stream, args.eos_id)
+    printer = (_ByteStream(stream, eos_id) if vocab.name == "bytes"
+               else _TextStream(stream, eos_id, vocab, prompts[0]))
     if single:
         printer.write_text(args.prompt[0])
     else:
@@ -84,18 +95,20 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = generate(model, prompts, max_new_tokens, n_loops=args.n_loops,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      eos_id=args.eos_id, seed=args.seed,
+                      eos_id=eos_id, seed=args.seed,
                       on_token=lambda tokens: printer.push(int(tokens[0])))
     seconds = time.perf_counter() - start
     printer.close()
     stream.write("\n")
     stream.flush()
     if not single:
-        for text, row, length in zip(args.prompt, result.tokens, result.lengths):
+        for text, prompt, row, length in zip(args.prompt, prompts, result.tokens,
+                                             result.lengths):
             row = [int(t) for t in row[:length]]
-            if args.eos_id is not None and row and row[-1] == args.eos_id:
+            if eos_id is not None and row and row[-1] == eos_id:
                 row = row[:-1]
-            print(_escape(text + _decode_tokens(row)))
+            print(_escape(text + _decode_tokens(row) if vocab.name == "bytes"
+                          else vocab.decode(prompt + row)))
     print(f"{int(result.lengths.sum())} tokens in {seconds:.2f} s "
           f"({len(prompts)} sequence{'s' if len(prompts) > 1 else ''}, includes compilation)",
           file=sys.stderr)
@@ -115,6 +128,33 @@ def _generation_model(args: argparse.Namespace):
     from mythos_jax.variants import get_variant
 
     return OpenMythos(get_variant(args.variant), rngs=nnx.Rngs(args.seed))
+
+
+def _generation_vocab(args: argparse.Namespace, vocab_size: int):
+    """The vocabulary prompts are encoded in (see the module docstring)."""
+    from mythos_jax.train.tokenizer import BYTES, load_vocab
+
+    if args.tokenizer is not None:
+        try:
+            vocab = load_vocab(args.tokenizer)
+        except (OSError, ValueError, ImportError) as err:
+            raise CommandError(f"--tokenizer: {err}") from None
+    elif args.checkpoint is not None:
+        from mythos_jax.checkpoints.load import model_vocab
+
+        try:
+            vocab = model_vocab(args.checkpoint, vocab_size)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+    else:
+        vocab = BYTES
+    if vocab.name == "bytes" and vocab_size < 256:
+        raise CommandError(f"byte-level prompts need vocab_size >= 256, this model has "
+                           f"{vocab_size}")
+    if vocab.name != "bytes" and vocab.size > vocab_size:
+        raise CommandError(f"the tokenizer {vocab.name} has {vocab.size} ids, more than the "
+                           f"model's vocab_size {vocab_size}")
+    return vocab
 
 
 def _escape(text: str, keep: str = "") -> str:
@@ -167,3 +207,33 @@ class _ByteStream:
 
     def close(self) -> None:
         self.write_text(self.decoder.decode(b"", final=True))
+
+
+class _TextStream:
+    """Writes one sequence's tokenizer.json tokens as text while they arrive: the text of the
+    prompt and the tokens so far, decoded whole, past what was written (a token that changes
+    earlier text, as byte-fallback pieces do, waits for the next); stops at ``eos_id``."""
+
+    def __init__(self, stream, eos_id: int | None, vocab, prompt: list[int]):
+        self.stream, self.eos_id, self.vocab = stream, eos_id, vocab
+        self.ids, self.done = list(prompt), False
+        self.written = vocab.decode(self.ids)
+
+    def write_text(self, text: str) -> None:
+        self.stream.write(_escape(text, keep="\n\t"))
+
+    def push(self, token: int) -> None:
+        if self.done:
+            return
+        if self.eos_id is not None and token == self.eos_id:
+            self.done = True
+            return
+        self.ids.append(token)
+        self.close()
+        self.stream.flush()
+
+    def close(self) -> None:
+        text = self.vocab.decode(self.ids)
+        if text.startswith(self.written):
+            self.write_text(text[len(self.written):])
+            self.written = text
