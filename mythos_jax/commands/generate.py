@@ -179,15 +179,11 @@ def _decode_tokens(tokens: Sequence[int]) -> str:
     return "".join(out)
 
 
-class _ByteStream:
-    """Writes one sequence's byte tokens as text while they arrive (incremental UTF-8, so a
-    character split over several tokens prints whole); stops at ``eos_id``."""
+class _TokenStream:
+    """Writes one sequence's tokens as text while they arrive (``_add``), up to ``eos_id``."""
 
     def __init__(self, stream, eos_id: int | None):
-        import codecs
-
         self.stream, self.eos_id, self.done = stream, eos_id, False
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def write_text(self, text: str) -> None:
         self.stream.write(_escape(text, keep="\n\t"))
@@ -198,39 +194,50 @@ class _ByteStream:
         if self.eos_id is not None and token == self.eos_id:
             self.done = True
             return
+        self._add(token)
+        self.stream.flush()
+
+    def _add(self, token: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _ByteStream(_TokenStream):
+    """Byte tokens, decoded as incremental UTF-8 (a character split over several tokens
+    prints whole); ids >= 256 as ``<id>``."""
+
+    def __init__(self, stream, eos_id: int | None):
+        import codecs
+
+        super().__init__(stream, eos_id)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _add(self, token: int) -> None:
         if token < 256:
             self.write_text(self.decoder.decode(bytes([token])))
         else:
             self.write_text(self.decoder.decode(b"", final=True) + f"<{token}>")
             self.decoder.reset()
-        self.stream.flush()
 
     def close(self) -> None:
         self.write_text(self.decoder.decode(b"", final=True))
 
 
-class _TextStream:
-    """Writes one sequence's tokenizer.json tokens as text while they arrive: the text of the
-    prompt and the tokens so far, decoded whole, past what was written (a token that changes
-    earlier text, as byte-fallback pieces do, waits for the next); stops at ``eos_id``."""
+class _TextStream(_TokenStream):
+    """tokenizer.json tokens: the prompt and the tokens so far, decoded whole, past what was
+    written (a token that changes earlier text, as byte-fallback pieces do, waits for the
+    next)."""
 
     def __init__(self, stream, eos_id: int | None, vocab, prompt: list[int]):
-        self.stream, self.eos_id, self.vocab = stream, eos_id, vocab
-        self.ids, self.done = list(prompt), False
+        super().__init__(stream, eos_id)
+        self.vocab, self.ids = vocab, list(prompt)
         self.written = vocab.decode(self.ids)
 
-    def write_text(self, text: str) -> None:
-        self.stream.write(_escape(text, keep="\n\t"))
-
-    def push(self, token: int) -> None:
-        if self.done:
-            return
-        if self.eos_id is not None and token == self.eos_id:
-            self.done = True
-            return
+    def _add(self, token: int) -> None:
         self.ids.append(token)
         self.close()
-        self.stream.flush()
 
     def close(self) -> None:
         text = self.vocab.decode(self.ids)
