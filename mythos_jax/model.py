@@ -78,7 +78,8 @@ class OpenMythos(nnx.Module):
         self.dropout_rngs = nnx.Rngs(dropout=rngs.dropout()) if cfg.dropout > 0 else None
 
     def __call__(self, input_ids: jax.Array, loops: LoopSpec | int | jax.Array | None = None,
-                 *, cache: KVCache | None = None, last_only: bool = False,
+                 *, n_loops: int | jax.Array | None = None,
+                 cache: KVCache | None = None, last_only: bool = False,
                  return_info: bool = False, host_checks: bool = False,
                  trace: bool | tuple[int, ...] = False):
         """input_ids (B, T) integer -> logits (B, T, vocab_size) fp32, or a :class:`Forward`
@@ -91,6 +92,8 @@ class OpenMythos(nnx.Module):
         an int array, scalar or per sequence (B,), possibly traced (one ``lax.while_loop``
         for every count). Its ``exit`` rule stops each sequence early; ``backprop_depth`` /
         ``max_loops`` make run-time counts differentiable (training).
+        ``n_loops``: OpenMythos's name for ``loops`` (``model(ids, n_loops=4)``), accepted for
+        code ported from PyTorch; give one of the two.
         ``cache`` (:class:`~mythos_jax.inference.cache.KVCache`): prefill (T > 1, into an
         empty cache) or decode (T == 1); positions and the attention span come from the
         cache (slot ``index + i``, position ``slot - start_b``; padding never attended), the
@@ -117,6 +120,10 @@ class OpenMythos(nnx.Module):
         same message; the default keeps jitted steps free of host round trips (the data
         pipeline and ``generate`` check their inputs on the host).
         """
+        if n_loops is not None:
+            if loops is not None:
+                raise ValueError("give loops or n_loops (OpenMythos's name for it), not both")
+            loops = n_loops
         spec = self._resolve_loops(loops, cache)
         self._check_inputs(input_ids, cache, host_checks)
         points = _trace_points(trace, input_ids.shape[1], cache, return_info)

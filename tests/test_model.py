@@ -41,6 +41,14 @@ def test_forward_shape_and_loops_matter(make):
     assert np.isfinite(np.asarray(beyond)).all()
 
 
+def test_openmythos_n_loops_keyword_is_loops(mla_model):
+    """Code ported from PyTorch calls ``model(ids, n_loops=4)``: the same logits as loops=4."""
+    ids = _ids(mla_model.cfg)
+    np.testing.assert_array_equal(mla_model(ids, n_loops=3), mla_model(ids, 3))
+    with pytest.raises(ValueError, match="give loops or n_loops"):
+        mla_model(ids, 3, n_loops=3)
+
+
 def test_causal(mla_model):
     ids = _ids(mla_model.cfg, seq=10)
     changed = ids.at[:, 6:].set((ids[:, 6:] + 1) % mla_model.cfg.vocab_size)
