@@ -17,8 +17,10 @@ from quick_runs import run_quick
 def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, capsys):
     """E1 --quick at two seeds with its single_loop arm interrupted at step 2 beforehand (seed
     0): that arm resumes, every arm is evaluated at both seeds and the tables show the spread;
-    a rerun skips the finished arm without rewriting it. Then E1b --quick in the same folder:
-    its looped_random is E1's (the same config), skipped; its slots control trains."""
+    a rerun skips the finished arm without rewriting it. Then E1b --quick in the folder beside
+    it: its looped_random is E1's (the same config), taken; its slots control trains."""
+    tmp_path = tmp_path / "depth_extrapolation"
+    tmp_path.mkdir()
     experiment = get_experiment("depth_extrapolation")
     single = next(a for a in experiment.arms if a.name == "single_loop")
     single_dir = harness.arm_workdir(str(tmp_path), "single_loop", 0)
@@ -61,8 +63,9 @@ def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, cap
     assert "single_loop: done earlier" in capsys.readouterr().out
     assert result_file.stat().st_mtime_ns == written
 
-    e1b = run_quick("position_control", tmp_path)
-    assert "position_control/looped_random: done earlier" in capsys.readouterr().out
+    e1b = run_quick("position_control", tmp_path.parent / "position_control")
+    assert "position_control/looped_random: depth_extrapolation's, the same config" in (
+        capsys.readouterr().out)
     assert list(e1b["arms"]) == ["looped_random", "looped_random_slots"]
     assert e1b["arms"]["looped_random"] == results["seeds"]["0"]["arms"]["looped_random"]
     slots = e1b["arms"]["looped_random_slots"]

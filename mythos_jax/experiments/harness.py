@@ -100,6 +100,9 @@ class Experiment:
     seeds: tuple[int, ...] = (0,)                  # a full run's seeds (--quick: the first)
     pod: PodPreset | None = None                   # the same arms at pod scale
     extra_overrides: tuple[str, ...] = ()          # the user's --set, after the arm's own
+    # experiments whose finished arms serve here when their config is the same: looked up in
+    # the folder beside ``out`` named after each (how `mythos-jax experiment` lays them out)
+    shares_arms_with: tuple[str, ...] = ()
 
     def arm_config(self, arm: Arm, quick: bool, seed: int) -> TrainConfig:
         return load_train_config(self.base, self._arm_overrides(arm, quick, seed))
@@ -218,6 +221,15 @@ def _run_arm(experiment: Experiment, arm: Arm, out: str, quick: bool, seed: int,
         print(f"{progress} {experiment.name}/{arm.name}: done earlier "
               f"({cached['wall_s']:.0f} s), skipped", flush=True)
         return cached
+    for other in experiment.shares_arms_with:
+        shared = _read_result(os.path.join(arm_workdir(os.path.join(
+            os.path.dirname(os.path.abspath(out)), other), arm.name, seed), RESULT_FILE), cfg)
+        if shared is not None:
+            print(f"{progress} {experiment.name}/{arm.name}: {other}'s, the same config "
+                  f"({shared['wall_s']:.0f} s), taken", flush=True)
+            os.makedirs(workdir, exist_ok=True)
+            paths.write_text(result_path, json.dumps(shared, indent=1) + "\n")
+            return shared
     print(f"{progress} {experiment.name}/{arm.name}: training {cfg.steps} steps "
           f"({arm.description or ', '.join(arm.overrides)})", flush=True)
     started = time.time()

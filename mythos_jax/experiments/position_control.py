@@ -10,8 +10,9 @@ relations at every position evaluation uses and the query length no longer tells
 ``looped_fixed_nope_loop`` and ``looped_fixed_nope`` are ``looped_fixed`` without rotary
 positions in the loop's attention, or in any attention (``model.positions``);
 ``looped_fixed_theta20`` is ``looped_fixed`` with a RoPE base at which no offset in the sequence
-aliases another. The reference arms are E1's own (the same configs: a finished E1 arm's
-``result.json`` serves here too when its workdir is copied).
+aliases another. The reference arms are E1's own: the same configs, so E1's finished arms
+(in ``experiments/results/depth_extrapolation`` beside this experiment's folder) are taken,
+not trained again.
 
 Rule, written before the runs: a control at least ``POSITION_GAIN`` better than its arm at
 ``COLLAPSE_HOPS`` in every seed means the collapse was (partly) one of position; that much better
@@ -153,4 +154,5 @@ EXPERIMENT = Experiment(
     base=e1.CPU_BASE, base_overrides=e1.BASE, quick_overrides=e1.QUICK, arms=ARMS,
     pod=PodPreset(pod.BASE, e1.POD_BASE, ARMS, pod.TOPOLOGY, pod.MESH),
     evaluate=e1.evaluate, report=report, quick_arms=("looped_random", "looped_random_slots"),
+    shares_arms_with=(e1.EXPERIMENT.name,),
     seeds=e1.SEEDS)
