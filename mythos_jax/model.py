@@ -3,7 +3,7 @@
     model = OpenMythos(cfg, rngs=nnx.Rngs(0))
     logits = model(input_ids)                      # (B, T) int -> (B, T, vocab) fp32
     out = model(input_ids, LoopSpec(16, exit="kl"), return_info=True)   # a Forward
-    out = model(prompt_ids, 8, cache=init_cache(cfg, B, S, 8))          # prefill, then decode
+    out = model(prompt_ids, 8, cache=init_cache(cfg, B, S, depth_slots=8))   # prefill, then decode
     path = model(input_ids, 8, trace=True)         # a Trajectory: every stage, every loop
 """
 
@@ -189,8 +189,8 @@ class OpenMythos(nnx.Module):
         if spec.count is None:
             spec = spec.replace(count=self.cfg.max_loop_iters)
         if cache is not None and not (spec.static and (
-                cache.shares_depths or spec.count == cache.n_loops)):
-            raise ValueError(f"n_loops must equal the {cache.n_loops} loop depths this cache "
+                cache.shares_depths or spec.count == cache.depth_slots)):
+            raise ValueError(f"loops must equal the {cache.depth_slots} depth slots this cache "
                              f"holds (a depth the prompt never filled would be attended as "
                              f"zeros; init_cache(..., shares_depths=True) reuses slots), got "
                              f"{spec.count!r}")

@@ -348,7 +348,7 @@ def test_greedy_and_top_1_take_the_argmax():
 def test_decoding_deeper_than_the_cache_raises(model):
     cache = init_cache(model.cfg, 1, 8, 2)
     for n_loops in (1, 3):
-        with pytest.raises(ValueError, match="n_loops must equal the 2 loop depths"):
+        with pytest.raises(ValueError, match="loops must equal the 2 depth slots"):
             model(jnp.asarray([[1, 2]]), n_loops, cache=cache)
 
 

@@ -39,8 +39,8 @@ class KVCache:
         return next(iter(self.recurrent.values())).shape[2]
 
     @property
-    def n_loops(self) -> int:
-        """Depth slots of the recurrent cache."""
+    def depth_slots(self) -> int:
+        """Depth slots of the recurrent cache (as many as the loops, unless shared)."""
         return next(iter(self.recurrent.values())).shape[0]
 
     def span(self) -> KeySpan:
@@ -60,11 +60,12 @@ def layer_cache_shapes(cfg: MythosConfig, batch: int, max_len: int) -> dict[str,
     return {"k": kv, "v": kv}
 
 
-def init_cache(cfg: MythosConfig, batch: int, max_len: int, n_loops: int,
+def init_cache(cfg: MythosConfig, batch: int, max_len: int, depth_slots: int,
                start: jax.Array | None = None, dtype=jnp.float32,
                shares_depths: bool = False) -> KVCache:
-    """Zeroed caches for ``batch`` sequences of up to ``max_len`` tokens, ``n_loops`` depth
-    slots (``shares_depths``: shared by more loops than slots)."""
+    """Zeroed caches for ``batch`` sequences of up to ``max_len`` tokens, ``depth_slots``
+    recurrent depths: the loop count of the forwards that use it, or fewer with
+    ``shares_depths`` (depth t uses slot t mod depth_slots)."""
     if max_len > cfg.max_seq_len:
         raise ValueError(f"cache length {max_len} > max_seq_len {cfg.max_seq_len} "
                          "(MythosConfig.max_seq_len)")
@@ -74,16 +75,16 @@ def init_cache(cfg: MythosConfig, batch: int, max_len: int, n_loops: int,
         return {name: jnp.zeros(depth + shape, dtype) for name, shape in shapes.items()}
 
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-    return KVCache(tuple(layer() for _ in range(cfg.prelude_layers)), layer((n_loops,)),
+    return KVCache(tuple(layer() for _ in range(cfg.prelude_layers)), layer((depth_slots,)),
                    tuple(layer() for _ in range(cfg.coda_layers)), jnp.int32(0), start,
                    shares_depths)
 
 
-def cache_values_per_token(cfg: MythosConfig, n_loops: int) -> int:
-    """Cached numbers per token over all layers and loop depths (analytic)."""
+def cache_values_per_token(cfg: MythosConfig, depth_slots: int) -> int:
+    """Cached numbers per token over all layers and depth slots (analytic)."""
     per_layer = (cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.attn_type == AttentionType.MLA
                  else 2 * cfg.n_kv_heads * cfg.head_dim)
-    return per_layer * (cfg.prelude_layers + n_loops + cfg.coda_layers)
+    return per_layer * (cfg.prelude_layers + depth_slots + cfg.coda_layers)
 
 
 def openmythos_cache_values_per_token(cfg: MythosConfig, n_loops: int) -> int:
