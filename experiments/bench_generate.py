@@ -151,7 +151,7 @@ def jax_generate_run(model, prompts, new_tokens: int, n_loops: int, temperature:
 
     stamps: list[float] = []
     start = time.perf_counter()
-    result = generate(model, prompts, new_tokens, n_loops=n_loops, temperature=temperature,
+    result = generate(model, prompts, new_tokens, n_loops, temperature=temperature,
                       top_k=top_k, seed=seed, stream_chunk=DECODE_CHUNK,
                       on_token=lambda _t: stamps.append(time.perf_counter()))
     total = time.perf_counter() - start
@@ -166,10 +166,11 @@ def early_exit_tradeoff(model, prompts, new_tokens: int, n_loops: int,
     """Per-sequence early exit in decode (greedy): loops per token, tokens/s and how many
     tokens equal the full-depth generation's, for each (rule, threshold); after a warm-up."""
     from mythos_jax.inference.generate import generate
+    from mythos_jax.loops import LoopSpec
 
     rows, reference = [], None
     for rule, threshold in rules:
-        kwargs = dict(n_loops=n_loops, temperature=0.0, exit=rule, exit_threshold=threshold)
+        kwargs = dict(loops=LoopSpec(n_loops, exit=rule, threshold=threshold), temperature=0.0)
         generate(model, prompts, new_tokens, **kwargs)
         start = time.perf_counter()
         result = generate(model, prompts, new_tokens, **kwargs)
@@ -190,9 +191,10 @@ def prefilled(model, batch: int, prompt_len: int, max_len: int, n_loops: int, se
 
     from mythos_jax.inference.cache import init_cache
     from mythos_jax.inference.generate import compiled_decoder
+    from mythos_jax.loops import LoopSpec
 
     graphdef, state = nnx.split(model)
-    decoder = compiled_decoder(graphdef, n_loops)
+    decoder = compiled_decoder(graphdef, LoopSpec(n_loops))
     ids = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (batch, prompt_len))
     cache = init_cache(model.cfg, batch, max_len, n_loops)
     _, logits, cache, _ = decoder.prefill(state, jnp.asarray(ids, jnp.int32), cache, _KEY)
@@ -244,10 +246,11 @@ def parity(torch_model, jax_model, ids: np.ndarray, n_loops: int, steps: int,
 
     from mythos_jax.inference.cache import init_cache
     from mythos_jax.inference.generate import compiled_decoder
+    from mythos_jax.loops import LoopSpec
 
     batch, prompt_len = ids.shape
     graphdef, state = nnx.split(jax_model)
-    decoder = compiled_decoder(graphdef, n_loops)
+    decoder = compiled_decoder(graphdef, LoopSpec(n_loops))
     cache = init_cache(jax_model.cfg, batch, max(max_len, prompt_len + steps + 1), n_loops)
     _, jax_logits, cache, _ = decoder.prefill(state, jnp.asarray(ids, jnp.int32), cache,
                                                _KEY)

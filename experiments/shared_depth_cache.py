@@ -24,6 +24,7 @@ from mythos_jax.bench.timing import write_json
 from mythos_jax.checkpoints.training import Checkpointer
 from mythos_jax.inference.cache import cache_values_per_token, init_cache
 from mythos_jax.inference.generate import compiled_decoder
+from mythos_jax.loops import LoopSpec
 from mythos_jax.parallel.mesh import make_mesh
 from mythos_jax.train import data as data_lib
 from mythos_jax.train import trainer
@@ -37,7 +38,7 @@ def teacher_forced_logits(model, ids: np.ndarray, prompt: int, n_loops: int,
     with the jitted steps of ``generate``."""
     batch, length = ids.shape
     graphdef, state = nnx.split(model)
-    decoder = compiled_decoder(graphdef, n_loops)
+    decoder = compiled_decoder(graphdef, LoopSpec(n_loops))
     cache = init_cache(model.cfg, batch, length, depth_slots or n_loops,
                        shares_depths=depth_slots is not None)
     _, logits, cache, _ = decoder.prefill(state, jnp.asarray(ids[:, :prompt]), cache, None)

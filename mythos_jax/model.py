@@ -120,11 +120,7 @@ class OpenMythos(nnx.Module):
         same message; the default keeps jitted steps free of host round trips (the data
         pipeline and ``generate`` check their inputs on the host).
         """
-        if n_loops is not None:
-            if loops is not None:
-                raise ValueError("give loops or n_loops (OpenMythos's name for it), not both")
-            loops = n_loops
-        spec = self._resolve_loops(loops, cache)
+        spec = self._resolve_loops(LoopSpec.of(loops, n_loops), cache)
         self._check_inputs(input_ids, cache, host_checks)
         points = _trace_points(trace, input_ids.shape[1], cache, return_info)
         if points is not None:
@@ -182,12 +178,10 @@ class OpenMythos(nnx.Module):
                                   coda=tuple(coda_caches), index=cache.index + T)
         return Forward(logits, info, cache)
 
-    def _resolve_loops(self, loops, cache) -> LoopSpec:
+    def _resolve_loops(self, loops: LoopSpec, cache) -> LoopSpec:
         """The call's LoopSpec with its count resolved (default ``cfg.max_loop_iters``); a
         cached forward needs a static count matching the cache's depth slots."""
-        spec = LoopSpec.of(loops)
-        if spec.count is None:
-            spec = spec.replace(count=self.cfg.max_loop_iters)
+        spec = loops.with_default_count(self.cfg.max_loop_iters)
         if cache is not None and not (spec.static and (
                 cache.shares_depths or spec.count == cache.depth_slots)):
             raise ValueError(f"loops must equal the {cache.depth_slots} depth slots this cache "

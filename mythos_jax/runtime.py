@@ -12,13 +12,13 @@ import gc
 
 import jax
 
-from mythos_jax.inference.generate import compiled_decoder
+from mythos_jax.inference.generate import decoder_by_value
 from mythos_jax.train.evaluate import eval_fn
 
 
 def release_compiled_programs() -> None:
     """Drop every cached compiled function (JAX's and mythos-jax's) and collect garbage."""
-    compiled_decoder.cache_clear()
+    decoder_by_value.cache_clear()
     eval_fn.cache_clear()
     jax.clear_caches()
     gc.collect()

@@ -35,16 +35,16 @@ def test_limit_comes_from_the_environment_or_the_machine(monkeypatch):
 def test_huge_n_loops_is_refused_before_the_cache_exists():
     """10**9 loop depths would be terabytes of cache: refused, not allocated."""
     model = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"the KV cache would need .* lower n_loops=1000000000"):
+    with pytest.raises(ValueError, match=r"the KV cache would need .* lower loops=1000000000"):
         generate(model, [[1, 2]], 2, n_loops=10**9)
 
 
-def test_generate_command_names_n_loops(capsys, monkeypatch):
+def test_generate_command_names_loops(capsys, monkeypatch):
     monkeypatch.setenv(LIMIT_VARIABLE, "1e6")
-    assert main(["generate", "--variant", "tiny_mla", "--prompt", "hi", "--n-loops",
+    assert main(["generate", "--variant", "tiny_mla", "--prompt", "hi", "--loops",
                  "4096"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: the KV cache would need") and "n_loops=4096" in err
+    assert err.startswith("error: the KV cache would need") and "loops=4096" in err
 
 
 def test_checkpoint_config_asking_for_huge_shapes_is_refused(tmp_path):

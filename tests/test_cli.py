@@ -182,7 +182,7 @@ def test_generate_batch_prints_one_line_per_prompt(capsys):
     (["--eos-id", "256"], "outside the vocabulary [0, 256)"),
     (["--max-new-tokens", "100"], "exceeds the model's max_seq_len 64"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--n-loops", "0"], "--n-loops must be >= 1"),
+    (["--n-loops", "0"], "--loops must be >= 1"),         # OpenMythos's flag name too
 ])
 def test_generate_errors(capsys, extra, message):
     assert main(["generate", "--variant", "tiny_mla", "--prompt", "hi", *extra]) == 2

@@ -100,7 +100,7 @@ def test_greedy_generation_equals_openmythos(attn_type):
 
 def test_prefill_and_decode_compile_once(model):
     gen.generate(model, PROMPTS, 3, n_loops=2, temperature=0.0)
-    decoder = gen.compiled_decoder(nnx.graphdef(model), 2, 0.0, None, None, None, 1e-3)
+    decoder = gen.compiled_decoder(nnx.graphdef(model), LoopSpec(2))
     sizes = decoder.prefill._cache_size(), decoder.run._cache_size()
     assert sizes == (1, 1)
     gen.generate(model, [[1, 2], [3], [4, 5, 6, 7, 8]], 3, n_loops=2, temperature=0.0,
@@ -164,13 +164,15 @@ def test_early_exit_fills_the_unrun_depths_with_the_last_run_depth(model):
 
 
 def test_generate_with_an_exit_rule_reports_loops_per_token(model):
-    full = gen.generate(model, PROMPTS, 6, n_loops=8, temperature=0.0)
+    full = gen.generate(model, PROMPTS, 6, 8, temperature=0.0)
     np.testing.assert_array_equal(full.loops, 8)
-    act = gen.generate(model, PROMPTS, 6, n_loops=8, temperature=0.0, exit="act")
+    np.testing.assert_array_equal(gen.generate(model, PROMPTS, 6, n_loops=8,   # OpenMythos's
+                                               temperature=0.0).tokens, full.tokens)
+    act = gen.generate(model, PROMPTS, 6, LoopSpec(8, exit="act"), temperature=0.0)
     assert (act.loops >= 1).all() and (act.loops < 8).all()
     # A rule that never fires runs every loop and reproduces the full-depth generation.
-    never = gen.generate(model, PROMPTS, 6, n_loops=8, temperature=0.0, exit="delta",
-                         exit_threshold=0.0)
+    never = gen.generate(model, PROMPTS, 6, LoopSpec(8, exit="delta", threshold=0.0),
+                         temperature=0.0)
     np.testing.assert_array_equal(never.tokens, full.tokens)
     np.testing.assert_array_equal(never.loops, 8)
 
@@ -205,11 +207,11 @@ def test_generate_exits_per_sequence_and_masks_finished_ones(exiting_model):
     and loops; after its EOS a sequence records EOS with 0 loops and the others' tokens are
     those of the run without EOS."""
     model, steps, key, batch = exiting_model, 5, jax.random.key(0), len(PROMPTS)
-    kwargs = dict(n_loops=8, temperature=1.0, exit="act", seed=0)
+    kwargs = dict(loops=LoopSpec(8, exit="act"), temperature=1.0, seed=0)
     full = gen.generate(model, PROMPTS, steps, **kwargs)
     eos = int(full.tokens[0, 2])
     out = gen.generate(model, PROMPTS, steps, eos_id=eos, **kwargs)
-    decoder = gen.compiled_decoder(nnx.graphdef(model), 8, 1.0, None, None, "act", 1e-3)
+    decoder = gen.compiled_decoder(nnx.graphdef(model), LoopSpec(8, exit="act"), 1.0)
     state = nnx.state(model)
     ids, start = gen.left_pad(PROMPTS)
     cache = init_cache(model.cfg, batch, ids.shape[1] + steps, 8, start)

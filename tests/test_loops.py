@@ -280,7 +280,7 @@ def test_loop_embed_scale_scales_the_loop_embedding_and_blocks_conversion():
 
 # ---------------------------------------------------------------- errors
 def test_bad_loop_arguments_raise(halting_model, ids):
-    with pytest.raises(ValueError, match="n_loops must be >= 1"):
+    with pytest.raises(ValueError, match="loops must be >= 1"):
         halting_model(ids, jnp.int32(0))
     with pytest.raises(ValueError, match="above the compiled bound max_loops=4"):
         halting_model(ids, LoopSpec(jnp.int32(6), max_loops=4))
@@ -290,7 +290,7 @@ def test_bad_loop_arguments_raise(halting_model, ids):
         halting_model(ids, LoopSpec(3, exit="entropy"))
     with pytest.raises(ValueError, match="cannot be combined with backprop_depth"):
         LoopSpec(3, exit="kl", backprop_depth=2)
-    with pytest.raises(TypeError, match="n_loops must be an int"):
+    with pytest.raises(TypeError, match="loops must be an int"):
         LoopSpec(2.5)
     with pytest.raises(ValueError, match="shape \\(batch,\\)"):
         halting_model(ids, jnp.array([1, 2], jnp.int32))

@@ -37,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help="tokens to generate per prompt (default 64, fewer if the model's "
                         "max_seq_len leaves less room after the prompt)")
-    p.add_argument("--n-loops", type=int, metavar="N",
-                   help="recurrent loop depth (default: the config's max_loop_iters)")
+    p.add_argument("--loops", "--n-loops", dest="loops", type=int, metavar="N",
+                   help="loops per token (default: the config's max_loop_iters); --n-loops "
+                        "is OpenMythos's name")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; 0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens")
@@ -58,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.n_loops is not None and args.n_loops < 1:
-        raise CommandError(f"--n-loops must be >= 1, got {args.n_loops}")
+    if args.loops is not None and args.loops < 1:
+        raise CommandError(f"--loops must be >= 1, got {args.loops}")
     if any(not text for text in args.prompt):
         raise CommandError("--prompt must not be empty")
 
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     stream.flush()
 
     start = time.perf_counter()
-    result = generate(model, prompts, max_new_tokens, n_loops=args.n_loops,
+    result = generate(model, prompts, max_new_tokens, args.loops,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       eos_id=eos_id, seed=args.seed,
                       on_token=lambda tokens: printer.push(int(tokens[0])))

@@ -7,7 +7,7 @@
 Prompts of different lengths are left-padded to the prompt budget ``max_len - max_new_tokens``;
 each sequence sees only its own tokens (padding masks) and its positions start at 0.
 The decode loop (a ``while_loop`` over tokens, sampling included) is compiled once per
-(batch, cache length, n_loops, sampling settings, chunk) and the prefill once per (batch,
+(batch, cache length, loops, sampling settings, chunk) and the prefill once per (batch,
 prompt budget, ...), never per token or per prompt length; the host sees one call and one
 (chunk, B) transfer per chunk of tokens.
 """
@@ -72,8 +72,8 @@ class DecodeState(NamedTuple):
 
 
 class Decoder(NamedTuple):
-    """Jitted generation steps for one (graphdef, n_loops, sampling, exit settings); all
-    donate the cache.
+    """Jitted generation steps for one (graphdef, LoopSpec, sampling settings); all donate
+    the cache.
     ``prefill(state, ids (B, P), cache, key)`` -> ``(next_token (B,), last logits (B, V),
     cache, loops run (B,))``: left-padded prompts into an empty cache.
     ``step(state, token (B,), cache, key)`` -> the same, for one token per sequence.
@@ -86,13 +86,21 @@ class Decoder(NamedTuple):
     run: Callable
 
 
+def compiled_decoder(graphdef, spec: LoopSpec, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None) -> Decoder:
+    """The :class:`Decoder` for these settings (``spec``: a static count, its exit rule if
+    any: see :func:`decode_spec`); built once per distinct settings (the graphdef is hashed
+    here, once per ``generate`` call, not per token), compiled once per (batch, cache
+    length)."""
+    return decoder_by_value(graphdef, spec.count, spec.exit, spec.threshold, temperature, top_k,
+                            top_p)
+
+
 @functools.lru_cache(maxsize=32)
-def compiled_decoder(graphdef, n_loops: int, temperature: float = 0.0,
-                     top_k: int | None = None, top_p: float | None = None,
-                     exit: str | None = None, exit_threshold: float = 1e-3) -> Decoder:
-    """The :class:`Decoder` for these settings; built once (the graphdef is hashed here, once
-    per ``generate`` call, not per token), compiled once per (batch, cache length)."""
-    spec = LoopSpec(n_loops, exit=exit, threshold=exit_threshold)
+def decoder_by_value(graphdef, count: int, exit, threshold: float, temperature: float,
+                     top_k: int | None, top_p: float | None) -> Decoder:
+    """``compiled_decoder`` keyed by value (a LoopSpec compares by identity)."""
+    spec = LoopSpec(count, exit=exit, threshold=threshold)
 
     def forward(state, ids, cache, key):
         out = nnx.merge(graphdef, state)(ids, spec, cache=cache, last_only=True,
@@ -157,25 +165,39 @@ def check_generation_args(cfg, prompt_len: int, max_new_tokens: int, temperature
     return max_len
 
 
-def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
+def decode_spec(cfg, loops: LoopSpec | int | None, n_loops: int | None = None) -> LoopSpec:
+    """The LoopSpec every generated token runs (``LoopSpec.of``; count default
+    ``cfg.max_loop_iters``): a static count, an exit rule allowed, nothing of training."""
+    spec = LoopSpec.of(loops, n_loops).with_default_count(cfg.max_loop_iters)
+    if not spec.static or spec.trains:
+        raise ValueError(f"generate needs loops as a Python int count (one depth slot per "
+                         f"loop), with an exit rule if any, nothing of training "
+                         f"(backprop_depth, max_loops); got {spec}")
+    return spec
+
+
+def generate(model, prompts, max_new_tokens: int, loops: LoopSpec | int | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed: int = 0, max_len: int | None = None,
-             on_token: Callable[[np.ndarray], None] | None = None, exit: str | None = None,
-             exit_threshold: float = 1e-3, depth_slots: int | None = None,
-             stream_chunk: int = 16) -> Generation:
+             on_token: Callable[[np.ndarray], None] | None = None,
+             depth_slots: int | None = None, stream_chunk: int = 16, *,
+             n_loops: int | None = None) -> Generation:
     """Sample ``max_new_tokens`` per prompt (greedy at ``temperature=0``), stopping each
-    sequence at ``eos_id``. ``max_len`` is the cache length (default: longest prompt +
-    max_new_tokens). ``on_token`` receives each step's tokens (B,) (streaming); the tokens are
-    decoded on the device ``stream_chunk`` at a time, so they arrive in bursts of that many.
-    ``exit`` ("act" | "kl" | "delta", off by default): per-sequence early exit of the loop
-    for every token (continuous depth-wise batching: a sequence that stopped is masked while
-    the batch goes on); ``Generation.loops`` reports the loops run per token. It trades
-    exactness against the full-depth model for fewer loops (see ``OpenMythos.__call__``).
-    ``depth_slots`` (off by default): a recurrent cache of that many depth slots shared by
-    all loops (slot t mod depth_slots; 1 = one slot per token, Huginn-style), trading cache
-    memory for a change in the next-token distribution."""
+    sequence at ``eos_id``. ``loops``: the loop count of every token, or a
+    :class:`~mythos_jax.loops.LoopSpec` with an ``exit`` rule (``LoopSpec(8, exit="act")``):
+    per-sequence early exit of the loop for every token (continuous depth-wise batching: a
+    sequence that stopped is masked while the batch goes on; ``Generation.loops`` reports the
+    loops run per token), trading exactness against the full-depth model for fewer loops
+    (see ``OpenMythos.__call__``); ``n_loops`` is OpenMythos's name for it. ``max_len`` is
+    the cache length (default: longest prompt + max_new_tokens). ``on_token`` receives each
+    step's tokens (B,) (streaming); the tokens are decoded on the device ``stream_chunk`` at a
+    time, so they arrive in bursts of that many. ``depth_slots`` (off by default): a recurrent
+    cache of that many depth slots shared by all loops (slot t mod depth_slots; 1 = one slot
+    per token, Huginn-style), trading cache memory for a change in the next-token
+    distribution."""
     cfg = model.cfg
-    n_loops = cfg.max_loop_iters if n_loops is None else n_loops
+    spec = decode_spec(cfg, loops, n_loops)
+    count = spec.count
     longest = max(len(p) for p in prompts) if not hasattr(prompts, "shape") else prompts.shape[1]
     max_len = check_generation_args(cfg, longest, max_new_tokens, temperature, top_k, top_p,
                                     eos_id, max_len)
@@ -187,14 +209,13 @@ def generate(model, prompts, max_new_tokens: int, n_loops: int | None = None,
     graphdef, state = nnx.split(model)
     if stream_chunk < 1:
         raise ValueError(f"stream_chunk must be >= 1, got {stream_chunk}")
-    if depth_slots is not None and not 1 <= depth_slots <= n_loops:
-        raise ValueError(f"depth_slots must be in [1, n_loops={n_loops}], got {depth_slots}")
-    decoder = compiled_decoder(graphdef, n_loops, float(temperature), top_k, top_p, exit,
-                               float(exit_threshold))
-    slots, shared = depth_slots or n_loops, depth_slots is not None
+    if depth_slots is not None and not 1 <= depth_slots <= count:
+        raise ValueError(f"depth_slots must be in [1, loops={count}], got {depth_slots}")
+    decoder = compiled_decoder(graphdef, spec, float(temperature), top_k, top_p)
+    slots, shared = depth_slots or count, depth_slots is not None
     check_fits("the KV cache", tree_bytes(jax.eval_shape(
         lambda: init_cache(cfg, batch, max_len, slots, start, shares_depths=shared))),
-        f"lower n_loops={n_loops} (or set depth_slots), the batch {batch} or max_len={max_len}")
+        f"lower loops={count} (or set depth_slots), the batch {batch} or max_len={max_len}")
     key = jax.random.key(seed)
     cache = init_cache(cfg, batch, max_len, slots, start, shares_depths=shared)
     token, _, cache, loops_run = decoder.prefill(state, jnp.asarray(ids), cache,

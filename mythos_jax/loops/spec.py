@@ -50,20 +50,29 @@ class LoopSpec:
             return
         if isinstance(count, bool) or not (isinstance(count, (int, np.integer))
                                            or hasattr(count, "dtype")):
-            raise TypeError(f"n_loops must be an int, an integer array or None, got "
+            raise TypeError(f"loops must be an int, an integer array or None, got "
                             f"{type(count).__name__}")
         if isinstance(count, np.integer):
             object.__setattr__(self, "count", int(count))
         elif not isinstance(count, int) and not jnp.issubdtype(count.dtype, jnp.integer):
-            raise TypeError(f"n_loops must be an integer count, got dtype {count.dtype}")
+            raise TypeError(f"loops must be an integer count, got dtype {count.dtype}")
         if not isinstance(self.count, jax.core.Tracer):
             counts = np.asarray(self.count)
             raise_if_bad_counts(counts.min(), counts.max(), self.max_loops)
 
     @classmethod
-    def of(cls, loops) -> "LoopSpec":
-        """A LoopSpec as is; a count (or None) as ``LoopSpec(count)``."""
+    def of(cls, loops, n_loops=None) -> "LoopSpec":
+        """A LoopSpec as is; a count (or None) as ``LoopSpec(count)``. ``n_loops``:
+        OpenMythos's name for ``loops``, accepted for ported code (give one of the two)."""
+        if n_loops is not None:
+            if loops is not None:
+                raise ValueError("give loops or n_loops (OpenMythos's name for it), not both")
+            loops = n_loops
         return loops if isinstance(loops, LoopSpec) else cls(loops)
+
+    def with_default_count(self, count: int) -> "LoopSpec":
+        """This spec, its count ``count`` where it has none (a config's ``max_loop_iters``)."""
+        return self if self.count is not None else self.replace(count=count)
 
     @property
     def static(self) -> bool:
@@ -96,9 +105,9 @@ def check_bounds(backprop_depth, max_loops) -> None:
 
 def raise_if_bad_counts(lowest, highest, max_loops) -> None:
     if lowest < 1:
-        raise ValueError(f"n_loops must be >= 1, got {int(lowest)}")
+        raise ValueError(f"loops must be >= 1, got {int(lowest)}")
     if max_loops is not None and highest > max_loops:
-        raise ValueError(f"n_loops {int(highest)} is above the compiled bound "
+        raise ValueError(f"loops {int(highest)} is above the compiled bound "
                          f"max_loops={max_loops}")
 
 
@@ -106,6 +115,6 @@ def per_sequence(count, batch: int) -> jax.Array:
     """A loop count (scalar or (B,)) as int32 (B,)."""
     n = jnp.asarray(count)
     if n.ndim > 1 or (n.ndim == 1 and n.shape[0] != batch):
-        raise ValueError(f"n_loops must be a scalar or have shape (batch,)=({batch},), "
+        raise ValueError(f"loops must be a scalar or have shape (batch,)=({batch},), "
                          f"got shape {n.shape}")
     return jnp.broadcast_to(n.astype(jnp.int32), (batch,))
