@@ -109,7 +109,7 @@ def model_vocab(path: str | os.PathLike, vocab_size: int) -> Vocab:
         except (OSError, ValueError):
             vocab = None                   # its corpus or tokenizer is not here
         if vocab is not None and (vocab.name == "bytes" or os.path.isfile(vocab.name)):
-            return vocab if vocab.name == "bytes" else load_vocab(vocab.name)
+            return vocab
     elif 256 <= vocab_size <= BYTES.size:
         return BYTES
     raise ValueError(f"{path}: no {TOKENIZER_FILE} is stored with this model (a vocabulary of "

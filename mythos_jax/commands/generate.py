@@ -227,21 +227,26 @@ class _ByteStream(_TokenStream):
 
 
 class _TextStream(_TokenStream):
-    """tokenizer.json tokens: the prompt and the tokens so far, decoded whole, past what was
-    written (a token that changes earlier text, as byte-fallback pieces do, waits for the
-    next)."""
+    """tokenizer.json tokens, each decoded in the window of the tokens since the last text
+    written (so a token costs the window, not the sequence so far): the text past that
+    window's start is written once it ends in whole characters (byte-fallback pieces wait for
+    the rest of theirs), with the separator the tokenizer puts before it."""
 
     def __init__(self, stream, eos_id: int | None, vocab, prompt: list[int]):
         super().__init__(stream, eos_id)
         self.vocab, self.ids = vocab, list(prompt)
-        self.written = vocab.decode(self.ids)
+        self.start, self.written = 0, len(self.ids)   # window start; ids whose text is out
 
     def _add(self, token: int) -> None:
         self.ids.append(token)
-        self.close()
+        self._write_new(complete_only=True)
 
     def close(self) -> None:
-        text = self.vocab.decode(self.ids)
-        if text.startswith(self.written):
-            self.write_text(text[len(self.written):])
-            self.written = text
+        self._write_new(complete_only=False)
+
+    def _write_new(self, complete_only: bool) -> None:
+        before = self.vocab.decode(self.ids[self.start:self.written])
+        text = self.vocab.decode(self.ids[self.start:])
+        if len(text) > len(before) and not (complete_only and text.endswith("\ufffd")):
+            self.write_text(text[len(before):])
+            self.start, self.written = self.written, len(self.ids)

@@ -46,7 +46,6 @@ def upload(write: Callable[[], None], what: str, *, attempts: int = UPLOAD_ATTEM
                               f"{err}); kept for the next sync", stacklevel=2)
                 return False
             time.sleep(first_wait_s * 2 ** attempt)
-    return False
 
 
 class LineLog:

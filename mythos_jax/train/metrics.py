@@ -79,8 +79,7 @@ class MetricsLogger:
         damaged last line; the log is replaced atomically."""
         if not self.is_writer or not self.lines.exists():
             return
-        kept = [r for r in unique_records(self.lines.read_text(), self.lines.path)
-                if r.get("step", 0) <= step]
+        kept = [r for r in read_metrics_file(self.lines.path) if r.get("step", 0) <= step]
         self.lines.replace("".join(json.dumps(r) + "\n" for r in kept))
 
     def sync(self) -> None:

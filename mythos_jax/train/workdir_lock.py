@@ -118,9 +118,8 @@ class _BucketLock:
 
     def take(self, me: dict) -> dict | None:
         from google.api_core.exceptions import NotFound, PreconditionFailed
-        while True:
-            if self._write(me, expected=0):
-                return None
+        holder = None
+        while not self._write(me, expected=0):
             current = self.bucket.get_blob(self.blob.name)
             if current is None:
                 continue                              # released meanwhile: try again
@@ -132,7 +131,10 @@ class _BucketLock:
             if not _stale(holder, me):
                 raise _busy(holder, self.url)
             if self._write(me, expected=current.generation):
-                return holder
+                break
+            holder = None
+        self.heartbeat.start()
+        return holder
 
     def release(self) -> None:
         from google.api_core.exceptions import NotFound, PreconditionFailed
@@ -152,8 +154,6 @@ class _BucketLock:
         except PreconditionFailed:
             return False
         self.generation, self.record = self.blob.generation, record
-        if not self.heartbeat.is_alive() and not self.stop.is_set():
-            self.heartbeat.start()
         return True
 
     def _beat(self) -> None:
