@@ -22,7 +22,7 @@ SLOW_TESTS := tests/test_train.py tests/test_generate.py tests/test_experiments.
 	tests/test_experiment_inside_the_loop.py \
 	tests/test_loops.py tests/test_moe_dispatch.py tests/test_parallel.py \
 	tests/test_checkpoints_load.py tests/test_checkpoints_training.py tests/test_loop_memory.py \
-	tests/test_bench_moe.py tests/test_device_check.py tests/test_buckets.py
+	tests/test_bench_moe.py tests/test_device_check.py tests/test_buckets.py tests/test_lm_eval.py
 LM_WORKDIR ?= runs/cpu_small
 
 .PHONY: venv test plan-pods parity bench train train-lm

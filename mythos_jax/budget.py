@@ -2,7 +2,7 @@
 (possibly crafted) config are measured abstractly first (``jax.eval_shape`` /
 ``nnx.eval_shape``, nothing allocated) and refused with a message naming the fields.
 
-    check_fits("the KV cache", tree_bytes(abstract_cache), "lower n_loops=4096 or batch=8")
+    check_fits("the KV cache", tree_bytes(abstract_cache), "lower loops=4096 or batch=8")
 
 The budget is ``$MYTHOS_JAX_MEMORY_LIMIT`` (bytes, e.g. ``8e9``) when set, else the device's
 memory (``bytes_limit`` of its memory stats), else the host's available RAM.

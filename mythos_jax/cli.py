@@ -13,6 +13,7 @@
 
     mythos-jax generate --checkpoint runs/small --prompt "Once upon" --temperature 0.8
     mythos-jax generate --variant tiny_mla --prompt a --prompt b --max-new-tokens 16
+    mythos-jax chat --checkpoint runs/small --temperature 0.7    # turns from stdin, cache kept
 
 Each command is a module of ``mythos_jax.commands`` with ``add_arguments(parser)`` and
 ``run(args) -> int`` (its docstring is the command's description); register new ones in
@@ -49,6 +50,8 @@ COMMANDS = (
     ("parity", "parity",
      "convert small OpenMythos models and print the parity and speed tables"),
     ("generate", "generate", "sample text from a checkpoint or a randomly initialised variant"),
+    ("chat", "chat", "talk to a model, turn by turn, keeping its KV cache between turns"),
+    ("lm-eval", "lm_eval", "benchmark a model with lm-evaluation-harness at several depths"),
 )
 
 

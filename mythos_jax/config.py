@@ -20,8 +20,9 @@ class MythosConfig:
     """Architecture of an OpenMythos Recurrent-Depth Transformer.
 
     Core: ``vocab_size``, ``dim``, ``n_heads``, ``n_kv_heads`` (GQA only), ``max_seq_len``,
-    ``max_loop_iters`` (default loop count T; also the size of the depth-wise LoRA scale
-    table), ``prelude_layers``, ``coda_layers``.
+    ``max_loop_iters`` (OpenMythos's name for the default loop count T, not a bound: a forward
+    may run more loops; also the size of the depth-wise LoRA scale table), ``prelude_layers``,
+    ``coda_layers``.
     Attention: ``attn_type`` in {"mla", "gqa"}; MLA uses ``kv_lora_rank``, ``q_lora_rank``,
     ``qk_rope_head_dim``, ``qk_nope_head_dim``, ``v_head_dim``.
     MoE (recurrent block only): ``n_experts`` routed, ``n_shared_experts`` always on (hidden

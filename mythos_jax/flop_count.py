@@ -1,11 +1,11 @@
 """Analytic FLOP counts of OpenMythos models, per token: loop-aware, active experts only.
 
     from mythos_jax import flops                  # == mythos_jax.flop_count.flops
-    flops(cfg, seq_len=128, n_loops=8)            # {"forward": ..., "train": ..., ...}
-    flops(cfg, 128, n_loops=16, backprop_depth=4) # truncated backprop: 12 loops forward only
+    flops(cfg, seq_len=128, loops=8)              # {"forward": ..., "train": ..., ...}
+    flops(cfg, 128, loops=16, backprop_depth=4)   # truncated backprop: 12 loops forward only
 
     from mythos_jax.flop_count import forward_flops_per_token
-    forward_flops_per_token(cfg, seq_len=128, n_loops=8)["total"]
+    forward_flops_per_token(cfg, seq_len=128, loops=8)["total"]
 
 FLOPs are 2 x multiply-adds of the matmuls a forward needs; elementwise work is not counted.
 MoE layers count only the experts a token is routed to (top-K) plus the shared experts and
@@ -68,14 +68,14 @@ def moe_flops_per_token(cfg: MythosConfig) -> dict[str, int]:
 
 
 def forward_flops_per_token(cfg: MythosConfig, seq_len: int,
-                            n_loops: int | None = None) -> dict[str, Any]:
+                            loops: int | None = None) -> dict[str, Any]:
     """Analytic useful FLOPs (2 x multiply-adds of every needed matmul) of one forward, per token.
 
     Counted:
       * prelude and coda layers (``prelude_layers + coda_layers`` of them): attention (see
         :func:`attention_flops_per_token`: projections, full T x T scores and PV) and the dense
         SwiGLU (hidden ``dim * 4 // 3``);
-      * the recurrent block, times ``n_loops`` (default ``cfg.max_loop_iters``): attention,
+      * the recurrent block, times ``loops`` (default ``cfg.max_loop_iters``): attention,
         the MoE (router + top-K routed experts + shared experts, :func:`moe_flops_per_token`),
         the depth-wise LoRA (down D x r and B r x D), the ACT halting head (D x 1), and
         with ``cfg.injection`` "parcae" or "free" the injection's full B matrix (e @ B.T, D x D);
@@ -88,7 +88,7 @@ def forward_flops_per_token(cfg: MythosConfig, seq_len: int,
     backward) is counted as ``3 * total`` (the backward of a matmul costs two matmuls); with
     truncated backprop see :func:`flops`.
     """
-    n_loops = cfg.max_loop_iters if n_loops is None else n_loops
+    loops = cfg.max_loop_iters if loops is None else loops
     D = cfg.dim
     attn = attention_flops_per_token(cfg, seq_len)
     attn_total = sum(attn.values())
@@ -102,59 +102,59 @@ def forward_flops_per_token(cfg: MythosConfig, seq_len: int,
     coda = cfg.coda_layers * (attn_total + dense_ffn)
     readout = 2 * D * D if cfg.readout else 0
     head = 2 * D * cfg.vocab_size
-    recurrent = n_loops * per_loop
+    recurrent = loops * per_loop
     return {
         "attention": attn, "dense_ffn": dense_ffn, "moe": moe, "lora": lora, "halt": halt,
-        "injection": injection, "recurrent_per_loop": per_loop, "n_loops": n_loops,
+        "injection": injection, "recurrent_per_loop": per_loop, "loops": loops,
         "seq_len": seq_len, "prelude": prelude, "recurrent": recurrent, "readout": readout,
         "coda": coda, "head": head,
         "total": prelude + recurrent + readout + coda + head,
     }
 
 
-def train_flops_per_token(cfg: MythosConfig, seq_len: int, n_loops: float | None = None,
+def train_flops_per_token(cfg: MythosConfig, seq_len: int, loops: float | None = None,
                           backprop_depth: int | None = None) -> float:
     """Forward + backward FLOPs per token; see :func:`flops` (``"train"``). Without
     ``backprop_depth`` this is 3 x the forward (the usual convention; optimizer not counted).
-    A fractional ``n_loops`` (a step's mean loop count) interpolates linearly between the
+    A fractional ``loops`` (a step's mean loop count) interpolates linearly between the
     neighbouring whole counts (the lower one at least 1)."""
-    if n_loops is None or isinstance(n_loops, int):
-        return flops(cfg, seq_len, n_loops, backprop_depth)["train"]
-    return flops_at_mean_loops(cfg, seq_len, n_loops, backprop_depth)["train"]
+    if loops is None or isinstance(loops, int):
+        return flops(cfg, seq_len, loops, backprop_depth)["train"]
+    return flops_at_mean_loops(cfg, seq_len, loops, backprop_depth)["train"]
 
 
-def flops_at_mean_loops(cfg: MythosConfig, seq_len: int, n_loops: float,
+def flops_at_mean_loops(cfg: MythosConfig, seq_len: int, loops: float,
                         backprop_depth: int | None = None) -> dict[str, float]:
     """``{"forward", "train"}`` FLOPs per token at a fractional (mean) loop count: linear
     between the neighbouring whole counts (the lower one at least 1), which is exact since
     both are linear in the loops."""
-    low = max(1, math.floor(n_loops))
+    low = max(1, math.floor(loops))
     at_low, at_high = (flops(cfg, seq_len, n, backprop_depth) for n in (low, low + 1))
-    return {kind: at_low[kind] + (n_loops - low) * (at_high[kind] - at_low[kind])
+    return {kind: at_low[kind] + (loops - low) * (at_high[kind] - at_low[kind])
             for kind in ("forward", "train")}
 
 
-def flops(cfg: MythosConfig, seq_len: int, n_loops: int | None = None,
+def flops(cfg: MythosConfig, seq_len: int, loops: int | None = None,
           backprop_depth: int | None = None) -> dict[str, Any]:
     """Forward and training FLOPs per token of ``cfg`` at sequence length ``seq_len``, running
-    ``n_loops`` recurrent iterations (default ``cfg.max_loop_iters``), active experts only.
+    ``loops`` recurrent iterations (default ``cfg.max_loop_iters``), active experts only.
 
     ``"forward"``: :func:`forward_flops_per_token`'s total (every loop runs; ACT halting is
     bookkeeping, it does not skip work).
     ``"train"``: forward + backward, the backward of a matmul costing two matmuls, so 3x the
     forward for everything that takes a gradient: prelude, coda, readout, head and the
-    ``grad_loops`` recurrent iterations. With ``backprop_depth=k < n_loops`` (truncated
-    backprop, :func:`mythos_jax.loops.drivers.run_training`) the first ``n_loops - k``
-    iterations run
-    forward only, on a stop-gradient copy of the block, and count 1x. Rematerialisation
-    (``cfg.loop_remat``) re-runs forward work and is not counted (as MFU does not).
+    ``grad_loops`` recurrent iterations. With ``backprop_depth=k < loops`` (truncated
+    backprop, :func:`mythos_jax.loops.drivers.run_training`) the first ``loops - k``
+    iterations run forward only, on a stop-gradient copy of the block, and count 1x.
+    Rematerialisation (``cfg.loop_remat``) re-runs forward work and is not counted (as MFU
+    does not).
 
-    Returns ``{"forward", "train", "n_loops", "seq_len", "backprop_depth", "grad_loops",
+    Returns ``{"forward", "train", "loops", "seq_len", "backprop_depth", "grad_loops",
     "no_grad_loops", "recurrent_per_loop", "forward_breakdown"}``, the last being
     :func:`forward_flops_per_token`'s dict.
     """
-    fwd = forward_flops_per_token(cfg, seq_len, n_loops)
-    n = fwd["n_loops"]
+    fwd = forward_flops_per_token(cfg, seq_len, loops)
+    n = fwd["loops"]
     if backprop_depth is not None and (isinstance(backprop_depth, bool)
                                        or not isinstance(backprop_depth, int)
                                        or backprop_depth < 1):
@@ -167,7 +167,7 @@ def flops(cfg: MythosConfig, seq_len: int, n_loops: int | None = None,
     return {
         "forward": fwd["total"],
         "train": 3 * with_grad + no_grad_loops * per_loop,
-        "n_loops": n, "seq_len": seq_len, "backprop_depth": backprop_depth,
+        "loops": n, "seq_len": seq_len, "backprop_depth": backprop_depth,
         "grad_loops": grad_loops, "no_grad_loops": no_grad_loops,
         "recurrent_per_loop": per_loop, "forward_breakdown": fwd,
     }

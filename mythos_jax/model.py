@@ -3,7 +3,8 @@
     model = OpenMythos(cfg, rngs=nnx.Rngs(0))
     logits = model(input_ids)                      # (B, T) int -> (B, T, vocab) fp32
     out = model(input_ids, LoopSpec(16, exit="kl"), return_info=True)   # a Forward
-    out = model(prompt_ids, 8, cache=init_cache(cfg, B, S, depth_slots=8))   # prefill, then decode
+    out = model(prompt_ids, 8, cache=init_cache(cfg, B, S, depth_slots=8))   # prefill, then
+    out = model(next_ids, 8, cache=out.cache, lengths=n)   # decode / chunked prefill / next turn
     path = model(input_ids, 8, trace=True)         # a Trajectory: every stage, every loop
 """
 
@@ -79,7 +80,8 @@ class OpenMythos(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, loops: LoopSpec | int | jax.Array | None = None,
                  *, n_loops: int | jax.Array | None = None,
-                 cache: KVCache | None = None, last_only: bool = False,
+                 cache: KVCache | None = None, start: jax.Array | None = None,
+                 lengths: jax.Array | None = None, last_only: bool = False,
                  return_info: bool = False, host_checks: bool = False,
                  trace: bool | tuple[int, ...] = False):
         """input_ids (B, T) integer -> logits (B, T, vocab_size) fp32, or a :class:`Forward`
@@ -94,15 +96,22 @@ class OpenMythos(nnx.Module):
         ``max_loops`` make run-time counts differentiable (training).
         ``n_loops``: OpenMythos's name for ``loops`` (``model(ids, n_loops=4)``), accepted for
         code ported from PyTorch; give one of the two.
-        ``cache`` (:class:`~mythos_jax.inference.cache.KVCache`): prefill (T > 1, into an
-        empty cache) or decode (T == 1); positions and the attention span come from the
-        cache (slot ``index + i``, position ``slot - start_b``; padding never attended), the
-        count must be a Python int equal to the cache's depth slots (unless it shares
-        depths), and ``Forward.cache`` is the cache advanced by T. With an exit rule a stopped
-        sequence's depths past its exit hold copies of its last run depth's keys, so later
-        tokens find keys at every depth and a sequence's cache does not depend on its
-        batch-mates (this approximates the full-depth model). ``last_only``:
-        logits of the last position only, (B, 1, vocab).
+        ``cache`` (:class:`~mythos_jax.inference.cache.KVCache`): prefill into an empty cache
+        (left-padded prompts), decode (T == 1) or chunked prefill / a conversation's next turn
+        (T > 1 into a filled cache, right-padded); positions and the attention span come from
+        the cache (sequence b's token i at slot ``index_b + i``, position ``slot - start_b``;
+        padding never attended), the count must be a Python int equal to the cache's depth
+        slots (unless it shares depths), and ``Forward.cache`` is the cache advanced by
+        ``lengths``. The caller keeps ``index + T <= max_len`` (``generate`` does: a write
+        past the end is clamped by XLA). With an exit rule a stopped sequence's depths past
+        its exit hold copies of its last run depth's keys, so later tokens find keys at every
+        depth and a sequence's cache does not depend on its batch-mates (this approximates
+        the full-depth model).
+        ``start`` (B,) int (no cache): left padding, each row's first real position (its
+        position 0; padding never attended). ``lengths`` (B,) int: the real tokens of each
+        row, right padding after them (default T); with a cache the index advances by it.
+        Exit rules decide on real tokens only. ``last_only``: logits of each row's last real
+        token, (B, 1, vocab).
         ``return_info``: ``Forward.info`` is a :class:`~mythos_jax.loops.LoopInfo`
         (loops_run (B,), ponder_cost (B, T), moe (router statistics), state_rms (B,)).
         ``trace``: True (every position) or a tuple of positions (negative from the end):
@@ -120,11 +129,12 @@ class OpenMythos(nnx.Module):
         same message; the default keeps jitted steps free of host round trips (the data
         pipeline and ``generate`` check their inputs on the host).
         """
-        spec = self._resolve_loops(LoopSpec.of(loops, n_loops), cache)
-        self._check_inputs(input_ids, cache, host_checks)
         points = _trace_points(trace, input_ids.shape[1], cache, return_info)
-        if points is not None:
-            loops_lib.require_traceable(spec)
+        spec = loops_lib.resolve_spec(
+            LoopSpec.of(loops, n_loops), self.cfg, cached=cache is not None,
+            depth_slots=None if cache is None else cache.depth_slots,
+            shares_depths=cache is not None and cache.shares_depths, traced=points is not None)
+        self._check_inputs(input_ids, cache, start, lengths, host_checks)
         if host_checks:
             spec.check_traced_counts()
         cfg = self.cfg
@@ -134,12 +144,16 @@ class OpenMythos(nnx.Module):
         prelude_keys, loop_key, coda_keys = (keys[:cfg.prelude_layers], keys[cfg.prelude_layers],
                                              keys[cfg.prelude_layers + 1:])
         if cache is None:
-            span, positions, index = KeySpan.causal(B), jnp.arange(T), None
-            prelude_in, recurrent_in, coda_in = None, None, None
+            index, prelude_in, recurrent_in, coda_in = None, None, None, None
+            span = (KeySpan.causal(B) if start is None
+                    else KeySpan(jnp.asarray(start, jnp.int32), jnp.int32(0)))
         else:
-            span, index = cache.span(), cache.index
-            positions = jnp.maximum(index + jnp.arange(T)[None, :] - cache.start[:, None], 0)
+            span, index = cache.span(), cache.write_slot()
             prelude_in, recurrent_in, coda_in = cache.prelude, cache.recurrent, cache.coda
+        positions = (jnp.arange(T) if cache is None and start is None else jnp.maximum(
+            jnp.reshape(span.q_offset, (-1, 1)) + jnp.arange(T) - span.kv_start[:, None], 0))
+        real = (None if cache is None and start is None and lengths is None
+                else span.real_rows(T, lengths))
         rope, loop_rope = _rope_tables(cfg, positions)
 
         prelude_out, coda_out = ([], []) if points is not None else (None, None)
@@ -154,12 +168,12 @@ class OpenMythos(nnx.Module):
             return jax.nn.log_softmax(self._head(coda_out))
 
         loop = loops_lib.run_loops(self.recurrent, x,
-                                   loops_lib.LoopContext(loop_rope, span, loop_key), spec, decode,
-                                   recurrent_in, index, points)
+                                   loops_lib.LoopContext(loop_rope, span, loop_key, real), spec,
+                                   decode, recurrent_in, index, points)
         recurrent_out = self.recurrent.output(loop.state)
         x, coda_caches = self._coda(recurrent_out, rope, span, coda_keys, coda_in, index,
                                     coda_out)
-        logits = self._head(x[:, -1:] if last_only else x)
+        logits = self._head(_last_tokens(x, lengths) if last_only else x)
         if points is not None:
             return Trajectory(logits, points.take(embedded),
                               tuple(points.take(y) for y in prelude_out), loop.trace,
@@ -174,21 +188,11 @@ class OpenMythos(nnx.Module):
                                       state.moe.totals(),
                                       jnp.sqrt(jnp.mean(jnp.square(state.h), axis=(1, 2))))
         if cache is not None:
+            advance = T if lengths is None else jnp.asarray(lengths, jnp.int32)
             cache = cache.replace(prelude=tuple(prelude_caches), recurrent=loop.cache,
-                                  coda=tuple(coda_caches), index=cache.index + T)
+                                  coda=tuple(coda_caches), index=cache.index + advance,
+                                  empty=False)
         return Forward(logits, info, cache)
-
-    def _resolve_loops(self, loops: LoopSpec, cache) -> LoopSpec:
-        """The call's LoopSpec with its count resolved (default ``cfg.max_loop_iters``); a
-        cached forward needs a static count matching the cache's depth slots."""
-        spec = loops.with_default_count(self.cfg.max_loop_iters)
-        if cache is not None and not (spec.static and (
-                cache.shares_depths or spec.count == cache.depth_slots)):
-            raise ValueError(f"loops must equal the {cache.depth_slots} depth slots this cache "
-                             f"holds (a depth the prompt never filled would be attended as "
-                             f"zeros; init_cache(..., shares_depths=True) reuses slots), got "
-                             f"{spec.count!r}")
-        return spec
 
     def _coda(self, x, rope, span, coda_keys, caches, index, outputs=None):
         """Read-out and coda layers: (B, T, D) -> (B, T, D) and the coda caches."""
@@ -213,7 +217,7 @@ class OpenMythos(nnx.Module):
             return None
         return self.dropout_rngs.dropout()
 
-    def _check_inputs(self, input_ids, cache, host_checks: bool) -> None:
+    def _check_inputs(self, input_ids, cache, start, lengths, host_checks: bool) -> None:
         """The boundary checks of ``__call__`` (see there)."""
         shape = getattr(input_ids, "shape", None)
         if shape is None or len(shape) != 2:
@@ -225,17 +229,44 @@ class OpenMythos(nnx.Module):
                              f"{self.cfg.max_seq_len} (MythosConfig.max_seq_len)")
         if 0 in shape:
             raise ValueError(f"input_ids must not be empty, got shape {shape}")
-        if not isinstance(input_ids, jax.core.Tracer):
-            ids = np.asarray(input_ids)
-            raise_if_out_of_vocab(ids.min(), ids.max(), self.cfg.vocab_size)
-        elif host_checks:
-            jax.debug.callback(raise_if_out_of_vocab, jnp.min(input_ids), jnp.max(input_ids),
-                               self.cfg.vocab_size)
-        if cache is not None and shape[1] > 1:
-            if not isinstance(cache.index, jax.core.Tracer):
-                raise_if_cache_not_empty(cache.index)
+        if cache is not None and start is not None:
+            raise ValueError("start is for a forward without cache; a cache holds its own "
+                             "(init_cache(..., start=...))")
+        _check_per_sequence("start", start, shape[0], 0, shape[1] - 1)
+        _check_per_sequence("lengths", lengths, shape[0], 0, shape[1])
+        host_values = [(input_ids, lambda ids: raise_if_out_of_vocab(
+            np.min(ids), np.max(ids), self.cfg.vocab_size))]
+        if cache is not None:
+            host_values.append((cache.index, lambda index: raise_if_cache_full(
+                np.max(index), shape[1], cache.max_len)))
+        for value, check in host_values:
+            if not isinstance(value, jax.core.Tracer):
+                check(np.asarray(value))
             elif host_checks:
-                jax.debug.callback(raise_if_cache_not_empty, cache.index)
+                jax.debug.callback(check, value)
+
+
+def _check_per_sequence(name: str, values, batch: int, lowest: int, highest: int) -> None:
+    """``start`` / ``lengths``: None or (batch,) integers in [lowest, highest] (range checked
+    when concrete); ``ValueError`` naming the argument."""
+    if values is None:
+        return
+    shape = getattr(values, "shape", None)
+    if shape != (batch,) or not jnp.issubdtype(values.dtype, jnp.integer):
+        raise ValueError(f"{name} must be a ({batch},) integer array, one per sequence, got "
+                         f"{getattr(values, 'dtype', type(values).__name__)} {shape}")
+    if not isinstance(values, jax.core.Tracer):
+        values = np.asarray(values)
+        if values.min() < lowest or values.max() > highest:
+            raise ValueError(f"{name} must be in [{lowest}, {highest}], got {values.tolist()}")
+
+
+def _last_tokens(x: jax.Array, lengths) -> jax.Array:
+    """(B, T, D) -> (B, 1, D): each row's last real token (``lengths`` (B,), default T)."""
+    if lengths is None:
+        return x[:, -1:]
+    last = jnp.maximum(jnp.asarray(lengths, jnp.int32) - 1, 0)
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)
 
 
 def _rope_tables(cfg: MythosConfig, positions: jax.Array):
@@ -279,11 +310,11 @@ def _trace_points(trace, seq_len: int, cache, return_info: bool):
     return loops_lib.TracePoints(positions)
 
 
-def raise_if_cache_not_empty(index) -> None:
-    if int(index) != 0:
-        raise ValueError(f"a multi-token cached forward (prefill) needs an empty cache, but "
-                         f"it already holds {int(index)} tokens (chunked prefill is not "
-                         f"supported)")
+def raise_if_cache_full(index, new_tokens: int, max_len: int) -> None:
+    if int(index) + new_tokens > max_len:
+        raise ValueError(f"the cache holds {int(index)} of its {max_len} slots: {new_tokens} "
+                         f"more tokens do not fit (init_cache(..., max_len) or generate's "
+                         f"max_len)")
 
 
 def _parcae_readout_init(dim: int):

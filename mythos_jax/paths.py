@@ -85,3 +85,18 @@ def _sync_folder(folder) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     write_bytes(path, text.encode("utf-8"))
+
+
+def write_png(fig, path: str | os.PathLike) -> str:
+    """A matplotlib figure laid out and written as a PNG to ``path`` (local or gs://), then
+    closed; returns the path written."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes(path, png.getvalue())
+    return str(resolve(path))

@@ -36,6 +36,7 @@ class Schedule:
 
     @property
     def mean(self) -> float:
+        """The mean loop count (a field of ``Poisson`` and ``LogNormalPoisson``)."""
         raise NotImplementedError
 
     def draw(self, key: jax.Array, shape: tuple[int, ...], step) -> jax.Array:
@@ -96,29 +97,21 @@ class Uniform(Schedule):
 @dataclasses.dataclass(frozen=True)
 class Poisson(Schedule):
     """Parcae: ``max(1, Poisson(mean))``."""
-    mean_loops: float = 8.0
-
-    @property
-    def mean(self) -> float:
-        return self.mean_loops
+    mean: float = 8.0
 
     def draw(self, key, shape, step, mean=None):
-        rate = self.mean_loops if mean is None else mean
+        rate = self.mean if mean is None else mean
         return jnp.maximum(1, jax.random.poisson(key, rate, shape))
 
 
 @dataclasses.dataclass(frozen=True)
 class LogNormalPoisson(Schedule):
     """Huginn: ``tau ~ N(log mean - sigma^2 / 2, sigma)``, ``n = Poisson(exp(tau)) + 1``."""
-    mean_loops: float = 32.0
+    mean: float = 32.0
     sigma: float = 0.5
 
-    @property
-    def mean(self) -> float:
-        return self.mean_loops
-
     def draw(self, key, shape, step, mean=None):
-        mean = self.mean_loops if mean is None else mean
+        mean = self.mean if mean is None else mean
         tau_key, count_key = jax.random.split(key)
         tau = jnp.log(mean) - self.sigma ** 2 / 2 + self.sigma * jax.random.normal(tau_key, shape)
         return jax.random.poisson(count_key, jnp.exp(tau), shape) + 1

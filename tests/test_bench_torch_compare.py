@@ -28,7 +28,7 @@ def test_flops_of_the_tiny_config_by_hand():
     # tiny: D=32, H=2, q_lora=16, kv_lora=8, nope=8, rope=4, v=8, E=4, K=2, F=16, 1 shared,
     # lora_rank=4, vocab=128, 1 prelude + 1 coda layer; T=16, 2 loops.
     cfg = presets.benchmark_config("tiny")
-    f = flop_count.forward_flops_per_token(cfg, seq_len=16, n_loops=2)
+    f = flop_count.forward_flops_per_token(cfg, seq_len=16, loops=2)
     # MLA projections, MACs: q_down 32*16 + q_up_nope 16*2*8 + q_up_rope 16*2*4
     #   + kv_down 32*(8+4) + kv_up 8*2*(8+8) + wo 2*8*32 = 512+256+128+384+256+512 = 2048
     assert f["attention"] == {"proj": 2 * 2048, "scores": 2 * 2 * 16 * 12, "pv": 2 * 2 * 16 * 8}

@@ -164,7 +164,7 @@ def test_parity_trace_of_a_trained_model_against_pytorch(workdir, tmp_path, caps
     assert "first stage over tolerance: none" in captured.out
     report = json.loads(out_json.read_text())
     (comparison,) = report["comparisons"]
-    assert report["ok"] and report["ids_shape"] == [2, 8] and report["n_loops"] == 4
+    assert report["ok"] and report["ids_shape"] == [2, 8] and report["loops"] == 4
     stages = [r["stage"] for r in comparison["rows"]]
     assert stages[:2] == ["embed", "prelude 0"] and stages[-1] == "logits"
     assert all(r["rel_diff"] <= 1e-5 for r in comparison["rows"] if "missing" not in r)

@@ -110,13 +110,13 @@ def test_parity_command_prints_the_table_writes_json_and_fails_on_a_bad_row(
     table's format, the JSON and the exit code, on stubbed rows."""
     from mythos_jax.interop import parity
 
-    good = {"attn_type": "mla", "n_loops": 3, "seq_len": 24, "batch": 3,
+    good = {"attn_type": "mla", "loops": 3, "seq_len": 24, "batch": 3,
             "max_abs_diff": 1.5e-5, "max_abs_logit": 31.25, "rel_diff": 4.8e-7, "ok": True}
-    bad = {**good, "attn_type": "gqa", "n_loops": 6, "seq_len": 1, "max_abs_diff": 2.0,
+    bad = {**good, "attn_type": "gqa", "loops": 6, "seq_len": 1, "max_abs_diff": 2.0,
            "max_abs_logit": 20.0, "rel_diff": 0.1, "ok": False}
     header = [f"parity with open-mythos 0.5.0 (fp32 CPU, tolerance {parity.LOGIT_RTOL:.1e} "
               f"x max|logit|)",
-              " attn  n_loops  seq_len  max|diff|  max|logit|  relative  ok"]
+              " attn    loops  seq_len  max|diff|  max|logit|  relative  ok"]
     out_json = tmp_path / "parity.json"
     for rows, code, lines in [
             ([good], 0, ["  mla        3       24   1.50e-05       31.25  4.80e-07  yes"]),
@@ -163,6 +163,29 @@ def test_generate_stops_at_eos(capsys):
     captured = capsys.readouterr()
     assert captured.out == "hi\n"                    # EOS at once, and it is not printed
     assert "1 tokens in" in captured.err
+
+
+def test_chat_keeps_the_cache_and_answers_like_one_generation(capsys, monkeypatch):
+    """Two sampled turns on stdin: each reply is what one generation over the conversation so
+    far (turn text + newline, earlier replies) samples with the turn's seed (seed + turn)."""
+    import io
+
+    from mythos_jax.commands.generate import _decode_tokens, _escape
+    from mythos_jax.inference.generate import generate
+    from mythos_jax.model import OpenMythos
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nand again\n\n"))
+    assert main(["chat", "--variant", "tiny_mla", "--max-new-tokens", "6", "--seed", "0"]) == 0
+    model = OpenMythos(variants.tiny_mla(), rngs=nnx.Rngs(0))
+    conversation, replies = [], []
+    for turn, text in enumerate(["hello there\n", "and again\n"]):
+        conversation += list(text.encode())
+        result = generate(model, [conversation], 6, temperature=1.0, seed=turn)
+        reply = [int(t) for t in result.tokens[0]]
+        conversation += reply
+        replies.append(_escape(_decode_tokens(reply), keep="\n\t") + "\n")
+    assert len(set("".join(replies))) > 3                 # sampled text, not one repeated byte
+    assert capsys.readouterr().out == "".join(replies)
 
 
 def test_generate_batch_prints_one_line_per_prompt(capsys):

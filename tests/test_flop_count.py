@@ -42,12 +42,12 @@ def test_hand_constants():
     assert PER_LOOP == 77440 and PRELUDE == 59264 and HEAD == 32768
 
 
-@pytest.mark.parametrize("n_loops", [1, 3, None])
-def test_forward_by_hand(n_loops):
+@pytest.mark.parametrize("given", [1, 3, None])
+def test_forward_by_hand(given):
     cfg = variants.tiny_mla()
-    loops = 4 if n_loops is None else n_loops          # default: cfg.max_loop_iters = 4
-    f = mythos_jax.flops(cfg, T, n_loops)
-    assert f["n_loops"] == loops and f["seq_len"] == T
+    loops = 4 if given is None else given              # default: cfg.max_loop_iters = 4
+    f = mythos_jax.flops(cfg, T, loops=given)
+    assert f["loops"] == loops and f["seq_len"] == T
     assert f["forward"] == PRELUDE + loops * PER_LOOP + CODA + HEAD
     b = f["forward_breakdown"]
     assert b["attention"] == {"proj": 2 * PROJ_MACS, "scores": 2 * SCORES_MACS, "pv": 2 * PV_MACS}
@@ -56,7 +56,7 @@ def test_forward_by_hand(n_loops):
     assert b["injection"] == 0 and b["readout"] == 0   # LTI injection is elementwise
     assert f["recurrent_per_loop"] == b["recurrent_per_loop"] == PER_LOOP
     assert b["total"] == f["forward"]
-    if n_loops is None:
+    if given is None:
         assert f["forward"] == 2 * 59264 + 4 * 77440 + 32768 == 461056
 
 
@@ -72,7 +72,7 @@ def test_train_with_truncated_backprop():
     cfg = variants.tiny_mla()
     # 6 loops, gradient through the last 2: prelude, coda, head and 2 loops at 3x (forward +
     # backward), the first 4 loops forward only (stop-gradient copy of the block) at 1x.
-    f = mythos_jax.flops(cfg, T, n_loops=6, backprop_depth=2)
+    f = mythos_jax.flops(cfg, T, loops=6, backprop_depth=2)
     assert f["grad_loops"] == 2 and f["no_grad_loops"] == 4
     assert f["forward"] == PRELUDE + 6 * PER_LOOP + CODA + HEAD
     assert f["train"] == 3 * (PRELUDE + 2 * PER_LOOP + CODA + HEAD) + 4 * PER_LOOP

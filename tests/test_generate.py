@@ -31,11 +31,11 @@ def model(request):
     return m
 
 
-def test_prefill_into_a_used_cache_raises(model):
+def test_a_forward_past_the_end_of_the_cache_raises(model):
     cache = init_cache(model.cfg, 1, 8, 1)
-    cache = model(jnp.asarray([[1, 2]]), 1, cache=cache).cache
-    with pytest.raises(ValueError, match="needs an empty cache"):
-        model(jnp.asarray([[3, 4]]), 1, cache=cache)
+    cache = model(jnp.asarray([[1, 2, 3, 4, 5]]), 1, cache=cache).cache
+    with pytest.raises(ValueError, match="holds 5 of its 8 slots: 4 more tokens do not fit"):
+        model(jnp.asarray([[3, 4, 5, 6]]), 1, cache=cache)
 
 
 @pytest.mark.parametrize("n_loops", [1, 3])
@@ -151,7 +151,7 @@ def test_early_exit_fills_the_unrun_depths_with_the_last_run_depth(model):
     ids, start = gen.left_pad(PROMPTS)
     cache = init_cache(model.cfg, len(PROMPTS), 12, 8, start)
     cache = model(jnp.asarray(ids), 8, cache=cache).cache
-    slot = int(cache.index)
+    slot = int(cache.index[0])
     out = model(jnp.asarray([[1], [2], [3]]), LoopSpec(8, exit="act"), cache=cache,
                 return_info=True)
     loops_run = int(out.info.loops_run.max())
@@ -194,7 +194,7 @@ def _copies_of_row(cache, row: int):
     return cache.replace(prelude=jax.tree.map(lambda c: c[rows], cache.prelude),
                          recurrent=jax.tree.map(lambda c: c[:, rows], cache.recurrent),
                          coda=jax.tree.map(lambda c: c[rows], cache.coda),
-                         start=cache.start[rows], index=jnp.array(cache.index))  # donated
+                         start=cache.start[rows], index=cache.index[rows])
 
 
 def test_generate_exits_per_sequence_and_masks_finished_ones(exiting_model):

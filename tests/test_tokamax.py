@@ -281,5 +281,7 @@ def test_model_with_tokamax_attention_equals_xla(monkeypatch, xla_implementation
     np.testing.assert_allclose(tk_logits, xla_logits, atol=1e-5)
     calls.clear()
     cache = init_cache(models[1].cfg, 2, 12, 2, jnp.zeros((2,), jnp.int32))
-    jax.eval_shape(lambda c: models[1](ids[:, :1], 2, cache=c), cache)
+    prefilled = jax.eval_shape(lambda c: models[1](ids[:, :10], 2, cache=c).cache, cache)
+    calls.clear()
+    jax.eval_shape(lambda c: models[1](ids[:, 10:], 2, cache=c), prefilled)
     assert not calls                                              # decode: the einsums

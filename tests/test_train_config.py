@@ -44,7 +44,7 @@ def test_a_curriculum_over_lognormal_poisson_from_yaml_and_from_set(tmp_path):
     path.write_text(CURRICULUM_YAML)
     from_file, from_set = load_train_config(str(path)), load_train_config(None, CURRICULUM_SET)
     assert from_file == from_set and isinstance(from_file.loops, CurriculumLoops)
-    target = schedules.LogNormalPoisson(mean_loops=6.0, sigma=0.3, max_loops=12,
+    target = schedules.LogNormalPoisson(mean=6.0, sigma=0.3, max_loops=12,
                                         backprop_depth=4)
     assert from_file.loops.build() == schedules.Curriculum(target=target, start_mean=2.0,
                                                            ramp_steps=500, shape="sqrt")
@@ -92,6 +92,21 @@ def test_defaults_are_poisson_loops_over_the_stdlib():
     assert curriculum == CurriculumLoops(target=PoissonLoops())
     lognormal = load_train_config("tiny", ["loops.schedule=lognormal_poisson"]).loops
     assert lognormal == LogNormalPoissonLoops(max_loops=3)
+
+
+def test_a_schedules_mean_is_mean_in_yaml_and_python():
+    """One name per meaning (issue 26): ``loops.mean`` builds ``Poisson(mean=...)``; the old
+    Python name ``mean_loops`` is refused in both, in one line naming it (YAML: and the
+    schedule's fields)."""
+    built = load_train_config("tiny", ["loops.schedule=poisson", "loops.mean=5"]).loops.build()
+    assert built == schedules.Poisson(mean=5.0, max_loops=3) and built.mean == 5.0
+    assert schedules.LogNormalPoisson(mean=6.0, sigma=0.3).mean == 6.0
+    with pytest.raises(ValueError) as err:
+        load_train_config("tiny", ["loops.schedule=poisson", "loops.mean_loops=5"])
+    assert str(err.value) == ("loops.mean_loops: not a field of the 'poisson' schedule (its "
+                              "fields: backprop_depth, max_loops, mean, per_sequence)")
+    with pytest.raises(TypeError, match="mean_loops"):
+        schedules.Poisson(mean_loops=5.0)
 
 
 def readme_section_table() -> dict[str, tuple[str, str]]:

@@ -116,6 +116,28 @@ def model_vocab(path: str | os.PathLike, vocab_size: int) -> Vocab:
                      f"{vocab_size} ids, not byte level): give its tokenizer with --tokenizer")
 
 
+def prompt_vocab(path: str | os.PathLike | None, vocab_size: int,
+                 tokenizer: str | None = None) -> Vocab:
+    """The vocabulary a model of ``vocab_size`` ids reads its prompts in: ``tokenizer``
+    ("bytes" or a tokenizer.json) when given, else the one stored with the model at ``path``
+    (:func:`model_vocab`), else (no path: a randomly initialised variant) byte level.
+    ``ValueError`` naming the problem when it cannot serve the model."""
+    if tokenizer is not None:
+        try:
+            vocab = load_vocab(tokenizer)
+        except (OSError, ValueError, ImportError) as err:
+            raise ValueError(f"tokenizer {tokenizer}: {err}") from None
+    else:
+        vocab = BYTES if path is None else model_vocab(path, vocab_size)
+    if vocab.name == "bytes" and vocab_size < 256:
+        raise ValueError(f"byte-level prompts need vocab_size >= 256, this model has "
+                         f"{vocab_size}")
+    if vocab.name != "bytes" and vocab.size > vocab_size:
+        raise ValueError(f"the tokenizer {vocab.name} has {vocab.size} ids, more than the "
+                         f"model's vocab_size {vocab_size}")
+    return vocab
+
+
 def local_file(path) -> str:
     """``path`` as a local file: a bucket object is copied to the temporary folder once (by
     content), as the tokenizers package reads local files only."""

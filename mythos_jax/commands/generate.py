@@ -21,6 +21,17 @@ DEFAULT_NEW_TOKENS = 64
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="tokens to generate per prompt (default 64, fewer if the model's "
+                        "max_seq_len leaves less room after the prompt)")
+    add_sampling_arguments(p)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, its tokenizer and its depth (``generate``, ``chat``)."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="PATH",
                         help="a training workdir (its newest readable checkpoint, or --step), "
@@ -32,14 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, metavar="N", help="checkpoint step of a training workdir")
     p.add_argument("--tokenizer", metavar="SPEC",
                    help="'bytes' or a tokenizer.json (default: the one stored with the model)")
-    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
-                   help="prompt text; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, metavar="N",
-                   help="tokens to generate per prompt (default 64, fewer if the model's "
-                        "max_seq_len leaves less room after the prompt)")
     p.add_argument("--loops", "--n-loops", dest="loops", type=int, metavar="N",
                    help="loops per token (default: the config's max_loop_iters); --n-loops "
                         "is OpenMythos's name")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Sampling, EOS and seed (``generate``, ``chat``)."""
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; 0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens")
@@ -57,16 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
     from mythos_jax.inference.generate import check_generation_args, generate
 
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.loops is not None and args.loops < 1:
-        raise CommandError(f"--loops must be >= 1, got {args.loops}")
     if any(not text for text in args.prompt):
         raise CommandError("--prompt must not be empty")
-
-    model = _generation_model(args)
+    model, vocab = generation_model_and_vocab(args)
     cfg = model.cfg
-    vocab = _generation_vocab(args, cfg.vocab_size)
     prompts = [[int(i) for i in ids] for ids in vocab.encode_batch(args.prompt)]
     if any(not p for p in prompts):
         raise CommandError(f"a --prompt encodes to no token with {vocab.name}")
@@ -76,17 +80,14 @@ def run(args: argparse.Namespace) -> int:
                            f"model's max_seq_len is {cfg.max_seq_len}")
     max_new_tokens = (min(DEFAULT_NEW_TOKENS, cfg.max_seq_len - longest)
                       if args.max_new_tokens is None else args.max_new_tokens)
-    eos_id = args.eos_id
-    if eos_id is None and vocab.name != "bytes" and vocab.eos_id < cfg.vocab_size:
-        eos_id = vocab.eos_id
+    eos_id = generation_eos(args, vocab, cfg.vocab_size)
     # Every argument error before the first byte of output.
     check_generation_args(cfg, longest, max_new_tokens, args.temperature, args.top_k,
                           args.top_p, eos_id)
 
     single = len(prompts) == 1
     stream = sys.stdout if single else sys.stderr
-    printer = (_ByteStream(stream, eos_id) if vocab.name == "bytes"
-               else _TextStream(stream, eos_id, vocab, prompts[0]))
+    printer = token_printer(stream, eos_id, vocab, prompts[0])
     if single:
         printer.write_text(args.prompt[0])
     else:
@@ -116,6 +117,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def generation_model_and_vocab(args: argparse.Namespace):
+    """The model and the vocabulary its prompts are encoded in, after the common argument
+    checks (``CommandError`` naming the flag)."""
+    if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.loops is not None and args.loops < 1:
+        raise CommandError(f"--loops must be >= 1, got {args.loops}")
+    model = _generation_model(args)
+    return model, _generation_vocab(args, model.cfg.vocab_size)
+
+
+def generation_eos(args: argparse.Namespace, vocab, vocab_size: int) -> int | None:
+    """``--eos-id``, else the tokenizer's EOS (byte level: none)."""
+    if args.eos_id is None and vocab.name != "bytes" and vocab.eos_id < vocab_size:
+        return vocab.eos_id
+    return args.eos_id
+
+
+def token_printer(stream, eos_id: int | None, vocab, prompt: list[int]) -> "_TokenStream":
+    """A stream that writes one sequence's tokens as text while they arrive."""
+    return (_ByteStream(stream, eos_id) if vocab.name == "bytes"
+            else _TextStream(stream, eos_id, vocab, prompt))
+
+
 def _generation_model(args: argparse.Namespace):
     if args.checkpoint is not None:
         from mythos_jax.commands.model_source import checkpoint_model
@@ -133,29 +158,12 @@ def _generation_model(args: argparse.Namespace):
 
 def _generation_vocab(args: argparse.Namespace, vocab_size: int):
     """The vocabulary prompts are encoded in (see the module docstring)."""
-    from mythos_jax.train.tokenizer import BYTES, load_vocab
+    from mythos_jax.checkpoints.load import prompt_vocab
 
-    if args.tokenizer is not None:
-        try:
-            vocab = load_vocab(args.tokenizer)
-        except (OSError, ValueError, ImportError) as err:
-            raise CommandError(f"--tokenizer: {err}") from None
-    elif args.checkpoint is not None:
-        from mythos_jax.checkpoints.load import model_vocab
-
-        try:
-            vocab = model_vocab(args.checkpoint, vocab_size)
-        except ValueError as err:
-            raise CommandError(str(err)) from None
-    else:
-        vocab = BYTES
-    if vocab.name == "bytes" and vocab_size < 256:
-        raise CommandError(f"byte-level prompts need vocab_size >= 256, this model has "
-                           f"{vocab_size}")
-    if vocab.name != "bytes" and vocab.size > vocab_size:
-        raise CommandError(f"the tokenizer {vocab.name} has {vocab.size} ids, more than the "
-                           f"model's vocab_size {vocab_size}")
-    return vocab
+    try:
+        return prompt_vocab(args.checkpoint, vocab_size, args.tokenizer)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
 
 
 def _escape(text: str, keep: str = "") -> str:

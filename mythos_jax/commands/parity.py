@@ -86,7 +86,7 @@ def _trace(args: argparse.Namespace) -> dict:
         raise CommandError(f"--loops must be >= 1, got {args.loops}")
     if args.seq_len < 1:
         raise CommandError(f"--seq-len must be >= 1, got {args.seq_len}")
-    report = trace_parity(torch_model, jax_model, n_loops=args.loops, dtype=args.dtype,
+    report = trace_parity(torch_model, jax_model, loops=args.loops, dtype=args.dtype,
                           tolerance=args.tolerance,
                           seq_len=min(args.seq_len, jax_model.cfg.max_seq_len))
     print(format_report(report), flush=True)

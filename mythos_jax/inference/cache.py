@@ -1,8 +1,12 @@
 """Preallocated KV caches: a fixed number of slots per attention layer and loop depth.
 
-Every sequence of a batch is left-padded so that all end at the same slot: one write index
-``index`` serves the batch, and ``start`` (B,) marks each sequence's first real slot (its
-position 0). Layer caches:
+Each sequence has its own write slot ``index`` (B,): the slots before it are written, the next
+forward writes its T new tokens at ``index .. index + T - 1`` and advances it by the tokens
+that are real (``lengths``, default T). ``start`` (B,) marks each sequence's first real slot
+(its position 0): a first prefill left-pads its prompts, later calls (chunked prefill, the
+next turn of a conversation) right-pad theirs, so sequences keep their own lengths. A cache
+fresh from :func:`init_cache` is ``empty`` (static): its first forward attends over its own
+tokens only (the flash kernels' prefill); every later one over the cache. Layer caches:
   MLA  {"c_kv": (B, S, kv_lora), "k_rope": (B, S, rope)}   the normalised latent and ONE
        shared rotated RoPE key per token: kv_lora + rope values per token per layer-depth;
   GQA  {"k": (B, S, KV, hd), "v": (B, S, KV, hd)}          post-RoPE keys and values.
@@ -30,9 +34,10 @@ class KVCache:
     prelude: tuple[dict[str, jax.Array], ...]
     recurrent: dict[str, jax.Array]          # leading axis: loop depth
     coda: tuple[dict[str, jax.Array], ...]
-    index: jax.Array                          # int32 (): slots written so far
+    index: jax.Array                          # int32 (B,): slots written so far per sequence
     start: jax.Array                          # int32 (B,): first real slot of each sequence
     shares_depths: bool = dataclasses.field(default=False, metadata={"static": True})
+    empty: bool = dataclasses.field(default=True, metadata={"static": True})
 
     @property
     def max_len(self) -> int:
@@ -47,6 +52,11 @@ class KVCache:
         """The attention span of the next call: from each sequence's first real slot, the
         queries at slots ``index ..``."""
         return KeySpan(self.start, self.index)
+
+    def write_slot(self):
+        """The ``index`` the layers take: None while the cache is ``empty`` (the forward
+        writes slots 0.. and attends over its own tokens), else ``index`` (B,)."""
+        return None if self.empty else self.index
 
     def replace(self, **changes) -> "KVCache":
         return dataclasses.replace(self, **changes)
@@ -76,8 +86,27 @@ def init_cache(cfg: MythosConfig, batch: int, max_len: int, depth_slots: int,
 
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
     return KVCache(tuple(layer() for _ in range(cfg.prelude_layers)), layer((depth_slots,)),
-                   tuple(layer() for _ in range(cfg.coda_layers)), jnp.int32(0), start,
-                   shares_depths)
+                   tuple(layer() for _ in range(cfg.coda_layers)),
+                   jnp.zeros((batch,), jnp.int32), start, shares_depths)
+
+
+def slice_rows(array: jax.Array, index, length: int, axis: int) -> jax.Array:
+    """``length`` slots of each sequence from its own slot ``index`` (B,) (None: slot 0):
+    ``array`` has the batch on axis ``axis - 1`` and the slots on ``axis``."""
+    if index is None:
+        return jax.lax.slice_in_dim(array, 0, length, axis=axis)
+    take = lambda a, i: jax.lax.dynamic_slice_in_dim(a, i, length, axis=axis - 1)
+    return jax.vmap(take, in_axes=(axis - 1, 0), out_axes=axis - 1)(array, index)
+
+
+def update_rows(array: jax.Array, rows: jax.Array, index, axis: int) -> jax.Array:
+    """``array`` with ``rows`` written at each sequence's slot ``index`` (B,) (None: slot 0);
+    batch on axis ``axis - 1``, slots on ``axis`` of both."""
+    rows = rows.astype(array.dtype)
+    if index is None:
+        return jax.lax.dynamic_update_slice_in_dim(array, rows, 0, axis=axis)
+    put = lambda a, r, i: jax.lax.dynamic_update_slice_in_dim(a, r, i, axis=axis - 1)
+    return jax.vmap(put, in_axes=(axis - 1, axis - 1, 0), out_axes=axis - 1)(array, rows, index)
 
 
 def cache_values_per_token(cfg: MythosConfig, depth_slots: int) -> int:

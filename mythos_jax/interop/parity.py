@@ -96,7 +96,7 @@ def build_pair(attn_type: str, seed: int = 1):
 
 
 def parity_report(attn_types=("mla", "gqa"), batch: int = 3, seed: int = 1) -> list[dict[str, Any]]:
-    """Max |logit difference| per (attention, n_loops, seq_len), fp32 CPU, eval mode."""
+    """Max |logit difference| per (attention, loops, seq_len), fp32 CPU, eval mode."""
     return compare_logits([build_pair(attn_type, seed) for attn_type in attn_types], batch)
 
 
@@ -119,15 +119,15 @@ def compare_logits(pairs, batch: int = 3) -> list[dict[str, Any]]:
     rows = []
     for torch_model, jax_model in pairs:
         cfg = jax_model.cfg
-        for n_loops in (1, 2, cfg.max_loop_iters, cfg.max_loop_iters + 3):
+        for loops in (1, 2, cfg.max_loop_iters, cfg.max_loop_iters + 3):
             for seq_len in (1, cfg.max_seq_len):
                 ids = torch.randint(0, cfg.vocab_size, (batch, seq_len),
-                                    generator=torch.Generator().manual_seed(n_loops + seq_len))
+                                    generator=torch.Generator().manual_seed(loops + seq_len))
                 with torch.no_grad():
-                    expected = torch_model(ids, n_loops=n_loops).numpy()
-                got = np.asarray(jax_model(jnp.asarray(ids.numpy()), n_loops))
+                    expected = torch_model(ids, n_loops=loops).numpy()
+                got = np.asarray(jax_model(jnp.asarray(ids.numpy()), loops))
                 rel = relative_error(got, expected)
-                rows.append({"attn_type": cfg.attn_type, "n_loops": n_loops, "seq_len": seq_len,
+                rows.append({"attn_type": cfg.attn_type, "loops": loops, "seq_len": seq_len,
                              "batch": batch, "max_abs_diff": float(np.abs(got - expected).max()),
                              "max_abs_logit": float(np.abs(expected).max()), "rel_diff": rel,
                              "ok": rel <= LOGIT_RTOL})
@@ -138,10 +138,10 @@ def format_parity(rows: list[dict[str, Any]]) -> str:
     """The rows of ``compare_logits`` as a table under a header naming the tolerance."""
     lines = [f"parity with open-mythos 0.5.0 (fp32 CPU, tolerance {LOGIT_RTOL:.1e} "
              f"x max|logit|)",
-             f"{'attn':>5} {'n_loops':>8} {'seq_len':>8} {'max|diff|':>10} {'max|logit|':>11} "
+             f"{'attn':>5} {'loops':>8} {'seq_len':>8} {'max|diff|':>10} {'max|logit|':>11} "
              f"{'relative':>9}  ok"]
     for r in rows:
-        lines.append(f"{r['attn_type']:>5} {r['n_loops']:>8} {r['seq_len']:>8} "
+        lines.append(f"{r['attn_type']:>5} {r['loops']:>8} {r['seq_len']:>8} "
                      f"{r['max_abs_diff']:>10.2e} {r['max_abs_logit']:>11.2f} "
                      f"{r['rel_diff']:>9.2e}  {'yes' if r['ok'] else 'NO'}")
     return "\n".join(lines)

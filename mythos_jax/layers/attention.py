@@ -5,9 +5,11 @@ dot product, -inf where masked, softmax in fp32, dropout on the probabilities.
 ``span`` (``kernels.masks.KeySpan``) says which keys each query sees, as offsets; the einsum
 path turns it into a dense (B, T, S) mask, the kernels take the offsets.
 
-With a layer cache (see ``mythos_jax.inference.cache``) the new keys are written at slot
-``index`` and returned; one-token calls (decode) attend over the whole cache, longer calls
-(prefill into an empty cache) over the new tokens. Calls return ``(output, new_cache)``.
+With a layer cache (see ``mythos_jax.inference.cache``) the new keys are written at each
+sequence's slot ``index`` (B,) and returned, and the queries attend over the whole cache
+(decode, chunked prefill); ``index`` None means an empty cache: the keys go to slots 0..
+and the queries attend over the new tokens only (a first prefill). Calls return
+``(output, new_cache)``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mythos_jax.config import MythosConfig
+from mythos_jax.inference.cache import update_rows
 from mythos_jax.kernels.dispatch import log_once, resolve_attention_impl
 from mythos_jax.kernels.masks import KeySpan
 from mythos_jax.kernels.mla_decode import mla_decode_attention
@@ -61,7 +64,7 @@ class GQAttention(nnx.Module):
         k = apply_rope(self.wk(x).reshape(B, T, self.n_kv_heads, self.head_dim), *rope)
         v = self.wv(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         new_cache = None if cache is None else write_cache(cache, {"k": k, "v": v}, index)
-        if cache is not None and T == 1:
+        if cache is not None and index is not None:        # attend over the cache
             k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
         q = q.reshape(B, T, self.n_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -120,12 +123,12 @@ class MLAttention(nnx.Module):
         kv_up = self.kv_up.kernel[...].astype(self.kv_up.dtype).reshape(
             self.kv_lora_rank, H, self.nope_dim + self.v_dim)
         k_up, v_up = kv_up[..., : self.nope_dim], kv_up[..., self.nope_dim:]
-        decode = cache is not None and T == 1
-        if impl := self._kernel_impl(key, decode):
+        over_cache = cache is not None and index is not None
+        if impl := self._kernel_impl(key, over_cache, T):
             out = self._kernel_attention(q_nope, q_rope, c_kv, k_rope, new_cache, k_up, v_up,
-                                         span, decode, impl == AttentionImpl.TOKAMAX)
+                                         span, over_cache, impl == AttentionImpl.TOKAMAX)
             return self.wo(out.reshape(B, T, H * self.v_dim)), new_cache
-        if decode:   # attend in latent space over the cache: k_up folded into the query
+        if over_cache:   # attend in latent space over the cache: k_up folded into the query
             c_kv = new_cache["c_kv"].astype(kv_up.dtype)
             k_rope = new_cache["k_rope"].astype(q_rope.dtype)
             q_latent = jnp.einsum("bthd,chd->bthc", q_nope, k_up)
@@ -140,18 +143,20 @@ class MLAttention(nnx.Module):
                                              preferred_element_type=jnp.float32)
         probs = masked_softmax(scores * (self.nope_dim + self.rope_dim) ** -0.5, span,
                                self.dropout_rate, key).astype(c_kv.dtype)
-        if decode:   # v_up applied after attention
+        if over_cache:   # v_up applied after attention
             out = jnp.einsum("bthc,chd->bthd", jnp.einsum("bhts,bsc->bthc", probs, c_kv), v_up)
         else:
             out = jnp.einsum("bhts,bshd->bthd", probs, jnp.einsum("bsc,chd->bshd", c_kv, v_up))
         return self.wo(out.reshape(B, T, H * self.v_dim)), new_cache
 
-    def _kernel_impl(self, key, decode: bool) -> str | None:
+    def _kernel_impl(self, key, over_cache: bool, queries: int) -> str | None:
         """"pallas" | "tokamax" when attention_impl resolves to it (at trace time, by the mesh's
         platform), else None (einsums): also for attention dropout in training, which only the
-        einsum path has, and for decode under "tokamax" (the XLA latent einsums)."""
+        einsum path has, for decode under "tokamax", and for several queries over a cache
+        (chunked prefill; the decode kernel takes one query): the XLA latent einsums."""
         impl = resolve_attention_impl(self.attention_impl)
-        if impl == AttentionImpl.XLA or (decode and impl == AttentionImpl.TOKAMAX):
+        if impl == AttentionImpl.XLA or (over_cache and (impl == AttentionImpl.TOKAMAX
+                                                         or queries > 1)):
             return None
         if key is not None and self.dropout_rate > 0:
             log_once("MLA attention dropout > 0 in training: XLA attention, not the kernels")
@@ -180,11 +185,9 @@ class MLAttention(nnx.Module):
 
 
 def write_cache(cache: dict, entries: dict, index) -> dict:
-    """Write the new (B, T, ...) entries into each (B, S, ...) cache array at slot ``index``."""
-    return {name: jax.lax.dynamic_update_slice_in_dim(cache[name],
-                                                      entries[name].astype(cache[name].dtype),
-                                                      index, axis=1)
-            for name in cache}
+    """Write the new (B, T, ...) entries into each (B, S, ...) cache array at each sequence's
+    slot ``index`` (B,) (None: slot 0)."""
+    return {name: update_rows(cache[name], entries[name], index, axis=1) for name in cache}
 
 
 def make_attention(cfg: MythosConfig, *, rngs: nnx.Rngs) -> GQAttention | MLAttention:

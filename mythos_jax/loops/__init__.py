@@ -20,7 +20,7 @@ from mythos_jax.loops.spec import LoopSpec, per_sequence
 from mythos_jax.modes import ACTMode, ExitRule
 
 __all__ = ["KL_ENTROPY_BOUND", "LoopContext", "LoopInfo", "LoopRecord", "LoopResult",
-           "LoopSpec", "TracePoints", "per_sequence", "require_traceable", "run_loops"]
+           "LoopSpec", "TracePoints", "per_sequence", "resolve_spec", "run_loops"]
 
 
 class LoopInfo(NamedTuple):
@@ -35,32 +35,43 @@ class LoopInfo(NamedTuple):
     state_rms: jax.Array
 
 
+def resolve_spec(loops: LoopSpec, cfg, *, cached: bool = False, depth_slots: int | None = None,
+                 shares_depths: bool = False, traced: bool = False) -> LoopSpec:
+    """The one place a forward's LoopSpec is resolved and checked: its count defaults to
+    ``cfg.max_loop_iters``; ``exit="act"`` needs ACT halting; a cached forward (``cached``)
+    needs a static count and nothing of training, equal to the cache's ``depth_slots``
+    unless it ``shares_depths`` (a depth the prompt never filled would be attended as
+    zeros); a ``traced`` forward needs a static count without exit rule or training bounds.
+    ``ValueError`` naming the conflict."""
+    spec = loops.with_default_count(cfg.max_loop_iters)
+    if spec.exit == ExitRule.ACT and cfg.act == ACTMode.OFF:
+        raise ValueError("exit='act' needs ACT halting; MythosConfig.act is 'off'")
+    if traced and (not spec.static or spec.exit is not None or spec.trains):
+        raise ValueError(f"trace needs a static loop count (a Python int) without exit rule or "
+                         f"training bounds, got {spec!r}")
+    if cached and (not spec.static or spec.trains):
+        raise ValueError(f"a cached forward (prefill, decode, generate) needs loops as a Python "
+                         f"int count, with an exit rule if any, nothing of training "
+                         f"(backprop_depth, max_loops); got {spec!r}")
+    if depth_slots is not None and not shares_depths and spec.count != depth_slots:
+        raise ValueError(f"loops must equal the {depth_slots} depth slots this cache holds (a "
+                         f"depth the prompt never filled would be attended as zeros; "
+                         f"init_cache(..., shares_depths=True) reuses slots), got {spec.count}")
+    return spec
+
+
 def run_loops(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: LoopSpec,
               decode: Callable[[jax.Array], jax.Array], cache: dict | None = None,
               index=None, trace: TracePoints | None = None) -> LoopResult:
-    """Run the recurrence on the prelude output e (B, T, D) as ``spec`` says (its count
-    resolved, see ``OpenMythos.__call__``). ``decode(h)``: next-token log-probabilities of a
+    """Run the recurrence on the prelude output e (B, T, D) as ``spec`` says (resolved and
+    checked by :func:`resolve_spec`). ``decode(h)``: next-token log-probabilities of a
     loop output, read by the "kl" exit rules. ``cache``/``index``: the recurrent block's
-    per-depth KV cache and its write slot (prefill / decode). ``trace``: also return every
-    iteration's ``LoopRecord`` at those points (a static count, no exit rule, no cache)."""
-    if spec.exit == ExitRule.ACT and block.act_mode == ACTMode.OFF:
-        raise ValueError("exit='act' needs ACT halting; MythosConfig.act is 'off'")
+    per-depth KV cache and each sequence's write slot (B,) (None: an empty cache).
+    ``trace``: also return every iteration's ``LoopRecord`` at those points."""
     if trace is not None:
-        require_traceable(spec, cache)
         return run_static(block, e, ctx, spec, trace=trace)
     if spec.trains:
-        if cache is not None:
-            raise ValueError("backprop_depth / max_loops are for training; a cached forward "
-                             "takes a static loop count or an exit rule")
         return run_training(block, e, ctx, spec)
     if spec.static and spec.exit is None:
         return run_static(block, e, ctx, spec, cache, index)
     return run_dynamic(block, e, ctx, spec, decode, cache, index)
-
-
-def require_traceable(spec: LoopSpec, cache: dict | None = None) -> None:
-    """A traced loop needs a static count, no exit rule, no training bounds and no cache."""
-    if not spec.static or spec.exit is not None or spec.trains or cache is not None:
-        raise ValueError(f"trace needs a static loop count (a Python int) without exit rule, "
-                         f"training bounds or cache, got {spec!r}"
-                         f"{' and a cache' if cache is not None else ''}")

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mythos_jax.inference.cache import slice_rows, update_rows
 from mythos_jax.layers.recurrence import (LoopRecord, LoopState, RecurrentBlock, TracePoints,
                                           relative_change)
 from mythos_jax.loops.spec import LoopSpec, per_sequence
@@ -39,10 +40,12 @@ class LoopResult(NamedTuple):
 
 class LoopContext(NamedTuple):
     """What every iteration needs besides the state: RoPE cos/sin, the attention span
-    (``layers.attention.KeySpan``), a dropout key."""
+    (``layers.attention.KeySpan``), a dropout key, and which positions are tokens (B, T)
+    bool, not padding (None: all): the exit rules read only those."""
     rope: tuple[jax.Array, jax.Array]
     span: object
     key: jax.Array | None
+    real: jax.Array | None = None
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -78,18 +81,24 @@ def _read_depth(depth_caches, t):
 
 
 def _write_depth(depth_caches, layer_cache, t, index, length: int, active=None):
-    """Write rows ``index .. index + length`` of depth t's updated cache into the stack; with
-    ``active`` (B,) bool, only the active sequences' rows (a stopped one keeps its own)."""
+    """Write each sequence's rows ``index .. index + length`` of depth t's updated cache into
+    the stack (``index`` (B,), None: 0); with ``active`` (B,) bool, only the active
+    sequences' rows (a stopped one keeps its own)."""
     if depth_caches is None:
         return None
 
     def write(c, new):
         slot = t % c.shape[0]
-        rows = jax.lax.dynamic_slice_in_dim(new, index, length, axis=1)        # (B, length, ...)
+        starts = jnp.zeros(c.shape[1], jnp.int32) if index is None else index
+        rows = slice_rows(new, index, length, axis=1)                        # (B, length, ...)
         if active is not None:
-            kept = jax.lax.dynamic_slice_in_dim(c[slot], index, length, axis=1)
+            kept = jax.vmap(lambda cb, i: jax.lax.dynamic_slice(
+                cb, (slot, i) + (0,) * (cb.ndim - 2), (1, length) + cb.shape[2:])[0],
+                in_axes=(1, 0))(c, starts)
             rows = jnp.where(active.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, kept)
-        return jax.lax.dynamic_update_slice(c, rows[None], (slot, 0, index) + (0,) * (c.ndim - 3))
+        return jax.vmap(lambda cb, rb, i: jax.lax.dynamic_update_slice(
+            cb, rb[None].astype(cb.dtype), (slot, i) + (0,) * (cb.ndim - 2)),
+            in_axes=(1, 0, 0), out_axes=1)(c, rows, starts)
 
     return jax.tree.map(write, depth_caches, layer_cache)
 
@@ -145,6 +154,8 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: Loo
     exit, threshold = spec.exit, spec.threshold
     start = block.start(e)
     uses_kl = exit is not None and exit.decodes
+    real = (jnp.ones(start.h.shape[:2], bool) if ctx.real is None else ctx.real)  # (B, T)
+    weights = real[..., None].astype(start.h.dtype)
     previous = (decode(block.output(start)) if uses_kl
                 else jnp.zeros(start.h.shape[:2] + (0,)))
 
@@ -159,16 +170,17 @@ def run_dynamic(block: RecurrentBlock, e: jax.Array, ctx: LoopContext, spec: Loo
                                         _read_depth(depth_caches, t), index)
         depth_caches = _write_depth(depth_caches, layer_cache, t, index, e.shape[1], active)
         if exit == ExitRule.ACT:
-            converged = jnp.all(new.halted, axis=1)
+            converged = jnp.all(new.halted | ~real, axis=1)
         elif exit == ExitRule.DELTA:
-            converged = relative_change(new.h, state.h) < threshold
+            converged = relative_change(new.h * weights, state.h * weights) < threshold
         elif uses_kl:
             log_p = decode(block.output(new))
             kl = jnp.sum(jnp.exp(log_p) * (log_p - previous), axis=-1)      # (B, T)
-            converged = (jnp.max(kl, axis=1) < threshold) & (t > 0)
+            converged = (jnp.max(jnp.where(real, kl, 0.0), axis=1) < threshold) & (t > 0)
             if exit == ExitRule.KL_ENTROPY:
                 entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)        # (B, T)
-                converged = converged & (jnp.max(entropy, axis=1) < KL_ENTROPY_BOUND)
+                converged = converged & (jnp.max(jnp.where(real, entropy, 0.0), axis=1)
+                                         < KL_ENTROPY_BOUND)
             previous = jnp.where(active[:, None, None], log_p, previous)
         else:
             converged = jnp.zeros((batch,), bool)
@@ -191,11 +203,11 @@ def _fill_unrun_depths(depth_caches, loops_run, index, length: int):
     def fill(c):
         if c.shape[0] == 1:        # one shared depth slot: nothing to fill
             return c
-        rows = jax.lax.dynamic_slice_in_dim(c, index, length, axis=2)     # (L, B, T, ...)
+        rows = slice_rows(c, index, length, axis=2)                       # (L, B, T, ...)
         last = rows[jnp.clip(loops_run - 1, 0, c.shape[0] - 1), batch]    # (B, T, ...)
         unrun = jnp.arange(c.shape[0])[:, None] >= loops_run[None, :]      # (L, B)
         rows = jnp.where(unrun.reshape(unrun.shape + (1,) * (c.ndim - 2)), last[None], rows)
-        return jax.lax.dynamic_update_slice_in_dim(c, rows, index, axis=2)
+        return update_rows(c, rows, index, axis=2)
 
     return jax.tree.map(fill, depth_caches)
 

@@ -30,7 +30,8 @@ class LoopSpec:
     array, scalar or per sequence (B,), possibly traced. ``exit`` (an :class:`ExitRule` name)
     with ``threshold``: early exit, inference only. ``backprop_depth``: gradient through the
     last k loops (counts chosen at run time, memory independent of the count). ``max_loops``:
-    the static bound of run-time counts (full backprop masks a scan to it)."""
+    the static bound of run-time counts (full backprop masks a scan to it), unrelated to
+    ``MythosConfig.max_loop_iters`` (the default count)."""
 
     count: Any = None
     exit: ExitRule | None = None

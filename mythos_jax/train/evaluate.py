@@ -24,15 +24,15 @@ from mythos_jax.train.step import TrainPlan, TrainState, token_terms
 
 
 @functools.lru_cache(maxsize=16)
-def eval_fn(plan: TrainPlan, n_loops: int):
+def eval_fn(plan: TrainPlan, loops: int):
     """Jitted (params, buffers, batch) -> (5,) float32 sums over the (global) batch at
-    ``n_loops``: summed token NLL, right tokens, scored tokens, exactly-right sequences and
+    ``loops``: summed token NLL, right tokens, scored tokens, exactly-right sequences and
     sequences with a scored token (``EVAL_SUMS``). Rows without a scored token (padding) add
     nothing."""
     def run(params, buffers, batch):
         model = nnx.merge(plan.graphdef, params, buffers)
         model.eval()
-        logits = model(batch["inputs"], n_loops)
+        logits = model(batch["inputs"], loops)
         return eval_sums(logits, batch["targets"], batch["loss_mask"])
 
     return jax.jit(run, in_shardings=(plan.shardings.params, plan.shardings.buffers,
@@ -79,14 +79,15 @@ def global_batch(plan: TrainPlan, local: dict) -> dict:
             for name, v in local.items()}
 
 
-def evaluate(plan: TrainPlan, state: TrainState, loop_counts=None,
+def evaluate(plan: TrainPlan, state: TrainState, loops=None,
              n_batches: int | None = None) -> dict[str, dict[int, dict[str, float]]]:
-    """Per eval split and loop count: loss and token accuracy averaged over every scored
-    token of the split's first ``n_batches`` batches (padding rows count for nothing, so more
-    batches of padding change nothing), exact match over the sequences that have a scored
-    token; the same on any number of processes (the sums are over global batches)."""
+    """Per eval split and loop count in ``loops`` (default ``eval.loops``): loss and token
+    accuracy averaged over every scored token of the split's first ``n_batches`` batches
+    (padding rows count for nothing, so more batches of padding change nothing), exact match
+    over the sequences that have a scored token; the same on any number of processes (the
+    sums are over global batches)."""
     cfg = plan.cfg
-    loop_counts = cfg.eval.loops if loop_counts is None else loop_counts
+    loops = cfg.eval.loops if loops is None else loops
     n_batches = cfg.eval.batches if n_batches is None else n_batches
     results: dict[str, dict[int, dict[str, float]]] = {}
     for split in data_lib.eval_splits(cfg.data):
@@ -97,7 +98,7 @@ def evaluate(plan: TrainPlan, state: TrainState, loop_counts=None,
                              f"data for data.batch_size={cfg.data.batch_size})")
         global_batches = [global_batch(plan, b) for b in batches]
         results[split] = {}
-        for n in loop_counts:
+        for n in loops:
             run = eval_fn(plan, int(n))
             with plan.context():   # one host transfer per loop count, not one per batch
                 per_batch = [run(state.params, state.buffers, batch) for batch in global_batches]
@@ -119,8 +120,6 @@ def depth_curve_table(results: dict) -> str:
 def plot_depth_curve(results: dict, path, title: str = "") -> str:
     """Loss (left) and accuracy (right) against test-time loops, one line per split, as a
     PNG at ``path`` (local or a bucket URL); returns the path."""
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -136,9 +135,5 @@ def plot_depth_curve(results: dict, path, title: str = "") -> str:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("\n".join(textwrap.wrap(title or "depth curve", 120)), fontsize=9)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    paths.write_bytes(path, png.getvalue())
-    return str(paths.resolve(path))
+    return paths.write_png(fig, path)
+

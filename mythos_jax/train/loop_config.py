@@ -86,7 +86,7 @@ class PoissonLoops(SampledLoops):
     mean: float = 4.0
 
     def build(self) -> schedules.Poisson:
-        return schedules.Poisson(mean_loops=self.mean, **self._common())
+        return schedules.Poisson(mean=self.mean, **self._common())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,7 @@ class LogNormalPoissonLoops(SampledLoops):
     sigma: float = 0.5
 
     def build(self) -> schedules.LogNormalPoisson:
-        return schedules.LogNormalPoisson(mean_loops=self.mean, sigma=self.sigma,
+        return schedules.LogNormalPoisson(mean=self.mean, sigma=self.sigma,
                                           **self._common())
 
 

@@ -77,7 +77,7 @@ def test_an_altered_lora_scale_is_located_at_its_loop(mla):
     by_stage = {r["stage"]: r for r in result["rows"]}
     assert by_stage["loop 1"]["rel_diff"] <= 1e-5 < by_stage["loop 2"]["rel_diff"]
     assert "first stage over tolerance: loop 2" in format_report(
-        {"ids_shape": list(IDS.shape), "attn_type": "mla", "n_loops": N_LOOPS,
+        {"ids_shape": list(IDS.shape), "attn_type": "mla", "loops": N_LOOPS,
          "comparisons": [{"name": "altered", **result}]})
 
 

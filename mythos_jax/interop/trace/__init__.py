@@ -2,7 +2,7 @@
 stage by stage (embed, prelude layers, each loop iteration, coda layers, logits).
 
     report = trace_parity(torch_model)                  # a live OpenMythos, converted here
-    report = trace_parity(jax_model=model, n_loops=8, dtype="bfloat16")
+    report = trace_parity(jax_model=model, loops=8, dtype="bfloat16")
     print(format_report(report)); report["comparisons"][0]["first_over"]
     plot_divergence(report, "divergence.png")
 """

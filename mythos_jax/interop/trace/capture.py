@@ -28,36 +28,36 @@ class StageTrace:
     loops: dict[str, np.ndarray]
 
     @property
-    def n_loops(self) -> int:
+    def loops_run(self) -> int:
         return len(self.loops["rho"])
 
 
 @nnx.jit(static_argnums=2)
-def _traced_forward(model, ids, n_loops: int):
-    return model(ids, n_loops, trace=True)
+def _traced_forward(model, ids, loops: int):
+    return model(ids, loops, trace=True)
 
 
-def jax_trace(model, ids: np.ndarray, n_loops: int) -> StageTrace:
-    """mythos-jax's traced forward of ``ids`` (B, T) at ``n_loops`` (jitted once per model
+def jax_trace(model, ids: np.ndarray, loops: int) -> StageTrace:
+    """mythos-jax's traced forward of ``ids`` (B, T) at ``loops`` (jitted once per model
     structure, shape and count; eval mode)."""
     model.eval()
-    out = _traced_forward(model, np.asarray(ids, np.int32), n_loops)
+    out = _traced_forward(model, np.asarray(ids, np.int32), loops)
     stages = {"embed": out.embed,
               **{f"prelude {i}": x for i, x in enumerate(out.prelude)},
-              **{f"loop {t}": out.loops.h[t] for t in range(n_loops)},
+              **{f"loop {t}": out.loops.h[t] for t in range(loops)},
               "recurrent": out.recurrent,
               **{f"coda {i}": x for i, x in enumerate(out.coda)},
               "logits": out.logits}
-    loops = {name: np.asarray(getattr(out.loops, name)) for name in LOOP_FIELDS}
-    loops["expert_ids"], loops["expert_weights"] = _sorted_choices(loops["expert_ids"],
-                                                                   loops["expert_weights"])
-    return StageTrace({k: np.asarray(v, np.float32) for k, v in stages.items()}, loops)
+    records = {name: np.asarray(getattr(out.loops, name)) for name in LOOP_FIELDS}
+    records["expert_ids"], records["expert_weights"] = _sorted_choices(
+        records["expert_ids"], records["expert_weights"])
+    return StageTrace({k: np.asarray(v, np.float32) for k, v in stages.items()}, records)
 
 
-def torch_trace(model, ids: np.ndarray, n_loops: int, autocast: bool = False) -> StageTrace:
-    """OpenMythos's forward of ``ids`` (B, T) at ``n_loops`` through forward hooks; under
+def torch_trace(model, ids: np.ndarray, loops: int, autocast: bool = False) -> StageTrace:
+    """OpenMythos's forward of ``ids`` (B, T) at ``loops`` through forward hooks; under
     ``torch.autocast("cpu", bfloat16)`` with ``autocast``. OpenMythos stops early once every
-    position halted (without a cache), so ``n_loops`` of the trace may be fewer."""
+    position halted (without a cache), so the trace's ``loops_run`` may be fewer."""
     import torch
 
     recurrent = model.recurrent
@@ -74,7 +74,7 @@ def torch_trace(model, ids: np.ndarray, n_loops: int, autocast: bool = False) ->
     handles = [module.register_forward_hook(keep(name)) for name, module in hooked]
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            model(torch.as_tensor(np.asarray(ids, np.int64)), n_loops=n_loops)
+            model(torch.as_tensor(np.asarray(ids, np.int64)), n_loops=loops)
             rho = float(recurrent.injection.get_A().abs().max())
     finally:
         for handle in handles:
@@ -84,15 +84,16 @@ def torch_trace(model, ids: np.ndarray, n_loops: int, autocast: bool = False) ->
     stages.update({f"loop {t}": h for t, h in enumerate(hs)})
     stages.update({name: seen[name][0] for name in ["recurrent", *coda, "logits"]})
     e = stages[(["embed"] + prelude)[-1]]                        # h_0, the loop's input
-    loops = _act_bookkeeping(np.stack(seen["halt_p"]), model.cfg.act_threshold)
-    B, T = loops["halt_p"].shape[1:]
+    records = _act_bookkeeping(np.stack(seen["halt_p"]), model.cfg.act_threshold)
+    B, T = records["halt_p"].shape[1:]
     bias = recurrent.block.ffn.router_bias.detach().float().numpy()
     chosen, weights = _route(np.stack(seen["router"]), bias, model.cfg.n_experts_per_tok)
-    loops["expert_ids"], loops["expert_weights"] = _sorted_choices(
+    records["expert_ids"], records["expert_weights"] = _sorted_choices(
         chosen.reshape(len(hs), B, T, -1), weights.reshape(len(hs), B, T, -1))
-    loops["rho"] = np.full((len(hs),), rho, np.float32)
-    loops["delta"] = np.stack([_relative_change(h, prev) for h, prev in zip(hs, [e] + hs[:-1])])
-    return StageTrace(stages, loops)
+    records["rho"] = np.full((len(hs),), rho, np.float32)
+    records["delta"] = np.stack([_relative_change(h, prev)
+                                 for h, prev in zip(hs, [e] + hs[:-1])])
+    return StageTrace(stages, records)
 
 
 def _act_bookkeeping(halt_p: np.ndarray, threshold: float) -> dict[str, np.ndarray]:

@@ -44,8 +44,8 @@ def compare(reference: StageTrace, other: StageTrace, tolerance: float) -> dict[
     ``missing``), the loop rows with the router's top-K agreement, the halted-flag agreement
     and both sides' relative change of h; ``first_over``: the first stage whose relative
     difference exceeds ``tolerance`` (or is not finite), None if none."""
-    n = min(reference.n_loops, other.n_loops)
-    longer = reference if reference.n_loops >= other.n_loops else other
+    n = min(reference.loops_run, other.loops_run)
+    longer = reference if reference.loops_run >= other.loops_run else other
     rows = []
     for name in longer.stages:
         row: dict[str, Any] = {"stage": name}
@@ -72,14 +72,14 @@ def compare(reference: StageTrace, other: StageTrace, tolerance: float) -> dict[
                  == halting_loops(other.loops["halted"][:n]))
     return {"rows": rows, "first_over": first_over, "tolerance": tolerance,
             "halting_agreement": float(np.mean(same_halt)),
-            "reference_loops": reference.n_loops, "other_loops": other.n_loops}
+            "reference_loops": reference.loops_run, "other_loops": other.loops_run}
 
 
 def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
 
 
-def trace_parity(torch_model=None, jax_model=None, ids=None, n_loops: int | None = None, *,
+def trace_parity(torch_model=None, jax_model=None, ids=None, loops: int | None = None, *,
                  dtype: str = "float32", tolerance: float | None = None, batch: int = 2,
                  seq_len: int | None = None, seed: int = 0) -> dict[str, Any]:
     """OpenMythos and mythos-jax side by side on the same ids (B, T), stage by stage.
@@ -87,7 +87,7 @@ def trace_parity(torch_model=None, jax_model=None, ids=None, n_loops: int | None
     Give either model or both: a live ``open_mythos.main.OpenMythos`` (converted when
     ``jax_model`` is None) and/or a mythos-jax ``OpenMythos`` (converted to PyTorch when
     ``torch_model`` is None). ``ids`` default: ``batch`` x ``seq_len`` (default
-    min(16, max_seq_len)) random tokens from ``seed``; ``n_loops`` default
+    min(16, max_seq_len)) random tokens from ``seed``; ``loops`` default
     ``cfg.max_loop_iters``. The models given are put in eval mode; mythos-jax's fp32 run
     uses fp32 compute whatever its ``cfg.dtype``. ``dtype="bfloat16"`` adds OpenMythos under
     ``torch.autocast`` against mythos-jax's bf16 compute, and each against its fp32 self
@@ -108,7 +108,7 @@ def trace_parity(torch_model=None, jax_model=None, ids=None, n_loops: int | None
         torch_model = to_torch(jax_model)
     torch_model.eval()
     cfg = jax_model.cfg
-    n_loops = cfg.max_loop_iters if n_loops is None else n_loops
+    loops = cfg.max_loop_iters if loops is None else loops
     if ids is None:
         shape = (batch, min(16, cfg.max_seq_len) if seq_len is None else seq_len)
         ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, shape)
@@ -116,18 +116,18 @@ def trace_parity(torch_model=None, jax_model=None, ids=None, n_loops: int | None
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
     if cfg.dtype != "float32":                     # its fp32 self: the same parameters
         jax_model = with_compute_dtype(jax_model, "float32")
-    torch32, jax32 = torch_trace(torch_model, ids, n_loops), jax_trace(jax_model, ids, n_loops)
+    torch32, jax32 = torch_trace(torch_model, ids, loops), jax_trace(jax_model, ids, loops)
     fp32 = ("mythos-jax vs OpenMythos, fp32", torch32, jax32,
             tolerance if dtype == "float32" else DEFAULT_TOLERANCE["float32"])
     pairs = [fp32]
     if dtype == "bfloat16":
-        torch16 = torch_trace(torch_model, ids, n_loops, autocast=True)
-        jax16 = jax_trace(with_compute_dtype(jax_model, "bfloat16"), ids, n_loops)
+        torch16 = torch_trace(torch_model, ids, loops, autocast=True)
+        jax16 = jax_trace(with_compute_dtype(jax_model, "bfloat16"), ids, loops)
         pairs = [("mythos-jax bf16 vs OpenMythos bf16 (autocast)", torch16, jax16, tolerance),
                  ("OpenMythos bf16 vs its fp32", torch32, torch16, tolerance),
                  ("mythos-jax bf16 vs its fp32", jax32, jax16, tolerance), fp32]
     comparisons = [{"name": name, **compare(ref, other, tol)} for name, ref, other, tol in pairs]
-    return {"dtype": dtype, "n_loops": n_loops, "ids_shape": list(ids.shape),
+    return {"dtype": dtype, "loops": loops, "ids_shape": list(ids.shape),
             "attn_type": str(cfg.attn_type), "comparisons": comparisons,
             "ok": comparisons[0]["first_over"] is None}
 

@@ -14,7 +14,7 @@ def format_report(report: dict[str, Any]) -> str:
     ids = "x".join(str(n) for n in report["ids_shape"])
     blocks = []
     for comparison in report["comparisons"]:
-        lines = [f"{comparison['name']}: {report['attn_type']}, {report['n_loops']} loops, "
+        lines = [f"{comparison['name']}: {report['attn_type']}, {report['loops']} loops, "
                  f"ids {ids}; tolerance {comparison['tolerance']:g} on rel.diff",
                  HEADER]
         lines += [_format_row(row) for row in comparison["rows"]]
