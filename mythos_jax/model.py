@@ -89,7 +89,7 @@ class OpenMythos(nnx.Module):
         :class:`Trajectory` with ``trace``.
 
         ``loops``: a :class:`~mythos_jax.loops.LoopSpec`, or its count alone: None
-        (``cfg.max_loop_iters``; a count may exceed it, the depth-wise LoRA then reuses its
+        (``cfg.max_loop_iters``, or a cache's depth slots; a count may exceed it, the depth-wise LoRA then reuses its
         last scale as in OpenMythos), a Python int (one ``lax.scan``, compiled per count), or
         an int array, scalar or per sequence (B,), possibly traced (one ``lax.while_loop``
         for every count). Its ``exit`` rule stops each sequence early; ``backprop_depth`` /
@@ -129,12 +129,12 @@ class OpenMythos(nnx.Module):
         same message; the default keeps jitted steps free of host round trips (the data
         pipeline and ``generate`` check their inputs on the host).
         """
+        self._check_inputs(input_ids, cache, start, lengths, host_checks)
         points = _trace_points(trace, input_ids.shape[1], cache, return_info)
         spec = loops_lib.resolve_spec(
             LoopSpec.of(loops, n_loops), self.cfg, cached=cache is not None,
             depth_slots=None if cache is None else cache.depth_slots,
             shares_depths=cache is not None and cache.shares_depths, traced=points is not None)
-        self._check_inputs(input_ids, cache, start, lengths, host_checks)
         if host_checks:
             spec.check_traced_counts()
         cfg = self.cfg

@@ -47,7 +47,8 @@ def _chunked_logits(model, prompts, cuts, loops, depth_slots=None):
     slots = depth_slots or loops
     cache = init_cache(model.cfg, len(prompts), 32, slots, start,
                        shares_depths=depth_slots is not None)
-    out = model(jnp.asarray(ids), loops, cache=cache)
+    forward = nnx.jit(lambda m, ids, cache, lengths: m(ids, loops, cache=cache, lengths=lengths))
+    out = forward(model, jnp.asarray(ids), cache, None)
     rows = [[out.logits[b, ids.shape[1] - len(p[:first]):]] for b, p in enumerate(prompts)]
     for lo, hi in zip(cuts[1:-1], cuts[2:]):
         chunks = [p[lo:hi] for p in prompts]
@@ -55,23 +56,32 @@ def _chunked_logits(model, prompts, cuts, loops, depth_slots=None):
         ids = np.zeros((len(prompts), max(lengths.max(), 1)), np.int32)
         for b, chunk in enumerate(chunks):
             ids[b, :len(chunk)] = chunk
-        out = model(jnp.asarray(ids), loops, cache=out.cache, lengths=jnp.asarray(lengths))
+        out = forward(model, jnp.asarray(ids), out.cache, jnp.asarray(lengths))
         for b, n in enumerate(lengths):
             rows[b].append(out.logits[b, :n])
     return [np.concatenate(r) for r in rows]
 
 
-@pytest.mark.parametrize("cuts", [(0, 7), (0, 3, 7), (0, 2, 4, 7)],
-                         ids=["1 chunk", "2 chunks", "3 chunks"])
-@pytest.mark.parametrize("shared", [False, True], ids=["own slots", "shared slots"])
+def _uncached(model, prompt) -> jax.Array:
+    """The uncached forward of one prompt at LOOPS: (len, vocab) logits."""
+    return _forward(model, jnp.asarray([prompt]))[0]
+
+
+_forward = nnx.jit(lambda model, ids: model(ids, LOOPS))
+
+
+@pytest.mark.parametrize("cuts, shared", [((0, 3, 7), False), ((0, 2, 4, 7), False),
+                                          ((0, 2, 4, 7), True)],
+                         ids=["2 chunks", "3 chunks", "3 chunks, shared slots"])
 def test_chunked_prefill_equals_the_uncached_forward(model, cuts, shared):
-    """Prompts of 7, 3 and 5 tokens prefilled in 1, 2 or 3 ragged chunks (a sequence may have
-    no tokens in a chunk): every real token's logits equal the uncached forward. Shared slots
-    here: ``shares_depths`` with a slot per loop (a cache with fewer slots than loops sees an
-    earlier chunk's tokens through the slot's last depth, by design: see the next test)."""
+    """Prompts of 7, 3 and 5 tokens prefilled in 2 or 3 ragged chunks (a sequence may have
+    no tokens in a chunk): every real token's logits equal the uncached forward (1 chunk:
+    test_generate's cached prefill). Shared slots here: ``shares_depths`` with a slot per
+    loop (a cache with fewer slots than loops sees an earlier chunk's tokens through the
+    slot's last depth, by design: see the next test)."""
     got = _chunked_logits(model, PROMPTS, cuts, LOOPS, LOOPS if shared else None)
     for b, prompt in enumerate(PROMPTS):
-        assert_close(got[b], model(jnp.asarray([prompt]), LOOPS)[0], RTOL, str(prompt))
+        assert_close(got[b], _uncached(model, prompt), RTOL, str(prompt))
 
 
 def test_fewer_depth_slots_than_loops_first_chunk_exact_later_chunks_shared(model):
@@ -80,31 +90,29 @@ def test_fewer_depth_slots_than_loops_first_chunk_exact_later_chunks_shared(mode
     the shared slot, which holds its last writer's keys: no longer the full-depth forward."""
     got = _chunked_logits(model, PROMPTS, (0, 3, 7), LOOPS, depth_slots=2)
     for b, prompt in enumerate(PROMPTS):
-        full = model(jnp.asarray([prompt]), LOOPS)[0]
+        full = _uncached(model, prompt)
         first = min(len(prompt), 3)
         assert_close(got[b][:first], full[:first], RTOL, str(prompt))
         if len(prompt) > 3:
             assert relative_error(got[b][first:], full[first:]) > 10 * RTOL   # ~1e-3 seen
 
 
-@pytest.mark.parametrize("eos", [False, True], ids=["no eos", "eos"])
-def test_two_turns_equal_one_generation_over_the_conversation(model, eos):
-    """Greedy: turn 1 on ragged prompts (with an EOS that ends one sequence early), turn 2
-    appends ragged user tokens after each sequence's own end; every sequence's turn-2 tokens
-    equal a fresh generation over its whole conversation (prompt, turn-1 output up to its
-    end, turn-2 tokens), token for token."""
+def test_two_turns_equal_one_generation_over_the_conversation(model):
+    """Greedy: turn 1 on ragged prompts (with an EOS that ends one sequence early while the
+    others run to max_new_tokens), turn 2 appends ragged user tokens after each sequence's
+    own end; every sequence's turn-2 tokens equal a fresh generation over its whole
+    conversation (prompt, turn-1 output up to its end, turn-2 tokens), token for token."""
     kwargs = dict(loops=LOOPS, temperature=0.0)
-    first = gen.generate(model, PROMPTS, 5, **kwargs)
-    eos_id = int(first.tokens[1, 2]) if eos else None
+    eos_id = int(gen.generate(model, PROMPTS, 3, **kwargs).tokens[1, 2])
     first = gen.generate(model, PROMPTS, 5, eos_id=eos_id, max_len=40, keep_cache=True,
                          **kwargs)
-    if eos:
-        assert first.lengths.min() < 5, first.lengths
+    assert first.lengths.min() < 5 and first.lengths.max() == 5, first.lengths
     user = [[20, 21], [22, 23, 24, 25], [26]]
     second = gen.generate(model, user, 4, eos_id=eos_id, context=first.context, **kwargs)
     for b, prompt in enumerate(PROMPTS):
         said = first.tokens[b, :first.lengths[b]].tolist()
-        alone = gen.generate(model, [prompt + said + user[b]], 4, eos_id=eos_id, **kwargs)
+        alone = gen.generate(model, [prompt + said + user[b]], 4, eos_id=eos_id, max_len=40,
+                             **kwargs)
         np.testing.assert_array_equal(second.tokens[b], alone.tokens[0], str(b))
         assert second.lengths[b] == alone.lengths[0]
     # A third turn goes on from the second's context.
@@ -126,8 +134,7 @@ def test_left_padding_without_a_cache_is_the_unpadded_forward(model):
     ids, start = gen.left_pad(PROMPTS)
     logits = model(jnp.asarray(ids), LOOPS, start=jnp.asarray(start))
     for b, prompt in enumerate(PROMPTS):
-        assert_close(logits[b, start[b]:], model(jnp.asarray([prompt]), LOOPS)[0], RTOL,
-                     str(prompt))
+        assert_close(logits[b, start[b]:], _uncached(model, prompt), RTOL, str(prompt))
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
@@ -182,3 +189,16 @@ def test_bad_start_and_lengths_are_named(model):
         model(ids, 1, lengths=jnp.asarray([1, 5]))
     with pytest.raises(ValueError, match="start is for a forward without cache"):
         model(ids, 1, cache=init_cache(model.cfg, 2, 8, 1), start=jnp.zeros((2,), jnp.int32))
+
+
+def test_a_cached_forward_takes_its_loop_count_from_the_cache(model):
+    """No loops given: a cache of 2 depth slots runs 2 loops (not max_loop_iters=4); a
+    cache that shares its slots takes the config's count."""
+    ids = jnp.asarray([[1, 2, 3]])
+    own = model(ids, cache=init_cache(model.cfg, 1, 8, 2), return_info=True)
+    assert model.cfg.max_loop_iters == 4 and own.info.loops_run.tolist() == [2]
+    assert_close(own.logits[0], nnx.jit(lambda m: m(ids, 2))(model)[0], RTOL)
+    shared = model(ids, cache=init_cache(model.cfg, 1, 8, 2, shares_depths=True),
+                   return_info=True)
+    assert shared.info.loops_run.tolist() == [4]
+

@@ -1,6 +1,8 @@
 """Generation: cached prefill/decode against the full forward, OpenMythos's greedy decoding,
 compile-once, sampling, EOS and argument errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +47,7 @@ def test_cached_decode_equals_full_forward_with_padding(model, n_loops):
                                init_cache(model.cfg, len(PROMPTS), 16, n_loops, start), ids,
                                CONTINUATION)
     for b, prompt in enumerate(PROMPTS):
-        full = model(jnp.asarray([prompt + CONTINUATION[b].tolist()]), n_loops)[0]
+        full = _uncached(model, prompt + CONTINUATION[b].tolist(), n_loops)
         assert_close(logits[b, ids.shape[1] - len(prompt):], full, DECODE_RTOL, prompt)
 
 
@@ -111,6 +113,16 @@ def test_prefill_and_decode_compile_once(model):
     assert decoder.run._cache_size() == 1
 
 
+@functools.partial(nnx.jit, static_argnums=2)
+def _forward(model, ids, loops):
+    return model(ids, loops)
+
+
+def _uncached(model, tokens, loops: int):
+    """The uncached forward of one sequence (jitted: one program per length and count)."""
+    return _forward(model, jnp.asarray([tokens]), loops)[0]
+
+
 def _cached_run(model, spec, cache, prompts_ids, tokens):
     """Prefill, then one decoded token per step (teacher forced), through the jitted public
     forward: the logits of every step (B, P + steps, V), the loops run per step (B, steps + 1)
@@ -140,7 +152,7 @@ def test_decode_early_exit_is_the_forward_at_the_loops_run(model, rule, threshol
     loops_run = int(loops[0, 0])
     assert 1 <= loops_run < 8 and (loops == loops_run).all(), loops
     for b, prompt in enumerate(PROMPTS):
-        full = model(jnp.asarray([prompt + CONTINUATION[b].tolist()]), loops_run)[0]
+        full = _uncached(model, prompt + CONTINUATION[b].tolist(), loops_run)
         assert_close(logits[b, ids.shape[1] - len(prompt):], full, DECODE_RTOL, PROMPTS[b])
 
 

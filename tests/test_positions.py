@@ -88,13 +88,14 @@ def test_cached_decode_equals_full_forward(positions, attn_type):
         logits, _, cache = forward(model, jnp.asarray(CONTINUATION[:, t:t + 1]), cache)
         steps.append(logits)
     cached = np.concatenate(steps, axis=1)
+    uncached = nnx.jit(lambda m, i: m(i, n_loops))
     for b, prompt in enumerate(PROMPTS):
-        full = model(jnp.asarray([prompt + CONTINUATION[b].tolist()]), n_loops)[0]
+        full = uncached(model, jnp.asarray([prompt + CONTINUATION[b].tolist()]))[0]
         assert_close(cached[b, ids.shape[1] - len(prompt):], full, DECODE_RTOL, prompt)
 
     result = gen.generate(model, PROMPTS[:2], 4, n_loops=n_loops, temperature=0.0)
     for b, prompt in enumerate(PROMPTS[:2]):
         sequence = list(prompt)
         for _ in range(4):
-            sequence.append(int(np.argmax(model(jnp.asarray([sequence]), n_loops)[0, -1])))
+            sequence.append(int(np.argmax(uncached(model, jnp.asarray([sequence]))[0, -1])))
         assert result.tokens[b].tolist() == sequence[len(prompt):]

@@ -37,13 +37,15 @@ class LoopInfo(NamedTuple):
 
 def resolve_spec(loops: LoopSpec, cfg, *, cached: bool = False, depth_slots: int | None = None,
                  shares_depths: bool = False, traced: bool = False) -> LoopSpec:
-    """The one place a forward's LoopSpec is resolved and checked: its count defaults to
-    ``cfg.max_loop_iters``; ``exit="act"`` needs ACT halting; a cached forward (``cached``)
+    """The one place a forward's LoopSpec is resolved and checked: its count defaults to the
+    cache's ``depth_slots`` (unless it ``shares_depths``), else ``cfg.max_loop_iters``;
+    ``exit="act"`` needs ACT halting; a cached forward (``cached``)
     needs a static count and nothing of training, equal to the cache's ``depth_slots``
     unless it ``shares_depths`` (a depth the prompt never filled would be attended as
     zeros); a ``traced`` forward needs a static count without exit rule or training bounds.
     ``ValueError`` naming the conflict."""
-    spec = loops.with_default_count(cfg.max_loop_iters)
+    own_slots = depth_slots is not None and not shares_depths
+    spec = loops.with_default_count(depth_slots if own_slots else cfg.max_loop_iters)
     if spec.exit == ExitRule.ACT and cfg.act == ACTMode.OFF:
         raise ValueError("exit='act' needs ACT halting; MythosConfig.act is 'off'")
     if traced and (not spec.static or spec.exit is not None or spec.trains):
@@ -53,7 +55,7 @@ def resolve_spec(loops: LoopSpec, cfg, *, cached: bool = False, depth_slots: int
         raise ValueError(f"a cached forward (prefill, decode, generate) needs loops as a Python "
                          f"int count, with an exit rule if any, nothing of training "
                          f"(backprop_depth, max_loops); got {spec!r}")
-    if depth_slots is not None and not shares_depths and spec.count != depth_slots:
+    if own_slots and spec.count != depth_slots:
         raise ValueError(f"loops must equal the {depth_slots} depth slots this cache holds (a "
                          f"depth the prompt never filled would be attended as zeros; "
                          f"init_cache(..., shares_depths=True) reuses slots), got {spec.count}")
