@@ -102,11 +102,11 @@ class OpenMythos(nnx.Module):
         the cache (sequence b's token i at slot ``index_b + i``, position ``slot - start_b``;
         padding never attended), the count must be a Python int equal to the cache's depth
         slots (unless it shares depths), and ``Forward.cache`` is the cache advanced by
-        ``lengths``. The caller keeps ``index + T <= max_len`` (``generate`` does: a write
-        past the end is clamped by XLA). With an exit rule a stopped sequence's depths past
-        its exit hold copies of its last run depth's keys, so later tokens find keys at every
-        depth and a sequence's cache does not depend on its batch-mates (this approximates
-        the full-depth model).
+        ``lengths``. The caller keeps ``index + T <= max_len`` (a concrete cache is checked
+        here, ``generate`` checks on the host; a traced write past the end is dropped). With
+        an exit rule a stopped sequence's depths past its exit hold copies of its last run
+        depth's keys, so later tokens find keys at every depth and a sequence's cache does
+        not depend on its batch-mates (this approximates the full-depth model).
         ``start`` (B,) int (no cache): left padding, each row's first real position (its
         position 0; padding never attended). ``lengths`` (B,) int: the real tokens of each
         row, right padding after them (default T); with a cache the index advances by it.

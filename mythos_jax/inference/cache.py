@@ -90,13 +90,20 @@ def init_cache(cfg: MythosConfig, batch: int, max_len: int, depth_slots: int,
                    jnp.zeros((batch,), jnp.int32), start, shares_depths)
 
 
+def row_slots(array: jax.Array, index, length: int, axis: int) -> tuple:
+    """The advanced index of ``length`` slots from each sequence's ``index`` (B,): the batch
+    on axis ``axis - 1`` of ``array``, the slots on ``axis`` (a scatter / gather: XLA updates
+    it in place inside loops, where a vmapped dynamic slice copies the array)."""
+    batch = jnp.arange(array.shape[axis - 1])[:, None]
+    return (slice(None),) * (axis - 1) + (batch, index[:, None] + jnp.arange(length))
+
+
 def slice_rows(array: jax.Array, index, length: int, axis: int) -> jax.Array:
     """``length`` slots of each sequence from its own slot ``index`` (B,) (None: slot 0):
     ``array`` has the batch on axis ``axis - 1`` and the slots on ``axis``."""
     if index is None:
         return jax.lax.slice_in_dim(array, 0, length, axis=axis)
-    take = lambda a, i: jax.lax.dynamic_slice_in_dim(a, i, length, axis=axis - 1)
-    return jax.vmap(take, in_axes=(axis - 1, 0), out_axes=axis - 1)(array, index)
+    return array[row_slots(array, index, length, axis)]
 
 
 def update_rows(array: jax.Array, rows: jax.Array, index, axis: int) -> jax.Array:
@@ -105,8 +112,7 @@ def update_rows(array: jax.Array, rows: jax.Array, index, axis: int) -> jax.Arra
     rows = rows.astype(array.dtype)
     if index is None:
         return jax.lax.dynamic_update_slice_in_dim(array, rows, 0, axis=axis)
-    put = lambda a, r, i: jax.lax.dynamic_update_slice_in_dim(a, r, i, axis=axis - 1)
-    return jax.vmap(put, in_axes=(axis - 1, axis - 1, 0), out_axes=axis - 1)(array, rows, index)
+    return array.at[row_slots(array, index, rows.shape[axis], axis)].set(rows)
 
 
 def cache_values_per_token(cfg: MythosConfig, depth_slots: int) -> int:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mythos_jax.inference.cache import slice_rows, update_rows
+from mythos_jax.inference.cache import row_slots, slice_rows, update_rows
 from mythos_jax.layers.recurrence import (LoopRecord, LoopState, RecurrentBlock, TracePoints,
                                           relative_change)
 from mythos_jax.loops.spec import LoopSpec, per_sequence
@@ -91,14 +91,10 @@ def _write_depth(depth_caches, layer_cache, t, index, length: int, active=None):
         slot = t % c.shape[0]
         starts = jnp.zeros(c.shape[1], jnp.int32) if index is None else index
         rows = slice_rows(new, index, length, axis=1)                        # (B, length, ...)
+        at = (slot,) + row_slots(new, starts, length, axis=1)
         if active is not None:
-            kept = jax.vmap(lambda cb, i: jax.lax.dynamic_slice(
-                cb, (slot, i) + (0,) * (cb.ndim - 2), (1, length) + cb.shape[2:])[0],
-                in_axes=(1, 0))(c, starts)
-            rows = jnp.where(active.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, kept)
-        return jax.vmap(lambda cb, rb, i: jax.lax.dynamic_update_slice(
-            cb, rb[None].astype(cb.dtype), (slot, i) + (0,) * (cb.ndim - 2)),
-            in_axes=(1, 0, 0), out_axes=1)(c, rows, starts)
+            rows = jnp.where(active.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, c[at])
+        return c.at[at].set(rows.astype(c.dtype))
 
     return jax.tree.map(write, depth_caches, layer_cache)
 
