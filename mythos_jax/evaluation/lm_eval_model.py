@@ -33,8 +33,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import (get_rolling_token_windows, make_disjoint_window,
                            simple_parse_args_string)
 
-from mythos_jax.evaluation.scoring import Scorer, bucket_length
-from mythos_jax.inference.generate import decode_spec, generate
+from mythos_jax.evaluation.scoring import BUCKET_MIN, Scorer
+from mythos_jax.inference.generate import bucket_length, decode_spec, generate
 from mythos_jax.loops import LoopSpec
 
 DEFAULT_BATCH = 8
@@ -181,7 +181,7 @@ class MythosLM(LM):
         max_length // 2) tokens; shorter prompts leave room for up to ``max_gen_toks``."""
         keep = self.max_length - min(max_gen_toks, self.max_length // 2)
         prompts = [p[-keep:] for p in prompts]
-        width = bucket_length(max(len(p) for p in prompts), keep)
+        width = bucket_length(max(len(p) for p in prompts), keep, BUCKET_MIN)
         new = min(max_gen_toks, self.max_length - width)
         padded = prompts + [prompts[0]] * (self.batch_size - len(prompts))
         out = generate(self.model, padded, new, self._spec, temperature=temperature,

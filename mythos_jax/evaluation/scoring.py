@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mythos_jax.inference.generate import bucket_length
 from mythos_jax.loops import LoopSpec
 
 BUCKET_MIN = 16
@@ -30,15 +31,6 @@ class Score(NamedTuple):
     logprob: float    # sum of the targets' log-probabilities
     greedy: bool      # every target is the argmax of its prediction
     loops: int        # loops the forward ran for this window
-
-
-def bucket_length(length: int, max_length: int) -> int:
-    """The padded length of a row of ``length`` tokens: the smallest power of two >= it (at
-    least ``BUCKET_MIN``), at most ``max_length``."""
-    bucket = BUCKET_MIN
-    while bucket < length:
-        bucket *= 2
-    return min(bucket, max_length)
 
 
 class Scorer:
@@ -87,7 +79,8 @@ class Scorer:
 
     def _batch(self, rows: list[tuple[list, list, int]]) -> list[Score]:
         """Scores of up to ``batch_size`` rows in one forward (left-padded to a bucket)."""
-        width = bucket_length(max(len(inputs) for inputs, _, _ in rows), self.max_length)
+        width = bucket_length(max(len(inputs) for inputs, _, _ in rows), self.max_length,
+                              BUCKET_MIN)
         padded = rows + [rows[0]] * (self.batch_size - len(rows))
         ids = np.zeros((self.batch_size, width), np.int32)
         labels = np.zeros_like(ids)

@@ -250,7 +250,7 @@ def _first_turn(cfg, prompts, max_new_tokens: int, count: int, max_len, depth_sl
     (batch, max_len, max_new_tokens, bucket), and a conversation keeps its room."""
     longest = max(len(p) for p in prompts) if not hasattr(prompts, "shape") else prompts.shape[1]
     max_len = check_generation_args(cfg, longest, max_new_tokens, max_len=max_len)
-    ids, start = left_pad(prompts, width=min(_bucket(longest), max_len - max_new_tokens))
+    ids, start = left_pad(prompts, width=bucket_length(longest, max_len - max_new_tokens))
     raise_if_out_of_vocab(ids.min(), ids.max(), cfg.vocab_size)
     batch = ids.shape[0]
     slots, shared = depth_slots or count, depth_slots is not None
@@ -291,7 +291,7 @@ def _next_turn(cfg, spec: LoopSpec, context: Context, prompts, max_new_tokens: i
         raise ValueError(f"this turn's {int(lengths.max())} tokens (the pending one included) "
                          f"do not fit the {fits} slots left to the longest conversation: "
                          f"start it with a larger max_len")
-    width = min(_bucket(int(lengths.max())), fits)
+    width = bucket_length(int(lengths.max()), fits)
     ids = np.zeros((len(tokens), width), np.int32)
     for row, row_tokens in enumerate(tokens):
         ids[row, :len(row_tokens)] = row_tokens
@@ -299,9 +299,11 @@ def _next_turn(cfg, spec: LoopSpec, context: Context, prompts, max_new_tokens: i
     return cache, ids, jnp.asarray(lengths)
 
 
-def _bucket(length: int) -> int:
-    """The power of two >= ``length`` that prompts are padded to."""
-    return 1 << max(length - 1, 0).bit_length()
+def bucket_length(length: int, cap: int | None = None, lowest: int = 1) -> int:
+    """The length ``length`` tokens are padded to, so that a handful of programs serve every
+    length: the smallest power of two >= it (at least ``lowest``), at most ``cap``."""
+    bucket = max(1 << max(length - 1, 0).bit_length(), lowest)
+    return bucket if cap is None else min(bucket, cap)
 
 
 def _decode(decoder: Decoder, state, token, loops_run, cache, key, max_new_tokens: int,

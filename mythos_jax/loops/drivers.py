@@ -90,8 +90,9 @@ def _write_depth(depth_caches, layer_cache, t, index, length: int, active=None):
     def write(c, new):
         slot = t % c.shape[0]
         starts = jnp.zeros(c.shape[1], jnp.int32) if index is None else index
-        rows = slice_rows(new, index, length, axis=1)                        # (B, length, ...)
-        at = (slot,) + row_slots(new, starts, length, axis=1)
+        at = row_slots(new, starts, length, axis=1)
+        rows = new[at]                                                       # (B, length, ...)
+        at = (slot,) + at
         if active is not None:
             rows = jnp.where(active.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, c[at])
         return c.at[at].set(rows.astype(c.dtype))
