@@ -9,7 +9,8 @@ nothing is dropped:
              padded to a whole block) and run as one batched matmul: compute is bounded by
              N*K + E*(block-1) rows whatever the routing. Dropless; fastest on XLA:CPU.
              With at most two rows per expert (decode) each row gathers its expert's kernels
-             instead: the same work without the sort.
+             instead (the same work without the sort), or, with at least E rows from at most
+             16 tokens, every expert runs on every token (each kernel read once).
   "dropless" rows sorted by expert and run as grouped matmuls (a ``GroupedMatmul``; which
              runs where: the table of ``moe.grouped_matmul``).
   "capacity" each expert takes at most C = ceil(capacity_factor * N*K / E) rows into an
@@ -28,7 +29,8 @@ import jax.numpy as jnp
 
 from mythos_jax.modes import GroupedMatmul, MoEImpl
 from mythos_jax.moe.expert_ffn import (batched_swiglu, block_size, blocked_swiglu,
-                                       ragged_swiglu, rowwise_swiglu)
+                                       every_expert_swiglu, ragged_swiglu, reads_every_expert,
+                                       rowwise_swiglu)
 from mythos_jax.moe.expert_parallel import EXPERT_AXIS, expert_parallel_dispatch
 from mythos_jax.moe.slots import (capacity_slots, combine_buffers, combine_sorted,
                                   expert_capacity, fill_buffers, sort_by_expert)
@@ -56,11 +58,7 @@ def dispatch(impl: str, x, expert_ids, weights, gate, up, down, *,
 
 def _dense_dispatch(x, expert_ids, weights, gate, up, down, **_):
     """Every expert on every token: x (N, D) -> (N, D). Reference; O(E) compute."""
-    hidden = jax.nn.silu(jnp.einsum("nd,edf->enf", x, gate)) * jnp.einsum("nd,edf->enf", x, up)
-    expert_out = jnp.einsum("enf,efd->end", hidden, down)                 # (E, N, D)
-    combine = jnp.sum(jax.nn.one_hot(expert_ids, gate.shape[0], dtype=weights.dtype)
-                      * weights[..., None], axis=1)                       # (N, E)
-    return jnp.einsum("ne,end->nd", combine.astype(expert_out.dtype), expert_out), jnp.int32(0)
+    return every_expert_swiglu(x, expert_ids, weights, gate, up, down), jnp.int32(0)
 
 
 def _sorted_dispatch(expert_ffn, x, expert_ids, weights, gate, up, down):
@@ -72,7 +70,9 @@ def _sorted_dispatch(expert_ffn, x, expert_ids, weights, gate, up, down):
 
 def _grouped_dispatch(x, expert_ids, weights, gate, up, down, **_):
     if block_size(expert_ids.size, gate.shape[0]) == 1:
-        return rowwise_swiglu(x, expert_ids, weights, gate, up, down), jnp.int32(0)
+        decode_ffn = (every_expert_swiglu if reads_every_expert(*expert_ids.shape, gate.shape[0])
+                      else rowwise_swiglu)
+        return decode_ffn(x, expert_ids, weights, gate, up, down), jnp.int32(0)
     return _sorted_dispatch(blocked_swiglu, x, expert_ids, weights, gate, up, down), jnp.int32(0)
 
 
