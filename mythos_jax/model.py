@@ -89,11 +89,12 @@ class OpenMythos(nnx.Module):
         :class:`Trajectory` with ``trace``.
 
         ``loops``: a :class:`~mythos_jax.loops.LoopSpec`, or its count alone: None
-        (``cfg.max_loop_iters``, or a cache's depth slots; a count may exceed it, the depth-wise LoRA then reuses its
-        last scale as in OpenMythos), a Python int (one ``lax.scan``, compiled per count), or
-        an int array, scalar or per sequence (B,), possibly traced (one ``lax.while_loop``
-        for every count). Its ``exit`` rule stops each sequence early; ``backprop_depth`` /
-        ``max_loops`` make run-time counts differentiable (training).
+        (``cfg.max_loop_iters``, or a cache's depth slots; a count may exceed it, the
+        depth-wise LoRA then reuses its last scale as in OpenMythos), a Python int (one
+        ``lax.scan``, compiled per count), or an int array, scalar or per sequence (B,),
+        possibly traced (one ``lax.while_loop`` for every count). Its ``exit`` rule stops
+        each sequence early; ``backprop_depth`` / ``max_loops`` make run-time counts
+        differentiable (training).
         ``n_loops``: OpenMythos's name for ``loops`` (``model(ids, n_loops=4)``), accepted for
         code ported from PyTorch; give one of the two.
         ``cache`` (:class:`~mythos_jax.inference.cache.KVCache`): prefill into an empty cache

@@ -299,11 +299,10 @@ def _next_turn(cfg, spec: LoopSpec, context: Context, prompts, max_new_tokens: i
     return cache, ids, jnp.asarray(lengths)
 
 
-def bucket_length(length: int, cap: int | None = None, lowest: int = 1) -> int:
+def bucket_length(length: int, cap: int, lowest: int = 1) -> int:
     """The length ``length`` tokens are padded to, so that a handful of programs serve every
     length: the smallest power of two >= it (at least ``lowest``), at most ``cap``."""
-    bucket = max(1 << max(length - 1, 0).bit_length(), lowest)
-    return bucket if cap is None else min(bucket, cap)
+    return min(max(1 << max(length - 1, 0).bit_length(), lowest), cap)
 
 
 def _decode(decoder: Decoder, state, token, loops_run, cache, key, max_new_tokens: int,

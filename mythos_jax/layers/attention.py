@@ -128,7 +128,8 @@ class MLAttention(nnx.Module):
             out = self._kernel_attention(q_nope, q_rope, c_kv, k_rope, new_cache, k_up, v_up,
                                          span, over_cache, impl == AttentionImpl.TOKAMAX)
             return self.wo(out.reshape(B, T, H * self.v_dim)), new_cache
-        if over_cache:   # attend in latent space over the cache: k_up folded into the query
+        if over_cache:   # attend in latent space over the cache: k_up folded into the query;
+            # two score dots, as joining c_kv and k_rope would copy the whole cache per call
             c_kv = new_cache["c_kv"].astype(kv_up.dtype)
             k_rope = new_cache["k_rope"].astype(q_rope.dtype)
             q_latent = jnp.einsum("bthd,chd->bthc", q_nope, k_up)

@@ -39,10 +39,10 @@ def resolve_spec(loops: LoopSpec, cfg, *, cached: bool = False, depth_slots: int
                  shares_depths: bool = False, traced: bool = False) -> LoopSpec:
     """The one place a forward's LoopSpec is resolved and checked: its count defaults to the
     cache's ``depth_slots`` (unless it ``shares_depths``), else ``cfg.max_loop_iters``;
-    ``exit="act"`` needs ACT halting; a cached forward (``cached``)
-    needs a static count and nothing of training, equal to the cache's ``depth_slots``
-    unless it ``shares_depths`` (a depth the prompt never filled would be attended as
-    zeros); a ``traced`` forward needs a static count without exit rule or training bounds.
+    ``exit="act"`` needs ACT halting; a cached forward (``cached``) needs a static count and
+    nothing of training, equal to the cache's ``depth_slots`` unless it ``shares_depths`` (a
+    depth the prompt never filled would be attended as zeros); a ``traced`` forward needs a
+    static count without exit rule or training bounds.
     ``ValueError`` naming the conflict."""
     own_slots = depth_slots is not None and not shares_depths
     spec = loops.with_default_count(depth_slots if own_slots else cfg.max_loop_iters)
