@@ -214,13 +214,15 @@ def test_every_hop_supervision_scores_each_relation_on_the_entity_reached():
     assert np.all(evaluation["loss_mask"].sum(axis=1) == 1)
 
 
-@pytest.mark.parametrize("slots", [0, 9])
-def test_no_heldout_query_is_ever_a_supervised_position_in_training(slots):
+@pytest.mark.parametrize("slots, shift", [(0, 0), (9, 0), (0, 5)],
+                         ids=["plain", "slots", "shift"])
+def test_no_heldout_query_is_ever_a_supervised_position_in_training(slots, shift):
     """Every supervised position of 300 training batches (every-hop supervision: each relation
     slot is scored on the entity reached so far) asks a tuple that is not held out; the
     in-distribution eval queries are all held out, so none of them was ever scored."""
     cfg = graph_config(khop_supervision="every_hop", khop_query_slots=slots,
-                       khop_train_max_hops=4, khop_eval_hops=(2, 3, 4, 9), khop_heldout=0.3)
+                       khop_train_shift=shift, khop_train_max_hops=4,
+                       khop_eval_hops=(2, 3, 4, 9), khop_heldout=0.3)
     graph = tasks.knowledge_graph(cfg.graph_seed, 12, 3)
     supervised = set()
     for batch in take(data.train_iterator(cfg), 300):
@@ -258,6 +260,32 @@ def test_query_slots_spread_the_relations_over_every_position():
     assert positions == set(range(1, 10)) and hops == {1, 2, 3, 4}
     with pytest.raises(ValueError, match="DataConfig.khop_query_slots: must be 0 or >= every"):
         graph_config(khop_query_slots=5, khop_eval_hops=(2, 9))
+
+
+def test_train_shift_moves_the_same_training_queries_past_the_trained_hops():
+    """With a shift of 5, training queries of 1..3 hops are the unshifted run's queries (same
+    seed) with 0..5 identity relations before their relations, which stay together; relations
+    then sit at every position 1..8; eval batches are the unshifted run's, bit for bit."""
+    plain, shifted = graph_config(), graph_config(khop_train_shift=5)
+    positions, leads = set(), set()
+    for ours, theirs in zip(take(data.train_iterator(shifted), 6),
+                            take(data.train_iterator(plain), 6)):
+        for (prompt, answer), (reference, expected) in zip(answer_rows(ours),
+                                                           answer_rows(theirs)):
+            real = np.flatnonzero(prompt[1:] != tasks.IDENTITY_RELATION) + 1
+            assert real.tolist() == list(range(real[0], real[-1] + 1))
+            assert prompt[0] == reference[0] and prompt[real].tolist() == reference[1:].tolist()
+            assert answer.tolist() == expected.tolist()
+            positions.update(real.tolist())
+            leads.add(int(real[0]) - 1)
+    assert positions == set(range(1, 9)) and leads == set(range(6))
+    for split in ("hops=2", "hops=7"):
+        ours, theirs = data.eval_batches(shifted, split), data.eval_batches(plain, split)
+        assert all(np.array_equal(a[key], b[key]) for a, b in zip(ours, theirs) for key in a)
+    with pytest.raises(ValueError, match="DataConfig.khop_train_shift: cannot shift queries"):
+        graph_config(khop_train_shift=2, khop_query_slots=7)
+    with pytest.raises(ValueError, match="DataConfig.seq_len"):
+        graph_config(khop_train_shift=13)   # 13 + 3 hops + 2 > 16 + 1
 
 
 def test_graph_seed_fixes_graph_and_eval_queries_while_seed_moves_training_order():

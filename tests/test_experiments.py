@@ -18,7 +18,7 @@ def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, cap
     """E1 --quick at two seeds with its single_loop arm interrupted at step 2 beforehand (seed
     0): that arm resumes, every arm is evaluated at both seeds and the tables show the spread;
     a rerun skips the finished arm without rewriting it. Then E1b --quick in the folder beside
-    it: its looped_random is E1's (the same config), taken; its slots control trains."""
+    it: its looped_random is E1's (the same config), taken; its shifted control trains."""
     tmp_path = tmp_path / "depth_extrapolation"
     tmp_path.mkdir()
     experiment = get_experiment("depth_extrapolation")
@@ -66,11 +66,11 @@ def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, cap
     e1b = run_quick("position_control", tmp_path.parent / "position_control")
     assert "position_control/looped_random: depth_extrapolation's, the same config" in (
         capsys.readouterr().out)
-    assert list(e1b["arms"]) == ["looped_random", "looped_random_slots"]
+    assert list(e1b["arms"]) == ["looped_random", "looped_fixed_shifted"]
     assert e1b["arms"]["looped_random"] == results["seeds"]["0"]["arms"]["looped_random"]
-    slots = e1b["arms"]["looped_random_slots"]
-    assert slots["steps"] == 4 and slots["config"]["data"]["khop_query_slots"] == 12
-    assert set(e1b["exits"]) == {"looped_random", "looped_random_slots"}
+    shifted = e1b["arms"]["looped_fixed_shifted"]
+    assert shifted["steps"] == 4 and shifted["config"]["data"]["khop_train_shift"] == 8
+    assert set(e1b["exits"]) == {"looped_random", "looped_fixed_shifted"}
     assert e1b["targets"] == [] and "**Position control**" not in e1b["table"]   # no 6-8 hops
 
 
@@ -97,7 +97,9 @@ def test_e1_controls_are_matched_on_what_their_names_say(pod):
 def test_position_controls_differ_from_their_e1_arm_in_one_field(pod):
     """At CPU and at pod scale: E1b's reference arms are E1's, config for config (so their
     runs are the same); looped_random_slots differs from looped_random in its query slots
-    only, the others from looped_fixed in model.positions or model.rope_theta only."""
+    only, looped_fixed_shifted and the shifted stacks from looped_fixed and E1's stacks in
+    data.khop_train_shift only, the others from looped_fixed in model.positions or
+    model.rope_theta only."""
     from mythos_jax.experiments import position_control as e1b
     e1, experiment = (get_experiment(name) for name in ("depth_extrapolation",
                                                          "position_control"))
@@ -117,6 +119,16 @@ def test_position_controls_differ_from_their_e1_arm_in_one_field(pod):
     assert slots["data"].pop("khop_query_slots") == e1b.QUERY_SLOTS
     random["data"].pop("khop_query_slots")
     assert random == slots
+    fixed = config("looped_fixed")
+    e1_arms = {arm.name: arm for arm in e1.arms}
+    for name, reference_config in (("looped_fixed", fixed),
+                                   ("iso_depth_stack", None), ("iso_flop_stack", None)):
+        reference_config = reference_config or e1.arm_config(e1_arms[name], False, 0).to_dict()
+        shifted = config(f"{name}_shifted")
+        assert shifted["data"].pop("khop_train_shift") == e1b.TRAIN_SHIFT
+        assert reference_config["data"]["khop_train_shift"] == 0
+        reference_config["data"].pop("khop_train_shift")
+        assert shifted == reference_config
     fixed = config("looped_fixed")
     for positions in ("nope_loop", "nope"):
         nope = config(f"looped_fixed_{positions}")
@@ -157,6 +169,53 @@ def test_position_control_states_the_rule_and_its_verdict_per_control():
     assert lines[7].startswith("| looped_fixed | 30.0% (30.0%-30.0%) |")
     assert [t["met"] for t in e1b._targets(results)] == [False, False, False, True]
     assert e1b._position_control({"seeds": {}, "arms": {"looped_fixed": arm(1, 1)}}) == []
+
+
+def test_the_shifted_arm_is_held_to_e1s_targets_against_its_own_stacks():
+    """looped_fixed_shifted answers 8 hops at 95% and 5-8 hops at 80% in every seed, the
+    shifted stacks 5-8 hops at 40% and 85% in one seed: 2 K met, the stacks not beaten."""
+    from mythos_jax.experiments import position_control as e1b
+
+    def arm(beyond: float) -> dict:
+        return {"accuracy": {str(k): {"1": 0.0, "8": 1.0 if k <= 4 else beyond}
+                             for k in range(1, 9)}}
+
+    seeds = {str(seed): {"arms": {"looped_fixed_shifted": arm(0.95 if seed else 0.8),
+                                  "iso_depth_stack_shifted": arm(0.4),
+                                  "iso_flop_stack_shifted": arm(0.85 if seed == 2 else 0.4)}}
+             for seed in range(3)}
+    results = {"seeds": seeds, "arms": seeds["0"]["arms"]}
+    double, stacks = e1b._shifted_targets(results)
+    assert double["claim"].startswith("looped_fixed_shifted: >= 90% at 8 hops")
+    assert not double["met"] and double["ours"].startswith("90.0% (80.0%-95.0%)")
+    assert stacks["claim"].startswith("looped_fixed_shifted beats iso_depth_stack_shifted and "
+                                      "iso_flop_stack_shifted beyond training (5..8 hops")
+    assert not stacks["met"] and "iso_flop_stack_shifted 55.0% (40.0%-85.0%)" in stacks["ours"]
+    del seeds["2"]
+    assert [t["met"] for t in e1b._shifted_targets(results)] == [False, True]
+    results["arms"] = {"looped_fixed": arm(0.5)}
+    assert e1b._shifted_targets(results) == []
+
+
+def test_a_finished_arm_counts_for_its_config_with_fields_added_since(tmp_path):
+    """A result.json written before a config field existed is that arm's result when the field
+    holds its default; another value, a removed field or a bad value is not."""
+    experiment = get_experiment("position_control")
+    arm = next(a for a in experiment.arms if a.name == "looped_fixed")
+    cfg = experiment.arm_config(arm, quick=False, seed=0)
+    path = tmp_path / harness.RESULT_FILE
+
+    def reused(edit) -> bool:
+        written = cfg.to_dict()
+        edit(written["data"])
+        path.write_text(json.dumps({"config": written, "wall_s": 1.0}))
+        return harness._read_result(str(path), cfg) is not None
+
+    assert reused(lambda data: None)
+    assert reused(lambda data: data.pop("khop_train_shift"))          # written before it existed
+    assert not reused(lambda data: data.update(khop_train_shift=2))
+    assert not reused(lambda data: data.update(khop_window=3))        # a field since removed
+    assert not reused(lambda data: data.update(batch_size=-1))
 
 
 def test_e1_exit_is_compared_with_the_cheapest_fixed_budget_as_accurate():

@@ -265,12 +265,17 @@ def arm_workdir(out: str, arm: str, seed: int) -> str:
 
 
 def _read_result(path: str, cfg: TrainConfig) -> dict | None:
-    """A finished arm's result, if it was written for this very config."""
+    """A finished arm's result, if it was written for this very config (a field added since
+    then counts as its default, which keeps the earlier behaviour)."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
         result = json.load(f)
-    return result if result.get("config") == json.loads(cfg.to_json()) else None
+    try:
+        same = TrainConfig.from_dict(result.get("config") or {}) == cfg
+    except (TypeError, ValueError):    # a field since removed or renamed, or a bad value
+        same = False
+    return result if same else None
 
 
 def mean_training_loops(run: ArmRun) -> float:

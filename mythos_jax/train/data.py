@@ -171,8 +171,9 @@ def _task_row(cfg: DataConfig, stream: int, split_value: int, index: int) -> Bat
         hops = split_value or int(rng.integers(1, cfg.khop_train_max_hops + 1))
         seen_length = 2 <= hops <= cfg.khop_train_max_hops and cfg.khop_heldout > 0
         heldout = (False if stream == tasks.TRAIN_STREAM else True if seen_length else None)
+        shift = cfg.khop_train_shift if stream == tasks.TRAIN_STREAM else 0
         tokens, answer_start, reached = tasks.graph_example(
-            rng, _graph(cfg), hops, heldout, cfg.khop_heldout, cfg.khop_query_slots)
+            rng, _graph(cfg), hops, heldout, cfg.khop_heldout, cfg.khop_query_slots, shift)
         if stream == tasks.TRAIN_STREAM and cfg.khop_supervision == "every_hop":
             return _hop_supervised_row(cfg.seq_len, tokens, answer_start, reached)
     else:

@@ -176,6 +176,9 @@ class KhopGraphData(HopsData):
     input token: the hops stay implicit). Eval rows are always scored on the answer only.
     ``khop_query_slots`` > 0: every query has that many relation slots, the unused ones an
     identity relation at random positions (hop count no longer tied to query length).
+    ``khop_train_shift`` > 0: every training query starts its relations after 0..shift
+    identity relations (uniform), so training puts relations at positions up to shift +
+    ``khop_train_max_hops``; eval queries are not shifted.
     ``khop_graph_seed``: the graph and the eval queries (None: ``seed``), so that runs of
     several seeds can share one graph and eval set and differ in init and data order only."""
     source = "khop_graph"
@@ -183,6 +186,7 @@ class KhopGraphData(HopsData):
     khop_heldout: float = 0.1
     khop_supervision: str = "answer"
     khop_query_slots: int = 0
+    khop_train_shift: int = 0
     khop_graph_seed: int | None = None
 
     def _check(self) -> None:
@@ -193,6 +197,10 @@ class KhopGraphData(HopsData):
         if 0 < self.khop_query_slots < most:
             _fail("khop_query_slots", f"must be 0 or >= every hop count ({most}), got "
                                       f"{self.khop_query_slots}")
+        _require_int(self, "khop_train_shift", 0)
+        if self.khop_train_shift and self.khop_query_slots:
+            _fail("khop_train_shift", "cannot shift queries spread over khop_query_slots: set "
+                                      "one of the two")
         if self.khop_graph_seed is not None:
             _require_int(self, "khop_graph_seed", 0, 2**32 - 1)
         if self.khop_supervision not in KHOP_SUPERVISION:
@@ -204,8 +212,8 @@ class KhopGraphData(HopsData):
             _fail("khop_heldout", f"must be in [0, 1), got {self.khop_heldout}")
 
     def longest_example(self) -> int:
-        return tasks.graph_length(max(self.khop_query_slots, self.khop_train_max_hops,
-                                      *self.khop_eval_hops))
+        return tasks.graph_length(max(self.khop_query_slots, *self.khop_eval_hops,
+                                      self.khop_train_shift + self.khop_train_max_hops))
 
     @property
     def graph_seed(self) -> int:

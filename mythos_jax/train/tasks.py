@@ -31,7 +31,9 @@ query is a composition the model never saw, not even as the prefix of a longer t
 one-hop queries are the atomic facts, all trained. With ``slots`` the relations are spread over
 a fixed number of relation slots padded with an identity relation ``_`` (``A _ b _ a d F``): the
 offset between the start entity and the answer no longer tells the hop count, which separates
-depth from position.
+depth from position. With ``shift`` the relations stay together but start after 0..shift
+identity relations (``A _ _ b a d F``): training puts relations at positions past its hop counts
+while the relations to compose are as many and as close as without it.
 
 Addition (``addition_example``): ``a+b=`` then the digits of a + b, least significant first when
 ``reverse`` (the order a causal model can produce with local carries), then EOS. Operands have
@@ -104,13 +106,16 @@ def has_heldout_prefix(start: int, relations: np.ndarray, fraction: float) -> bo
 
 
 def graph_example(rng: np.random.Generator, graph: np.ndarray, hops: int, heldout: bool | None,
-                  fraction: float, slots: int = 0) -> tuple[np.ndarray, int, np.ndarray]:
+                  fraction: float, slots: int = 0,
+                  shift: int = 0) -> tuple[np.ndarray, int, np.ndarray]:
     """One ``hops``-hop query over ``graph``: (tokens, answer_start, the entity token reached
     after each relation slot (max(hops, slots),)). ``heldout``: True draws only held-out tuples,
     False only tuples none of whose prefixes is held out (``has_heldout_prefix``), None any
     (hop counts no training example has). ``slots`` > 0 spreads the ``hops`` relations over
     that many slots in random order-preserving positions, the others holding the identity
-    relation (``IDENTITY_RELATION``): every query is then equally long whatever its hops."""
+    relation (``IDENTITY_RELATION``): every query is then equally long whatever its hops.
+    ``shift`` > 0 puts 0..shift identity relations (uniform) before the first relation; the
+    query drawn is the same as without it."""
     n_relations, n_entities = graph.shape
     while True:
         start = int(rng.integers(n_entities))
@@ -123,6 +128,9 @@ def graph_example(rng: np.random.Generator, graph: np.ndarray, hops: int, heldou
         placed = np.sort(rng.choice(slots, size=hops, replace=False))
         tokens = np.full(slots, IDENTITY_RELATION)
         tokens[placed] = RELATION_BASE + relations
+    if shift:
+        lead = int(rng.integers(shift + 1))
+        tokens = np.concatenate([np.full(lead, IDENTITY_RELATION), tokens])
     reached, entity = [], start
     for token in tokens:
         if token != IDENTITY_RELATION:
