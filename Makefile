@@ -4,8 +4,11 @@
 #                 checkpoints, the accuracy table by hops and test-time loops; rerun to resume
 #   make train-lm the byte-level LM on the stdlib sources (~9 min), its depth curve
 #   make test     set up the environment and run the test suite
-#   make plan-pods every experiment's pod preset on its TPU slice: all arms estimated, the
-#                 heaviest compiled by libtpu ahead of time (no TPU; CI runs it after the tests)
+#   make plan-pods every experiment's pod preset on its TPU slice: every arm compiled by libtpu
+#                 ahead of time (no TPU; CI runs it after the tests), the largest arm of each
+#                 experiment first, two at a time; libtpu's figures are kept beside the venv
+#                 and reused for a program compiled before; after PLAN_BUDGET minutes no new
+#                 compile starts and the arms left keep their estimate (named in the output)
 #   make parity   convert a PyTorch OpenMythos model, print parity + speed
 # The virtualenv lives outside the clone, keyed by a hash of the requirement files, so CI and
 # later clones reuse it (torch from PyPI on Python 3.12 is the ~5 GB CUDA build).
@@ -24,6 +27,8 @@ SLOW_TESTS := tests/test_train.py tests/test_generate.py tests/test_experiments.
 	tests/test_checkpoints_load.py tests/test_checkpoints_training.py tests/test_loop_memory.py \
 	tests/test_bench_moe.py tests/test_device_check.py tests/test_buckets.py tests/test_lm_eval.py
 LM_WORKDIR ?= runs/cpu_small
+PLAN_BUDGET ?= 30
+PLAN_STORE ?= $(dir $(VENV))plan-store
 
 .PHONY: venv test plan-pods parity bench train train-lm
 venv:
@@ -33,9 +38,8 @@ test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 $(SLOW_TESTS) tests
 
 plan-pods: venv
-	for name in $$($(PY) -c "from mythos_jax.experiments import EXPERIMENTS; print(*EXPERIMENTS)"); do \
-		$(VENV)/bin/mythos-jax plan --experiment $$name --heaviest 1 || exit 1; \
-	done
+	$(VENV)/bin/mythos-jax plan --experiment all --jobs 2 --compile-budget $(PLAN_BUDGET) \
+		--store $(PLAN_STORE)
 
 train: venv
 	$(VENV)/bin/mythos-jax experiment depth_extrapolation --arms looped_random,single_loop --seeds 0 \

@@ -6,7 +6,11 @@
 
 ``--experiment NAME`` plans the training step of every arm of the experiment's pod preset
 (``mythos_jax.experiments``), each as its config trains, on the preset's topology and mesh
-unless given; arms whose programs differ only in constants compile once.
+unless given; arms whose programs differ only in constants compile once. ``--experiment all
+--jobs 2 --store DIR --compile-budget 30`` is CI's check (``make plan-pods``): every arm of
+every experiment, two programs compiled at a time, figures kept in DIR for the next run (a
+program compiled before by the same libtpu for the same slice is not compiled again), and no
+new compile after 30 minutes beyond the largest arm of each experiment.
 
 The trainer's own step (``mythos_jax.train.step``: forward, loss, backward, AdamW update,
 router-bias update) is compiled ahead of time for the slice's TPU topology on this host
@@ -22,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import math
+import time
 
 from mythos_jax.modes import AttentionImpl, MoEImpl
 
@@ -32,12 +37,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--variant", metavar="NAME",
                         help="a named config (mythos_jax.variants), e.g. mythos_1b")
     target.add_argument("--experiment", metavar="NAME",
-                        help="every arm of an experiment's pod preset, e.g. looped_vs_standard")
+                        help="every arm of an experiment's pod preset, e.g. "
+                             "looped_vs_standard (several: A,B; every experiment: all)")
     parser.add_argument("--arms", metavar="A,B",
-                        help="with --experiment: these arms only (default: all)")
+                        help="with one --experiment: these arms only (default: all)")
     parser.add_argument("--heaviest", type=int, metavar="K",
                         help="with --experiment: estimate every arm, compile only the K "
-                             "with the largest estimates (the compiler's check in CI)")
+                             "with the largest estimates of each experiment")
+    parser.add_argument("--compile-budget", type=float, metavar="MINUTES",
+                        help="with --experiment: compile every arm, each experiment's "
+                             "largest estimate first, then the others largest first; after "
+                             "MINUTES no new compile starts and the arms left keep their "
+                             "estimate (the largest of each experiment is always compiled)")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="with --experiment: programs compiled side by side (default 1)")
+    parser.add_argument("--store", metavar="DIR",
+                        help="with --experiment: keep libtpu's figures per program in DIR "
+                             "and reuse those of the same program, compiler and slice")
     parser.add_argument("--topology", metavar="TYPE",
                         help="TPU accelerator type as gcloud names it: v4-8, v5litepod-16, "
                              "v5p-64, v6e-8, ... (required with --variant; default with "
@@ -105,8 +121,10 @@ def run(args: argparse.Namespace) -> int:
     """``mythos-jax plan``: 0 if the step fits, 1 if not; bad arguments raise ValueError."""
     if args.experiment:
         return run_experiment(args)
-    if args.arms or args.heaviest is not None:
-        raise ValueError("--arms and --heaviest go with --experiment")
+    experiment_only = ("arms", "heaviest", "compile_budget", "jobs", "store")
+    if any(getattr(args, name) is not None for name in experiment_only):
+        raise ValueError("--arms, --heaviest, --compile-budget, --jobs and --store go with "
+                         "--experiment")
     if not args.topology:
         raise ValueError("--topology is required with --variant")
     return run_variant(args)
@@ -139,40 +157,104 @@ def run_variant(args: argparse.Namespace) -> int:
 
 
 def run_experiment(args: argparse.Namespace) -> int:
-    """Every (chosen) arm of an experiment's pod preset, at seed 0: one table row each; 0 if
-    all fit."""
-    from mythos_jax.experiments import get_experiment
-    from mythos_jax.plan.memory import PlanSpec, plan_memory
+    """Every (chosen) arm of the named experiments' pod presets, at seed 0: one table per
+    experiment, one row per arm; 0 if all fit."""
+    import concurrent.futures
+
+    from mythos_jax.plan.compiled import FROM_STORE, CompilerFigures
+    from mythos_jax.plan.memory import plan_memory
     from mythos_jax.plan.report import format_arm_plans
-    from mythos_jax.plan.topology import accelerator
 
     given = [f"--{f.replace('_', '-')}" for f in _VARIANT_ONLY if getattr(args, f) is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: with --experiment each arm's step is its own "
                          f"config (pass these with --variant)")
-    experiment = get_experiment(args.experiment).at_pod_scale()
-    acc = accelerator(args.topology or experiment.pod.topology)
-    mesh = args.mesh or experiment.pod.mesh
+    for flag, value, low in (("--heaviest", args.heaviest, 1), ("--jobs", args.jobs, 1),
+                             ("--compile-budget", args.compile_budget, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.heaviest is not None and args.compile_budget is not None:
+        raise ValueError("--heaviest and --compile-budget exclude each other")
+    plans = _experiment_plans(args)
+    tasks = [] if args.analytic else _compile_order(plans, args.heaviest,
+                                                   args.compile_budget is not None)
+    deadline = (None if args.compile_budget is None
+                else time.monotonic() + 60 * args.compile_budget)
+    figures = CompilerFigures(args.store)
+
+    def plan_one(task: tuple[_ExperimentPlan, int, bool]):
+        plan, i, must = task
+        report = plan_memory(plan.specs[i], plan.acc, plan.mesh, compiled=figures,
+                             may_compile=lambda: must or time.monotonic() < deadline)
+        plan.reports[i] = report
+        how = (f"compiled ({'from the store' if report.figures_from == FROM_STORE else 'now'})"
+               if report.method == "compiled" else report.reason)
+        print(f"{plan.name}/{report.variant}: {report.total / 2 ** 30:.2f} GiB per device, "
+              f"{how} ({'fits' if report.fits else 'DOES NOT FIT'})", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs or 1) as pool:
+        list(pool.map(plan_one, tasks))
+    for plan in plans:
+        print(format_arm_plans(plan.name, plan.reports), flush=True)
+    reports = [{"experiment": plan.name, **r.to_dict()} for plan in plans for r in plan.reports]
+    _write_json(args.json, reports)
+    return 0 if all(r["fits"] for r in reports) else 1
+
+
+@dataclasses.dataclass
+class _ExperimentPlan:
+    """One experiment's pod arms to plan: specs, slice, mesh and reports (the estimates until
+    a compiled report replaces one)."""
+    name: str
+    acc: object
+    mesh: str
+    specs: list
+    reports: list
+
+
+def _experiment_plans(args: argparse.Namespace) -> list[_ExperimentPlan]:
+    """The arms of ``--experiment`` (NAME, NAME,NAME or all), each estimated."""
+    from mythos_jax.experiments import EXPERIMENTS, get_experiment
+    from mythos_jax.plan.memory import PlanSpec, plan_memory
+    from mythos_jax.plan.topology import accelerator
+
+    names = (list(EXPERIMENTS) if args.experiment == "all"
+             else [n.strip() for n in args.experiment.split(",") if n.strip()])
+    if args.arms is not None and len(names) != 1:
+        raise ValueError("--arms goes with a single --experiment")
+    chosen = None if args.arms is None else [a.strip() for a in args.arms.split(",")
+                                             if a.strip()]
+    plans = []
+    for name in names:
+        experiment = get_experiment(name).at_pod_scale()
+        acc = accelerator(args.topology or experiment.pod.topology)
+        mesh = args.mesh or experiment.pod.mesh
+        specs = [PlanSpec.of_train_config(arm.name, experiment.arm_fields(arm, seed=0))
+                 for arm in experiment.chosen_arms(chosen)]
+        plans.append(_ExperimentPlan(name, acc, mesh, specs, []))
     _cpu_only()
-    if args.heaviest is not None and args.heaviest < 1:
-        raise ValueError(f"--heaviest must be >= 1, got {args.heaviest}")
-    names = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
-    specs = [PlanSpec.of_train_config(arm.name, experiment.arm_fields(arm, seed=0))
-             for arm in experiment.chosen_arms(names)]
-    estimates = [plan_memory(spec, acc, mesh, analytic=True) for spec in specs]
-    to_compile = set(range(len(specs))) if not args.analytic else set()
-    if args.heaviest is not None and not args.analytic:
-        by_size = sorted(range(len(specs)), key=lambda i: estimates[i].total, reverse=True)
-        to_compile = set(by_size[:args.heaviest])
-    compiled, reports = {}, list(estimates)
-    for i in sorted(to_compile):
-        reports[i] = plan_memory(specs[i], acc, mesh, compiled=compiled)
-        print(f"{specs[i].variant}: {reports[i].total / 2 ** 30:.2f} GiB per device, "
-              f"{reports[i].method} ({'fits' if reports[i].fits else 'DOES NOT FIT'})",
-              flush=True)
-    print(format_arm_plans(args.experiment, reports), flush=True)
-    _write_json(args.json, [r.to_dict() for r in reports])
-    return 0 if all(r.fits for r in reports) else 1
+    for plan in plans:
+        plan.reports = [plan_memory(spec, plan.acc, plan.mesh, analytic=True)
+                        for spec in plan.specs]
+    return plans
+
+
+def _compile_order(plans: list[_ExperimentPlan], heaviest: int | None,
+                   budgeted: bool) -> list[tuple[_ExperimentPlan, int, bool]]:
+    """(plan, arm index, must compile) in the order to compile: with ``heaviest``, only that
+    many of each experiment's largest estimates; with a budget, the largest of each experiment
+    first (always compiled), then every other arm by its estimate, largest first, compiled
+    while the budget lasts; otherwise every arm."""
+    ranked = [(plan, sorted(range(len(plan.specs)), key=lambda i, p=plan: p.reports[i].total,
+                            reverse=True)) for plan in plans]
+    if heaviest is not None:
+        return [(plan, i, True) for plan, order in ranked for i in order[:heaviest]]
+    if not budgeted:
+        return [(plan, i, True) for plan, order in ranked for i in order]
+    first = [(plan, order[0], True) for plan, order in ranked]
+    rest = sorted(((plan, i, False) for plan, order in ranked for i in order[1:]),
+                  key=lambda task: task[0].reports[task[1]].total, reverse=True)
+    return first + rest
 
 
 def _write_json(path: str | None, figures) -> None:
@@ -189,9 +271,11 @@ def _write_json(path: str | None, figures) -> None:
 
 def _cpu_only() -> None:
     """Plan never runs anything: keep JAX's own backend on the CPU (on a TPU VM this leaves
-    the chips to a training job), unless backends already exist."""
+    the chips to a training job), unless backends already exist, and leave the persistent
+    compilation cache off (compile-only executables cannot be loaded back)."""
     import jax
     from jax._src import xla_bridge
 
     if not xla_bridge.backends_are_initialized():
         jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_enable_compilation_cache", False)

@@ -16,10 +16,13 @@ parameters, optimizer state and batch come from the shardings. Without libtpu (o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
-from typing import Any
+import threading
+from typing import Any, Callable
 
+from mythos_jax.plan.compiled import FIGURES, CompilerFigures, program_key
 from mythos_jax.plan.topology import GIB, Accelerator, topology_devices
 
 
@@ -144,6 +147,7 @@ class MemoryPlan:
     libtpu: str | None = None
     flops: float | None = None            # the compiled step's cost analysis, per device
     bytes_accessed: float | None = None
+    figures_from: str | None = None       # compiled.FROM_LIBTPU now, or FROM_STORE
 
     @property
     def total(self) -> int:
@@ -206,12 +210,15 @@ def _human_bytes(number: str, unit: str) -> int:
 
 
 def plan_memory(spec: PlanSpec, acc: Accelerator, mesh_spec: str, analytic: bool = False,
-                compiled: dict | None = None) -> MemoryPlan:
+                compiled: CompilerFigures | None = None,
+                may_compile: Callable[[], bool] = lambda: True) -> MemoryPlan:
     """Compile the trainer's step for ``spec`` on ``acc`` (or estimate it, see module
     docstring); a mesh or batch that does not match the slice raises ValueError.
-    ``compiled``: the compiler's figures by program (``MemoryPlan.program``), shared by the
-    calls of one session, so that steps which differ only in constants (a learning rate, a
-    seed) compile once."""
+    ``compiled``: the compiler's figures by program, shared by the calls of one session (steps
+    that differ only in constants compile once) and, with a folder, across sessions.
+    ``may_compile``: asked before a program not compiled yet goes to libtpu; when it says no,
+    the report is the estimate. Safe to call from several threads: tracing takes turns, the
+    compiler runs side by side."""
     from jax.sharding import AbstractMesh
 
     from mythos_jax.budget import per_device_bytes
@@ -228,8 +235,9 @@ def plan_memory(spec: PlanSpec, acc: Accelerator, mesh_spec: str, analytic: bool
         raise ValueError(f"batch {spec.batch} does not split over the batch axes "
                          f"{batch_axes(sizes)} of mesh {mesh_spec!r} ({n_batch} ways)")
 
-    train_cfg = spec.train_config()
-    plan = build_plan(train_cfg, AbstractMesh(tuple(sizes.values()), MESH_AXES))
+    with _TRACING:
+        train_cfg = spec.train_config()
+        plan = build_plan(train_cfg, AbstractMesh(tuple(sizes.values()), MESH_AXES))
     state, shardings, cfg = plan.abstract_state, plan.shardings, plan.model_cfg
     batch = abstract_batch(spec)
     report = MemoryPlan(
@@ -244,72 +252,95 @@ def plan_memory(spec: PlanSpec, acc: Accelerator, mesh_spec: str, analytic: bool
         optimizer=per_device_bytes((state.opt_state, state.step, state.nonfinite),
                                    (shardings.opt_state, shardings.step, shardings.nonfinite)),
         batch_bytes=per_device_bytes(batch, {k: plan.batch_sharding for k in batch}),
-        temporaries=0, generated_code=0, hbm_usable=int(acc.generation.usable_hbm_gib * GIB),
+        temporaries=analytic_temporaries(
+            cfg, spec, sizes, per_device_bytes(state.params, shardings.params),
+            _count(state.params["recurrent"]), train_cfg.optim.grad_accum),
+        generated_code=0, hbm_usable=int(acc.generation.usable_hbm_gib * GIB),
         hbm_nominal=int(acc.generation.hbm_gib * GIB))
 
     if analytic:
         report.reason = "--analytic given"
-    else:
-        try:
-            devices = topology_devices(acc)
-        except Exception as err:   # no libtpu wheel, or libtpu refusing this host
-            report.reason = f"no TPU compiler on this host ({type(err).__name__}: {_first(err)})"
-    if report.reason is not None:
-        report.temporaries = analytic_temporaries(
-            cfg, spec, sizes, per_device_bytes(state.params, shardings.params),
-            _count(state.params["recurrent"]), train_cfg.optim.grad_accum)
         return report
-    _compile(report, build_plan(train_cfg, make_mesh(mesh_spec, devices)), batch,
-             {} if compiled is None else compiled)
+    try:
+        devices = topology_devices(acc)
+    except Exception as err:   # no libtpu wheel, or libtpu refusing this host
+        report.reason = f"no TPU compiler on this host ({type(err).__name__}: {_first(err)})"
+        return report
+    with _TRACING:
+        plan = build_plan(train_cfg, make_mesh(mesh_spec, devices))
+    _compile(report, plan, batch, CompilerFigures() if compiled is None else compiled,
+             may_compile)
     return report
 
 
-_COMPILER_FIELDS = ("temporaries", "generated_code", "compiler_message", "flops",
-                    "bytes_accessed", "compile_seconds")
+# JAX tracing, configuration and nnx graph state are not meant to be shared by threads
+# mid-trace: one plan traces at a time, while libtpu compiles others
+_TRACING = threading.Lock()
 # StableHLO constants: their values do not change a program's buffers
 _CONSTANT = re.compile(r"dense<[^>]*>")
 
 
-def _compile(report: MemoryPlan, plan, batch: dict, compiled: dict) -> None:
-    """Fill ``report``'s temporaries from libtpu (or its out-of-memory message), from
-    ``compiled`` when the same program was compiled before (and into it when not)."""
-    import hashlib
+def _compile(report: MemoryPlan, plan, batch: dict, compiled: CompilerFigures,
+             may_compile: Callable[[], bool]) -> None:
+    """Fill ``report``'s compiler fields from ``compiled`` (libtpu compiling the step when
+    the program is new and ``may_compile()``; else the estimate stays, with its reason)."""
+    import time
+
+    with _TRACING:
+        start = time.perf_counter()
+        lowered = lower_train_step(plan, batch)
+        program = _CONSTANT.sub("dense<_>", lowered.as_text())
+    report.program = hashlib.sha256(program.encode()).hexdigest()[:12]
+    libtpu = _libtpu_version()
+    found = compiled.get(program_key(program, report.accelerator, libtpu),
+                         lambda: _run_compiler(lowered, report.accelerator, start), may_compile)
+    if found is None:
+        report.reason = "not compiled: the compile budget was spent"
+        return
+    figures, report.figures_from = found
+    report.method, report.libtpu = "compiled", libtpu
+    for field, value in figures.items():
+        setattr(report, field, value)
+
+
+def _run_compiler(lowered, accelerator: str, start: float) -> dict:
+    """libtpu's figures for ``lowered`` (``compiled.FIGURES``); its out-of-memory message
+    becomes ``compiler_message``, any other failure a CommandError."""
     import time
 
     import jax
 
     from mythos_jax.errors import CommandError
+    from mythos_jax.runtime import return_freed_memory
 
-    start = time.perf_counter()
-    lowered = lower_train_step(plan, batch)
-    program = _CONSTANT.sub("dense<_>", lowered.as_text())
-    report.program = hashlib.sha256(program.encode()).hexdigest()[:12]
-    report.method, report.libtpu = "compiled", _libtpu_version()
-    if report.program in compiled:
-        for field, value in compiled[report.program].items():
-            setattr(report, field, value)
-        return
+    figures = dict.fromkeys(FIGURES)
+    figures["generated_code"] = 0
     cache = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)   # compile-only: not loadable
+    if cache:                     # compile-only executables cannot be loaded back
+        jax.config.update("jax_enable_compilation_cache", False)
     try:
         executable = lowered.compile()
     except Exception as err:
         match = _OOM.search(str(err))
         if match is None:
-            raise CommandError(f"the training step does not compile for {report.accelerator}: "
+            raise CommandError(f"the training step does not compile for {accelerator}: "
                                f"{type(err).__name__}: {_first(err)}") from err
-        report.temporaries = _human_bytes(*match.group(1, 2))
-        report.compiler_message = _first(err)
+        figures["temporaries"] = _human_bytes(*match.group(1, 2))
+        figures["compiler_message"] = _first(err)
     else:
         stats = executable.memory_analysis()
-        report.temporaries = stats.temp_size_in_bytes
-        report.generated_code = stats.generated_code_size_in_bytes
+        figures["temporaries"] = stats.temp_size_in_bytes
+        figures["generated_code"] = stats.generated_code_size_in_bytes
         cost = executable.cost_analysis() or {}
-        report.flops, report.bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
+        for field, name in (("flops", "flops"), ("bytes_accessed", "bytes accessed")):
+            figures[field] = None if cost.get(name) is None else float(cost[name])
+        del executable
     finally:
-        jax.config.update("jax_enable_compilation_cache", cache)
-    report.compile_seconds = time.perf_counter() - start
-    compiled[report.program] = {f: getattr(report, f) for f in _COMPILER_FIELDS}
+        if cache:
+            jax.config.update("jax_enable_compilation_cache", True)
+    return_freed_memory()           # libtpu's freed gigabytes, kept by the allocator otherwise
+    figures["compile_seconds"] = time.perf_counter() - start
+    return figures
 
 
 def _count(tree) -> int:

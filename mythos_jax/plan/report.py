@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mythos_jax.plan.compiled import FROM_STORE
 from mythos_jax.plan.memory import MemoryPlan
 from mythos_jax.plan.topology import GIB
 
@@ -44,9 +45,14 @@ def format_arm_plans(experiment: str, reports: list[MemoryPlan]) -> str:
     first = reports[0]
     mesh = ",".join(f"{a}={n}" for a, n in first.mesh.items() if n > 1) or "1 device"
     compiled = [r for r in reports if r.method == "compiled"]
-    how = (f"{len(compiled)} compiled by libtpu {compiled[0].libtpu}, "
-           f"{len(reports) - len(compiled)} estimated" if compiled
+    stored = sum(r.figures_from == FROM_STORE for r in compiled)
+    estimated = [r for r in reports if r.method != "compiled"]
+    how = (f"{len(compiled)} compiled by libtpu {compiled[0].libtpu}"
+           f"{f' ({stored} of them by an earlier run, from the store)' if stored else ''}, "
+           f"{len(estimated)} estimated" if compiled
            else f"analytic estimates, not compiled: {first.reason}")
+    reasons = sorted({r.reason for r in estimated if r.reason} if compiled else ())
+    how += f" ({'; '.join(reasons)})" if reasons else ""
     lines = [f"{experiment}: {len(reports)} arms at pod scale on {first.accelerator} "
              f"({first.chips} chips, {first.hosts} host{'s' if first.hosts > 1 else ''}), "
              f"mesh {mesh}; {how}", "",
