@@ -96,7 +96,11 @@ launch_local() {
   [[ -n $port ]] || port=$(free_port)
   set_train_args "$config" "$workdir" "$mesh" ${train_extra[@]+"${train_extra[@]}"}
   run mkdir -p "$logs"
-  for ((i = 0; i < n; i++)); do
+  # Ctrl-C or SIGTERM from here on: every trainer started so far gets SIGTERM, checkpoints and
+  # exits (background processes of a script ignore Ctrl-C's SIGINT, and would run on holding
+  # the lock). Set before the first start, so that no signal falls between a start and it.
+  [[ $DRY_RUN == 1 ]] || trap 'stop_all "${pids[@]}"' INT TERM
+  for ((i = 0; i < n && stopping == 0; i++)); do
     local cmd=(env JAX_PLATFORMS=cpu "$mythos_jax" "${TRAIN_ARGS[@]}"
       --coordinator-address "127.0.0.1:$port" --num-processes "$n" --process-id "$i"
       --local-devices "$local_devices")
@@ -112,9 +116,6 @@ launch_local() {
     return 0
   fi
   echo "$n processes on 127.0.0.1:$port, logs in $logs/<process>.log" >&2
-  # Ctrl-C or SIGTERM here: every trainer gets SIGTERM, checkpoints and exits (background
-  # processes of a script ignore Ctrl-C's SIGINT, and would run on holding the lock)
-  trap 'stop_all "${pids[@]}"' INT TERM
   wait_all "${pids[@]}"
 }
 
