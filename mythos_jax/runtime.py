@@ -14,7 +14,6 @@ added ~3 GiB and planning every experiment's arms passed 23 GiB (2026-12-06, lib
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 
 import jax
@@ -34,7 +33,6 @@ def release_compiled_programs() -> None:
 def return_freed_memory() -> None:
     """Hand memory that glibc's allocator keeps after frees back to the system
     (``malloc_trim``); nothing where the C library has no such call."""
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)     # the process's own symbols
     if trim is not None:
         trim(0)

@@ -16,7 +16,6 @@ parameters, optimizer state and batch come from the shardings. Without libtpu (o
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import re
 import threading
@@ -143,7 +142,8 @@ class MemoryPlan:
     hbm_nominal: int
     compiler_message: str | None = None
     compile_seconds: float | None = None
-    program: str | None = None            # a hash of the step's program, constants aside
+    program: str | None = None            # its store key's start: program (constants aside),
+                                          # slice and compiler
     libtpu: str | None = None
     flops: float | None = None            # the compiled step's cost analysis, per device
     bytes_accessed: float | None = None
@@ -290,10 +290,11 @@ def _compile(report: MemoryPlan, plan, batch: dict, compiled: CompilerFigures,
         start = time.perf_counter()
         lowered = lower_train_step(plan, batch)
         program = _CONSTANT.sub("dense<_>", lowered.as_text())
-    report.program = hashlib.sha256(program.encode()).hexdigest()[:12]
     libtpu = _libtpu_version()
-    found = compiled.get(program_key(program, report.accelerator, libtpu),
-                         lambda: _run_compiler(lowered, report.accelerator, start), may_compile)
+    key = program_key(program, report.accelerator, libtpu)
+    report.program = key[:12]
+    found = compiled.get(key, lambda: _run_compiler(lowered, report.accelerator, start),
+                         may_compile)
     if found is None:
         report.reason = "not compiled: the compile budget was spent"
         return

@@ -109,7 +109,7 @@ def graph_example(rng: np.random.Generator, graph: np.ndarray, hops: int, heldou
                   fraction: float, slots: int = 0,
                   shift: int = 0) -> tuple[np.ndarray, int, np.ndarray]:
     """One ``hops``-hop query over ``graph``: (tokens, answer_start, the entity token reached
-    after each relation slot (max(hops, slots),)). ``heldout``: True draws only held-out tuples,
+    after each relation slot (max(hops, slots) + the shift drawn,)). ``heldout``: True draws only held-out tuples,
     False only tuples none of whose prefixes is held out (``has_heldout_prefix``), None any
     (hop counts no training example has). ``slots`` > 0 spreads the ``hops`` relations over
     that many slots in random order-preserving positions, the others holding the identity
