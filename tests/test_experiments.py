@@ -67,8 +67,12 @@ def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, cap
     assert "position_control/looped_random: depth_extrapolation's, the same config" in (
         capsys.readouterr().out)
     assert list(e1b["arms"]) == ["looped_random", "looped_fixed_shifted"]
-    assert e1b["arms"]["looped_random"] == results["seeds"]["0"]["arms"]["looped_random"]
+    taken = dict(e1b["arms"]["looped_random"])
+    assert taken.pop("taken_from") == "depth_extrapolation"
+    assert taken == results["seeds"]["0"]["arms"]["looped_random"]
+    assert e1b["taken_wall_s"] == taken["wall_s"]
     shifted = e1b["arms"]["looped_fixed_shifted"]
+    assert e1b["wall_s"] == shifted["wall_s"]            # E1's run is not counted as E1b's
     assert shifted["steps"] == 4 and shifted["config"]["data"]["khop_train_shift"] == 8
     assert set(e1b["exits"]) == {"looped_random", "looped_fixed_shifted"}
     assert e1b["targets"] == [] and "**Position control**" not in e1b["table"]   # no 6-8 hops
@@ -216,6 +220,61 @@ def test_a_finished_arm_counts_for_its_config_with_fields_added_since(tmp_path):
     assert not reused(lambda data: data.update(khop_train_shift=2))
     assert not reused(lambda data: data.update(khop_window=3))        # a field since removed
     assert not reused(lambda data: data.update(batch_size=-1))
+
+
+def test_optional_arms_are_left_out_of_a_full_run_and_reported_when_finished(tmp_path):
+    """A full run trains every arm but the optional ones; an optional arm that has finished
+    (trained with --arms) joins the report in the experiment's order, its wall time apart."""
+    e1b = get_experiment("position_control")
+    assert [a.name for a in e1b.chosen_arms(None)] == [
+        a.name for a in e1b.arms if a.name not in e1b.optional_arms]
+    assert set(e1b.optional_arms) < {a.name for a in e1b.arms}
+    arms = tuple(harness.Arm(name, (f"optim.lr={lr}",)) for name, lr in
+                 (("a", 0.001), ("b", 0.002), ("c", 0.003)))
+    experiment = harness.Experiment(
+        name="toy", claim="", base="tiny", base_overrides=(), quick_overrides=(), arms=arms,
+        evaluate=None, report=lambda results, out: "table", optional_arms=("b",))
+    assert [a.name for a in experiment.chosen_arms(None)] == ["a", "c"]
+
+    def finish(arm, wall_s):
+        cfg = experiment.arm_config(arm, quick=False, seed=0)
+        workdir = harness.arm_workdir(str(tmp_path), arm.name, 0)
+        os.makedirs(workdir)
+        with open(os.path.join(workdir, harness.RESULT_FILE), "w") as f:
+            json.dump({"config": cfg.to_dict(), "wall_s": wall_s}, f)
+
+    finish(arms[0], 60.0)
+    finish(arms[2], 120.0)
+    results = harness.run(experiment, str(tmp_path), report_only=True)
+    assert list(results["arms"]) == ["a", "c"] and results["unfinished"] == []
+    assert results["wall_s"] == 180.0 and results["optional_wall_s"] == 0
+    finish(arms[1], 30.0)
+    results = harness.run(experiment, str(tmp_path), report_only=True)
+    assert list(results["arms"]) == ["a", "b", "c"]
+    assert results["wall_s"] == 180.0 and results["optional_wall_s"] == 30.0
+    assert "wall 3.0 min (not counted: the optional arms 0.5 min)" in "\n".join(
+        harness.report_head(results, []))
+
+
+def test_the_exit_sweep_reads_every_query_at_its_own_answer():
+    """E1's exit sweep runs every hop count as one batch of full-length rows: each row's length
+    ends at its answer, the one scored token, and its answer is that position's target."""
+    from mythos_jax.experiments.depth_extrapolation import _answer_queries
+    from mythos_jax.train import data as data_lib
+    e1 = get_experiment("depth_extrapolation")
+    cfg = e1.arm_config(e1.arms[0], quick=False, seed=0)
+    for hops in (1, 4, 12):
+        split = f"hops={hops}"
+        ids, lengths, answers = _answer_queries(cfg, split)
+        batches = data_lib.eval_batches(cfg.data, split)[:cfg.eval.batches]
+        mask = np.concatenate([b["loss_mask"] for b in batches])
+        targets = np.concatenate([b["targets"] for b in batches])
+        assert len(ids) == len(mask) == cfg.eval.batches * cfg.data.batch_size
+        np.testing.assert_array_equal(ids, np.concatenate([b["inputs"] for b in batches]))
+        np.testing.assert_array_equal(lengths, hops + 1)    # the entity and its relations
+        rows = np.arange(len(ids))
+        assert (mask[rows, lengths - 1] > 0).all() and (mask.sum(axis=1) == 1).all()
+        np.testing.assert_array_equal(answers, targets[rows, lengths - 1])
 
 
 def test_e1_exit_is_compared_with_the_cheapest_fixed_budget_as_accurate():

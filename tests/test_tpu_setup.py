@@ -443,7 +443,14 @@ def test_local_launch_forwards_a_stop_to_every_process(tmp_path, sig):
         assert time.monotonic() < deadline and launcher.poll() is None
         time.sleep(0.05)
     launcher.send_signal(sig)
-    _, err = launcher.communicate(timeout=20)
+    try:
+        _, err = launcher.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        with open(f"/proc/{launcher.pid}/status") as status:   # ignored or blocked on entry?
+            masks = [line.strip() for line in status if line.startswith(("SigBlk", "SigIgn"))]
+        launcher.terminate()
+        pytest.fail(f"launch.sh still runs 20 s after {sig.name}; its signal masks {masks}, "
+                    f"stderr {launcher.communicate()[1]!r}")
     assert launcher.returncode == 143, err
     assert all((logs / f"{i}.log").read_text() == "started\nsaved\n" for i in range(2))
     assert "stopped; rerun the same command to resume" in err

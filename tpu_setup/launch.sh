@@ -156,7 +156,12 @@ wait_all() {
       fi
     done
     [[ $running == 1 ]] || break
-    sleep 0.5
+    # A builtin wait on a background sleep, not a foreground sleep: a trapped signal ends
+    # `wait` at once and its trap runs, while during a foreground command bash defers the
+    # trap, and for SIGINT may drop it (it assumes the command caught the Ctrl-C itself).
+    # The sleep holds none of our output pipes, so none stays open after we exit.
+    sleep 0.5 >/dev/null 2>&1 &
+    wait $! 2>/dev/null || true
   done
   [[ -z $failed ]] || exit 1
   if [[ $stopping == 1 ]]; then

@@ -28,7 +28,8 @@ README = os.path.join(EXPERIMENTS_DIR, "README.md")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(EXPERIMENTS), help="the experiment")
-    parser.add_argument("--arms", help="comma-separated arm names (default: all)")
+    parser.add_argument("--arms", help="comma-separated arm names (default: all but the "
+                        "experiment's optional ones)")
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--quick", action="store_true",
                        help="a few steps per arm: checks the pipeline, not the science")

@@ -229,8 +229,9 @@ def _experiment_plans(args: argparse.Namespace) -> list[_ExperimentPlan]:
         experiment = get_experiment(name).at_pod_scale()
         acc = accelerator(args.topology or experiment.pod.topology)
         mesh = args.mesh or experiment.pod.mesh
+        arms = experiment.arms if chosen is None else experiment.chosen_arms(chosen)
         specs = [PlanSpec.of_train_config(arm.name, experiment.arm_fields(arm, seed=0))
-                 for arm in experiment.chosen_arms(chosen)]
+                 for arm in arms]     # the optional arms too: --arms trains them
         plans.append(_ExperimentPlan(name, acc, mesh, specs, []))
     _cpu_only()
     for plan in plans:

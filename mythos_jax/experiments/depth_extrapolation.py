@@ -144,33 +144,54 @@ def evaluate(run: ArmRun) -> dict:
 
 def _exit_sweep(run: ArmRun, max_loops: int) -> dict:
     """Per exit rule and hop count: mean exit loop and answer accuracy with the rule, and the
-    accuracy of the same queries at ``max_loops`` fixed loops."""
+    accuracy of the same queries at ``max_loops`` fixed loops. Every split's queries run as
+    one batch of full-length rows, each read at its answer (``lengths``: the exit rules see
+    only the query's tokens), so each rule compiles once."""
     model = model_from_state(run.plan, run.state)
     model.eval()
-    fixed = nnx.jit(lambda m, ids: m(ids, max_loops))
-    adaptive = {rule: nnx.jit(lambda m, ids, spec=LoopSpec(jnp.int32(max_loops), exit=rule,
-                                                          threshold=threshold):
-                              m(ids, spec, return_info=True))
+    fixed = nnx.jit(lambda m, ids, lengths: m(ids, max_loops, lengths=lengths, last_only=True))
+    adaptive = {rule: nnx.jit(lambda m, ids, lengths, spec=LoopSpec(
+                    jnp.int32(max_loops), exit=rule, threshold=threshold):
+                              m(ids, spec, lengths=lengths, last_only=True, return_info=True))
                 for rule, threshold in EXIT_RULES.items()}
-    per_rule = {rule: {} for rule in EXIT_RULES}
-    for split in data_lib.eval_splits(run.cfg.data):
-        batches = data_lib.eval_batches(run.cfg.data, split)[:run.cfg.eval.batches]
-        answer_at = int(np.flatnonzero(batches[0]["loss_mask"][0])[0])   # same in every row
-        ids = jnp.asarray(np.concatenate([b["inputs"][:, :answer_at + 1] for b in batches]))
-        answers = np.concatenate([b["targets"][:, answer_at] for b in batches])
-        with run.plan.context():
-            at_max = float(np.mean(np.argmax(fixed(model, ids)[:, -1], -1) == answers))
-            for rule, run_rule in adaptive.items():
-                logits, info, _ = run_rule(model, ids)
-                per_rule[rule][split.split("=")[1]] = {
-                    "mean_exit": float(np.mean(info.loops_run)),
-                    "accuracy": float(np.mean(np.argmax(logits[:, -1], -1) == answers)),
-                    "accuracy_at_max": at_max}
-    return {rule: {"threshold": EXIT_RULES[rule], "max_loops": max_loops,
-                   **{key: float(np.mean([v[key] for v in per_hops.values()]))
-                      for key in ("mean_exit", "accuracy", "accuracy_at_max")},
-                   "per_hops": per_hops}
-            for rule, per_hops in per_rule.items()}
+    splits = data_lib.eval_splits(run.cfg.data)
+    queries = [_answer_queries(run.cfg, split) for split in splits]
+    ids = jnp.asarray(np.concatenate([q[0] for q in queries]))
+    lengths = jnp.asarray(np.concatenate([q[1] for q in queries]))
+    answers = np.concatenate([q[2] for q in queries])
+    split_of = np.repeat(np.arange(len(splits)), [len(q[2]) for q in queries])
+    with run.plan.context():
+        right_at_max = np.argmax(fixed(model, ids, lengths)[:, -1], -1) == answers
+        outcomes = {}
+        for rule, run_rule in adaptive.items():
+            logits, info, _ = run_rule(model, ids, lengths)
+            outcomes[rule] = (np.asarray(info.loops_run),
+                              np.argmax(logits[:, -1], -1) == answers)
+    result = {}
+    for rule, (exits, right) in outcomes.items():
+        per_hops = {split.split("=")[1]: {
+            "mean_exit": float(np.mean(exits[split_of == i])),
+            "accuracy": float(np.mean(right[split_of == i])),
+            "accuracy_at_max": float(np.mean(right_at_max[split_of == i]))}
+            for i, split in enumerate(splits)}
+        result[rule] = {"threshold": EXIT_RULES[rule], "max_loops": max_loops,
+                        **{key: float(np.mean([v[key] for v in per_hops.values()]))
+                           for key in ("mean_exit", "accuracy", "accuracy_at_max")},
+                        "per_hops": per_hops}
+    return result
+
+
+def _answer_queries(cfg: TrainConfig, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The queries of a split's first ``eval.batches`` batches (rows without a scored token,
+    padding, left out) as (ids (N, seq_len), lengths (N,): the tokens up to the answer's
+    position, answers (N,))."""
+    batches = data_lib.eval_batches(cfg.data, split)[:cfg.eval.batches]
+    mask = np.concatenate([b["loss_mask"] for b in batches]) > 0
+    rows = np.flatnonzero(mask.any(axis=1))
+    ids = np.concatenate([b["inputs"] for b in batches])[rows]
+    answer_at = mask.shape[1] - 1 - np.argmax(mask[rows, ::-1], axis=1)   # last scored position
+    answers = np.concatenate([b["targets"] for b in batches])[rows, answer_at]
+    return ids, (answer_at + 1).astype(np.int32), answers
 
 
 # ---------------------------------------------------------------------------- scores

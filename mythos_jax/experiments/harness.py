@@ -11,7 +11,9 @@ graph, in its base overrides): checkpoints,
 metrics and resume are the trainer's own, so an interrupted arm continues where it stopped and
 a finished one (its ``result.json`` written for the same config) is skipped. ``--quick`` adds
 the experiment's ``quick_overrides`` (a few steps, small sweeps) and runs its ``quick_arms``:
-it checks the pipeline, not the science. The experiment's ``report`` turns the collected
+it checks the pipeline, not the science. A full run leaves out the experiment's
+``optional_arms`` (its time budget); those that have finished join the report. The
+experiment's ``report`` turns the collected
 results into a Markdown table (the claims, our numbers, met or not) and plots;
 ``results.json`` holds everything, with the machine, date, wall time and command: per seed
 ``"seeds": {"<seed>": {"arms": {...}}}``, and ``"arms"``, the first seed's, for reports of one
@@ -103,6 +105,9 @@ class Experiment:
     # experiments whose finished arms serve here when their config is the same: looked up in
     # the folder beside ``out`` named after each (how `mythos-jax experiment` lays them out)
     shares_arms_with: tuple[str, ...] = ()
+    # arms a full run leaves out to keep within its time budget: trained when named with
+    # --arms, reported beside the others whenever they have finished
+    optional_arms: tuple[str, ...] = ()
 
     def arm_config(self, arm: Arm, quick: bool, seed: int) -> TrainConfig:
         return load_train_config(self.base, self._arm_overrides(arm, quick, seed))
@@ -116,10 +121,11 @@ class Experiment:
                 *self.extra_overrides, f"seed={seed}", f"data.seed={seed}"]
 
     def chosen_arms(self, names: list[str] | None) -> list[Arm]:
-        """The arms called ``names`` (None: all); unknown names raise ValueError."""
+        """The arms called ``names`` (None: all but the optional ones); unknown names raise
+        ValueError."""
         by_name = {arm.name: arm for arm in self.arms}
         if names is None:
-            return list(self.arms)
+            return [arm for arm in self.arms if arm.name not in self.optional_arms]
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise ValueError(f"experiment {self.name!r} has no arm(s) {unknown}; its arms: "
@@ -155,7 +161,7 @@ def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: 
     os.makedirs(out, exist_ok=True)
     by_seed, total, missing = {}, len(chosen) * len(seeds), []
     for seed_index, seed in enumerate(seeds):
-        arm_results = {}
+        arm_results = {} if quick else _finished_optional_arms(experiment, out, chosen, seed)
         for index, arm in enumerate(chosen, 1):
             if report_only:
                 found = _read_result(os.path.join(arm_workdir(out, arm.name, seed), RESULT_FILE),
@@ -169,7 +175,8 @@ def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: 
                 experiment, arm, out, quick, seed,
                 f"[{seed_index * len(chosen) + index}/{total}, seed {seed}]")
         if arm_results:
-            by_seed[str(seed)] = {"arms": arm_results}
+            by_seed[str(seed)] = {"arms": {arm.name: arm_results[arm.name]
+                                           for arm in experiment.arms if arm.name in arm_results}}
     if not by_seed:
         raise ValueError(f"{out}: no finished arm to report (run the experiment first)")
     if missing:
@@ -180,8 +187,7 @@ def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: 
         "command": command or " ".join(["mythos-jax experiment", experiment.name]),
         "machine": machine(), "date": datetime.date.today().isoformat(),
         "seeds_run": list(seeds), "seed": seeds[0], "quick": quick, "unfinished": missing,
-        "wall_s": sum(r["wall_s"] for one in by_seed.values() for r in one["arms"].values()),
-        "seeds": by_seed, "arms": by_seed[str(seeds[0])]["arms"],
+        **_wall_times(experiment, by_seed), "seeds": by_seed, "arms": by_seed[str(seeds[0])]["arms"],
     }
     table = experiment.report(results, out)
     results["table"] = table
@@ -189,6 +195,32 @@ def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: 
     paths.write_text(os.path.join(out, "table.md"), table + "\n")
     print(f"{experiment.name}: results in {out}/results.json, table in {out}/table.md")
     return results
+
+
+def _wall_times(experiment: Experiment, by_seed: dict) -> dict[str, float]:
+    """Seconds summed over the reported runs: ``wall_s`` those of a full run here, then
+    those of the optional arms and those taken from another experiment's folder."""
+    walls = dict.fromkeys(("wall_s", "optional_wall_s", "taken_wall_s"), 0.0)
+    for one in by_seed.values():
+        for name, result in one["arms"].items():
+            kind = ("taken_wall_s" if "taken_from" in result else
+                    "optional_wall_s" if name in experiment.optional_arms else "wall_s")
+            walls[kind] += result["wall_s"]
+    return walls
+
+
+def _finished_optional_arms(experiment: Experiment, out: str, chosen: list[Arm],
+                            seed: int) -> dict[str, dict]:
+    """The optional arms not in ``chosen`` that have finished at ``seed`` for their current
+    config (they join the report; nothing is trained)."""
+    found = {}
+    for arm in experiment.arms:
+        if arm.name in experiment.optional_arms and arm not in chosen:
+            result = _read_result(os.path.join(arm_workdir(out, arm.name, seed), RESULT_FILE),
+                                  experiment.arm_config(arm, False, seed))
+            if result is not None:
+                found[arm.name] = result
+    return found
 
 
 def machine() -> dict:
@@ -227,6 +259,7 @@ def _run_arm(experiment: Experiment, arm: Arm, out: str, quick: bool, seed: int,
         if shared is not None:
             print(f"{progress} {experiment.name}/{arm.name}: {other}'s, the same config "
                   f"({shared['wall_s']:.0f} s), taken", flush=True)
+            shared["taken_from"] = other
             os.makedirs(workdir, exist_ok=True)
             paths.write_text(result_path, json.dumps(shared, indent=1) + "\n")
             return shared
@@ -296,7 +329,7 @@ def report_head(results: dict, targets: list[dict]) -> list[str]:
     seeds = results.get("seeds_run", [results["seed"]])
     lines = [f"{results['date']}, {m['processor']} ({m['cores']} cores, {m['platform']}), jax "
              f"{m['jax']}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, "
-             f"wall {results['wall_s'] / 60:.1f} min: "
+             f"wall {results['wall_s'] / 60:.1f} min{_wall_apart(results)}: "
              f"`{results['command']}`", ""]
     if results.get("unfinished"):
         lines += [f"**Partial:** not finished in the time given, and left out of every figure "
@@ -304,6 +337,15 @@ def report_head(results: dict, targets: list[dict]) -> list[str]:
     lines += ["| claim | ours | met |", "|---|---|---|"]
     return lines + [f"| {t['claim']} | {t['ours']} | {'yes' if t['met'] else 'no'} |"
                     for t in targets]
+
+
+def _wall_apart(results: dict) -> str:
+    """What the wall time leaves out: the optional arms, the runs taken from elsewhere."""
+    parts = [f"{what} {results.get(key, 0) / 60:.1f} min" for key, what in (
+        ("optional_wall_s", "the optional arms"), ("taken_wall_s", "the runs taken from "
+                                                                    "another experiment"))
+             if results.get(key, 0)]
+    return f" (not counted: {', '.join(parts)})" if parts else ""
 
 
 def loss_curve(report: dict, split: str, field: str = "loss") -> dict[str, float]:

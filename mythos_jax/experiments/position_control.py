@@ -41,6 +41,10 @@ TRAIN_SHIFT = QUERY_SLOTS - e1.TRAIN_MAX_HOPS     # relations trained at positio
 UNALIASED_THETA = 20
 SHIFT = f"data.khop_train_shift={TRAIN_SHIFT}"
 SHIFTED_STACKS = tuple(f"{name}_shifted" for name in e1.STACKS)
+# Three of the four controls that did not learn the trained hops (2026-12-06): a full run
+# leaves them out to stay within 90 minutes (the RoPE-base control stays, the one that changes
+# positions least); their finished runs are still reported, and --arms trains them
+OPTIONAL_ARMS = ("looped_random_slots", "looped_fixed_nope_loop", "looped_fixed_nope")
 
 
 def arms(e1_arms: tuple[Arm, ...]) -> tuple[Arm, ...]:
@@ -191,5 +195,5 @@ EXPERIMENT = Experiment(
     base=e1.CPU_BASE, base_overrides=e1.BASE, quick_overrides=e1.QUICK, arms=ARMS,
     pod=PodPreset(pod.BASE, e1.POD_BASE, arms(e1.EXPERIMENT.pod.arms), pod.TOPOLOGY, pod.MESH),
     evaluate=e1.evaluate, report=report, quick_arms=("looped_random", "looped_fixed_shifted"),
-    shares_arms_with=(e1.EXPERIMENT.name,),
+    shares_arms_with=(e1.EXPERIMENT.name,), optional_arms=OPTIONAL_ARMS,
     seeds=e1.SEEDS)
