@@ -3,6 +3,7 @@ sweeps run, files written), skip and resume of arms, the L(T) fit and the README
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -42,6 +43,8 @@ def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, cap
             assert all(list(row) == ["1", "3"] for row in arm["accuracy"].values())
             assert all(0 <= v <= 1 for row in arm["accuracy"].values() for v in row.values())
             assert arm["steps"] == 4 and arm["params"] > 0 and arm["flops_per_token"] > 0
+            assert arm["commit"] == harness.source_commit()       # the code that trained it
+            assert arm["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", arm["commit"])
         assert results["seeds"][seed]["arms"]["single_loop"]["train_mean_loops"] == 1.0
         # the seed moves the init, not the graph: the same eval queries, other parameters
         assert results["seeds"][seed]["arms"]["looped_random"]["config"]["data"][

@@ -15,7 +15,8 @@ it checks the pipeline, not the science. A full run leaves out the experiment's
 ``optional_arms`` (its time budget); those that have finished join the report. The
 experiment's ``report`` turns the collected
 results into a Markdown table (the claims, our numbers, met or not) and plots;
-``results.json`` holds everything, with the machine, date, wall time and command: per seed
+``results.json`` holds everything, with the machine, date, wall time and command (and in each
+arm's result the source commit that trained it, ``source_commit``): per seed
 ``"seeds": {"<seed>": {"arms": {...}}}``, and ``"arms"``, the first seed's, for reports of one
 seed.
 """
@@ -29,6 +30,7 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -230,6 +232,23 @@ def machine() -> dict:
             "jax": jax.__version__}
 
 
+def source_commit() -> str | None:
+    """The git commit of the running mythos_jax source, with "-dirty" when the package has
+    uncommitted changes (an arm's numbers are reproducible bit for bit only by the code that
+    trained it); None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        head, dirty = (subprocess.run(["git", "-C", root, *command], capture_output=True,
+                                      text=True, timeout=30, check=True).stdout.strip()
+                       for command in (("rev-parse", "HEAD"),
+                                       ("status", "--porcelain", "--", "mythos_jax")))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
 def include_in_readme(readme: str, name: str, table: str) -> None:
     """Replace the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in
     ``readme`` by ``table`` (the markers must be there)."""
@@ -284,7 +303,7 @@ def _run_arm(experiment: Experiment, arm: Arm, out: str, quick: bool, seed: int,
     result = experiment.evaluate(ArmRun(arm, cfg, workdir, plan, state, report, metrics,
                                         diverged, quick))
     result.update(config=cfg.to_dict(), wall_s=time.time() - started,
-                  steps=max(m["step"] for m in metrics))
+                  steps=max(m["step"] for m in metrics), commit=source_commit())
     paths.write_text(result_path, json.dumps(result, indent=1) + "\n")
     print(f"{progress} {experiment.name}/{arm.name}: finished in {result['wall_s']:.0f} s",
           flush=True)
