@@ -156,10 +156,9 @@ def _exit_sweep(run: ArmRun, max_loops: int) -> dict:
                 for rule, threshold in EXIT_RULES.items()}
     splits = data_lib.eval_splits(run.cfg.data)
     queries = [_answer_queries(run.cfg, split) for split in splits]
-    ids = jnp.asarray(np.concatenate([q[0] for q in queries]))
-    lengths = jnp.asarray(np.concatenate([q[1] for q in queries]))
-    answers = np.concatenate([q[2] for q in queries])
-    split_of = np.repeat(np.arange(len(splits)), [len(q[2]) for q in queries])
+    split_of = np.repeat(np.arange(len(splits)), [len(answers) for _, _, answers in queries])
+    ids, lengths, answers = (np.concatenate(part) for part in zip(*queries))
+    ids, lengths = jnp.asarray(ids), jnp.asarray(lengths)
     with run.plan.context():
         right_at_max = np.argmax(fixed(model, ids, lengths)[:, -1], -1) == answers
         outcomes = {}

@@ -13,12 +13,11 @@ a finished one (its ``result.json`` written for the same config) is skipped. ``-
 the experiment's ``quick_overrides`` (a few steps, small sweeps) and runs its ``quick_arms``:
 it checks the pipeline, not the science. A full run leaves out the experiment's
 ``optional_arms`` (its time budget); those that have finished join the report. The
-experiment's ``report`` turns the collected
-results into a Markdown table (the claims, our numbers, met or not) and plots;
-``results.json`` holds everything, with the machine, date, wall time and command (and in each
-arm's result the source commit that trained it, ``source_commit``): per seed
-``"seeds": {"<seed>": {"arms": {...}}}``, and ``"arms"``, the first seed's, for reports of one
-seed.
+experiment's ``report`` turns the collected results into a Markdown table (the claims, our
+numbers, met or not) and plots; ``results.json`` holds everything, with the machine, date, wall
+time and command (and in each arm's result the source commit that trained it,
+``source_commit``): per seed ``"seeds": {"<seed>": {"arms": {...}}}``, and ``"arms"``, the
+first seed's, for reports of one seed.
 """
 
 from __future__ import annotations
@@ -166,8 +165,7 @@ def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: 
         arm_results = {} if quick else _finished_optional_arms(experiment, out, chosen, seed)
         for index, arm in enumerate(chosen, 1):
             if report_only:
-                found = _read_result(os.path.join(arm_workdir(out, arm.name, seed), RESULT_FILE),
-                                     experiment.arm_config(arm, quick, seed))
+                found = _finished(experiment, out, arm, quick, seed)
                 if found is None:
                     missing.append(f"{arm.name}@{seed}")
                 else:
@@ -189,7 +187,8 @@ def run(experiment: Experiment, out: str, arms: list[str] | None = None, quick: 
         "command": command or " ".join(["mythos-jax experiment", experiment.name]),
         "machine": machine(), "date": datetime.date.today().isoformat(),
         "seeds_run": list(seeds), "seed": seeds[0], "quick": quick, "unfinished": missing,
-        **_wall_times(experiment, by_seed), "seeds": by_seed, "arms": by_seed[str(seeds[0])]["arms"],
+        **_wall_times(experiment, by_seed),
+        "seeds": by_seed, "arms": by_seed[str(seeds[0])]["arms"],
     }
     table = experiment.report(results, out)
     results["table"] = table
@@ -215,14 +214,15 @@ def _finished_optional_arms(experiment: Experiment, out: str, chosen: list[Arm],
                             seed: int) -> dict[str, dict]:
     """The optional arms not in ``chosen`` that have finished at ``seed`` for their current
     config (they join the report; nothing is trained)."""
-    found = {}
-    for arm in experiment.arms:
-        if arm.name in experiment.optional_arms and arm not in chosen:
-            result = _read_result(os.path.join(arm_workdir(out, arm.name, seed), RESULT_FILE),
-                                  experiment.arm_config(arm, False, seed))
-            if result is not None:
-                found[arm.name] = result
-    return found
+    found = {arm.name: _finished(experiment, out, arm, False, seed) for arm in experiment.arms
+             if arm.name in experiment.optional_arms and arm not in chosen}
+    return {name: result for name, result in found.items() if result is not None}
+
+
+def _finished(experiment: Experiment, out: str, arm: Arm, quick: bool, seed: int) -> dict | None:
+    """``arm``'s result in ``out`` at ``seed``, if it finished for its current config."""
+    return _read_result(os.path.join(arm_workdir(out, arm.name, seed), RESULT_FILE),
+                        experiment.arm_config(arm, quick, seed))
 
 
 def machine() -> dict:
@@ -239,11 +239,13 @@ def source_commit() -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not os.path.exists(os.path.join(root, ".git")):
         return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
     try:
-        head, dirty = (subprocess.run(["git", "-C", root, *command], capture_output=True,
-                                      text=True, timeout=30, check=True).stdout.strip()
-                       for command in (("rev-parse", "HEAD"),
-                                       ("status", "--porcelain", "--", "mythos_jax")))
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--", "mythos_jax")
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("-dirty" if dirty else "")
@@ -360,10 +362,10 @@ def report_head(results: dict, targets: list[dict]) -> list[str]:
 
 def _wall_apart(results: dict) -> str:
     """What the wall time leaves out: the optional arms, the runs taken from elsewhere."""
-    parts = [f"{what} {results.get(key, 0) / 60:.1f} min" for key, what in (
-        ("optional_wall_s", "the optional arms"), ("taken_wall_s", "the runs taken from "
-                                                                    "another experiment"))
-             if results.get(key, 0)]
+    apart = {"optional_wall_s": "the optional arms",
+             "taken_wall_s": "the runs taken from another experiment"}
+    parts = [f"{what} {results[key] / 60:.1f} min" for key, what in apart.items()
+             if results.get(key)]
     return f" (not counted: {', '.join(parts)})" if parts else ""
 
 
