@@ -1,6 +1,6 @@
 # Entry points that work on a fresh machine (see README.md):
 #   make train    set up the environment, run the main job: E1 in short (a looped model and
-#                 the same model at one loop on k-hop composition, ~8 min on 2 CPU cores),
+#                 the same model at one loop on k-hop composition, ~5 min on 2 CPU cores),
 #                 checkpoints, the accuracy table by hops and test-time loops; rerun to resume
 #   make train-lm the byte-level LM on the stdlib sources (~9 min), its depth curve
 #   make test     set up the environment and run the test suite
@@ -42,7 +42,7 @@ plan-pods: venv
 		--store $(PLAN_STORE)
 
 train: venv
-	$(VENV)/bin/mythos-jax experiment depth_extrapolation --arms looped_random,single_loop --seeds 0 \
+	$(VENV)/bin/mythos-jax experiment depth_extrapolation --arms looped_fixed,single_loop --seeds 0 \
 		--out $(WORKDIR)
 
 train-lm: venv
