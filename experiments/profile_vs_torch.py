@@ -36,7 +36,7 @@ from mythos_jax.bench.torch_compare import (build_models, jax_forward_fn, jax_tr
 from mythos_jax.flop_count import flops as count_flops
 
 TARGETS = ("forward", "train", "moe", "decode", "make_train")
-# `make train`'s looped arm (the khop preset) at its mean loop count, fixed so that every
+# `make train`'s looped arm: the khop preset at 6 fixed loops (looped_fixed's depth), so that every
 # profiled step does the same work (its FLOPs give the MFU of the profiled steps).
 MAKE_TRAIN_SETTINGS = ("loops.schedule=fixed", "loops.n=6", "mesh=data=1", "data.prefetch=0")
 

@@ -31,7 +31,7 @@ def test_depth_extrapolation_quick_pipeline_resumes_and_skips_arms(tmp_path, cap
     assert f"resumed from {single_dir}/checkpoints at step 2\n" in capsys.readouterr().out
     assert results["seeds_run"] == [0, 1] and set(results["seeds"]) == {"0", "1"}
     arms = results["arms"]
-    assert list(arms) == ["looped_random", "single_loop"]          # its quick arms (make train)
+    assert list(arms) == ["looped_random", "single_loop"]          # its quick arms
     assert [a.name for a in experiment.arms] == [
         "looped_random", "looped_fixed", "single_loop", "iso_depth_stack", "iso_flop_stack"]
     for arm in experiment.arms:                   # the other arms' configs are valid as well

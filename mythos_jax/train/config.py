@@ -205,7 +205,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log": {"every": 5, "progress": False},
         "eval": {"every": 0, "batches": 1, "loops": [1, 2, 4]},
     },
-    # The README's main job: ~10 minutes on 2 CPU cores, byte-level LM on the stdlib sources.
+    # `make train-lm`: ~10 minutes on 2 CPU cores, byte-level LM on the stdlib sources.
     "cpu_small": {
         "steps": 2400,
         "model": {"variant": "tiny_mla", "dim": 96, "n_heads": 4, "max_seq_len": 128,
@@ -220,10 +220,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log": {"every": 50},
         "eval": {"every": 800, "batches": 4, "loops": [1, 2, 3, 4, 6, 8]},
     },
-    # The main job (``make train``), E1's looped_random arm: k-hop composition over a knowledge
-    # graph, trained on <= 4 hops with Poisson(6) loops; the depth curve shows more test-time
-    # loops answering more hops (~4 min on 2 CPU cores). tests/test_experiments.py keeps it
-    # equal to mythos_jax/experiments/depth_extrapolation.py's arm.
+    # E1's looped_random arm (``make train`` runs E1's fixed-depth twin): k-hop composition
+    # over a knowledge graph, trained on <= 4 hops with Poisson(6) loops; the depth curve shows
+    # more test-time loops answering more hops (~4 min on 2 CPU cores).
+    # tests/test_experiments.py keeps it equal to depth_extrapolation.py's arm.
     "khop": {
         "steps": 2000,
         "model": {"variant": "tiny_mla", "act": "off", "n_experts": 1, "n_experts_per_tok": 1,
