@@ -232,7 +232,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "khop_eval_hops": list(range(1, 13)), "khop_supervision": "every_hop",
                  "khop_graph_seed": 0},
         "loops": {"schedule": "poisson", "mean": 6.0, "max_loops": 12, "backprop_depth": 6},
-        "optim": {"warmup_steps": 50},
+        "optim": {"warmup_steps": 500},
         "checkpoint": {"every": 500, "keep": 2},
         "log": {"every": 25},
         "eval": {"loops": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]},
