@@ -42,7 +42,7 @@ plan-pods: venv
 		--store $(PLAN_STORE)
 
 train: venv
-	$(VENV)/bin/mythos-jax experiment depth_extrapolation --arms looped_fixed,single_loop --seeds 0 \
+	$(VENV)/bin/mythos-jax experiment depth_extrapolation --arms looped_random,single_loop --seeds 0 \
 		--out $(WORKDIR)
 
 train-lm: venv
