@@ -433,9 +433,12 @@ def test_local_launch_forwards_a_stop_to_every_process(tmp_path, sig):
                     "for _ in $(seq 600); do sleep 0.1; done\n")
     fake.chmod(0o755)
     logs = tmp_path / "w" / "logs"
+    # A shell that starts with a signal ignored cannot trap it: a suite started in the
+    # background of a script (SIGINT ignored, inherited) would fail here for that reason alone.
     launcher = subprocess.Popen(["bash", str(REPO / "tpu_setup" / "launch.sh"), "--local", "2",
                                  "--workdir", str(tmp_path / "w")],
                                 env={**os.environ, "MYTHOS_JAX": str(fake)},
+                                preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while not all((logs / f"{i}.log").exists() and "started" in (logs / f"{i}.log").read_text()
